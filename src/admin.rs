@@ -1,0 +1,88 @@
+//! Operator commands against the hub over mTLS: unban, list bans, hosts.
+use tonic::transport::Channel;
+
+use crate::{
+    node::link,
+    proto::{self, hub_client::HubClient},
+    tls::TlsFiles,
+};
+
+/// A client for the hub's read and admin RPCs.
+pub async fn client(hub: &str, tls: &TlsFiles) -> anyhow::Result<HubClient<Channel>> {
+    let channel = link::channel(&[hub.to_string()], tls)?;
+    Ok(HubClient::new(channel))
+}
+
+/// `banmesh unban IP`.
+pub async fn unban(hub: &str, tls: &TlsFiles, ip: &str) -> anyhow::Result<proto::UnbanResponse> {
+    let mut c = client(hub, tls).await?;
+    Ok(c.unban(proto::UnbanRequest { ip: ip.to_string() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner())
+}
+
+/// Renders bans as the seed's table: one status column per host.
+pub fn seed_table(bans: &[proto::BanRecord]) -> String {
+    let hosts: Vec<String> = bans
+        .first()
+        .map(|b| b.statuses.iter().map(|s| s.host.clone()).collect())
+        .unwrap_or_default();
+    let mut rows = vec![{
+        let mut h: Vec<String> = [
+            "id", "added_by", "created", "jailname", "protocol", "port", "ip",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        h.extend(hosts.iter().map(|n| crate::ban::seed_column(n)));
+        h
+    }];
+    for b in bans {
+        let e = b.event.clone().unwrap_or_default();
+        let ban = e.ban.unwrap_or_default();
+        let created = time::OffsetDateTime::from_unix_timestamp(e.created_ms / 1000)
+            .map(|t| {
+                format!(
+                    "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                    t.year(),
+                    t.month() as u8,
+                    t.day(),
+                    t.hour(),
+                    t.minute(),
+                    t.second()
+                )
+            })
+            .unwrap_or_default();
+        let mut r = vec![
+            e.id.to_string(),
+            e.added_by,
+            created,
+            ban.jail,
+            ban.protocol,
+            ban.port,
+            ban.ip,
+        ];
+        r.extend(b.statuses.iter().map(|s| s.status.to_string()));
+        rows.push(r);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

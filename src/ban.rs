@@ -1,0 +1,276 @@
+//! The domain types of a ban, and the one place where wire input is checked.
+//!
+//! Everything that arrives from outside (a `report` command line, a proto
+//! message from a node) becomes a [`Ban`] through [`Ban::new`]; the rest of
+//! the code never sees an unchecked string. A refused field names itself and
+//! the rule it broke, and nothing is stored.
+use std::net::IpAddr;
+
+use thiserror::Error;
+
+use crate::proto;
+
+/// Longest jail name accepted (fail2ban's own names are short words).
+pub const MAX_JAIL_LEN: usize = 64;
+/// The seed's `protocol varchar(16)`.
+pub const MAX_PROTOCOL_LEN: usize = 16;
+/// The seed's `port varchar(32)`.
+pub const MAX_PORT_LEN: usize = 32;
+
+/// Why a ban was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InvalidBan {
+    #[error("ip {0:?} is not an IPv4 or IPv6 address")]
+    Ip(String),
+    #[error(
+        "jail {0:?} must be 1-{MAX_JAIL_LEN} characters of letters, digits, '_', '-', '.', '@'"
+    )]
+    Jail(String),
+    #[error("protocol {0:?} must be 1-{MAX_PROTOCOL_LEN} characters of letters, digits, ','")]
+    Protocol(String),
+    #[error(
+        "port {0:?} is not a port: use a number 0-65535, a range like 1000:2000, a service name like ssh, or a comma list of these (at most {MAX_PORT_LEN} characters)"
+    )]
+    Port(String),
+}
+
+/// A checked ban: what fail2ban banned, where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    pub jail: String,
+    pub protocol: String,
+    pub port: String,
+    /// Canonical text form of the address (`::ffff:1.2.3.4` stays IPv6).
+    pub ip: String,
+}
+
+impl Ban {
+    /// Checks every field; the IP is normalised to its canonical form so the
+    /// same address always compares equal.
+    pub fn new(jail: &str, protocol: &str, port: &str, ip: &str) -> Result<Self, InvalidBan> {
+        let addr: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| InvalidBan::Ip(ip.to_string()))?;
+        if !valid_jail(jail) {
+            return Err(InvalidBan::Jail(jail.to_string()));
+        }
+        if !valid_protocol(protocol) {
+            return Err(InvalidBan::Protocol(protocol.to_string()));
+        }
+        if !valid_port(port) {
+            return Err(InvalidBan::Port(port.to_string()));
+        }
+        Ok(Ban {
+            jail: jail.to_string(),
+            protocol: protocol.to_ascii_lowercase(),
+            port: port.to_ascii_lowercase(),
+            ip: addr.to_string(),
+        })
+    }
+
+    /// Converts a proto at the edge of a service.
+    pub fn from_proto(ban: Option<&proto::Ban>) -> Result<Self, InvalidBan> {
+        let b = ban.cloned().unwrap_or_default();
+        Ban::new(&b.jail, &b.protocol, &b.port, &b.ip)
+    }
+
+    pub fn to_proto(&self) -> proto::Ban {
+        proto::Ban {
+            jail: self.jail.clone(),
+            protocol: self.protocol.clone(),
+            port: self.port.clone(),
+            ip: self.ip.clone(),
+        }
+    }
+}
+
+fn valid_jail(s: &str) -> bool {
+    (1..=MAX_JAIL_LEN).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.@".contains(&b))
+}
+
+fn valid_protocol(s: &str) -> bool {
+    (1..=MAX_PROTOCOL_LEN).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b',')
+}
+
+/// fail2ban's `<port>` is the jail's `port` option verbatim: `22`, `ssh`,
+/// `http,https`, `1000:2000` (iptables range syntax) or `1000-2000`.
+fn valid_port(s: &str) -> bool {
+    fn number(p: &str) -> Option<u16> {
+        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        p.parse().ok()
+    }
+    fn item(p: &str) -> bool {
+        if let Some((a, b)) = p
+            .split_once([':', '-'])
+            .filter(|(a, _)| number(a).is_some())
+        {
+            return matches!((number(a), number(b)), (Some(a), Some(b)) if a <= b);
+        }
+        number(p).is_some()
+            || (p.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    }
+    (1..=MAX_PORT_LEN).contains(&s.len()) && s.split(',').all(item)
+}
+
+/// What an event does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Ban,
+    Unban,
+}
+
+/// A committed event: a ban, or the lifting of one, with its store id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: u64,
+    pub kind: EventKind,
+    pub ban: Ban,
+    /// The reporter's host name, from its certificate.
+    pub added_by: String,
+    pub created_ms: i64,
+    /// For an unban, the ban event it lifts (0 for all bans of the IP).
+    pub lifts: u64,
+}
+
+impl Event {
+    /// Converts an event from the hub, checking it like any other input.
+    pub fn from_proto(e: &proto::Event) -> Result<Self, InvalidBan> {
+        Ok(Event {
+            id: e.id,
+            kind: if e.kind == proto::EventKind::Unban as i32 {
+                EventKind::Unban
+            } else {
+                EventKind::Ban
+            },
+            ban: Ban::from_proto(e.ban.as_ref())?,
+            added_by: e.added_by.clone(),
+            created_ms: e.created_ms,
+            lifts: e.lifts_event_id,
+        })
+    }
+
+    pub fn to_proto(&self) -> proto::Event {
+        proto::Event {
+            id: self.id,
+            kind: match self.kind {
+                EventKind::Ban => proto::EventKind::Ban,
+                EventKind::Unban => proto::EventKind::Unban,
+            } as i32,
+            ban: Some(self.ban.to_proto()),
+            added_by: self.added_by.clone(),
+            created_ms: self.created_ms,
+            lifts_event_id: self.lifts,
+        }
+    }
+}
+
+/// Per-host status of a ban, with the seed's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Status {
+    /// 0: not yet added on that host.
+    NotAdded = 0,
+    /// 1: added (or reported by that host).
+    Added = 1,
+    /// 2: that host already banned the IP recently.
+    AlreadyBanned = 2,
+    /// 3: adding it failed on that host.
+    Error = 3,
+}
+
+impl Status {
+    pub fn from_code(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => Status::NotAdded,
+            1 => Status::Added,
+            2 => Status::AlreadyBanned,
+            3 => Status::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// The seed's column name for a host: `host_` plus the name without dots
+/// and hyphens.
+pub fn seed_column(host: &str) -> String {
+    let cleaned: String = host
+        .chars()
+        .filter(|c| *c != '.' && *c != '-')
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("host_{cleaned}")
+}
+
+/// Host names come from certificates; they also become SQL column names in
+/// the `ip_table` view, so they are held to DNS-label characters.
+pub fn valid_host_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_what_fail2ban_passes() {
+        for port in [
+            "22",
+            "ssh",
+            "http,https",
+            "1000:2000",
+            "0:65535",
+            "smtp,465,submission",
+        ] {
+            assert!(Ban::new("sshd", "tcp", port, "192.0.2.1").is_ok(), "{port}");
+        }
+        let b = Ban::new("sshd", "TCP", "22", " 2001:DB8::1 ").unwrap();
+        assert_eq!(b.ip, "2001:db8::1");
+        assert_eq!(b.protocol, "tcp");
+    }
+
+    #[test]
+    fn refuses_malformed_fields() {
+        assert_eq!(
+            Ban::new("sshd", "tcp", "22", "300.1.1.1"),
+            Err(InvalidBan::Ip("300.1.1.1".into()))
+        );
+        assert!(matches!(
+            Ban::new("", "tcp", "22", "192.0.2.1"),
+            Err(InvalidBan::Jail(_))
+        ));
+        assert!(matches!(
+            Ban::new("a b", "tcp", "22", "192.0.2.1"),
+            Err(InvalidBan::Jail(_))
+        ));
+        for port in ["", "65536", "2000:1000", "22;rm", "-5", ":", "1,,2"] {
+            assert!(
+                matches!(
+                    Ban::new("j", "tcp", port, "192.0.2.1"),
+                    Err(InvalidBan::Port(_))
+                ),
+                "{port}"
+            );
+        }
+        let long = "x".repeat(MAX_PROTOCOL_LEN + 1);
+        assert!(matches!(
+            Ban::new("j", &long, "22", "192.0.2.1"),
+            Err(InvalidBan::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn seed_column_drops_dots_and_hyphens() {
+        assert_eq!(seed_column("web-1.example.com"), "host_web1examplecom");
+    }
+}

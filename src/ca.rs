@@ -1,0 +1,183 @@
+//! The fleet's private certificate authority (`banmesh ca init|issue`).
+//!
+//! The CA key signs every host certificate; whoever holds it can add hosts,
+//! so it is written 0600 and never leaves the machine it was made on. Host
+//! certificates carry the host's name as common name (its identity) and as
+//! a DNS name, plus any extra names or addresses the host is reached by.
+use std::{
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use thiserror::Error;
+use time::OffsetDateTime;
+
+/// How long the CA is valid by default.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a host certificate is valid by default.
+pub const HOST_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
+#[derive(Debug, Error)]
+pub enum CaError {
+    #[error("{0} already exists; refusing to overwrite it (remove it first if you mean to)")]
+    Exists(PathBuf),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source} (run `banmesh ca init --dir ...` first)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("host name {0:?} must be 1-253 characters of letters, digits, '-', '.', '_'")]
+    BadName(String),
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+}
+
+/// Paths of a CA directory.
+pub struct CaDir(pub PathBuf);
+
+impl CaDir {
+    pub fn cert(&self) -> PathBuf {
+        self.0.join("ca.crt")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.0.join("ca.key")
+    }
+    pub fn host_cert(&self, name: &str) -> PathBuf {
+        self.0.join(format!("{name}.crt"))
+    }
+    pub fn host_key(&self, name: &str) -> PathBuf {
+        self.0.join(format!("{name}.key"))
+    }
+}
+
+/// Writes a new file, 0600 for keys, refusing to replace an existing one.
+pub fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), CaError> {
+    if path.exists() {
+        return Err(CaError::Exists(path.to_path_buf()));
+    }
+    let err = |source| CaError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+fn validity(params: &mut CertificateParams, valid_for: Duration) {
+    let now = OffsetDateTime::now_utc();
+    // A minute of slack for clocks that are slightly apart across the fleet.
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + valid_for;
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "banmesh fleet CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+/// `banmesh ca init`: a new CA in `dir`.
+pub fn init(dir: &Path) -> Result<(), CaError> {
+    std::fs::create_dir_all(dir).map_err(|source| CaError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let paths = CaDir(dir.to_path_buf());
+    for p in [paths.cert(), paths.key()] {
+        if p.exists() {
+            return Err(CaError::Exists(p));
+        }
+    }
+    let key = KeyPair::generate()?;
+    let mut params = ca_params();
+    validity(&mut params, CA_VALIDITY);
+    let cert = params.self_signed(&key)?;
+    write_new(&paths.key(), &key.serialize_pem(), true)?;
+    write_new(&paths.cert(), &cert.pem(), false)
+}
+
+/// A host certificate request: who, reached how, for how long.
+pub struct HostCert<'a> {
+    pub name: &'a str,
+    pub sans: &'a [String],
+    pub valid_for: Duration,
+    /// Grants the admin role (unban and other fleet-wide calls).
+    pub admin: bool,
+}
+
+/// Signs a certificate for a host key with the CA in `dir`; returns PEM.
+pub fn sign(dir: &Path, req: &HostCert<'_>, host_key: &KeyPair) -> Result<String, CaError> {
+    if !crate::ban::valid_host_name(req.name) {
+        return Err(CaError::BadName(req.name.to_string()));
+    }
+    let paths = CaDir(dir.to_path_buf());
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).map_err(|source| CaError::Read { path: p, source })
+    };
+    let ca_key = KeyPair::from_pem(&read(paths.key())?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(paths.cert())?, ca_key)?;
+
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, req.name);
+    if req.admin {
+        dn.push(DnType::OrganizationalUnitName, crate::tls::ADMIN_ROLE);
+    }
+    params.distinguished_name = dn;
+    let mut names = vec![req.name.to_string()];
+    names.extend(req.sans.iter().cloned());
+    for n in names {
+        params.subject_alt_names.push(match n.parse() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(n.try_into()?),
+        });
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    validity(&mut params, req.valid_for);
+    Ok(params.signed_by(host_key, &issuer)?.pem())
+}
+
+/// `banmesh ca issue`: a key and certificate for a host, written beside the CA.
+pub fn issue(dir: &Path, req: &HostCert<'_>) -> Result<(PathBuf, PathBuf), CaError> {
+    let paths = CaDir(dir.to_path_buf());
+    let (crt, key_path) = (paths.host_cert(req.name), paths.host_key(req.name));
+    for p in [&crt, &key_path] {
+        if p.exists() {
+            return Err(CaError::Exists(p.clone()));
+        }
+    }
+    let key = KeyPair::generate()?;
+    let pem = sign(dir, req, &key)?;
+    write_new(&key_path, &key.serialize_pem(), true)?;
+    write_new(&crt, &pem, false)?;
+    Ok((crt, key_path))
+}

@@ -1,0 +1,366 @@
+//! Command-line interface: `clap` definitions and dispatch. Each command is
+//! a thin call into the library; daemons run until SIGINT/SIGTERM.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{ban::Ban, ca, hub, node, shutdown, tls::TlsFiles};
+
+/// Directory of the default certificate paths.
+pub const DEFAULT_CERT_DIR: &str = "/etc/banmesh";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "banmesh",
+    version,
+    about = "Share fail2ban bans across a fleet in milliseconds"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manage the fleet's private certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Run the hub: stores bans and fans them out to every node.
+    Hub(HubArgs),
+    /// Run the node daemon beside fail2ban on every server.
+    Node(NodeArgs),
+    /// Hand a ban to the local node (what fail2ban's actionban runs).
+    Report(ReportArgs),
+    /// Lift a ban on every host (needs an admin certificate).
+    Unban(UnbanArgs),
+    /// List bans with every host's status, in the seed's table shape.
+    Bans(BansArgs),
+    /// Start a throwaway local fleet (CA, hub, three nodes) and show bans crossing it.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a new CA: DIR/ca.crt and DIR/ca.key (0600).
+    Init {
+        /// Directory for the CA files.
+        #[arg(long, default_value = DEFAULT_CERT_DIR)]
+        dir: PathBuf,
+    },
+    /// Issue DIR/NAME.crt and DIR/NAME.key (0600) for a host named NAME.
+    Issue {
+        /// Directory holding the CA; the new files go there too.
+        #[arg(long, default_value = DEFAULT_CERT_DIR)]
+        dir: PathBuf,
+        /// The host's identity (its certificate's common name).
+        #[arg(long)]
+        name: String,
+        /// Extra DNS names or IP addresses the host is reached by (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Grant the admin role (unban and other fleet-wide calls).
+        #[arg(long)]
+        admin: bool,
+        /// Validity, e.g. 90d.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        valid_for: Duration,
+    },
+}
+
+/// Certificate flags shared by every mTLS command.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// This host's certificate (PEM).
+    #[arg(long, default_value = "/etc/banmesh/host.crt")]
+    pub cert: PathBuf,
+    /// This host's private key (PEM).
+    #[arg(long, default_value = "/etc/banmesh/host.key")]
+    pub key: PathBuf,
+    /// The fleet CA certificate (PEM).
+    #[arg(long, default_value = "/etc/banmesh/ca.crt")]
+    pub ca: PathBuf,
+}
+
+impl From<&TlsArgs> for TlsFiles {
+    fn from(a: &TlsArgs) -> Self {
+        TlsFiles {
+            cert: a.cert.clone(),
+            key: a.key.clone(),
+            ca: a.ca.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct HubArgs {
+    /// Address to listen on (mutual TLS).
+    #[arg(long, default_value = hub::DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Store: mysql://user:pass@host:port/db or sqlite:PATH (default: SQLite in --data-dir).
+    #[arg(long, env = "BANMESH_DB")]
+    pub db: Option<String>,
+    /// Directory for the embedded store.
+    #[arg(long, default_value = hub::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// Hub address, https://HOST:PORT; repeat for failover across hubs.
+    #[arg(long = "hub", default_value = "https://127.0.0.1:7443")]
+    pub hubs: Vec<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Log file of fail2ban's `shared` jail; bans from other hosts are appended here.
+    #[arg(long, default_value = node::DEFAULT_SHARED_LOG)]
+    pub shared_log: PathBuf,
+    /// Unix socket for `banmesh report`.
+    #[arg(long, default_value = node::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// State directory (outbox, last applied event).
+    #[arg(long, default_value = node::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Most reports kept while the hub is unreachable.
+    #[arg(long, default_value_t = node::DEFAULT_OUTBOX_LIMIT)]
+    pub outbox_limit: usize,
+}
+
+/// The seed's `add2db.py` flags. `-pr` is accepted too (rewritten to
+/// `--protocol` before parsing, as clap has no two-letter short flags).
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The node's unix socket.
+    #[arg(long, default_value = node::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Jail that banned the IP (fail2ban's <name>).
+    #[arg(short = 'j', long)]
+    pub jail: String,
+    /// Protocol (fail2ban's <protocol>); also `-pr`.
+    #[arg(long, visible_alias = "pr")]
+    pub protocol: String,
+    /// Port or ports (fail2ban's <port>).
+    #[arg(short = 'p', long)]
+    pub port: String,
+    /// The banned IP (fail2ban's <ip>).
+    #[arg(short = 'i', long)]
+    pub ip: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UnbanArgs {
+    /// IP to lift everywhere.
+    pub ip: String,
+    /// Hub address.
+    #[arg(long, default_value = "https://127.0.0.1:7443")]
+    pub hub: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct BansArgs {
+    /// Hub address.
+    #[arg(long, default_value = "https://127.0.0.1:7443")]
+    pub hub: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Only this IP.
+    #[arg(long)]
+    pub ip: Option<String>,
+    /// At most this many bans.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+}
+
+/// Rewrites the seed's `-pr X` into `--protocol X`.
+pub fn seed_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    args.map(|a| match a.as_str() {
+        "-pr" => "--protocol".to_string(),
+        _ => a
+            .strip_prefix("-pr=")
+            .map_or(a.clone(), |v| format!("--protocol={v}")),
+    })
+    .collect()
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Runs a daemon future until SIGINT/SIGTERM, then lets it finish.
+async fn until_signal<F, Fut, E>(run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(shutdown::Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let (trigger, stop) = shutdown::channel();
+    tokio::spawn(async move {
+        shutdown::os_signal().await;
+        trigger.trigger();
+        // Keep the trigger alive until the process exits.
+        std::future::pending::<()>().await;
+    });
+    run(stop).await?;
+    Ok(())
+}
+
+/// Entry point for the binary: returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse_from(seed_args(std::env::args()));
+    let result = match cli.command {
+        Command::Report(args) => return report(args),
+        Command::Ca(cmd) => {
+            init_logging("warn");
+            ca_command(cmd)
+        }
+        Command::Hub(args) => {
+            init_logging("info");
+            runtime().block_on(run_hub(args))
+        }
+        Command::Node(args) => {
+            init_logging("info");
+            runtime().block_on(run_node(args))
+        }
+        Command::Unban(args) => {
+            init_logging("warn");
+            runtime().block_on(async {
+                let r = crate::admin::unban(&args.hub, &(&args.tls).into(), &args.ip).await?;
+                println!(
+                    "unbanned {} (event {}, {} ban(s) lifted)",
+                    args.ip, r.event_id, r.lifted
+                );
+                Ok(())
+            })
+        }
+        Command::Bans(args) => {
+            init_logging("warn");
+            runtime().block_on(list_bans(args))
+        }
+        Command::Demo(args) => {
+            init_logging("warn");
+            runtime().block_on(crate::demo::run(args))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("banmesh: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime")
+}
+
+fn ca_command(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init { dir } => {
+            ca::init(&dir)?;
+            println!(
+                "created {} and {}",
+                dir.join("ca.crt").display(),
+                dir.join("ca.key").display()
+            );
+        }
+        CaCommand::Issue {
+            dir,
+            name,
+            sans,
+            admin,
+            valid_for,
+        } => {
+            let (crt, key) = ca::issue(
+                &dir,
+                &ca::HostCert {
+                    name: &name,
+                    sans: &sans,
+                    valid_for,
+                    admin,
+                },
+            )?;
+            println!("issued {} and {}", crt.display(), key.display());
+        }
+    }
+    Ok(())
+}
+
+async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let config = hub::HubConfig {
+        db: args.db,
+        data_dir: args.data_dir,
+        tls: (&args.tls).into(),
+    };
+    until_signal(|stop| hub::run(listener, config, stop)).await
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let config = node::NodeConfig {
+        hubs: args.hubs,
+        tls: (&args.tls).into(),
+        shared_log: args.shared_log,
+        socket: args.socket,
+        data_dir: args.data_dir,
+        outbox_limit: args.outbox_limit,
+    };
+    until_signal(|stop| node::run(config, stop)).await
+}
+
+/// `banmesh report`: exit 0 once the node has the ban on disk; 2 for a bad
+/// argument; 1 when the node cannot take it.
+fn report(args: ReportArgs) -> std::process::ExitCode {
+    let ban = match Ban::new(&args.jail, &args.protocol, &args.port, &args.ip) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("banmesh report: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // One thread: this runs once per ban inside fail2ban's action.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    match rt.block_on(crate::report::report(&args.socket, ban)) {
+        Ok(_) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("banmesh report: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn list_bans(args: BansArgs) -> anyhow::Result<()> {
+    let mut c = crate::admin::client(&args.hub, &(&args.tls).into()).await?;
+    let r = c
+        .list_bans(crate::proto::ListBansRequest {
+            ip: args.ip.unwrap_or_default(),
+            limit: args.limit,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    if r.bans.is_empty() {
+        bail!("no bans match");
+    }
+    print!("{}", crate::admin::seed_table(&r.bans));
+    Ok(())
+}

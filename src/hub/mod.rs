@@ -1,0 +1,104 @@
+//! The hub: accepts reports over mutual TLS, commits them to the store, and
+//! fans committed events out to every subscribed node.
+//!
+//! Contract:
+//! - A report is acknowledged only after the transaction holding it has
+//!   committed; an unacknowledged report stays in the node's outbox.
+//! - Events reach subscribers in id order, after their commit; a subscriber
+//!   resumes from the last id it applied, with no gap and no duplicate.
+//! - The reporting host is the common name of its client certificate.
+//! - A slow subscriber is moved back to replay from the store; memory does
+//!   not grow with it.
+//!
+//! # Layout
+//! - [`store`]: the store interface and its MySQL and SQLite backends.
+//! - [`committer`]: the single writer, batching reports into transactions.
+//! - [`fanout`]: the shared ring of live events and the subscriber registry.
+//! - [`subscription`]: one subscriber's replay-then-live stream.
+//! - [`service`]: the gRPC surface.
+pub mod committer;
+pub mod fanout;
+pub mod service;
+pub mod store;
+pub mod subscription;
+
+use std::{path::PathBuf, sync::Arc};
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tracing::info;
+
+use crate::{proto::hub_server::HubServer, shutdown::Shutdown, tls::TlsFiles};
+
+/// Default address the hub listens on.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Default data directory (the embedded store lives here).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/banmesh/hub";
+
+#[derive(Debug, Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Everything the hub needs besides its listener.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// `mysql://...` or `sqlite:PATH`; `None` means SQLite under `data_dir`.
+    pub db: Option<String>,
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+}
+
+impl HubConfig {
+    /// The store URL, defaulting to the embedded store in the data dir.
+    pub fn db_url(&self) -> String {
+        self.db
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("banmesh.db").display()))
+    }
+}
+
+/// Runs the hub on `listener` until `shutdown` fires; in-flight commits
+/// finish and streams end cleanly before it returns.
+pub async fn run(
+    listener: TcpListener,
+    config: HubConfig,
+    shutdown: Shutdown,
+) -> Result<(), HubError> {
+    let tls = config.tls.server()?;
+    let store = store::open(&config.db_url()).await?;
+    let fanout = fanout::Fanout::default();
+    let committer = committer::Committer::spawn(store.clone(), fanout.clone(), shutdown.clone());
+    let service = service::HubService {
+        store: Arc::clone(&store),
+        committer,
+        fanout,
+        shutdown: shutdown.clone(),
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<HubServer<service::HubService>>().await;
+
+    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
+    Server::builder()
+        .tls_config(tls)?
+        .add_service(HubServer::new(service))
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.signalled())
+        .await?;
+    info!("hub stopped");
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! The hub's durable store, behind one interface with two backends.
+//!
+//! Contract every backend keeps (the conformance suite in
+//! `tests/store_conformance.rs` runs unchanged against each):
+//! - `commit` is atomic for a whole batch: when it returns `Ok`, every event
+//!   in it is durable, and its ids increase in batch order.
+//! - A report is identified by (reporting host, node sequence); committing
+//!   it again returns the first event id with `duplicate = true`.
+//! - Per-host status is a row (ban, host, status). A host with no row for a
+//!   ban has status 0 (not yet added): the reporter gets a 1 row at commit,
+//!   every other host starts at 0 without a row, so a fleet of thousands
+//!   costs nothing per ban until hosts answer.
+//! - `events_after` is the replay source for subscribers: events in id
+//!   order, without bans the subscriber reported itself and without bans
+//!   already lifted.
+//! - The view `ip_table` shows bans in the seed's shape, one `host_<name>`
+//!   column per known host, rebuilt when a host first appears.
+use async_trait::async_trait;
+use thiserror::Error;
+
+use crate::ban::{Ban, Event, EventKind, Status};
+
+pub mod mysql;
+pub mod sqlite;
+
+/// Schema version this build writes; a store with a newer one is refused.
+pub const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot reach the database at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("database error: {0}")]
+    Query(String),
+    #[error(
+        "the database holds banmesh schema version {found}, newer than this build's {SCHEMA_VERSION}: upgrade banmesh before starting the hub"
+    )]
+    NewerSchema { found: i64 },
+    #[error("unsupported --db {0:?}: use mysql://user:pass@host:port/db or sqlite:PATH")]
+    BadUrl(String),
+}
+
+/// A report ready to commit: who sent it (from its certificate) and what.
+#[derive(Debug, Clone)]
+pub struct NewReport {
+    pub host: String,
+    pub seq: u64,
+    pub ban: Ban,
+}
+
+/// The outcome of one report in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// Stored now, as this event.
+    New(Event),
+    /// Stored before (a re-send), as this event id.
+    Duplicate(u64),
+}
+
+impl Committed {
+    pub fn event_id(&self) -> u64 {
+        match self {
+            Committed::New(e) => e.id,
+            Committed::Duplicate(id) => *id,
+        }
+    }
+}
+
+/// Filters for `list_bans`; `None` is any.
+#[derive(Debug, Clone, Default)]
+pub struct BanFilter {
+    pub ip: Option<String>,
+    pub added_by: Option<String>,
+    pub jail: Option<String>,
+    pub since_ms: Option<i64>,
+    pub after_id: u64,
+    pub limit: usize,
+}
+
+/// A stored ban with every known host's status.
+#[derive(Debug, Clone)]
+pub struct BanRow {
+    pub event: Event,
+    pub lifted: bool,
+    pub statuses: Vec<(String, Status)>,
+}
+
+/// A host the hub has seen.
+#[derive(Debug, Clone)]
+pub struct HostRow {
+    pub name: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records that a host connected; adds its `ip_table` column when new.
+    async fn touch_host(&self, name: &str) -> Result<(), StoreError>;
+    /// Commits a batch of reports in one transaction (see the module doc).
+    async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError>;
+    /// Replay: up to `limit` events after `after`, as seen by `subscriber`.
+    async fn events_after(
+        &self,
+        after: u64,
+        subscriber: &str,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError>;
+    /// Lifts every active ban of `ip`; `None` when none was active.
+    async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError>;
+    /// Stores a host's status for events it applied.
+    async fn set_statuses(
+        &self,
+        host: &str,
+        updates: &[(u64, Status)],
+    ) -> Result<usize, StoreError>;
+    async fn list_bans(&self, filter: &BanFilter) -> Result<Vec<BanRow>, StoreError>;
+    async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
+    /// Highest event id stored (0 when empty).
+    async fn last_event_id(&self) -> Result<u64, StoreError>;
+}
+
+/// Opens the store named by `--db`, creating or migrating its schema.
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if url.starts_with("mysql://") {
+        Ok(std::sync::Arc::new(mysql::MysqlStore::open(url).await?))
+    } else if let Some(path) = url.strip_prefix("sqlite:") {
+        Ok(std::sync::Arc::new(
+            sqlite::SqliteStore::open(path.trim_start_matches("//")).await?,
+        ))
+    } else {
+        Err(StoreError::BadUrl(url.to_string()))
+    }
+}
+
+/// Milliseconds since the epoch, the store's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Builds an event from a row's columns (both backends read the same ones).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn event_from_row(
+    id: u64,
+    kind: i64,
+    added_by: String,
+    created_ms: i64,
+    jail: String,
+    protocol: String,
+    port: String,
+    ip: String,
+    lifts: Option<u64>,
+) -> Event {
+    Event {
+        id,
+        kind: if kind == 2 {
+            EventKind::Unban
+        } else {
+            EventKind::Ban
+        },
+        ban: Ban {
+            jail,
+            protocol,
+            port,
+            ip,
+        },
+        added_by,
+        created_ms,
+        lifts: lifts.unwrap_or(0),
+    }
+}
+
+/// The `ip_table` view's host columns: `host_<name>` per host, made unique
+/// when two names differ only in dots and hyphens.
+pub(crate) fn view_columns(hosts: &[(u64, String)]) -> Vec<(u64, String)> {
+    let mut seen = std::collections::HashSet::new();
+    hosts
+        .iter()
+        .map(|(id, name)| {
+            let mut col = crate::ban::seed_column(name);
+            if !seen.insert(col.clone()) {
+                col = format!("{col}_{id}");
+                seen.insert(col.clone());
+            }
+            (*id, col)
+        })
+        .collect()
+}
+
+/// The `SELECT` behind the `ip_table` view; `created` is the backend's
+/// expression turning `created_ms` into a datetime.
+pub(crate) fn view_sql(hosts: &[(u64, String)], created: &str) -> String {
+    let mut sql = format!(
+        "SELECT e.id AS id, e.added_by AS added_by, {created} AS created, e.jailname AS jailname, \
+         e.protocol AS protocol, e.port AS port, e.ip AS ip"
+    );
+    for (id, col) in view_columns(hosts) {
+        sql.push_str(&format!(
+            ", COALESCE((SELECT s.status FROM statuses s WHERE s.event_id = e.id AND s.host_id = {id}), 0) AS {col}"
+        ));
+    }
+    sql.push_str(" FROM events e WHERE e.kind = 1");
+    sql
+}
+
+/// Joins bans with every known host's status (0 where the host has no row).
+pub(crate) fn assemble_bans(
+    bans: Vec<(Event, bool)>,
+    hosts: &[(u64, String)],
+    statuses: &std::collections::HashMap<(u64, u64), i64>,
+) -> Vec<BanRow> {
+    bans.into_iter()
+        .map(|(event, lifted)| {
+            let statuses = hosts
+                .iter()
+                .map(|(hid, name)| {
+                    let code = statuses.get(&(event.id, *hid)).copied().unwrap_or(0);
+                    (
+                        name.clone(),
+                        Status::from_code(code).unwrap_or(Status::Error),
+                    )
+                })
+                .collect();
+            BanRow {
+                event,
+                lifted,
+                statuses,
+            }
+        })
+        .collect()
+}

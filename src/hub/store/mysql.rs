@@ -1,0 +1,513 @@
+//! MySQL / MariaDB backend through `mysql_async`: the production store.
+//!
+//! InnoDB tables, one transaction per batch; the hub's committer is the only
+//! writer of events, so ids are assigned in commit order.
+use std::{collections::HashMap, sync::Mutex};
+
+use async_trait::async_trait;
+use mysql_async::{Conn, Opts, OptsBuilder, Pool, TxOpts, Value, prelude::*};
+
+use super::{BanFilter, BanRow, Committed, HostRow, NewReport, SCHEMA_VERSION, Store, StoreError};
+use crate::ban::{Event, EventKind, Status};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS banmesh_meta (
+        k VARCHAR(64) NOT NULL PRIMARY KEY,
+        v BIGINT NOT NULL
+    ) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS hosts (
+        id INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        name VARCHAR(253) NOT NULL,
+        first_seen_ms BIGINT NOT NULL,
+        last_seen_ms BIGINT NOT NULL,
+        UNIQUE KEY name (name)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS events (
+        id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        kind TINYINT NOT NULL,
+        reporter_id INT UNSIGNED NOT NULL,
+        node_seq BIGINT UNSIGNED NULL,
+        added_by VARCHAR(253) NOT NULL,
+        created_ms BIGINT NOT NULL,
+        jailname VARCHAR(64) NOT NULL,
+        protocol VARCHAR(16) NOT NULL,
+        port VARCHAR(32) NOT NULL,
+        ip VARCHAR(64) NOT NULL,
+        lifted_by BIGINT UNSIGNED NULL,
+        lifts BIGINT UNSIGNED NULL,
+        UNIQUE KEY report (reporter_id, node_seq),
+        KEY ip (ip),
+        KEY added_by (added_by, ip)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS statuses (
+        event_id BIGINT UNSIGNED NOT NULL,
+        host_id INT UNSIGNED NOT NULL,
+        status TINYINT NOT NULL,
+        PRIMARY KEY (event_id, host_id)
+    ) ENGINE=InnoDB",
+];
+
+const EVENT_COLUMNS: &str = "id, kind, added_by, created_ms, jailname, protocol, port, ip, lifts";
+
+type EventRow = (
+    u64,
+    i64,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    Option<u64>,
+);
+
+fn to_event(r: EventRow) -> Event {
+    super::event_from_row(r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8)
+}
+
+pub struct MysqlStore {
+    pool: Pool,
+    /// Host name -> id; hosts are never renamed or deleted.
+    host_ids: Mutex<HashMap<String, u64>>,
+}
+
+fn q(e: mysql_async::Error) -> StoreError {
+    StoreError::Query(e.to_string())
+}
+
+impl MysqlStore {
+    /// Connects, creates the database named in the URL if missing, and
+    /// brings the schema to this build's version.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let opts = Opts::from_url(url).map_err(|_| StoreError::BadUrl(url.to_string()))?;
+        // The URL's password must never reach a log line.
+        let shown = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
+        let unreachable = |e: mysql_async::Error| StoreError::Unreachable {
+            url: shown.clone(),
+            reason: e.to_string(),
+        };
+        let db = opts.db_name().unwrap_or("banmesh").to_string();
+        if !db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(StoreError::BadUrl(url.to_string()));
+        }
+        let mut admin = Conn::new(OptsBuilder::from_opts(opts.clone()).db_name(None::<String>))
+            .await
+            .map_err(unreachable)?;
+        admin
+            .query_drop(format!("CREATE DATABASE IF NOT EXISTS `{db}`"))
+            .await
+            .map_err(q)?;
+        admin.disconnect().await.map_err(q)?;
+
+        let pool = Pool::new(OptsBuilder::from_opts(opts).db_name(Some(db)));
+        let store = MysqlStore {
+            pool,
+            host_ids: Mutex::new(HashMap::new()),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.pool
+            .get_conn()
+            .await
+            .map_err(|e| StoreError::Unreachable {
+                url: "mysql".into(),
+                reason: e.to_string(),
+            })
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        for stmt in SCHEMA {
+            c.query_drop(*stmt).await.map_err(q)?;
+        }
+        let found: Option<i64> = c
+            .query_first("SELECT v FROM banmesh_meta WHERE k = 'schema_version'")
+            .await
+            .map_err(q)?;
+        match found {
+            Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema { found: v }),
+            Some(_) => {}
+            None => c
+                .exec_drop(
+                    "INSERT INTO banmesh_meta (k, v) VALUES ('schema_version', ?)",
+                    (SCHEMA_VERSION,),
+                )
+                .await
+                .map_err(q)?,
+        }
+        let hosts: Vec<(u64, String)> = c
+            .query("SELECT id, name FROM hosts ORDER BY id")
+            .await
+            .map_err(q)?;
+        self.host_ids
+            .lock()
+            .unwrap()
+            .extend(hosts.iter().map(|(id, n)| (n.clone(), *id)));
+        Self::rebuild_view(&mut c, &hosts).await
+    }
+
+    async fn rebuild_view(c: &mut Conn, hosts: &[(u64, String)]) -> Result<(), StoreError> {
+        let sql = super::view_sql(hosts, "FROM_UNIXTIME(e.created_ms / 1000)");
+        c.query_drop(format!("CREATE OR REPLACE VIEW ip_table AS {sql}"))
+            .await
+            .map_err(q)
+    }
+
+    /// The id of a host, creating its row (and view column) when new.
+    async fn host_id(&self, c: &mut Conn, name: &str) -> Result<u64, StoreError> {
+        if let Some(id) = self.host_ids.lock().unwrap().get(name) {
+            return Ok(*id);
+        }
+        let now = super::now_ms();
+        c.exec_drop(
+            "INSERT INTO hosts (name, first_seen_ms, last_seen_ms) VALUES (?, ?, ?)
+             ON DUPLICATE KEY UPDATE last_seen_ms = VALUES(last_seen_ms)",
+            (name, now, now),
+        )
+        .await
+        .map_err(q)?;
+        let hosts: Vec<(u64, String)> = c
+            .query("SELECT id, name FROM hosts ORDER BY id")
+            .await
+            .map_err(q)?;
+        Self::rebuild_view(c, &hosts).await?;
+        let mut ids = self.host_ids.lock().unwrap();
+        ids.extend(hosts.iter().map(|(id, n)| (n.clone(), *id)));
+        ids.get(name)
+            .copied()
+            .ok_or_else(|| StoreError::Query(format!("host {name} vanished")))
+    }
+}
+
+/// `(reporter_id = ? AND node_seq IN (...)) OR ...`, grouped by reporter so
+/// the `report` index serves it.
+fn report_keys(keys: &[(u64, u64)]) -> String {
+    let mut by_host: HashMap<u64, Vec<u64>> = HashMap::new();
+    for (h, s) in keys {
+        by_host.entry(*h).or_default().push(*s);
+    }
+    by_host
+        .iter()
+        .map(|(h, seqs)| {
+            let list: Vec<String> = seqs.iter().map(u64::to_string).collect();
+            format!("(reporter_id = {h} AND node_seq IN ({}))", list.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+#[async_trait]
+impl Store for MysqlStore {
+    async fn touch_host(&self, name: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let id = self.host_id(&mut c, name).await?;
+        c.exec_drop(
+            "UPDATE hosts SET last_seen_ms = ? WHERE id = ?",
+            (super::now_ms(), id),
+        )
+        .await
+        .map_err(q)
+    }
+
+    async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
+        if batch.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut c = self.conn().await?;
+        let mut ids = Vec::with_capacity(batch.len());
+        for r in batch {
+            ids.push(self.host_id(&mut c, &r.host).await?);
+        }
+        let keys: Vec<(u64, u64)> = ids
+            .iter()
+            .copied()
+            .zip(batch.iter().map(|r| r.seq))
+            .collect();
+        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
+        let existing: Vec<(u64, u64, u64)> = tx
+            .query(format!(
+                "SELECT id, reporter_id, node_seq FROM events WHERE {}",
+                report_keys(&keys)
+            ))
+            .await
+            .map_err(q)?;
+        let mut known: HashMap<(u64, u64), u64> = existing
+            .into_iter()
+            .map(|(id, h, s)| ((h, s), id))
+            .collect();
+
+        // Rows to insert: not stored yet, and not repeated within the batch.
+        let now = super::now_ms();
+        let mut fresh = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, key) in keys.iter().enumerate() {
+            if !known.contains_key(key) && seen.insert(*key) {
+                fresh.push(i);
+            }
+        }
+        if !fresh.is_empty() {
+            let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * 8);
+            for &i in &fresh {
+                let r = &batch[i];
+                params.extend([
+                    keys[i].0.into(),
+                    r.seq.into(),
+                    r.host.as_str().into(),
+                    now.into(),
+                    r.ban.jail.as_str().into(),
+                    r.ban.protocol.as_str().into(),
+                    r.ban.port.as_str().into(),
+                    r.ban.ip.as_str().into(),
+                ]);
+            }
+            let rows = vec!["(1, ?, ?, ?, ?, ?, ?, ?, ?)"; fresh.len()].join(",");
+            tx.exec_drop(
+                format!(
+                    "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, \
+                     jailname, protocol, port, ip) VALUES {rows}"
+                ),
+                params,
+            )
+            .await
+            .map_err(q)?;
+            let fresh_keys: Vec<(u64, u64)> = fresh.iter().map(|&i| keys[i]).collect();
+            let inserted: Vec<(u64, u64, u64)> = tx
+                .query(format!(
+                    "SELECT id, reporter_id, node_seq FROM events WHERE {}",
+                    report_keys(&fresh_keys)
+                ))
+                .await
+                .map_err(q)?;
+            let mut status_params: Vec<Value> = Vec::with_capacity(inserted.len() * 2);
+            for (id, h, s) in &inserted {
+                status_params.extend([(*id).into(), (*h).into()]);
+                known.insert((*h, *s), *id);
+            }
+            let rows = vec!["(?, ?, 1)"; inserted.len()].join(",");
+            tx.exec_drop(
+                format!("INSERT INTO statuses (event_id, host_id, status) VALUES {rows}"),
+                status_params,
+            )
+            .await
+            .map_err(q)?;
+        }
+        tx.commit().await.map_err(q)?;
+
+        let fresh: std::collections::HashSet<usize> = fresh.into_iter().collect();
+        let mut out: Vec<Committed> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let id = known[key];
+                if fresh.contains(&i) {
+                    let r = &batch[i];
+                    Committed::New(Event {
+                        id,
+                        kind: EventKind::Ban,
+                        ban: r.ban.clone(),
+                        added_by: r.host.clone(),
+                        created_ms: now,
+                        lifts: 0,
+                    })
+                } else {
+                    Committed::Duplicate(id)
+                }
+            })
+            .collect();
+        out.shrink_to_fit();
+        Ok(out)
+    }
+
+    async fn events_after(
+        &self,
+        after: u64,
+        subscriber: &str,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut c = self.conn().await?;
+        let me = self.host_id(&mut c, subscriber).await?;
+        let rows: Vec<EventRow> = c
+            .exec(
+                format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE id > ? \
+                     AND (kind = 2 OR (reporter_id <> ? AND lifted_by IS NULL)) \
+                     ORDER BY id LIMIT ?"
+                ),
+                (after, me, limit as u64),
+            )
+            .await
+            .map_err(q)?;
+        Ok(rows.into_iter().map(to_event).collect())
+    }
+
+    async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError> {
+        let mut c = self.conn().await?;
+        let by_id = self.host_id(&mut c, by).await?;
+        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
+        let active: Vec<EventRow> = tx
+            .exec(
+                format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE ip = ? AND kind = 1 \
+                     AND lifted_by IS NULL ORDER BY id FOR UPDATE"
+                ),
+                (ip,),
+            )
+            .await
+            .map_err(q)?;
+        let Some(last) = active.last().cloned().map(to_event) else {
+            return Ok(None);
+        };
+        let now = super::now_ms();
+        tx.exec_drop(
+            "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, jailname, \
+             protocol, port, ip, lifts) VALUES (2, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                by_id,
+                by,
+                now,
+                &last.ban.jail,
+                &last.ban.protocol,
+                &last.ban.port,
+                ip,
+                last.id,
+            ),
+        )
+        .await
+        .map_err(q)?;
+        let id = tx.last_insert_id().unwrap_or(0);
+        tx.exec_drop(
+            "UPDATE events SET lifted_by = ? WHERE ip = ? AND kind = 1 AND lifted_by IS NULL",
+            (id, ip),
+        )
+        .await
+        .map_err(q)?;
+        tx.commit().await.map_err(q)?;
+        let event = Event {
+            id,
+            kind: EventKind::Unban,
+            ban: last.ban,
+            added_by: by.to_string(),
+            created_ms: now,
+            lifts: last.id,
+        };
+        Ok(Some((event, active.len() as u32)))
+    }
+
+    async fn set_statuses(
+        &self,
+        host: &str,
+        updates: &[(u64, Status)],
+    ) -> Result<usize, StoreError> {
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.conn().await?;
+        let hid = self.host_id(&mut c, host).await?;
+        let mut params: Vec<Value> = Vec::with_capacity(updates.len() * 3);
+        for (id, st) in updates {
+            params.extend([(*id).into(), hid.into(), (*st as u8).into()]);
+        }
+        let rows = vec!["(?, ?, ?)"; updates.len()].join(",");
+        c.exec_drop(
+            format!(
+                "INSERT INTO statuses (event_id, host_id, status) VALUES {rows} \
+                 ON DUPLICATE KEY UPDATE status = VALUES(status)"
+            ),
+            params,
+        )
+        .await
+        .map_err(q)?;
+        Ok(updates.len())
+    }
+
+    async fn list_bans(&self, f: &BanFilter) -> Result<Vec<BanRow>, StoreError> {
+        let mut c = self.conn().await?;
+        let mut sql = format!(
+            "SELECT {EVENT_COLUMNS}, lifted_by IS NOT NULL FROM events WHERE kind = 1 AND id > ?"
+        );
+        let mut params: Vec<Value> = vec![f.after_id.into()];
+        for (col, v) in [
+            ("ip", &f.ip),
+            ("added_by", &f.added_by),
+            ("jailname", &f.jail),
+        ] {
+            if let Some(v) = v {
+                sql.push_str(&format!(" AND {col} = ?"));
+                params.push(v.as_str().into());
+            }
+        }
+        if let Some(since) = f.since_ms {
+            sql.push_str(" AND created_ms >= ?");
+            params.push(since.into());
+        }
+        sql.push_str(" ORDER BY id LIMIT ?");
+        params.push((f.limit as u64).into());
+        type ListRow = (
+            u64,
+            i64,
+            String,
+            i64,
+            String,
+            String,
+            String,
+            String,
+            Option<u64>,
+            i64,
+        );
+        let rows: Vec<ListRow> = c.exec(sql, params).await.map_err(q)?;
+        let bans: Vec<(Event, bool)> = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    to_event((r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8)),
+                    r.9 != 0,
+                )
+            })
+            .collect();
+        let hosts: Vec<(u64, String)> = c
+            .query("SELECT id, name FROM hosts ORDER BY id")
+            .await
+            .map_err(q)?;
+        let ids: Vec<String> = bans.iter().map(|(e, _)| e.id.to_string()).collect();
+        let mut statuses: HashMap<(u64, u64), i64> = HashMap::new();
+        if !ids.is_empty() {
+            let rows: Vec<(u64, u64, i64)> = c
+                .query(format!(
+                    "SELECT event_id, host_id, status FROM statuses WHERE event_id IN ({})",
+                    ids.join(",")
+                ))
+                .await
+                .map_err(q)?;
+            statuses.extend(rows.into_iter().map(|(e, h, s)| ((e, h), s)));
+        }
+        Ok(super::assemble_bans(bans, &hosts, &statuses))
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+        let mut c = self.conn().await?;
+        let rows: Vec<(String, i64, i64)> = c
+            .query("SELECT name, first_seen_ms, last_seen_ms FROM hosts ORDER BY name")
+            .await
+            .map_err(q)?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, first_seen_ms, last_seen_ms)| HostRow {
+                name,
+                first_seen_ms,
+                last_seen_ms,
+            })
+            .collect())
+    }
+
+    async fn last_event_id(&self) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
+        let id: Option<Option<u64>> = c
+            .query_first("SELECT MAX(id) FROM events")
+            .await
+            .map_err(q)?;
+        Ok(id.flatten().unwrap_or(0))
+    }
+}

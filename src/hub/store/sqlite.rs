@@ -1,0 +1,468 @@
+//! Embedded backend: SQLite through `rusqlite` with its bundled library.
+//!
+//! Chosen because it is one file, needs no server, is the most deployed
+//! embedded SQL engine, and speaks enough SQL (views, upserts, row values)
+//! to keep the same schema and semantics as MySQL. WAL with
+//! `synchronous=FULL`: an acknowledged batch survives a SIGKILL and a power
+//! cut. One connection behind a mutex: the hub has one writer anyway.
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
+
+use super::{BanFilter, BanRow, Committed, HostRow, NewReport, SCHEMA_VERSION, Store, StoreError};
+use crate::ban::{Event, EventKind, Status};
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS banmesh_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS hosts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        first_seen_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind INTEGER NOT NULL,
+        reporter_id INTEGER NOT NULL,
+        node_seq INTEGER NULL,
+        added_by TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        jailname TEXT NOT NULL,
+        protocol TEXT NOT NULL,
+        port TEXT NOT NULL,
+        ip TEXT NOT NULL,
+        lifted_by INTEGER NULL,
+        lifts INTEGER NULL,
+        UNIQUE (reporter_id, node_seq)
+    );
+    CREATE INDEX IF NOT EXISTS events_ip ON events (ip);
+    CREATE INDEX IF NOT EXISTS events_added_by ON events (added_by, ip);
+    CREATE TABLE IF NOT EXISTS statuses (
+        event_id INTEGER NOT NULL,
+        host_id INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        PRIMARY KEY (event_id, host_id)
+    ) WITHOUT ROWID;
+";
+
+const EVENT_COLUMNS: &str = "id, kind, added_by, created_ms, jailname, protocol, port, ip, lifts";
+
+fn q(e: rusqlite::Error) -> StoreError {
+    StoreError::Query(e.to_string())
+}
+
+fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    Ok(super::event_from_row(
+        r.get::<_, i64>(0)? as u64,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+    ))
+}
+
+struct Inner {
+    conn: Connection,
+    host_ids: HashMap<String, u64>,
+}
+
+pub struct SqliteStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Inner {
+    fn host_id(&mut self, name: &str) -> Result<u64, StoreError> {
+        if let Some(id) = self.host_ids.get(name) {
+            return Ok(*id);
+        }
+        let now = super::now_ms();
+        self.conn
+            .execute(
+                "INSERT INTO hosts (name, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?2)
+                 ON CONFLICT(name) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+                params![name, now],
+            )
+            .map_err(q)?;
+        self.reload_hosts()?;
+        self.host_ids
+            .get(name)
+            .copied()
+            .ok_or_else(|| StoreError::Query(format!("host {name} vanished")))
+    }
+
+    fn hosts_by_id(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name FROM hosts ORDER BY id")
+            .map_err(q)?;
+        st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+            .map_err(q)?
+            .collect::<Result<_, _>>()
+            .map_err(q)
+    }
+
+    /// Reloads the host cache and rebuilds the `ip_table` view.
+    fn reload_hosts(&mut self) -> Result<(), StoreError> {
+        let hosts = self.hosts_by_id()?;
+        let sql = super::view_sql(&hosts, "datetime(e.created_ms / 1000, 'unixepoch')");
+        self.conn
+            .execute_batch(&format!(
+                "DROP VIEW IF EXISTS ip_table; CREATE VIEW ip_table AS {sql};"
+            ))
+            .map_err(q)?;
+        self.host_ids = hosts.into_iter().map(|(id, n)| (n, id)).collect();
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    pub async fn open(path: &str) -> Result<Self, StoreError> {
+        let path = path.to_string();
+        let inner = tokio::task::spawn_blocking(move || -> Result<Inner, StoreError> {
+            if let Some(dir) = Path::new(&path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Unreachable {
+                    url: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let conn = Connection::open(&path).map_err(|e| StoreError::Unreachable {
+                url: path.clone(),
+                reason: e.to_string(),
+            })?;
+            conn.execute_batch(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;",
+            )
+            .map_err(q)?;
+            conn.execute_batch(SCHEMA).map_err(q)?;
+            let found: Option<i64> = conn
+                .query_row(
+                    "SELECT v FROM banmesh_meta WHERE k = 'schema_version'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(q)?;
+            match found {
+                Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema { found: v }),
+                Some(_) => {}
+                None => {
+                    conn.execute(
+                        "INSERT INTO banmesh_meta (k, v) VALUES ('schema_version', ?1)",
+                        [SCHEMA_VERSION],
+                    )
+                    .map_err(q)?;
+                }
+            }
+            let mut inner = Inner {
+                conn,
+                host_ids: HashMap::new(),
+            };
+            inner.reload_hosts()?;
+            Ok(inner)
+        })
+        .await
+        .map_err(|e| StoreError::Query(e.to_string()))??;
+        Ok(SqliteStore {
+            inner: Arc::new(Mutex::new(inner)),
+        })
+    }
+
+    /// Runs `f` on the connection off the async threads.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&mut inner.lock().unwrap()))
+            .await
+            .map_err(|e| StoreError::Query(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn touch_host(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |i| {
+            let id = i.host_id(&name)?;
+            i.conn
+                .execute(
+                    "UPDATE hosts SET last_seen_ms = ?1 WHERE id = ?2",
+                    params![super::now_ms(), id as i64],
+                )
+                .map_err(q)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
+        let batch = batch.to_vec();
+        self.with(move |i| {
+            let ids: Vec<u64> = batch
+                .iter()
+                .map(|r| i.host_id(&r.host))
+                .collect::<Result<_, _>>()?;
+            let tx = i.conn.transaction().map_err(q)?;
+            let now = super::now_ms();
+            let mut out = Vec::with_capacity(batch.len());
+            {
+                let mut find = tx
+                    .prepare_cached(
+                        "SELECT id FROM events WHERE reporter_id = ?1 AND node_seq = ?2",
+                    )
+                    .map_err(q)?;
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, \
+                         jailname, protocol, port, ip) VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )
+                    .map_err(q)?;
+                let mut status = tx
+                    .prepare_cached(
+                        "INSERT INTO statuses (event_id, host_id, status) VALUES (?1, ?2, 1)",
+                    )
+                    .map_err(q)?;
+                for (r, hid) in batch.iter().zip(&ids) {
+                    let hid = *hid as i64;
+                    let seq = r.seq as i64;
+                    let existing: Option<i64> = find
+                        .query_row(params![hid, seq], |r| r.get(0))
+                        .optional()
+                        .map_err(q)?;
+                    if let Some(id) = existing {
+                        out.push(Committed::Duplicate(id as u64));
+                        continue;
+                    }
+                    insert
+                        .execute(params![
+                            hid,
+                            seq,
+                            r.host,
+                            now,
+                            r.ban.jail,
+                            r.ban.protocol,
+                            r.ban.port,
+                            r.ban.ip
+                        ])
+                        .map_err(q)?;
+                    let id = tx.last_insert_rowid();
+                    status.execute(params![id, hid]).map_err(q)?;
+                    out.push(Committed::New(Event {
+                        id: id as u64,
+                        kind: EventKind::Ban,
+                        ban: r.ban.clone(),
+                        added_by: r.host.clone(),
+                        created_ms: now,
+                        lifts: 0,
+                    }));
+                }
+            }
+            tx.commit().map_err(q)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn events_after(
+        &self,
+        after: u64,
+        subscriber: &str,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let subscriber = subscriber.to_string();
+        self.with(move |i| {
+            let me = i.host_id(&subscriber)? as i64;
+            let mut st = i
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 \
+                     AND (kind = 2 OR (reporter_id <> ?2 AND lifted_by IS NULL)) \
+                     ORDER BY id LIMIT ?3"
+                ))
+                .map_err(q)?;
+            st.query_map(params![after as i64, me, limit as i64], row_event)
+                .map_err(q)?
+                .collect::<Result<_, _>>()
+                .map_err(q)
+        })
+        .await
+    }
+
+    async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError> {
+        let (ip, by) = (ip.to_string(), by.to_string());
+        self.with(move |i| {
+            let by_id = i.host_id(&by)? as i64;
+            let tx = i.conn.transaction().map_err(q)?;
+            let active: Vec<Event> = {
+                let mut st = tx
+                    .prepare(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE ip = ?1 AND kind = 1 \
+                         AND lifted_by IS NULL ORDER BY id"
+                    ))
+                    .map_err(q)?;
+                st.query_map([&ip], row_event)
+                    .map_err(q)?
+                    .collect::<Result<_, _>>()
+                    .map_err(q)?
+            };
+            let Some(last) = active.last().cloned() else {
+                return Ok(None);
+            };
+            let now = super::now_ms();
+            tx.execute(
+                "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, jailname, \
+                 protocol, port, ip, lifts) VALUES (2, ?1, NULL, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    by_id,
+                    by,
+                    now,
+                    last.ban.jail,
+                    last.ban.protocol,
+                    last.ban.port,
+                    ip,
+                    last.id as i64
+                ],
+            )
+            .map_err(q)?;
+            let id = tx.last_insert_rowid();
+            tx.execute(
+                "UPDATE events SET lifted_by = ?1 WHERE ip = ?2 AND kind = 1 AND lifted_by IS NULL",
+                params![id, ip],
+            )
+            .map_err(q)?;
+            tx.commit().map_err(q)?;
+            let event = Event {
+                id: id as u64,
+                kind: EventKind::Unban,
+                ban: last.ban,
+                added_by: by,
+                created_ms: now,
+                lifts: last.id,
+            };
+            Ok(Some((event, active.len() as u32)))
+        })
+        .await
+    }
+
+    async fn set_statuses(
+        &self,
+        host: &str,
+        updates: &[(u64, Status)],
+    ) -> Result<usize, StoreError> {
+        let (host, updates) = (host.to_string(), updates.to_vec());
+        self.with(move |i| {
+            let hid = i.host_id(&host)? as i64;
+            let tx = i.conn.transaction().map_err(q)?;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "INSERT INTO statuses (event_id, host_id, status) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(event_id, host_id) DO UPDATE SET status = excluded.status",
+                    )
+                    .map_err(q)?;
+                for (id, s) in &updates {
+                    st.execute(params![*id as i64, hid, *s as u8]).map_err(q)?;
+                }
+            }
+            tx.commit().map_err(q)?;
+            Ok(updates.len())
+        })
+        .await
+    }
+
+    async fn list_bans(&self, f: &BanFilter) -> Result<Vec<BanRow>, StoreError> {
+        let f = f.clone();
+        self.with(move |i| {
+            let mut sql = format!(
+                "SELECT {EVENT_COLUMNS}, lifted_by IS NOT NULL FROM events WHERE kind = 1 AND id > ?"
+            );
+            let mut args: Vec<Value> = vec![Value::Integer(f.after_id as i64)];
+            for (col, v) in [("ip", &f.ip), ("added_by", &f.added_by), ("jailname", &f.jail)] {
+                if let Some(v) = v {
+                    sql.push_str(&format!(" AND {col} = ?"));
+                    args.push(Value::Text(v.clone()));
+                }
+            }
+            if let Some(since) = f.since_ms {
+                sql.push_str(" AND created_ms >= ?");
+                args.push(Value::Integer(since));
+            }
+            sql.push_str(" ORDER BY id LIMIT ?");
+            args.push(Value::Integer(f.limit as i64));
+            let bans: Vec<(Event, bool)> = {
+                let mut st = i.conn.prepare(&sql).map_err(q)?;
+                st.query_map(params_from_iter(args), |r| Ok((row_event(r)?, r.get::<_, bool>(9)?)))
+                    .map_err(q)?
+                    .collect::<Result<_, _>>()
+                    .map_err(q)?
+            };
+            let mut statuses = HashMap::new();
+            if !bans.is_empty() {
+                let ids: Vec<String> = bans.iter().map(|(e, _)| e.id.to_string()).collect();
+                let mut st = i
+                    .conn
+                    .prepare(&format!(
+                        "SELECT event_id, host_id, status FROM statuses WHERE event_id IN ({})",
+                        ids.join(",")
+                    ))
+                    .map_err(q)?;
+                let rows = st
+                    .query_map([], |r| {
+                        Ok(((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64), r.get(2)?))
+                    })
+                    .map_err(q)?;
+                for row in rows {
+                    let (k, v) = row.map_err(q)?;
+                    statuses.insert(k, v);
+                }
+            }
+            Ok(super::assemble_bans(bans, &i.hosts_by_id()?, &statuses))
+        })
+        .await
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+        self.with(|i| {
+            let mut st = i
+                .conn
+                .prepare("SELECT name, first_seen_ms, last_seen_ms FROM hosts ORDER BY name")
+                .map_err(q)?;
+            st.query_map([], |r| {
+                Ok(HostRow {
+                    name: r.get(0)?,
+                    first_seen_ms: r.get(1)?,
+                    last_seen_ms: r.get(2)?,
+                })
+            })
+            .map_err(q)?
+            .collect::<Result<_, _>>()
+            .map_err(q)
+        })
+        .await
+    }
+
+    async fn last_event_id(&self) -> Result<u64, StoreError> {
+        self.with(|i| {
+            i.conn
+                .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|v| v as u64)
+                .map_err(q)
+        })
+        .await
+    }
+}

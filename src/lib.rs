@@ -1,0 +1,29 @@
+//! banmesh shares fail2ban bans across a fleet in near real time.
+//!
+//! A ban on one server is handed by fail2ban's action to the local **node**,
+//! which streams it over mutual TLS to the **hub**; the hub commits it to
+//! its store (MySQL, or an embedded SQLite file) and fans it out to every
+//! other node, which writes it into fail2ban's `shared` jail and reports its
+//! status back. See `DESIGN.md` in the repository for the semantics.
+//!
+//! # Layout
+//! - [`ban`]: domain types (ban, event, status) and input validation.
+//! - [`hub`]: the hub daemon: store, group committer, fan-out, subscriptions.
+//! - [`node`]: the node daemon: outbox, publisher, subscriber, apply.
+//! - [`report`]: the `banmesh report` client fail2ban runs.
+//! - [`admin`]: operator commands against the hub (unban, list, hosts).
+//! - [`tls`]: mTLS configuration and peer identity; [`ca`]: the fleet CA.
+//! - [`demo`]: a throwaway local fleet for a first look.
+//! - [`shutdown`]: graceful shutdown as a value.
+//! - [`proto`]: generated gRPC code.
+pub mod admin;
+pub mod ban;
+pub mod ca;
+pub mod cli;
+pub mod demo;
+pub mod hub;
+pub mod node;
+pub mod proto;
+pub mod report;
+pub mod shutdown;
+pub mod tls;

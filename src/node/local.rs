@@ -1,0 +1,65 @@
+//! The node's local gRPC service, on its unix socket: what `banmesh report`
+//! (run by fail2ban's action) talks to. The socket is the trust boundary:
+//! it is created 0660, so only root (and the socket's group) can report.
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::{outbox::Outbox, subscriber::Position};
+use crate::{
+    ban::Ban,
+    proto::{self, node_server},
+};
+
+pub struct LocalService {
+    pub name: String,
+    pub outbox: Arc<Outbox>,
+    pub connected: Arc<AtomicBool>,
+    pub position: Arc<Position>,
+}
+
+#[tonic::async_trait]
+impl node_server::Node for LocalService {
+    async fn report(
+        &self,
+        request: Request<proto::Ban>,
+    ) -> Result<Response<proto::LocalReportResponse>, Status> {
+        let ban = Ban::from_proto(Some(request.get_ref()))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let outbox = self.outbox.clone();
+        let ip = ban.ip.clone();
+        let seq = tokio::task::spawn_blocking(move || outbox.append(&ban))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
+                warn!(error = %e, %ip, "report not queued");
+                Status::resource_exhausted(e.to_string())
+            })?;
+        let pending = self.outbox.pending();
+        if pending * 10 >= self.outbox.limit() * 8 {
+            warn!(
+                pending,
+                limit = self.outbox.limit(),
+                "outbox is over 80% full; is the hub reachable?"
+            );
+        }
+        info!(%ip, seq, "report queued");
+        Ok(Response::new(proto::LocalReportResponse { seq }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<proto::NodeStatusRequest>,
+    ) -> Result<Response<proto::NodeStatusResponse>, Status> {
+        Ok(Response::new(proto::NodeStatusResponse {
+            name: self.name.clone(),
+            hub_connected: self.connected.load(Ordering::Relaxed),
+            outbox_pending: self.outbox.pending() as u64,
+            last_applied_event_id: self.position.get(),
+        }))
+    }
+}

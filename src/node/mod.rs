@@ -1,0 +1,179 @@
+//! The node daemon: one per server, beside fail2ban.
+//!
+//! Contract:
+//! - A report is on disk (the outbox) before `banmesh report` returns, and
+//!   leaves the outbox only once the hub has committed it.
+//! - Events from the hub are applied in id order, each once: a ban becomes a
+//!   line in `shared.log`, and its status goes back to the hub.
+//! - The node's state lives under its data dir, so several nodes can share
+//!   a machine.
+//!
+//! # Layout
+//! - [`outbox`]: the durable queue of reports (what `add2db.py` wrote to MySQL).
+//! - [`publisher`]: outbox -> hub.
+//! - [`subscriber`]: hub -> [`apply`] (what `readdb.py` did) -> statuses.
+//! - [`local`]: the unix-socket service `banmesh report` talks to.
+//! - [`link`]: TLS channel to the hub and reconnect backoff.
+pub mod apply;
+pub mod link;
+pub mod local;
+pub mod outbox;
+pub mod publisher;
+pub mod subscriber;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use thiserror::Error;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::{proto::node_server::NodeServer, shutdown::Shutdown, tls::TlsFiles};
+
+/// Where `banmesh report` finds the node by default.
+pub const DEFAULT_SOCKET: &str = "/run/banmesh/node.sock";
+/// Default state directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/banmesh/node";
+/// Default log file of fail2ban's `shared` jail.
+pub const DEFAULT_SHARED_LOG: &str = "/var/log/shared.log";
+/// Default most reports held while the hub is unreachable.
+pub const DEFAULT_OUTBOX_LIMIT: usize = 1_000_000;
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Outbox(#[from] outbox::OutboxError),
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
+    #[error("cannot listen on {path}: {source} (is another node running with this --socket?)")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot use data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("local gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Hub addresses, `https://HOST:PORT`; several for failover.
+    pub hubs: Vec<String>,
+    pub tls: TlsFiles,
+    pub shared_log: PathBuf,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub outbox_limit: usize,
+}
+
+/// Binds the local socket, replacing a stale one left by a dead node but
+/// never stealing one a live node still serves.
+fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
+    let err = |source| NodeError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "a live process answers on it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Runs the node until `shutdown` fires, then lets its tasks finish their
+/// current batch before returning.
+pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
+    let name = config.tls.own_name()?;
+    let data_err = |source| NodeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.data_dir).map_err(data_err)?;
+    let (outbox, recovery) = outbox::Outbox::open(&config.data_dir, config.outbox_limit)?;
+    if recovery.skipped_bytes > 0 {
+        warn!(
+            skipped_bytes = recovery.skipped_bytes,
+            kept = recovery.pending,
+            "outbox had damaged records; kept every intact one"
+        );
+    }
+    let outbox = Arc::new(outbox);
+    let logged = apply::last_logged_id(&config.shared_log).map_err(data_err)?;
+    let position = Arc::new(subscriber::Position::load(
+        config.data_dir.join("applied"),
+        logged,
+    ));
+    let applier = Arc::new(apply::Applier::new(config.shared_log.clone()));
+    let channel = link::channel(&config.hubs, &config.tls)?;
+    let connected = Arc::new(AtomicBool::new(false));
+    let listener = bind_socket(&config.socket)?;
+
+    let span = tracing::info_span!("node", host = %name);
+    let _enter = span.enter();
+    info!(socket = %config.socket.display(), pending = recovery.pending, applied = position.get(), "node started");
+
+    let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+    let tasks = [
+        tokio::spawn(publisher::run(
+            outbox.clone(),
+            channel.clone(),
+            connected.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(subscriber::run(
+            channel.clone(),
+            applier,
+            position.clone(),
+            status_tx,
+            shutdown.clone(),
+        )),
+        tokio::spawn(subscriber::report_statuses(
+            channel,
+            status_rx,
+            shutdown.clone(),
+        )),
+    ];
+    let local = local::LocalService {
+        name,
+        outbox,
+        connected,
+        position,
+    };
+    let served = Server::builder()
+        .add_service(NodeServer::new(local))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.signalled())
+        .await;
+    for t in tasks {
+        if tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            warn!("a node task did not stop within 5s");
+        }
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    info!("node stopped");
+    Ok(served?)
+}

@@ -1,0 +1,378 @@
+//! The node's durable outbox: every accepted report, on disk before
+//! `banmesh report` returns, until the hub acknowledges its commit.
+//!
+//! Layout under the node's data dir:
+//! - `outbox.log`: records `magic "BMR1" | len u32 LE | crc32 u32 LE |
+//!   payload` where the payload is a protobuf `Report`. Appended and
+//!   fsynced per report.
+//! - `outbox.acked`: the highest acknowledged sequence number. Written
+//!   lazily: if it lags after a crash, the node re-sends a few reports and
+//!   the hub, which knows (host, seq), acknowledges them as duplicates.
+//!
+//! On open, every intact record is kept; a torn or corrupted stretch is
+//! skipped (the reader resynchronises on the next magic) and named in the
+//! returned [`Recovery`], and the file is rewritten with only the intact
+//! pending records. Once everything is acknowledged and the file has grown,
+//! it is truncated, after the acked mark is durable.
+use std::{
+    collections::VecDeque,
+    fs::{File, OpenOptions},
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use prost::Message;
+use thiserror::Error;
+use tokio::sync::Notify;
+
+use crate::{ban::Ban, proto};
+
+const MAGIC: &[u8; 4] = b"BMR1";
+const HEADER: usize = 12;
+/// No record is near this big; a larger length is corruption.
+const MAX_RECORD: usize = 4096;
+/// Truncate the log once it is all acknowledged and at least this big.
+const COMPACT_AT: u64 = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum OutboxError {
+    #[error("outbox {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "outbox is full ({pending} reports waiting for the hub, limit {limit}); is the hub reachable?"
+    )]
+    Full { pending: usize, limit: usize },
+}
+
+/// What opening the outbox found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Intact records still waiting for the hub.
+    pub pending: usize,
+    /// Bytes skipped as torn or corrupted.
+    pub skipped_bytes: usize,
+}
+
+struct Inner {
+    file: File,
+    written: u64,
+    pending: VecDeque<proto::Report>,
+    next_seq: u64,
+    acked: u64,
+    acked_saved: u64,
+}
+
+/// The outbox; cheap to share behind an `Arc`.
+pub struct Outbox {
+    dir: PathBuf,
+    limit: usize,
+    inner: Mutex<Inner>,
+    /// Woken on every append, for the publisher.
+    pub appended: Notify,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> OutboxError + '_ {
+    move |source| OutboxError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Decodes every intact record in `bytes`, skipping damage.
+pub fn decode_records(bytes: &[u8]) -> (Vec<proto::Report>, usize) {
+    let mut out = Vec::new();
+    let (mut pos, mut skipped) = (0, 0);
+    while pos < bytes.len() {
+        if let Some((report, len)) = decode_one(&bytes[pos..]) {
+            out.push(report);
+            pos += len;
+        } else {
+            // Resynchronise on the next magic.
+            let next = bytes[pos + 1..]
+                .windows(MAGIC.len())
+                .position(|w| w == MAGIC)
+                .map_or(bytes.len(), |i| pos + 1 + i);
+            skipped += next - pos;
+            pos = next;
+        }
+    }
+    (out, skipped)
+}
+
+fn decode_one(b: &[u8]) -> Option<(proto::Report, usize)> {
+    if b.len() < HEADER || &b[..4] != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(b[4..8].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(b[8..12].try_into().ok()?);
+    if len > MAX_RECORD || b.len() < HEADER + len {
+        return None;
+    }
+    let payload = &b[HEADER..HEADER + len];
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let report = proto::Report::decode(payload).ok()?;
+    Some((report, HEADER + len))
+}
+
+fn encode(report: &proto::Report) -> Vec<u8> {
+    let payload = report.encode_to_vec();
+    let mut rec = Vec::with_capacity(HEADER + payload.len());
+    rec.extend_from_slice(MAGIC);
+    rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    rec.extend_from_slice(&payload);
+    rec
+}
+
+fn now_ms() -> i64 {
+    crate::hub::store::now_ms()
+}
+
+impl Outbox {
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("outbox.log")
+    }
+    fn acked_path(&self) -> PathBuf {
+        self.dir.join("outbox.acked")
+    }
+
+    /// Opens (or creates) the outbox in `dir`, holding at most `limit`
+    /// unacknowledged reports.
+    pub fn open(dir: &Path, limit: usize) -> Result<(Self, Recovery), OutboxError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let log = dir.join("outbox.log");
+        let acked_file = dir.join("outbox.acked");
+        let acked: u64 = std::fs::read_to_string(&acked_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let mut bytes = Vec::new();
+        if let Ok(mut f) = File::open(&log) {
+            f.read_to_end(&mut bytes).map_err(io(&log))?;
+        }
+        let (records, skipped) = decode_records(&bytes);
+        let next_seq = records.iter().map(|r| r.seq).max().unwrap_or(0).max(acked) + 1;
+        let pending: VecDeque<_> = records.into_iter().filter(|r| r.seq > acked).collect();
+        if skipped > 0 {
+            // Rewrite with only intact records, so the damage is gone for good.
+            let tmp = dir.join("outbox.log.tmp");
+            let mut f = File::create(&tmp).map_err(io(&tmp))?;
+            for r in &pending {
+                f.write_all(&encode(r)).map_err(io(&tmp))?;
+            }
+            f.sync_all().map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &log).map_err(io(&log))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(&log))?;
+        let written = file.metadata().map_err(io(&log))?.len();
+        let recovery = Recovery {
+            pending: pending.len(),
+            skipped_bytes: skipped,
+        };
+        let outbox = Outbox {
+            dir: dir.to_path_buf(),
+            limit,
+            inner: Mutex::new(Inner {
+                file,
+                written,
+                pending,
+                next_seq,
+                acked,
+                acked_saved: acked,
+            }),
+            appended: Notify::new(),
+        };
+        Ok((outbox, recovery))
+    }
+
+    /// Appends a report and fsyncs it; returns its sequence number.
+    /// Blocking: call from `spawn_blocking`.
+    pub fn append(&self, ban: &Ban) -> Result<u64, OutboxError> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.pending.len() >= self.limit {
+            return Err(OutboxError::Full {
+                pending: inner.pending.len(),
+                limit: self.limit,
+            });
+        }
+        let report = proto::Report {
+            seq: inner.next_seq,
+            ban: Some(ban.to_proto()),
+            reported_at_ms: now_ms(),
+        };
+        let rec = encode(&report);
+        let path = self.log_path();
+        inner.file.write_all(&rec).map_err(io(&path))?;
+        inner.file.sync_data().map_err(io(&path))?;
+        inner.written += rec.len() as u64;
+        inner.next_seq += 1;
+        inner.pending.push_back(report.clone());
+        drop(inner);
+        self.appended.notify_waiters();
+        Ok(report.seq)
+    }
+
+    /// Pending reports with a sequence above `after`, oldest first.
+    pub fn pending_after(&self, after: u64, max: usize) -> Vec<proto::Report> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .pending
+            .iter()
+            .filter(|r| r.seq > after)
+            .take(max)
+            .cloned()
+            .collect()
+    }
+
+    /// Number of reports waiting for the hub.
+    pub fn pending(&self) -> usize {
+        self.inner.lock().unwrap().pending.len()
+    }
+
+    /// The limit given at open.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Drops every report up to `seq`: the hub has them durably.
+    pub fn ack(&self, seq: u64) -> Result<(), OutboxError> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.acked = inner.acked.max(seq);
+        while inner.pending.front().is_some_and(|r| r.seq <= inner.acked) {
+            inner.pending.pop_front();
+        }
+        if inner.pending.is_empty() && inner.written >= COMPACT_AT {
+            self.save_acked(&mut inner, true)?;
+            let path = self.log_path();
+            inner.file.set_len(0).map_err(io(&path))?;
+            inner.file.sync_all().map_err(io(&path))?;
+            inner.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Persists the acked mark (lazily, without fsync, unless `durable`).
+    pub fn flush_acked(&self) -> Result<(), OutboxError> {
+        let mut inner = self.inner.lock().unwrap();
+        self.save_acked(&mut inner, false)
+    }
+
+    fn save_acked(&self, inner: &mut Inner, durable: bool) -> Result<(), OutboxError> {
+        if inner.acked == inner.acked_saved && !durable {
+            return Ok(());
+        }
+        let path = self.acked_path();
+        let tmp = self.dir.join("outbox.acked.tmp");
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(inner.acked.to_string().as_bytes())
+            .map_err(io(&tmp))?;
+        if durable {
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        inner.acked_saved = inner.acked;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ban(ip: &str) -> Ban {
+        Ban::new("sshd", "tcp", "22", ip).unwrap()
+    }
+
+    #[test]
+    fn survives_reopen_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 100).unwrap();
+        assert_eq!(ob.append(&ban("192.0.2.1")).unwrap(), 1);
+        assert_eq!(ob.append(&ban("192.0.2.2")).unwrap(), 2);
+        ob.ack(1).unwrap();
+        ob.flush_acked().unwrap();
+        drop(ob);
+        let (ob, rec) = Outbox::open(dir.path(), 100).unwrap();
+        assert_eq!(
+            rec,
+            Recovery {
+                pending: 1,
+                skipped_bytes: 0
+            }
+        );
+        let p = ob.pending_after(0, 10);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].ban.as_ref().unwrap().ip, "192.0.2.2");
+        assert_eq!(ob.append(&ban("192.0.2.3")).unwrap(), 3);
+    }
+
+    #[test]
+    fn skips_corruption_and_keeps_intact_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 100).unwrap();
+        for i in 1..=3 {
+            ob.append(&ban(&format!("192.0.2.{i}"))).unwrap();
+        }
+        drop(ob);
+        let log = dir.path().join("outbox.log");
+        let mut bytes = std::fs::read(&log).unwrap();
+        let rec_len = bytes.len() / 3;
+        bytes[rec_len + HEADER + 2] ^= 0xff; // corrupt the second payload
+        bytes.extend_from_slice(&MAGIC[..]); // and a torn tail
+        bytes.extend_from_slice(&[7, 0]);
+        std::fs::write(&log, &bytes).unwrap();
+        let (ob, rec) = Outbox::open(dir.path(), 100).unwrap();
+        assert_eq!(rec.pending, 2);
+        assert_eq!(rec.skipped_bytes, rec_len + 6);
+        let ips: Vec<_> = ob
+            .pending_after(0, 10)
+            .into_iter()
+            .map(|r| r.ban.unwrap().ip)
+            .collect();
+        assert_eq!(ips, ["192.0.2.1", "192.0.2.3"]);
+        // A later append gets a fresh sequence number.
+        assert_eq!(ob.append(&ban("192.0.2.4")).unwrap(), 4);
+    }
+
+    #[test]
+    fn refuses_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 1).unwrap();
+        ob.append(&ban("192.0.2.1")).unwrap();
+        assert!(matches!(
+            ob.append(&ban("192.0.2.2")),
+            Err(OutboxError::Full { .. })
+        ));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        for _ in 0..2000 {
+            let len = (seed % 300) as usize;
+            let mut bytes = Vec::with_capacity(len);
+            for _ in 0..len {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                bytes.push(if seed.is_multiple_of(7) {
+                    MAGIC[(seed % 4) as usize]
+                } else {
+                    seed as u8
+                });
+            }
+            let (records, skipped) = decode_records(&bytes);
+            assert!(records.is_empty() || skipped < bytes.len());
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Hub -> this host: subscribes from the last applied event, applies each
+//! batch to fail2ban's `shared.log`, and reports statuses back.
+//!
+//! The position (last applied id) is the larger of the `applied` file and
+//! the highest id in `shared.log`'s tail (see `apply`), so a crash between
+//! writing a line and saving the position never writes the line twice.
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::FutureExt;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use super::{apply::Applier, link::Backoff};
+use crate::{
+    ban::{Event, Status},
+    proto::{self, hub_client::HubClient},
+    shutdown::Shutdown,
+};
+
+/// Most events applied in one write.
+const APPLY_BATCH: usize = 4096;
+/// Most statuses per `ReportStatus` call.
+const STATUS_BATCH: usize = 4096;
+
+/// The last applied event id, kept in `DIR/applied`.
+pub struct Position {
+    path: PathBuf,
+    id: AtomicU64,
+}
+
+impl Position {
+    pub fn load(path: PathBuf, logged: u64) -> Self {
+        let saved: u64 = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        Position {
+            path,
+            id: AtomicU64::new(saved.max(logged)),
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.id.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, id: u64) -> std::io::Result<()> {
+        self.id.store(id, Ordering::Relaxed);
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, id.to_string())?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+pub async fn run(
+    channel: Channel,
+    applier: Arc<Applier>,
+    position: Arc<Position>,
+    statuses: mpsc::UnboundedSender<(u64, Status)>,
+    mut shutdown: Shutdown,
+) {
+    let mut backoff = Backoff::default();
+    while !shutdown.is_shutdown() {
+        let after = position.get();
+        let mut client = HubClient::new(channel.clone());
+        let result = tokio::select! {
+            r = client.subscribe(proto::SubscribeRequest { after_event_id: after }) => r,
+            _ = shutdown.recv() => break,
+        };
+        let error = match result {
+            Ok(stream) => {
+                info!(after, "subscribed to hub");
+                backoff.reset();
+                follow(
+                    stream.into_inner(),
+                    &applier,
+                    &position,
+                    &statuses,
+                    &mut shutdown,
+                )
+                .await
+            }
+            Err(e) => e,
+        };
+        if shutdown.is_shutdown() {
+            break;
+        }
+        let delay = backoff.next_delay();
+        warn!(error = %error, retry_in = ?delay, "subscription to hub lost");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.recv() => {}
+        }
+    }
+    debug!("subscriber stopped");
+}
+
+/// Applies events until the stream ends; returns why it ended.
+async fn follow(
+    mut stream: tonic::Streaming<proto::Event>,
+    applier: &Arc<Applier>,
+    position: &Arc<Position>,
+    statuses: &mpsc::UnboundedSender<(u64, Status)>,
+    shutdown: &mut Shutdown,
+) -> tonic::Status {
+    loop {
+        let first = tokio::select! {
+            m = stream.next() => m,
+            _ = shutdown.recv() => return tonic::Status::cancelled("shutting down"),
+        };
+        let mut batch = Vec::new();
+        let mut next = first;
+        loop {
+            match next {
+                Some(Ok(e)) => match Event::from_proto(&e) {
+                    Ok(ev) if ev.id > position.get() => batch.push(ev),
+                    Ok(_) => {}
+                    Err(err) => {
+                        warn!(id = e.id, error = %err, "hub sent a malformed event; skipped")
+                    }
+                },
+                Some(Err(status)) => {
+                    apply(batch, applier, position, statuses).await;
+                    return status;
+                }
+                None => {
+                    apply(batch, applier, position, statuses).await;
+                    return tonic::Status::unavailable("hub ended the subscription");
+                }
+            }
+            if batch.len() >= APPLY_BATCH {
+                break;
+            }
+            match stream.next().now_or_never() {
+                Some(m) => next = m,
+                None => break,
+            }
+        }
+        apply(batch, applier, position, statuses).await;
+    }
+}
+
+async fn apply(
+    batch: Vec<Event>,
+    applier: &Arc<Applier>,
+    position: &Arc<Position>,
+    statuses: &mpsc::UnboundedSender<(u64, Status)>,
+) {
+    let Some(last) = batch.last().map(|e| e.id) else {
+        return;
+    };
+    let applier = applier.clone();
+    let results = tokio::task::spawn_blocking(move || applier.apply(&batch))
+        .await
+        .unwrap_or_default();
+    if let Err(e) = position.set(last) {
+        warn!(error = %e, "cannot save the applied position");
+    }
+    for r in results {
+        let _ = statuses.send(r);
+    }
+}
+
+/// Sends statuses to the hub in batches, retrying until it takes them.
+pub async fn report_statuses(
+    channel: Channel,
+    mut rx: mpsc::UnboundedReceiver<(u64, Status)>,
+    mut shutdown: Shutdown,
+) {
+    let mut client = HubClient::new(channel);
+    let mut pending: Vec<(u64, Status)> = Vec::new();
+    let mut backoff = Backoff::default();
+    loop {
+        if pending.is_empty() {
+            tokio::select! {
+                r = rx.recv() => match r { Some(s) => pending.push(s), None => break },
+                _ = shutdown.recv() => break,
+            }
+        }
+        while pending.len() < STATUS_BATCH {
+            match rx.try_recv() {
+                Ok(s) => pending.push(s),
+                Err(_) => break,
+            }
+        }
+        let take = pending.len().min(STATUS_BATCH);
+        let updates = pending[..take]
+            .iter()
+            .map(|(id, s)| proto::StatusUpdate {
+                event_id: *id,
+                status: *s as i32,
+            })
+            .collect();
+        match client.report_status(proto::StatusBatch { updates }).await {
+            Ok(_) => {
+                pending.drain(..take);
+                backoff.reset();
+            }
+            Err(e) => {
+                let delay = backoff.next_delay().max(Duration::from_millis(200));
+                warn!(error = %e, waiting = pending.len(), "cannot report statuses; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.recv() => break,
+                }
+            }
+        }
+    }
+    // One last try for what was applied before shutdown.
+    if !pending.is_empty() {
+        let updates = pending
+            .iter()
+            .map(|(id, s)| proto::StatusUpdate {
+                event_id: *id,
+                status: *s as i32,
+            })
+            .collect();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.report_status(proto::StatusBatch { updates }),
+        )
+        .await;
+    }
+}

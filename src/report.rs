@@ -1,0 +1,70 @@
+//! `banmesh report`: what fail2ban's `actionban` runs (the seed's
+//! `add2db.py`). It checks the ban, hands it to the local node over the unix
+//! socket and exits 0 once the node has it on disk. It never talks to the
+//! hub: fail2ban's action waits only for a local fsync.
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use thiserror::Error;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::{
+    ban::{Ban, InvalidBan},
+    proto::{self, node_client::NodeClient},
+};
+
+#[derive(Debug, Error)]
+pub enum ReportError {
+    #[error("{0}")]
+    Invalid(#[from] InvalidBan),
+    #[error(
+        "cannot reach the banmesh node at {path}: {reason} (is `banmesh node` running with this --socket?)"
+    )]
+    NodeDown { path: PathBuf, reason: String },
+    #[error("node refused the report: {0}")]
+    Refused(String),
+}
+
+/// A channel to the node's local socket.
+pub async fn connect(socket: &Path) -> Result<Channel, ReportError> {
+    let path = socket.to_path_buf();
+    let down = |reason: String| ReportError::NodeDown {
+        path: socket.to_path_buf(),
+        reason,
+    };
+    // The URI is ignored: every connection goes to the socket.
+    Endpoint::from_static("http://node.local")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .map_err(|e| down(std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string())))
+}
+
+/// Checks and hands one ban to the node; returns the node's sequence number.
+pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
+    let mut client = NodeClient::new(connect(socket).await?);
+    let response = client.report(ban.to_proto()).await.map_err(|s| {
+        if s.code() == tonic::Code::Unavailable {
+            ReportError::NodeDown {
+                path: socket.to_path_buf(),
+                reason: s.message().to_string(),
+            }
+        } else {
+            ReportError::Refused(s.message().to_string())
+        }
+    })?;
+    Ok(response.into_inner().seq)
+}
+
+/// The node's own view of itself.
+pub async fn node_status(socket: &Path) -> Result<proto::NodeStatusResponse, ReportError> {
+    let mut client = NodeClient::new(connect(socket).await?);
+    client
+        .status(proto::NodeStatusRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| ReportError::Refused(s.message().to_string()))
+}

@@ -1,0 +1,159 @@
+//! Mutual TLS: loading PEM files, building tonic's TLS configs, and reading
+//! a peer's identity from its certificate.
+//!
+//! A host's identity is the common name of the client certificate it
+//! presented, verified against the fleet CA during the handshake. No message
+//! field can claim another name.
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use thiserror::Error;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// What went wrong with a certificate or key file.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate (expected '-----BEGIN CERTIFICATE-----')")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no PEM private key")]
+    NoKey { path: PathBuf },
+}
+
+/// The three files a host needs to speak mTLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_cert(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(path)?;
+    if CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .is_none_or(|c| c.is_err())
+    {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(pem)
+}
+
+fn read_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(path)?;
+    if PrivateKeyDer::from_pem_slice(&pem).is_err() {
+        return Err(TlsError::NoKey {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(pem)
+}
+
+impl TlsFiles {
+    fn identity(&self) -> Result<Identity, TlsError> {
+        Ok(Identity::from_pem(
+            read_cert(&self.cert)?,
+            read_key(&self.key)?,
+        ))
+    }
+
+    fn ca(&self) -> Result<Certificate, TlsError> {
+        Ok(Certificate::from_pem(read_cert(&self.ca)?))
+    }
+
+    /// Server side: present our certificate and require one signed by the CA.
+    pub fn server(&self) -> Result<ServerTlsConfig, TlsError> {
+        Ok(ServerTlsConfig::new()
+            .identity(self.identity()?)
+            .client_ca_root(self.ca()?))
+    }
+
+    /// Client side: verify the server against the CA only (no system roots)
+    /// and present our certificate.
+    pub fn client(&self) -> Result<ClientTlsConfig, TlsError> {
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(self.ca()?)
+            .identity(self.identity()?))
+    }
+
+    /// The identity in our own certificate.
+    pub fn own_name(&self) -> Result<String, TlsError> {
+        let pem = read_cert(&self.cert)?;
+        let der = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| TlsError::NoCertificate {
+                path: self.cert.clone(),
+            })?;
+        common_name(&der).ok_or_else(|| TlsError::NoCertificate {
+            path: self.cert.clone(),
+        })
+    }
+}
+
+/// The common name of a DER certificate.
+pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// The role marker in a certificate's subject (organizational unit): set by
+/// `banmesh ca issue --admin`, required by admin RPCs.
+pub const ADMIN_ROLE: &str = "banmesh-admin";
+
+/// Whether a DER certificate carries the admin role.
+pub fn is_admin(der: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(der).is_ok_and(|(_, cert)| {
+        cert.subject()
+            .iter_organizational_unit()
+            .any(|ou| ou.as_str() == Ok(ADMIN_ROLE))
+    })
+}
+
+/// Refuses a caller whose certificate lacks the admin role.
+pub fn require_admin<T>(request: &tonic::Request<T>) -> Result<String, tonic::Status> {
+    let name = peer_name(request)?;
+    let admin = request
+        .peer_certs()
+        .and_then(|c| c.first().map(is_admin))
+        .unwrap_or(false);
+    if !admin {
+        return Err(tonic::Status::permission_denied(format!(
+            "{name} is not an admin: this call needs a certificate from `banmesh ca issue --admin`"
+        )));
+    }
+    Ok(name)
+}
+
+/// The verified host name of the caller of an RPC. The handshake already
+/// checked the chain; a request without a certificate never reaches here
+/// over TCP, but the local unix socket has none, hence the `Status`.
+pub fn peer_name<T>(request: &tonic::Request<T>) -> Result<String, tonic::Status> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    let name = certs
+        .first()
+        .and_then(common_name)
+        .ok_or_else(|| tonic::Status::unauthenticated("client certificate has no common name"))?;
+    if !crate::ban::valid_host_name(&name) {
+        return Err(tonic::Status::permission_denied(format!(
+            "certificate name {name:?} is not a valid host name"
+        )));
+    }
+    Ok(name)
+}
