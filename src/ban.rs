@@ -173,7 +173,7 @@ impl Event {
 }
 
 /// Per-host status of a ban, with the seed's numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum Status {
     /// 0: not yet added on that host.

@@ -214,7 +214,7 @@ pub(crate) fn assemble_bans(
 ) -> Vec<BanRow> {
     bans.into_iter()
         .map(|(event, lifted)| {
-            let statuses = hosts
+            let mut statuses: Vec<(String, Status)> = hosts
                 .iter()
                 .map(|(hid, name)| {
                     let code = statuses.get(&(event.id, *hid)).copied().unwrap_or(0);
@@ -224,6 +224,7 @@ pub(crate) fn assemble_bans(
                     )
                 })
                 .collect();
+            statuses.sort();
             BanRow {
                 event,
                 lifted,

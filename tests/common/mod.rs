@@ -1,0 +1,353 @@
+//! Shared fixtures: a database per test on the real MariaDB, a fleet CA,
+//! and hub and node processes of the real `banmesh` binary.
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use banmesh::{ca, tls::TlsFiles};
+use mysql_async::prelude::*;
+
+/// The MariaDB server tests use; `.ci/run` installs and starts it.
+pub fn mysql_server() -> String {
+    std::env::var("BANMESH_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// A fresh database on the test server, dropped when the guard goes.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = format!(
+            "banmesh_t{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let server = mysql_server();
+        let mut c = mysql_async::Conn::from_url(&server)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("MariaDB is not reachable at {server} ({e}); run .ci/run or start mariadbd")
+            });
+        c.query_drop(format!("DROP DATABASE IF EXISTS {name}"))
+            .await
+            .unwrap();
+        c.disconnect().await.unwrap();
+        TestDb {
+            url: format!("{server}/{name}"),
+            name,
+        }
+    }
+
+    pub async fn conn(&self) -> mysql_async::Conn {
+        mysql_async::Conn::from_url(&self.url)
+            .await
+            .expect("connect to test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (server, name) = (mysql_server(), self.name.clone());
+        // Best effort, on a thread of its own: Drop may run inside a runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut c) = mysql_async::Conn::from_url(&server).await {
+                    let _ = c
+                        .query_drop(format!("DROP DATABASE IF EXISTS {name}"))
+                        .await;
+                    let _ = c.disconnect().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A fleet CA in a temp dir, issuing certificates on demand.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(root: &Path) -> Pki {
+        let dir = root.join("pki");
+        ca::init(&dir).expect("ca init");
+        Pki { dir }
+    }
+
+    /// Issues (once) and returns the TLS files of host `name`.
+    pub fn host(&self, name: &str) -> TlsFiles {
+        self.issue(name, false)
+    }
+
+    pub fn admin(&self, name: &str) -> TlsFiles {
+        self.issue(name, true)
+    }
+
+    fn issue(&self, name: &str, admin: bool) -> TlsFiles {
+        let files = TlsFiles {
+            cert: self.dir.join(format!("{name}.crt")),
+            key: self.dir.join(format!("{name}.key")),
+            ca: self.dir.join("ca.crt"),
+        };
+        if !files.cert.exists() {
+            let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
+            ca::issue(
+                &self.dir,
+                &ca::HostCert {
+                    name,
+                    sans: &sans,
+                    valid_for: ca::HOST_VALIDITY,
+                    admin,
+                },
+            )
+            .expect("issue certificate");
+        }
+        files
+    }
+}
+
+/// Polls `check` until it holds or the deadline passes.
+pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn banmesh() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_banmesh"))
+}
+
+/// A child process stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("spawn banmesh");
+        Proc { child, log }
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// A hub process on a free port.
+pub struct Hub {
+    pub proc: Proc,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Hub {
+    pub async fn start(root: &Path, pki: &Pki, db: &str) -> Hub {
+        Self::start_on(root, pki, db, free_port()).await
+    }
+
+    pub async fn start_on(root: &Path, pki: &Pki, db: &str, port: u16) -> Hub {
+        let tls = pki.host("hub");
+        let mut cmd = banmesh();
+        cmd.args(["hub", "--listen", &format!("127.0.0.1:{port}"), "--db", db])
+            .arg("--data-dir")
+            .arg(root.join("hub"))
+            .args(tls_args(&tls));
+        let proc = Proc::spawn(cmd, root.join(format!("hub-{port}.log")));
+        let hub = Hub {
+            proc,
+            port,
+            url: format!("https://127.0.0.1:{port}"),
+        };
+        wait_for("the hub to listen", Duration::from_secs(30), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        hub
+    }
+}
+
+pub fn tls_args(tls: &TlsFiles) -> Vec<std::ffi::OsString> {
+    vec![
+        "--cert".into(),
+        tls.cert.clone().into(),
+        "--key".into(),
+        tls.key.clone().into(),
+        "--ca".into(),
+        tls.ca.clone().into(),
+    ]
+}
+
+/// A node process with its own data dir, socket and shared.log.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub proc: Option<Proc>,
+    pub hub_url: String,
+    pub tls: TlsFiles,
+}
+
+impl Node {
+    pub async fn start(root: &Path, pki: &Pki, name: &str, hub_url: &str) -> Node {
+        let mut node = Node {
+            name: name.to_string(),
+            dir: root.join(name),
+            proc: None,
+            hub_url: hub_url.to_string(),
+            tls: pki.host(name),
+        };
+        node.restart().await;
+        node
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("node.sock")
+    }
+
+    pub fn shared_log(&self) -> PathBuf {
+        self.dir.join("shared.log")
+    }
+
+    pub fn shared_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.shared_log())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// How many lines of shared.log name this IP.
+    pub fn lines_for(&self, ip: &str) -> usize {
+        let needle = format!(": {ip}: reported by");
+        self.shared_lines()
+            .iter()
+            .filter(|l| l.contains(&needle))
+            .count()
+    }
+
+    /// Starts (again) and waits until it answers on its socket and is
+    /// connected to the hub.
+    pub async fn restart(&mut self) {
+        let mut cmd = banmesh();
+        cmd.args(["node", "--hub", &self.hub_url])
+            .args(tls_args(&self.tls))
+            .arg("--shared-log")
+            .arg(self.shared_log())
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--data-dir")
+            .arg(&self.dir);
+        std::fs::create_dir_all(&self.dir).unwrap();
+        self.proc = Some(Proc::spawn(cmd, self.dir.join("node.log")));
+        let socket = self.socket();
+        wait_for(
+            &format!("node {} to connect", self.name),
+            Duration::from_secs(30),
+            || {
+                let socket = socket.clone();
+                async move {
+                    matches!(banmesh::report::node_status(&socket).await, Ok(s) if s.hub_connected)
+                }
+            },
+        )
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Runs `banmesh report` against this node; returns (success, stderr).
+    pub fn report(&self, jail: &str, proto: &str, port: &str, ip: &str) -> (bool, String) {
+        let out = banmesh()
+            .arg("report")
+            .arg("--socket")
+            .arg(self.socket())
+            .args(["-j", jail, "-pr", proto, "-p", port, "-i", ip])
+            .output()
+            .expect("run banmesh report");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
