@@ -28,8 +28,8 @@ pub enum Command {
     Ca(CaCommand),
     /// Run the hub: stores bans and fans them out to every node.
     Hub(HubArgs),
-    /// Run the node daemon beside fail2ban on every server.
-    Node(NodeArgs),
+    /// Run the node daemon beside fail2ban on every server (or set fail2ban up for it).
+    Node(Box<NodeCommand>),
     /// Hand a ban to the local node (what fail2ban's actionban runs).
     Report(ReportArgs),
     /// Lift a ban on every host (needs an admin certificate).
@@ -108,6 +108,46 @@ pub struct HubArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct NodeCommand {
+    #[command(subcommand)]
+    pub action: Option<NodeAction>,
+    #[command(flatten)]
+    pub run: NodeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeAction {
+    /// Write the `shared` jail, its filter, shared.log and the reporting ban action.
+    SetupFail2ban(SetupArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SetupArgs {
+    /// fail2ban's configuration directory.
+    #[arg(long, default_value = "/etc/fail2ban")]
+    pub config_dir: PathBuf,
+    /// The shared jail's log (the node's --shared-log).
+    #[arg(long, default_value = node::DEFAULT_SHARED_LOG)]
+    pub shared_log: PathBuf,
+    /// The node's socket, written into the action's `banmesh report` call.
+    #[arg(long, default_value = node::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// bantime of the shared jail (fail2ban syntax: 3600, 1d, 25d).
+    #[arg(long, default_value = "1d")]
+    pub bantime: String,
+    /// Also block banned IPs forwarded from this interface (the seed's NAT FORWARD rule), e.g. ppp+.
+    #[arg(long, value_name = "IFACE")]
+    pub nat_forward: Option<String>,
+    /// banmesh binary the action runs (default: this one).
+    #[arg(long)]
+    pub banmesh: Option<PathBuf>,
+    /// Print the files instead of writing them.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct NodeArgs {
     /// Hub address, https://HOST:PORT; repeat for failover across hubs.
     #[arg(long = "hub", default_value = "https://127.0.0.1:7443")]
@@ -126,6 +166,17 @@ pub struct NodeArgs {
     /// Most reports kept while the hub is unreachable.
     #[arg(long, default_value_t = node::DEFAULT_OUTBOX_LIMIT)]
     pub outbox_limit: usize,
+    /// fail2ban's control socket (checks what fail2ban already bans; lifts unbans).
+    #[arg(long, default_value = crate::fail2ban::client::DEFAULT_SOCKET)]
+    pub fail2ban_socket: PathBuf,
+    /// Apply bans through shared.log only, never asking fail2ban's socket.
+    #[arg(long)]
+    pub no_fail2ban_socket: bool,
+    /// An IP fail2ban already bans with more than this share of its time
+    /// left is status 2 (already banned recently); with less, the new ban
+    /// is applied when the old one ends.
+    #[arg(long, default_value_t = node::apply::DEFAULT_RECENT_RATIO)]
+    pub recent_ratio: f64,
 }
 
 /// The seed's `add2db.py` flags. `-pr` is accepted too (rewritten to
@@ -227,10 +278,16 @@ pub fn main() -> std::process::ExitCode {
             init_logging("info");
             runtime().block_on(run_hub(args))
         }
-        Command::Node(args) => {
-            init_logging("info");
-            runtime().block_on(run_node(args))
-        }
+        Command::Node(node) => match *node {
+            NodeCommand {
+                action: Some(NodeAction::SetupFail2ban(args)),
+                ..
+            } => setup_fail2ban(args),
+            NodeCommand { run, .. } => {
+                init_logging("info");
+                runtime().block_on(run_node(run))
+            }
+        },
         Command::Unban(args) => {
             init_logging("warn");
             runtime().block_on(async {
@@ -311,6 +368,35 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
     until_signal(|stop| hub::run(listener, config, stop)).await
 }
 
+fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
+    use crate::fail2ban::setup::{Outcome, Setup, next_steps};
+    let banmesh = match args.banmesh {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("cannot find the banmesh binary's path; pass --banmesh")?,
+    };
+    let setup = Setup {
+        config_dir: args.config_dir,
+        shared_log: args.shared_log,
+        socket: args.socket,
+        banmesh,
+        bantime: args.bantime,
+        nat_forward: args.nat_forward,
+    };
+    if args.dry_run {
+        print!("{}", setup.dry_run());
+        return Ok(());
+    }
+    for outcome in setup.apply()? {
+        match outcome {
+            Outcome::Written(p) => println!("wrote      {}", p.display()),
+            Outcome::Unchanged(p) => println!("unchanged  {}", p.display()),
+        }
+    }
+    println!("{}", next_steps());
+    Ok(())
+}
+
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let config = node::NodeConfig {
         hubs: args.hubs,
@@ -319,6 +405,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         socket: args.socket,
         data_dir: args.data_dir,
         outbox_limit: args.outbox_limit,
+        fail2ban_socket: (!args.no_fail2ban_socket).then_some(args.fail2ban_socket),
+        recent_ratio: args.recent_ratio,
     };
     until_signal(|stop| node::run(config, stop)).await
 }

@@ -119,6 +119,8 @@ async fn fleet(
             socket: dir.join("node.sock"),
             data_dir: dir.clone(),
             outbox_limit: node::DEFAULT_OUTBOX_LIMIT,
+            fail2ban_socket: None,
+            recent_ratio: node::apply::DEFAULT_RECENT_RATIO,
         };
         println!(
             "  {name:<6} socket {}, log {}",

@@ -1,31 +1,59 @@
-//! Applying the hub's events on this host: what `readdb.py` did.
+//! Applying the hub's events on this host: what `readdb.py` did, with its
+//! rules, through fail2ban's control socket instead of subprocesses.
 //!
-//! A ban becomes one line in `shared.log`, the log of fail2ban's `shared`
-//! jail, in a form its filter (`failregex = : <HOST>: reported by .*`)
-//! matches, after a timestamp fail2ban's date detector reads:
+//! For each incoming ban (the seed's rules):
+//! - fail2ban already bans the IP (in any jail) with more than
+//!   `recent_ratio` (default 40%) of that ban's time left: status 2, no line;
+//! - it bans it with less left: no status (0), and the ban is applied again
+//!   when the existing one ends ([`super::deferred`]);
+//! - otherwise one line is appended to `shared.log`: status 1; a failure to
+//!   write is status 3.
+//!
+//! The same IP arriving again while fail2ban has not yet read our line
+//! (two hosts reported it) is status 2 too: it was just added.
+//!
+//! For an unban, the IP is lifted in every jail through the socket: status
+//! 1 if a ban was lifted, 2 if none was held here, 3 on failure.
+//!
+//! Without a reachable control socket the node still writes lines (the log
+//! path alone works) and says so in its log; unbans then fail with 3.
+//!
+//! Lines look like this (the `banmesh[ID]` tag carries the event id, so the
+//! log records how far the node got; see [`last_logged_id`]):
 //!
 //! ```text
 //! 2026-11-25 12:26:09 +0000 banmesh[42]: 192.0.2.7: reported by web-1 (jail sshd, tcp/22)
 //! ```
-//!
-//! The `banmesh[ID]` tag carries the event id, so the log itself records
-//! how far this node got: after a crash the node resumes from the highest id
-//! in the log's tail and never writes a line twice. A batch of events is
-//! one `write` call, so a line is never half-written by us.
 use std::{
+    collections::{HashMap, HashSet},
     fs::OpenOptions,
     io::{Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
 };
 
 use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
 
-use crate::ban::{Event, EventKind, Status};
+use super::{deferred::Deferred, subscriber::Position};
+use crate::{
+    ban::{Event, EventKind, Status},
+    fail2ban::{BanTime, Fail2ban, Fail2banError},
+    shutdown::Shutdown,
+};
 
 const STAMP: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day] [hour]:[minute]:[second] +0000");
 /// How much of the log's end is read to find the last applied id.
 const TAIL: u64 = 64 * 1024;
+/// How long an IP we wrote counts as "just added" for a repeat.
+const RECENT: Duration = Duration::from_secs(120);
+/// Default share of a ban's time left above which a new ban is status 2.
+pub const DEFAULT_RECENT_RATIO: f64 = 0.4;
+/// How often deferred bans are checked.
+const DEFERRED_TICK: Duration = Duration::from_secs(1);
 
 /// The line written for a ban.
 pub fn line(event: &Event, now: OffsetDateTime) -> String {
@@ -51,9 +79,9 @@ pub fn last_logged_id(path: &Path) -> std::io::Result<u64> {
     };
     let len = f.metadata()?.len();
     f.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
-    let mut tail = String::new();
-    f.read_to_string(&mut tail).ok();
-    Ok(tail
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail)?;
+    Ok(String::from_utf8_lossy(&tail)
         .lines()
         .filter_map(|l| {
             let rest = &l[l.find(" banmesh[")? + 9..];
@@ -63,44 +91,259 @@ pub fn last_logged_id(path: &Path) -> std::io::Result<u64> {
         .unwrap_or(0))
 }
 
-/// Writes bans into `shared.log` and says what each event's status is.
+/// How this host applies events.
+#[derive(Debug, Clone)]
+pub struct ApplyConfig {
+    pub shared_log: PathBuf,
+    /// fail2ban's control socket; `None` for the log path only.
+    pub fail2ban_socket: Option<PathBuf>,
+    pub recent_ratio: f64,
+    pub data_dir: PathBuf,
+}
+
+/// What fail2ban says about an IP.
+enum Held {
+    No,
+    /// Banned, with this much of its time left; ends at `end`.
+    Yes {
+        fraction_left: f64,
+        end: SystemTime,
+    },
+}
+
+/// Owns everything about applying: the log, the fail2ban connection, the
+/// deferred bans. One task owns it ([`run`]).
 pub struct Applier {
-    shared_log: PathBuf,
+    config: ApplyConfig,
+    fail2ban: Option<Fail2ban>,
+    fail2ban_up: Option<bool>,
+    recent: HashMap<String, Instant>,
+    deferred: Deferred,
 }
 
 impl Applier {
-    pub fn new(shared_log: PathBuf) -> Self {
-        Applier { shared_log }
+    pub fn new(config: ApplyConfig) -> Self {
+        Applier {
+            fail2ban: config.fail2ban_socket.as_deref().map(Fail2ban::new),
+            fail2ban_up: None,
+            recent: HashMap::new(),
+            deferred: Deferred::load(config.data_dir.join("deferred")),
+            config,
+        }
     }
 
-    pub fn shared_log(&self) -> &Path {
-        &self.shared_log
+    /// Logs fail2ban going away or coming back, once per change.
+    fn note_fail2ban(&mut self, result: Result<(), &Fail2banError>) {
+        let up = result.is_ok();
+        if self.fail2ban_up != Some(up) {
+            match result {
+                Ok(()) => {
+                    info!(socket = ?self.config.fail2ban_socket, "fail2ban control socket reachable")
+                }
+                Err(e) => {
+                    warn!(error = %e, "fail2ban control socket unavailable; applying bans through shared.log without the already-banned check")
+                }
+            }
+            self.fail2ban_up = Some(up);
+        }
     }
 
-    /// Applies a batch in order; one status per ban event. Blocking.
-    pub fn apply(&self, events: &[Event]) -> Vec<(u64, Status)> {
-        let now = OffsetDateTime::now_utc();
-        let bans: Vec<&Event> = events.iter().filter(|e| e.kind == EventKind::Ban).collect();
-        if bans.is_empty() {
+    /// Applies events in order; returns the statuses to report.
+    pub async fn apply(&mut self, events: &[Event]) -> Vec<(u64, Status)> {
+        let mut out = Vec::with_capacity(events.len());
+        let mut i = 0;
+        while i < events.len() {
+            if events[i].kind == EventKind::Unban {
+                out.push(self.unban(&events[i]).await);
+                i += 1;
+                continue;
+            }
+            let run = events[i..]
+                .iter()
+                .take_while(|e| e.kind == EventKind::Ban)
+                .count();
+            out.extend(self.bans(&events[i..i + run]).await);
+            i += run;
+        }
+        out
+    }
+
+    /// Deferred bans whose older ban has ended, applied now.
+    pub async fn apply_due(&mut self) -> Vec<(u64, Status)> {
+        let due = self.deferred.take_due(SystemTime::now());
+        if due.is_empty() {
             return vec![];
         }
-        let text: String = bans.iter().map(|e| line(e, now)).collect();
-        let status = match self.append(text.as_bytes()) {
-            Ok(()) => Status::Added,
+        info!(count = due.len(), "applying deferred bans");
+        self.bans(&due).await
+    }
+
+    async fn bans(&mut self, events: &[Event]) -> Vec<(u64, Status)> {
+        let now = Instant::now();
+        self.recent.retain(|_, t| now.duration_since(*t) < RECENT);
+        let held = self.held(events).await;
+        let mut statuses = Vec::with_capacity(events.len());
+        let mut write: Vec<&Event> = Vec::new();
+        let mut written_now = HashSet::new();
+        for e in events {
+            let ip = e.ban.ip.as_str();
+            if self.recent.contains_key(ip) || written_now.contains(ip) {
+                statuses.push((e.id, Status::AlreadyBanned));
+                continue;
+            }
+            match held.get(ip) {
+                Some(Held::Yes { fraction_left, .. })
+                    if *fraction_left > self.config.recent_ratio =>
+                {
+                    statuses.push((e.id, Status::AlreadyBanned));
+                }
+                Some(Held::Yes { end, .. }) => {
+                    info!(
+                        id = e.id,
+                        ip, "ban held with little time left; applying it when that ban ends"
+                    );
+                    self.deferred.push(e.clone(), *end + Duration::from_secs(1));
+                }
+                _ => {
+                    written_now.insert(ip);
+                    write.push(e);
+                }
+            }
+        }
+        if !write.is_empty() {
+            let status = match self.append(&write) {
+                Ok(()) => Status::Added,
+                Err(e) => {
+                    tracing::error!(path = %self.config.shared_log.display(), error = %e, "cannot write shared.log");
+                    Status::Error
+                }
+            };
+            for e in &write {
+                if status == Status::Added {
+                    self.recent.insert(e.ban.ip.clone(), now);
+                }
+                statuses.push((e.id, status));
+            }
+        }
+        statuses.sort_by_key(|(id, _)| *id);
+        statuses
+    }
+
+    /// Asks fail2ban which of these IPs it bans, and for how long yet.
+    async fn held(&mut self, events: &[Event]) -> HashMap<String, Held> {
+        let Some(f2b) = self.fail2ban.as_mut() else {
+            return HashMap::new();
+        };
+        let ips: Vec<&str> = {
+            let mut seen = HashSet::new();
+            events
+                .iter()
+                .map(|e| e.ban.ip.as_str())
+                .filter(|ip| seen.insert(*ip))
+                .collect()
+        };
+        let jails = match f2b.banned(&ips).await {
+            Ok(j) => j,
             Err(e) => {
-                tracing::error!(path = %self.shared_log.display(), error = %e, "cannot write shared log");
+                self.note_fail2ban(Err(&e));
+                return HashMap::new();
+            }
+        };
+        let mut times: HashMap<String, HashMap<String, BanTime>> = HashMap::new();
+        let mut held = HashMap::new();
+        let now = SystemTime::now();
+        for (ip, jails) in ips.iter().zip(jails) {
+            let mut best: Option<(f64, SystemTime)> = None;
+            for jail in jails {
+                if !times.contains_key(&jail) {
+                    let t = f2b.jail_bans(&jail).await.unwrap_or_default();
+                    times.insert(jail.clone(), t);
+                }
+                // Banned but with no time listed: treat as fully fresh.
+                let (fraction, end) = times[&jail]
+                    .get(*ip)
+                    .map_or((1.0, now), |t| (t.fraction_left(now), t.end));
+                if best.is_none_or(|(f, _)| fraction > f) {
+                    best = Some((fraction, end));
+                }
+            }
+            held.insert(
+                ip.to_string(),
+                best.map_or(Held::No, |(fraction_left, end)| Held::Yes {
+                    fraction_left,
+                    end,
+                }),
+            );
+        }
+        self.note_fail2ban(Ok(()));
+        held
+    }
+
+    async fn unban(&mut self, event: &Event) -> (u64, Status) {
+        let ip = event.ban.ip.as_str();
+        self.deferred.cancel(ip);
+        self.recent.remove(ip);
+        let Some(f2b) = self.fail2ban.as_mut() else {
+            warn!(ip, "unban received but no fail2ban socket is configured");
+            return (event.id, Status::Error);
+        };
+        let result = f2b.unban(ip).await;
+        let status = match &result {
+            Ok(0) => Status::AlreadyBanned,
+            Ok(_) => Status::Added,
+            Err(e) => {
+                warn!(ip, error = %e, "cannot lift ban");
                 Status::Error
             }
         };
-        bans.iter().map(|e| (e.id, status)).collect()
+        info!(ip, id = event.id, ?status, "unban applied");
+        let r = result.as_ref().map(|_| ());
+        self.note_fail2ban(r);
+        (event.id, status)
     }
 
-    fn append(&self, bytes: &[u8]) -> std::io::Result<()> {
+    fn append(&self, events: &[&Event]) -> std::io::Result<()> {
+        let now = OffsetDateTime::now_utc();
+        let text: String = events.iter().map(|e| line(e, now)).collect();
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.shared_log)?;
-        f.write_all(bytes)
+            .open(&self.config.shared_log)?;
+        f.write_all(text.as_bytes())
+    }
+}
+
+/// The apply task: takes batches from the subscriber, applies them in
+/// order, moves the position, and queues statuses for the hub.
+pub async fn run(
+    mut applier: Applier,
+    mut batches: mpsc::Receiver<Vec<Event>>,
+    position: Arc<Position>,
+    statuses: mpsc::UnboundedSender<(u64, Status)>,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(DEFERRED_TICK);
+    loop {
+        let results = tokio::select! {
+            batch = batches.recv() => {
+                let Some(batch) = batch else { break };
+                let batch: Vec<Event> = batch.into_iter().filter(|e| e.id > position.get()).collect();
+                let Some(last) = batch.last().map(|e| e.id) else { continue };
+                let results = applier.apply(&batch).await;
+                if let Err(e) = position.set(last) {
+                    warn!(error = %e, "cannot save the applied position");
+                }
+                results
+            }
+            _ = tick.tick(), if !applier.deferred.is_empty() => applier.apply_due().await,
+            _ = shutdown.recv() => break,
+        };
+        for r in results {
+            let _ = statuses.send(r);
+        }
+    }
+    if let Some(f2b) = applier.fail2ban.as_mut() {
+        f2b.close().await;
     }
 }
 
@@ -109,24 +352,43 @@ mod tests {
     use super::*;
     use crate::ban::Ban;
 
-    #[test]
-    fn lines_carry_ids_and_resume_finds_the_last() {
+    #[tokio::test]
+    async fn lines_carry_ids_and_resume_finds_the_last() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("shared.log");
         assert_eq!(last_logged_id(&log).unwrap(), 0);
-        let a = Applier::new(log.clone());
-        let ev = |id| Event {
+        let mut a = Applier::new(ApplyConfig {
+            shared_log: log.clone(),
+            fail2ban_socket: None,
+            recent_ratio: DEFAULT_RECENT_RATIO,
+            data_dir: dir.path().to_path_buf(),
+        });
+        let ev = |id, ip: &str| Event {
             id,
             kind: EventKind::Ban,
-            ban: Ban::new("sshd", "tcp", "22", "192.0.2.9").unwrap(),
+            ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
             added_by: "web-1".into(),
             created_ms: 0,
             lifts: 0,
         };
-        let st = a.apply(&[ev(7), ev(12)]);
-        assert_eq!(st, vec![(7, Status::Added), (12, Status::Added)]);
+        let st = a
+            .apply(&[
+                ev(7, "192.0.2.9"),
+                ev(12, "192.0.2.10"),
+                ev(13, "192.0.2.9"),
+            ])
+            .await;
+        assert_eq!(
+            st,
+            vec![
+                (7, Status::Added),
+                (12, Status::Added),
+                (13, Status::AlreadyBanned)
+            ]
+        );
         assert_eq!(last_logged_id(&log).unwrap(), 12);
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("banmesh[7]: 192.0.2.9: reported by web-1 (jail sshd, tcp/22)\n"));
+        assert_eq!(text.lines().count(), 2);
     }
 }

@@ -15,6 +15,7 @@
 //! - [`local`]: the unix-socket service `banmesh report` talks to.
 //! - [`link`]: TLS channel to the hub and reconnect backoff.
 pub mod apply;
+pub mod deferred;
 pub mod link;
 pub mod local;
 pub mod outbox;
@@ -76,6 +77,10 @@ pub struct NodeConfig {
     pub socket: PathBuf,
     pub data_dir: PathBuf,
     pub outbox_limit: usize,
+    /// fail2ban's control socket; `None` to use the log path only.
+    pub fail2ban_socket: Option<PathBuf>,
+    /// Share of an existing ban's time left above which a ban is status 2.
+    pub recent_ratio: f64,
 }
 
 /// Binds the local socket, replacing a stale one left by a dead node but
@@ -125,7 +130,12 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         config.data_dir.join("applied"),
         logged,
     ));
-    let applier = Arc::new(apply::Applier::new(config.shared_log.clone()));
+    let applier = apply::Applier::new(apply::ApplyConfig {
+        shared_log: config.shared_log.clone(),
+        fail2ban_socket: config.fail2ban_socket.clone(),
+        recent_ratio: config.recent_ratio,
+        data_dir: config.data_dir.clone(),
+    });
     let channel = link::channel(&config.hubs, &config.tls)?;
     let connected = Arc::new(AtomicBool::new(false));
     let listener = bind_socket(&config.socket)?;
@@ -135,6 +145,9 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     info!(socket = %config.socket.display(), pending = recovery.pending, applied = position.get(), "node started");
 
     let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+    // A few batches may wait for the apply task; beyond that the
+    // subscriber waits, and the hub moves it back to replay.
+    let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(4);
     let tasks = [
         tokio::spawn(publisher::run(
             outbox.clone(),
@@ -144,7 +157,13 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         )),
         tokio::spawn(subscriber::run(
             channel.clone(),
+            position.clone(),
+            batch_tx,
+            shutdown.clone(),
+        )),
+        tokio::spawn(apply::run(
             applier,
+            batch_rx,
             position.clone(),
             status_tx,
             shutdown.clone(),

@@ -1,5 +1,5 @@
-//! Hub -> this host: subscribes from the last applied event, applies each
-//! batch to fail2ban's `shared.log`, and reports statuses back.
+//! Hub -> this host: subscribes from the last applied event, hands each
+//! batch to the apply task, and reports statuses back to the hub.
 //!
 //! The position (last applied id) is the larger of the `applied` file and
 //! the highest id in `shared.log`'s tail (see `apply`), so a crash between
@@ -19,7 +19,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use super::{apply::Applier, link::Backoff};
+use super::link::Backoff;
 use crate::{
     ban::{Event, Status},
     proto::{self, hub_client::HubClient},
@@ -53,7 +53,7 @@ impl Position {
         self.id.load(Ordering::Relaxed)
     }
 
-    fn set(&self, id: u64) -> std::io::Result<()> {
+    pub fn set(&self, id: u64) -> std::io::Result<()> {
         self.id.store(id, Ordering::Relaxed);
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, id.to_string())?;
@@ -61,16 +61,20 @@ impl Position {
     }
 }
 
+/// Follows the hub, handing batches to the apply task. Resubscribes from
+/// the last event received (queued batches are applied before the
+/// position is read again by a later process, and the apply task skips
+/// anything at or below its position).
 pub async fn run(
     channel: Channel,
-    applier: Arc<Applier>,
     position: Arc<Position>,
-    statuses: mpsc::UnboundedSender<(u64, Status)>,
+    batches: mpsc::Sender<Vec<Event>>,
     mut shutdown: Shutdown,
 ) {
     let mut backoff = Backoff::default();
+    let mut received = position.get();
     while !shutdown.is_shutdown() {
-        let after = position.get();
+        let after = received.max(position.get());
         let mut client = HubClient::new(channel.clone());
         let result = tokio::select! {
             r = client.subscribe(proto::SubscribeRequest { after_event_id: after }) => r,
@@ -80,14 +84,7 @@ pub async fn run(
             Ok(stream) => {
                 info!(after, "subscribed to hub");
                 backoff.reset();
-                follow(
-                    stream.into_inner(),
-                    &applier,
-                    &position,
-                    &statuses,
-                    &mut shutdown,
-                )
-                .await
+                follow(stream.into_inner(), &mut received, &batches, &mut shutdown).await
             }
             Err(e) => e,
         };
@@ -104,12 +101,11 @@ pub async fn run(
     debug!("subscriber stopped");
 }
 
-/// Applies events until the stream ends; returns why it ended.
+/// Reads events until the stream ends; returns why it ended.
 async fn follow(
     mut stream: tonic::Streaming<proto::Event>,
-    applier: &Arc<Applier>,
-    position: &Arc<Position>,
-    statuses: &mpsc::UnboundedSender<(u64, Status)>,
+    received: &mut u64,
+    batches: &mpsc::Sender<Vec<Event>>,
     shutdown: &mut Shutdown,
 ) -> tonic::Status {
     loop {
@@ -119,54 +115,35 @@ async fn follow(
         };
         let mut batch = Vec::new();
         let mut next = first;
-        loop {
+        let ended = loop {
             match next {
                 Some(Ok(e)) => match Event::from_proto(&e) {
-                    Ok(ev) if ev.id > position.get() => batch.push(ev),
+                    Ok(ev) if ev.id > *received => {
+                        *received = ev.id;
+                        batch.push(ev);
+                    }
                     Ok(_) => {}
                     Err(err) => {
                         warn!(id = e.id, error = %err, "hub sent a malformed event; skipped")
                     }
                 },
-                Some(Err(status)) => {
-                    apply(batch, applier, position, statuses).await;
-                    return status;
-                }
-                None => {
-                    apply(batch, applier, position, statuses).await;
-                    return tonic::Status::unavailable("hub ended the subscription");
-                }
+                Some(Err(status)) => break Some(status),
+                None => break Some(tonic::Status::unavailable("hub ended the subscription")),
             }
             if batch.len() >= APPLY_BATCH {
-                break;
+                break None;
             }
             match stream.next().now_or_never() {
                 Some(m) => next = m,
-                None => break,
+                None => break None,
             }
+        };
+        if !batch.is_empty() && batches.send(batch).await.is_err() {
+            return tonic::Status::cancelled("apply task stopped");
         }
-        apply(batch, applier, position, statuses).await;
-    }
-}
-
-async fn apply(
-    batch: Vec<Event>,
-    applier: &Arc<Applier>,
-    position: &Arc<Position>,
-    statuses: &mpsc::UnboundedSender<(u64, Status)>,
-) {
-    let Some(last) = batch.last().map(|e| e.id) else {
-        return;
-    };
-    let applier = applier.clone();
-    let results = tokio::task::spawn_blocking(move || applier.apply(&batch))
-        .await
-        .unwrap_or_default();
-    if let Err(e) = position.set(last) {
-        warn!(error = %e, "cannot save the applied position");
-    }
-    for r in results {
-        let _ = statuses.send(r);
+        if let Some(status) = ended {
+            return status;
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! and hub and node processes of the real `banmesh` binary.
 #![allow(dead_code)]
 
+pub mod fail2ban;
+
 use std::{
     net::TcpListener,
     path::{Path, PathBuf},
@@ -256,16 +258,37 @@ pub struct Node {
     pub proc: Option<Proc>,
     pub hub_url: String,
     pub tls: TlsFiles,
+    /// Extra `banmesh node` flags.
+    pub extra: Vec<std::ffi::OsString>,
 }
 
 impl Node {
+    /// A node that applies through shared.log only (no fail2ban here).
     pub async fn start(root: &Path, pki: &Pki, name: &str, hub_url: &str) -> Node {
+        Self::start_with(
+            root,
+            pki,
+            name,
+            hub_url,
+            vec!["--no-fail2ban-socket".into()],
+        )
+        .await
+    }
+
+    pub async fn start_with(
+        root: &Path,
+        pki: &Pki,
+        name: &str,
+        hub_url: &str,
+        extra: Vec<std::ffi::OsString>,
+    ) -> Node {
         let mut node = Node {
             name: name.to_string(),
             dir: root.join(name),
             proc: None,
             hub_url: hub_url.to_string(),
             tls: pki.host(name),
+            extra,
         };
         node.restart().await;
         node
@@ -307,7 +330,8 @@ impl Node {
             .arg("--socket")
             .arg(self.socket())
             .arg("--data-dir")
-            .arg(&self.dir);
+            .arg(&self.dir)
+            .args(&self.extra);
         std::fs::create_dir_all(&self.dir).unwrap();
         self.proc = Some(Proc::spawn(cmd, self.dir.join("node.log")));
         let socket = self.socket();

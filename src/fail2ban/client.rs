@@ -1,0 +1,268 @@
+//! fail2ban's control socket, spoken natively (no `fail2ban-client`
+//! process): a pickled list of strings ended by `<F2B_END_COMMAND>`; the
+//! answer is a pickled `(code, result)` ended the same way. One connection
+//! serves many requests; a broken one is reopened once per request.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use thiserror::Error;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+};
+
+use super::pickle::{self, Value};
+
+const END: &[u8] = b"<F2B_END_COMMAND>";
+const CLOSE: &[u8] = b"<F2B_CLOSE_COMMAND>";
+/// Default path of the control socket.
+pub const DEFAULT_SOCKET: &str = "/var/run/fail2ban/fail2ban.sock";
+/// A request that takes longer than this is abandoned (and the connection
+/// with it): a stuck fail2ban must not stall the node.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes accepted in one answer (a jail with 100,000 bans is ~6 MB).
+const MAX_ANSWER: usize = 64 << 20;
+
+#[derive(Debug, Error)]
+pub enum Fail2banError {
+    #[error(
+        "fail2ban is not reachable on {path}: {reason} (is fail2ban-server running with this socket?)"
+    )]
+    Unreachable { path: PathBuf, reason: String },
+    #[error("fail2ban refused {command:?}: {reason}")]
+    Refused { command: String, reason: String },
+    #[error("fail2ban sent an answer banmesh cannot read: {0}")]
+    Protocol(String),
+}
+
+/// A ban fail2ban holds: when it ends and how long it was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BanTime {
+    /// Seconds; negative means permanent.
+    pub bantime: i64,
+    pub end: SystemTime,
+}
+
+impl BanTime {
+    /// Share of the ban's time still to run, 0.0..=1.0 (1.0 if permanent).
+    pub fn fraction_left(&self, now: SystemTime) -> f64 {
+        if self.bantime < 0 {
+            return 1.0;
+        }
+        let left = self
+            .end
+            .duration_since(now)
+            .unwrap_or_default()
+            .as_secs_f64();
+        (left / (self.bantime.max(1) as f64)).clamp(0.0, 1.0)
+    }
+}
+
+/// Parses one line of `get JAIL banip --with-time`:
+/// `IP \tYYYY-MM-DD HH:MM:SS + BANTIME = YYYY-MM-DD HH:MM:SS` (fail2ban's
+/// local time).
+pub fn parse_ban_line(line: &str) -> Option<(String, BanTime)> {
+    let (ip, rest) = line.split_once(" \t")?;
+    let (_start, rest) = rest.split_once(" + ")?;
+    let (bantime, end) = rest.split_once(" = ")?;
+    let bantime: i64 = bantime.trim().parse().ok()?;
+    let end = chrono::NaiveDateTime::parse_from_str(end.trim(), "%Y-%m-%d %H:%M:%S").ok()?;
+    let end = end.and_local_timezone(chrono::Local).earliest()?;
+    Some((
+        ip.trim().to_string(),
+        BanTime {
+            bantime,
+            end: end.into(),
+        },
+    ))
+}
+
+/// A client of one fail2ban server.
+pub struct Fail2ban {
+    path: PathBuf,
+    conn: Option<UnixStream>,
+}
+
+impl Fail2ban {
+    pub fn new(path: &Path) -> Self {
+        Fail2ban {
+            path: path.to_path_buf(),
+            conn: None,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn unreachable(&self, reason: impl ToString) -> Fail2banError {
+        Fail2banError::Unreachable {
+            path: self.path.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Sends one command and returns fail2ban's result (code 0), or why it
+    /// refused (code 1).
+    pub async fn request(&mut self, command: &[&str]) -> Result<Value, Fail2banError> {
+        let frame = [pickle::encode_str_list(command), END.to_vec()].concat();
+        let mut answer = None;
+        // A kept-alive connection may have died since the last request
+        // (fail2ban restarted): try once more on a fresh one.
+        for _ in 0..2 {
+            match tokio::time::timeout(TIMEOUT, self.exchange(&frame)).await {
+                Ok(Ok(bytes)) => {
+                    answer = Some(bytes);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    self.conn = None;
+                    answer = None;
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || e.kind() == std::io::ErrorKind::ConnectionRefused
+                    {
+                        return Err(self.unreachable(e));
+                    }
+                    tracing::debug!(error = %e, "fail2ban connection lost; reconnecting");
+                }
+                Err(_) => {
+                    self.conn = None;
+                    return Err(self.unreachable(format!("no answer within {TIMEOUT:?}")));
+                }
+            }
+        }
+        let bytes = answer.ok_or_else(|| self.unreachable("connection closed"))?;
+        let value = pickle::decode(&bytes).map_err(|e| Fail2banError::Protocol(e.to_string()))?;
+        match value.as_list() {
+            Some([code, result]) if code.as_int() == Some(0) => Ok(result.clone()),
+            Some([_, reason]) => Err(Fail2banError::Refused {
+                command: command.join(" "),
+                reason: reason.to_string(),
+            }),
+            // The server answers a request it cannot unpickle with a bare string.
+            _ => Err(Fail2banError::Protocol(value.to_string())),
+        }
+    }
+
+    async fn exchange(&mut self, frame: &[u8]) -> std::io::Result<Vec<u8>> {
+        if self.conn.is_none() {
+            self.conn = Some(UnixStream::connect(&self.path).await?);
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        conn.write_all(frame).await?;
+        let mut buf = Vec::with_capacity(256);
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = conn.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::ConnectionReset.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.ends_with(END) {
+                buf.truncate(buf.len() - END.len());
+                return Ok(buf);
+            }
+            if buf.len() > MAX_ANSWER {
+                return Err(std::io::Error::other("answer too large"));
+            }
+        }
+    }
+
+    /// Closes the connection the way fail2ban-client does.
+    pub async fn close(&mut self) {
+        if let Some(mut c) = self.conn.take() {
+            let _ = c.write_all(&[CLOSE, END].concat()).await;
+        }
+    }
+
+    pub async fn ping(&mut self) -> Result<(), Fail2banError> {
+        self.request(&["ping"]).await.map(|_| ())
+    }
+
+    /// The jails that ban each IP (`banned IP...`), in order.
+    pub async fn banned(&mut self, ips: &[&str]) -> Result<Vec<Vec<String>>, Fail2banError> {
+        if ips.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut cmd = vec!["banned"];
+        cmd.extend_from_slice(ips);
+        let v = self.request(&cmd).await?;
+        let lists = v
+            .as_list()
+            .ok_or_else(|| Fail2banError::Protocol(v.to_string()))?;
+        if lists.len() != ips.len() {
+            return Err(Fail2banError::Protocol(format!(
+                "{} answers for {} IPs",
+                lists.len(),
+                ips.len()
+            )));
+        }
+        Ok(lists
+            .iter()
+            .map(|jails| {
+                jails
+                    .as_list()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|j| j.as_str().map(str::to_string))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// Every ban a jail holds, with its times.
+    pub async fn jail_bans(
+        &mut self,
+        jail: &str,
+    ) -> Result<HashMap<String, BanTime>, Fail2banError> {
+        let v = self.request(&["get", jail, "banip", "--with-time"]).await?;
+        let lines = v
+            .as_list()
+            .ok_or_else(|| Fail2banError::Protocol(v.to_string()))?;
+        Ok(lines
+            .iter()
+            .filter_map(|l| l.as_str().and_then(parse_ban_line))
+            .collect())
+    }
+
+    /// A jail's `bantime` in seconds.
+    pub async fn bantime(&mut self, jail: &str) -> Result<i64, Fail2banError> {
+        let v = self.request(&["get", jail, "bantime"]).await?;
+        v.as_int()
+            .ok_or_else(|| Fail2banError::Protocol(v.to_string()))
+    }
+
+    /// Bans IPs in a jail at once; returns how many were newly banned.
+    pub async fn ban(&mut self, jail: &str, ips: &[&str]) -> Result<i64, Fail2banError> {
+        let mut cmd = vec!["set", jail, "banip"];
+        cmd.extend_from_slice(ips);
+        let v = self.request(&cmd).await?;
+        Ok(v.as_int().unwrap_or(0))
+    }
+
+    /// Lifts an IP in every jail; returns how many bans were lifted.
+    pub async fn unban(&mut self, ip: &str) -> Result<i64, Fail2banError> {
+        let v = self.request(&["unban", ip]).await?;
+        Ok(v.as_int().unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ban_times() {
+        let (ip, t) =
+            parse_ban_line("192.0.2.8 \t2026-11-25 12:35:28 + 3600 = 2026-11-25 13:35:28").unwrap();
+        assert_eq!(ip, "192.0.2.8");
+        assert_eq!(t.bantime, 3600);
+        let half = t.end - Duration::from_secs(1800);
+        assert!((t.fraction_left(half) - 0.5).abs() < 1e-9);
+        assert_eq!(t.fraction_left(t.end + Duration::from_secs(5)), 0.0);
+        assert!(parse_ban_line("garbage").is_none());
+    }
+}

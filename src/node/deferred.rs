@@ -1,0 +1,133 @@
+//! Bans put off until an existing, older ban ends (the seed's rule: status
+//! stays 0, and the node applies the ban when the existing one ends).
+//!
+//! Kept in `DIR/deferred`, one tab-separated line per ban, rewritten on
+//! every change: the node's position has already moved past these events,
+//! so this file is their only record on this host.
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::ban::{Ban, Event, EventKind};
+
+pub struct Deferred {
+    path: PathBuf,
+    items: Vec<(Event, SystemTime)>,
+}
+
+fn ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn parse(line: &str) -> Option<(Event, SystemTime)> {
+    let f: Vec<&str> = line.split('\t').collect();
+    let [id, due, ip, jail, protocol, port, added_by, created] = f[..] else {
+        return None;
+    };
+    let event = Event {
+        id: id.parse().ok()?,
+        kind: EventKind::Ban,
+        ban: Ban::new(jail, protocol, port, ip).ok()?,
+        added_by: added_by.to_string(),
+        created_ms: created.parse().ok()?,
+        lifts: 0,
+    };
+    Some((event, UNIX_EPOCH + Duration::from_millis(due.parse().ok()?)))
+}
+
+impl Deferred {
+    pub fn load(path: PathBuf) -> Self {
+        let items = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(parse)
+            .collect();
+        Deferred { path, items }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn push(&mut self, event: Event, due: SystemTime) {
+        self.items.retain(|(e, _)| e.id != event.id);
+        self.items.push((event, due));
+        self.save();
+    }
+
+    /// Forgets every deferred ban of an IP (it was lifted).
+    pub fn cancel(&mut self, ip: &str) {
+        let before = self.items.len();
+        self.items.retain(|(e, _)| e.ban.ip != ip);
+        if self.items.len() != before {
+            self.save();
+        }
+    }
+
+    /// Takes the bans whose time has come.
+    pub fn take_due(&mut self, now: SystemTime) -> Vec<Event> {
+        let (due, keep): (Vec<_>, Vec<_>) = self.items.drain(..).partition(|(_, t)| *t <= now);
+        self.items = keep;
+        if !due.is_empty() {
+            self.save();
+        }
+        due.into_iter().map(|(e, _)| e).collect()
+    }
+
+    fn save(&self) {
+        let text: String = self
+            .items
+            .iter()
+            .map(|(e, due)| {
+                let b = &e.ban;
+                format!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                    e.id,
+                    ms(*due),
+                    b.ip,
+                    b.jail,
+                    b.protocol,
+                    b.port,
+                    e.added_by,
+                    e.created_ms
+                )
+            })
+            .collect();
+        let tmp = self.path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &self.path)) {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot save deferred bans");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_releases_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deferred");
+        let mut d = Deferred::load(path.clone());
+        let ev = Event {
+            id: 9,
+            kind: EventKind::Ban,
+            ban: Ban::new("sshd", "tcp", "22", "192.0.2.4").unwrap(),
+            added_by: "web-1".into(),
+            created_ms: 5,
+            lifts: 0,
+        };
+        let now = SystemTime::now();
+        d.push(ev.clone(), now + Duration::from_secs(60));
+        let mut d = Deferred::load(path);
+        assert_eq!(d.len(), 1);
+        assert!(d.take_due(now).is_empty());
+        assert_eq!(d.take_due(now + Duration::from_secs(61)), vec![ev]);
+        assert!(d.is_empty());
+    }
+}
