@@ -26,8 +26,8 @@ pub enum Command {
     /// Manage the fleet's private certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Run the hub: stores bans and fans them out to every node.
-    Hub(HubArgs),
+    /// Run the hub: stores bans and fans them out to every node (or manage its data).
+    Hub(Box<HubCommand>),
     /// Run the node daemon beside fail2ban on every server (or set fail2ban up for it).
     Node(Box<NodeCommand>),
     /// Hand a ban to the local node (what fail2ban's actionban runs).
@@ -90,6 +90,46 @@ impl From<&TlsArgs> for TlsFiles {
             ca: a.ca.clone(),
         }
     }
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HubCommand {
+    #[command(subcommand)]
+    pub action: Option<HubAction>,
+    #[command(flatten)]
+    pub run: HubArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HubAction {
+    /// Copy a hub's data to another store, e.g. from the embedded one to MySQL.
+    Migrate {
+        /// Source store: sqlite:PATH or mysql://...
+        #[arg(long)]
+        from: String,
+        /// Target store: mysql://... or sqlite:PATH
+        #[arg(long)]
+        to: String,
+        /// Write even if the target already holds data (rows with existing ids are kept).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Import the seed's MySQL `ip_table` (with its host_* columns) into the hub's store.
+    ImportSeed {
+        /// The seed's database, e.g. mysql://f2ban:pass@db:3306/fail2ban
+        #[arg(long)]
+        from: String,
+        /// Target store (default: the embedded store in --data-dir).
+        #[arg(long)]
+        to: Option<String>,
+        /// Directory of the default embedded store.
+        #[arg(long, default_value = hub::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Write even if the target already holds data (rows with existing ids are kept).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -274,10 +314,19 @@ pub fn main() -> std::process::ExitCode {
             init_logging("warn");
             ca_command(cmd)
         }
-        Command::Hub(args) => {
-            init_logging("info");
-            runtime().block_on(run_hub(args))
-        }
+        Command::Hub(hub) => match *hub {
+            HubCommand {
+                action: Some(action),
+                ..
+            } => {
+                init_logging("warn");
+                runtime().block_on(hub_action(action))
+            }
+            HubCommand { run, .. } => {
+                init_logging("info");
+                runtime().block_on(run_hub(run))
+            }
+        },
         Command::Node(node) => match *node {
             NodeCommand {
                 action: Some(NodeAction::SetupFail2ban(args)),
@@ -394,6 +443,41 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
         }
     }
     println!("{}", next_steps());
+    Ok(())
+}
+
+async fn hub_action(action: HubAction) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let progress = std::io::stderr().is_terminal();
+    let copied = match action {
+        HubAction::Migrate { from, to, force } => {
+            let source = hub::store::open(&from).await?;
+            let target = hub::store::open(&to).await?;
+            hub::migrate::migrate(&*source, &*target, force, progress).await?
+        }
+        HubAction::ImportSeed {
+            from,
+            to,
+            data_dir,
+            force,
+        } => {
+            let to =
+                to.unwrap_or_else(|| format!("sqlite:{}", data_dir.join("banmesh.db").display()));
+            let target = hub::store::open(&to).await?;
+            hub::migrate::import_seed(&from, &*target, force, progress).await?
+        }
+    };
+    println!(
+        "copied {} hosts, {} events, {} statuses",
+        copied.hosts, copied.events, copied.statuses
+    );
+    if !copied.skipped.is_empty() {
+        println!(
+            "skipped {} seed rows that are not valid bans (ids {:?})",
+            copied.skipped.len(),
+            copied.skipped
+        );
+    }
     Ok(())
 }
 

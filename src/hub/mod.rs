@@ -18,6 +18,7 @@
 //! - [`service`]: the gRPC surface.
 pub mod committer;
 pub mod fanout;
+pub mod migrate;
 pub mod service;
 pub mod store;
 pub mod subscription;

@@ -118,6 +118,59 @@ pub trait Store: Send + Sync + 'static {
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
     /// Highest event id stored (0 when empty).
     async fn last_event_id(&self) -> Result<u64, StoreError>;
+
+    // Raw rows, ids preserved: moving a hub's data between backends
+    // (`hub migrate`) and importing the seed's table (`hub import-seed`).
+
+    /// Every host row.
+    async fn dump_hosts(&self) -> Result<Vec<RawHost>, StoreError>;
+    /// Up to `limit` event rows with ids above `after`, in id order.
+    async fn dump_events(&self, after: u64, limit: usize) -> Result<Vec<RawEvent>, StoreError>;
+    /// Up to `limit` status rows with event ids above `after`, in event order.
+    async fn dump_statuses(&self, after: u64, limit: usize) -> Result<Vec<RawStatus>, StoreError>;
+    /// Inserts raw rows as they are; rows whose key exists are skipped.
+    async fn load(
+        &self,
+        hosts: &[RawHost],
+        events: &[RawEvent],
+        statuses: &[RawStatus],
+    ) -> Result<(), StoreError>;
+    /// Counts of (hosts, events, statuses).
+    async fn counts(&self) -> Result<(u64, u64, u64), StoreError>;
+}
+
+/// A host row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawHost {
+    pub id: u64,
+    pub name: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+/// An event row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEvent {
+    pub id: u64,
+    pub kind: i64,
+    pub reporter_id: u64,
+    pub node_seq: Option<u64>,
+    pub added_by: String,
+    pub created_ms: i64,
+    pub jail: String,
+    pub protocol: String,
+    pub port: String,
+    pub ip: String,
+    pub lifted_by: Option<u64>,
+    pub lifts: Option<u64>,
+}
+
+/// A status row as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawStatus {
+    pub event_id: u64,
+    pub host_id: u64,
+    pub status: i64,
 }
 
 /// Opens the store named by `--db`, creating or migrating its schema.

@@ -7,7 +7,10 @@ use std::{collections::HashMap, sync::Mutex};
 use async_trait::async_trait;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, TxOpts, Value, prelude::*};
 
-use super::{BanFilter, BanRow, Committed, HostRow, NewReport, SCHEMA_VERSION, Store, StoreError};
+use super::{
+    BanFilter, BanRow, Committed, HostRow, NewReport, RawEvent, RawHost, RawStatus, SCHEMA_VERSION,
+    Store, StoreError,
+};
 use crate::ban::{Event, EventKind, Status};
 
 const SCHEMA: &[&str] = &[
@@ -509,5 +512,169 @@ impl Store for MysqlStore {
             .await
             .map_err(q)?;
         Ok(id.flatten().unwrap_or(0))
+    }
+
+    async fn dump_hosts(&self) -> Result<Vec<RawHost>, StoreError> {
+        let mut c = self.conn().await?;
+        let rows: Vec<(u64, String, i64, i64)> = c
+            .query("SELECT id, name, first_seen_ms, last_seen_ms FROM hosts ORDER BY id")
+            .await
+            .map_err(q)?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, first_seen_ms, last_seen_ms)| RawHost {
+                id,
+                name,
+                first_seen_ms,
+                last_seen_ms,
+            })
+            .collect())
+    }
+
+    async fn dump_events(&self, after: u64, limit: usize) -> Result<Vec<RawEvent>, StoreError> {
+        let mut c = self.conn().await?;
+        let rows: Vec<mysql_async::Row> = c
+            .exec(
+                "SELECT id, kind, reporter_id, node_seq, added_by, created_ms, jailname, protocol, \
+                 port, ip, lifted_by, lifts FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit as u64),
+            )
+            .await
+            .map_err(q)?;
+        rows.into_iter()
+            .map(|mut r| {
+                let bad = || StoreError::Query("unexpected NULL in events".into());
+                Ok(RawEvent {
+                    id: r.take(0).ok_or_else(bad)?,
+                    kind: r.take(1).ok_or_else(bad)?,
+                    reporter_id: r.take(2).ok_or_else(bad)?,
+                    node_seq: r.take(3).ok_or_else(bad)?,
+                    added_by: r.take(4).ok_or_else(bad)?,
+                    created_ms: r.take(5).ok_or_else(bad)?,
+                    jail: r.take(6).ok_or_else(bad)?,
+                    protocol: r.take(7).ok_or_else(bad)?,
+                    port: r.take(8).ok_or_else(bad)?,
+                    ip: r.take(9).ok_or_else(bad)?,
+                    lifted_by: r.take(10).ok_or_else(bad)?,
+                    lifts: r.take(11).ok_or_else(bad)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn dump_statuses(&self, after: u64, limit: usize) -> Result<Vec<RawStatus>, StoreError> {
+        let mut c = self.conn().await?;
+        let rows: Vec<(u64, u64, i64)> = c
+            .exec(
+                "SELECT event_id, host_id, status FROM statuses WHERE event_id > ? \
+                 ORDER BY event_id, host_id LIMIT ?",
+                (after, limit as u64),
+            )
+            .await
+            .map_err(q)?;
+        Ok(rows
+            .into_iter()
+            .map(|(event_id, host_id, status)| RawStatus {
+                event_id,
+                host_id,
+                status,
+            })
+            .collect())
+    }
+
+    async fn load(
+        &self,
+        hosts: &[RawHost],
+        events: &[RawEvent],
+        statuses: &[RawStatus],
+    ) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
+        for chunk in hosts.chunks(1000) {
+            let mut p: Vec<Value> = Vec::new();
+            for h in chunk {
+                p.extend([
+                    h.id.into(),
+                    h.name.as_str().into(),
+                    h.first_seen_ms.into(),
+                    h.last_seen_ms.into(),
+                ]);
+            }
+            let rows = vec!["(?, ?, ?, ?)"; chunk.len()].join(",");
+            tx.exec_drop(
+                format!(
+                    "INSERT IGNORE INTO hosts (id, name, first_seen_ms, last_seen_ms) VALUES {rows}"
+                ),
+                p,
+            )
+            .await
+            .map_err(q)?;
+        }
+        for chunk in events.chunks(1000) {
+            let mut p: Vec<Value> = Vec::new();
+            for e in chunk {
+                p.extend([
+                    e.id.into(),
+                    e.kind.into(),
+                    e.reporter_id.into(),
+                    e.node_seq.into(),
+                    e.added_by.as_str().into(),
+                    e.created_ms.into(),
+                    e.jail.as_str().into(),
+                    e.protocol.as_str().into(),
+                    e.port.as_str().into(),
+                    e.ip.as_str().into(),
+                    e.lifted_by.into(),
+                    e.lifts.into(),
+                ]);
+            }
+            let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(",");
+            tx.exec_drop(
+                format!(
+                    "INSERT IGNORE INTO events (id, kind, reporter_id, node_seq, added_by, created_ms, \
+                     jailname, protocol, port, ip, lifted_by, lifts) VALUES {rows}"
+                ),
+                p,
+            )
+            .await
+            .map_err(q)?;
+        }
+        for chunk in statuses.chunks(3000) {
+            let mut p: Vec<Value> = Vec::new();
+            for s in chunk {
+                p.extend([s.event_id.into(), s.host_id.into(), s.status.into()]);
+            }
+            let rows = vec!["(?, ?, ?)"; chunk.len()].join(",");
+            tx.exec_drop(
+                format!("INSERT IGNORE INTO statuses (event_id, host_id, status) VALUES {rows}"),
+                p,
+            )
+            .await
+            .map_err(q)?;
+        }
+        tx.commit().await.map_err(q)?;
+        if !hosts.is_empty() {
+            let all: Vec<(u64, String)> = c
+                .query("SELECT id, name FROM hosts ORDER BY id")
+                .await
+                .map_err(q)?;
+            Self::rebuild_view(&mut c, &all).await?;
+            self.host_ids
+                .lock()
+                .unwrap()
+                .extend(all.into_iter().map(|(id, n)| (n, id)));
+        }
+        Ok(())
+    }
+
+    async fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        let mut c = self.conn().await?;
+        let r: Option<(u64, u64, u64)> = c
+            .query_first(
+                "SELECT (SELECT COUNT(*) FROM hosts), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM statuses)",
+            )
+            .await
+            .map_err(q)?;
+        Ok(r.unwrap_or_default())
     }
 }

@@ -14,7 +14,10 @@ use std::{
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
 
-use super::{BanFilter, BanRow, Committed, HostRow, NewReport, SCHEMA_VERSION, Store, StoreError};
+use super::{
+    BanFilter, BanRow, Committed, HostRow, NewReport, RawEvent, RawHost, RawStatus, SCHEMA_VERSION,
+    Store, StoreError,
+};
 use crate::ban::{Event, EventKind, Status};
 
 const SCHEMA: &str = "
@@ -461,6 +464,157 @@ impl Store for SqliteStore {
                     r.get::<_, i64>(0)
                 })
                 .map(|v| v as u64)
+                .map_err(q)
+        })
+        .await
+    }
+
+    async fn dump_hosts(&self) -> Result<Vec<RawHost>, StoreError> {
+        self.with(|i| {
+            let mut st = i
+                .conn
+                .prepare("SELECT id, name, first_seen_ms, last_seen_ms FROM hosts ORDER BY id")
+                .map_err(q)?;
+            st.query_map([], |r| {
+                Ok(RawHost {
+                    id: r.get::<_, i64>(0)? as u64,
+                    name: r.get(1)?,
+                    first_seen_ms: r.get(2)?,
+                    last_seen_ms: r.get(3)?,
+                })
+            })
+            .map_err(q)?
+            .collect::<Result<_, _>>()
+            .map_err(q)
+        })
+        .await
+    }
+
+    async fn dump_events(&self, after: u64, limit: usize) -> Result<Vec<RawEvent>, StoreError> {
+        self.with(move |i| {
+            let mut st = i
+                .conn
+                .prepare_cached(
+                    "SELECT id, kind, reporter_id, node_seq, added_by, created_ms, jailname, protocol, \
+                     port, ip, lifted_by, lifts FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+                )
+                .map_err(q)?;
+            let opt = |v: Option<i64>| v.map(|v| v as u64);
+            st.query_map(params![after as i64, limit as i64], |r| {
+                Ok(RawEvent {
+                    id: r.get::<_, i64>(0)? as u64,
+                    kind: r.get(1)?,
+                    reporter_id: r.get::<_, i64>(2)? as u64,
+                    node_seq: opt(r.get(3)?),
+                    added_by: r.get(4)?,
+                    created_ms: r.get(5)?,
+                    jail: r.get(6)?,
+                    protocol: r.get(7)?,
+                    port: r.get(8)?,
+                    ip: r.get(9)?,
+                    lifted_by: opt(r.get(10)?),
+                    lifts: opt(r.get(11)?),
+                })
+            })
+            .map_err(q)?
+            .collect::<Result<_, _>>()
+            .map_err(q)
+        })
+        .await
+    }
+
+    async fn dump_statuses(&self, after: u64, limit: usize) -> Result<Vec<RawStatus>, StoreError> {
+        self.with(move |i| {
+            let mut st = i
+                .conn
+                .prepare_cached(
+                    "SELECT event_id, host_id, status FROM statuses WHERE event_id > ?1 \
+                     ORDER BY event_id, host_id LIMIT ?2",
+                )
+                .map_err(q)?;
+            st.query_map(params![after as i64, limit as i64], |r| {
+                Ok(RawStatus {
+                    event_id: r.get::<_, i64>(0)? as u64,
+                    host_id: r.get::<_, i64>(1)? as u64,
+                    status: r.get(2)?,
+                })
+            })
+            .map_err(q)?
+            .collect::<Result<_, _>>()
+            .map_err(q)
+        })
+        .await
+    }
+
+    async fn load(
+        &self,
+        hosts: &[RawHost],
+        events: &[RawEvent],
+        statuses: &[RawStatus],
+    ) -> Result<(), StoreError> {
+        let (hosts, events, statuses) = (hosts.to_vec(), events.to_vec(), statuses.to_vec());
+        self.with(move |i| {
+            let tx = i.conn.transaction().map_err(q)?;
+            {
+                let mut h = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO hosts (id, name, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .map_err(q)?;
+                for r in &hosts {
+                    h.execute(params![r.id as i64, r.name, r.first_seen_ms, r.last_seen_ms]).map_err(q)?;
+                }
+                let mut e = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO events (id, kind, reporter_id, node_seq, added_by, created_ms, \
+                         jailname, protocol, port, ip, lifted_by, lifts) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    )
+                    .map_err(q)?;
+                let opt = |v: Option<u64>| v.map(|v| v as i64);
+                for r in &events {
+                    e.execute(params![
+                        r.id as i64,
+                        r.kind,
+                        r.reporter_id as i64,
+                        opt(r.node_seq),
+                        r.added_by,
+                        r.created_ms,
+                        r.jail,
+                        r.protocol,
+                        r.port,
+                        r.ip,
+                        opt(r.lifted_by),
+                        opt(r.lifts)
+                    ])
+                    .map_err(q)?;
+                }
+                let mut s = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO statuses (event_id, host_id, status) VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(q)?;
+                for r in &statuses {
+                    s.execute(params![r.event_id as i64, r.host_id as i64, r.status]).map_err(q)?;
+                }
+            }
+            tx.commit().map_err(q)?;
+            if !hosts.is_empty() {
+                i.reload_hosts()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        self.with(|i| {
+            i.conn
+                .query_row(
+                    "SELECT (SELECT COUNT(*) FROM hosts), (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM statuses)",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
+                )
                 .map_err(q)
         })
         .await
