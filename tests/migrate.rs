@@ -175,7 +175,8 @@ async fn the_seed_table_imports_with_its_statuses() {
         .await
         .unwrap();
     assert_eq!(rows.len(), 3, "the invalid row is not imported");
-    let view: Vec<(u64, &str, &str, Vec<(String, Status)>)> = rows
+    type Row<'a> = (u64, &'a str, &'a str, Vec<(String, Status)>);
+    let view: Vec<Row> = rows
         .iter()
         .map(|r| {
             let st = r
