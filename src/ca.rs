@@ -130,40 +130,87 @@ pub struct HostCert<'a> {
     pub admin: bool,
 }
 
-/// Signs a certificate for a host key with the CA in `dir`; returns PEM.
-pub fn sign(dir: &Path, req: &HostCert<'_>, host_key: &KeyPair) -> Result<String, CaError> {
-    if !crate::ban::valid_host_name(req.name) {
-        return Err(CaError::BadName(req.name.to_string()));
-    }
-    let paths = CaDir(dir.to_path_buf());
-    let read = |p: PathBuf| {
-        std::fs::read_to_string(&p).map_err(|source| CaError::Read { path: p, source })
-    };
-    let ca_key = KeyPair::from_pem(&read(paths.key())?)?;
-    let issuer = Issuer::from_ca_cert_pem(&read(paths.cert())?, ca_key)?;
+/// A loaded CA, ready to sign host certificates (the CLI's `ca issue`, and
+/// the hub's enrolment and renewal).
+pub struct CaSigner {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    /// SHA-256 of the CA certificate's DER, hex: what `enroll` pins.
+    pub sha256: String,
+}
 
+impl std::fmt::Debug for CaSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("CaSigner").field("sha256", &self.sha256).finish()
+    }
+}
+
+/// SHA-256 of a PEM certificate's first DER, hex.
+pub fn fingerprint(cert_pem: &str) -> Option<String> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    use sha2::Digest;
+    let der = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).next()?.ok()?;
+    Some(hex::encode(sha2::Sha256::digest(der.as_ref())))
+}
+
+impl CaSigner {
+    /// Loads the CA certificate and key.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, CaError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| CaError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let cert_pem = read(cert)?;
+        let ca_key = KeyPair::from_pem(&read(key)?)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, ca_key)?;
+        let sha256 = fingerprint(&cert_pem).ok_or(CaError::Cert(rcgen::Error::CouldNotParseCertificate))?;
+        Ok(CaSigner {
+            issuer,
+            cert_pem,
+            sha256,
+        })
+    }
+
+    /// Signs a certificate for a host's public key; returns PEM. The
+    /// identity comes from `req`, never from whatever the key's owner asked.
+    pub fn sign(&self, req: &HostCert<'_>, public_key: &impl rcgen::PublicKeyData) -> Result<String, CaError> {
+        if !crate::ban::valid_host_name(req.name) {
+            return Err(CaError::BadName(req.name.to_string()));
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, req.name);
+        if req.admin {
+            dn.push(DnType::OrganizationalUnitName, crate::tls::ADMIN_ROLE);
+        }
+        params.distinguished_name = dn;
+        let mut names = vec![req.name.to_string()];
+        names.extend(req.sans.iter().cloned());
+        for n in names {
+            params.subject_alt_names.push(match n.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.try_into()?),
+            });
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut params, req.valid_for);
+        Ok(params.signed_by(public_key, &self.issuer)?.pem())
+    }
+}
+
+/// A new private key and a CSR for it (what `enroll` and renewal send);
+/// the key never leaves the host.
+pub fn key_and_csr(name: &str) -> Result<(KeyPair, String), CaError> {
+    let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, req.name);
-    if req.admin {
-        dn.push(DnType::OrganizationalUnitName, crate::tls::ADMIN_ROLE);
-    }
-    params.distinguished_name = dn;
-    let mut names = vec![req.name.to_string()];
-    names.extend(req.sans.iter().cloned());
-    for n in names {
-        params.subject_alt_names.push(match n.parse() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(n.try_into()?),
-        });
-    }
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    validity(&mut params, req.valid_for);
-    Ok(params.signed_by(host_key, &issuer)?.pem())
+    params.distinguished_name.push(DnType::CommonName, name);
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((key, csr))
 }
 
 /// `banmesh ca issue`: a key and certificate for a host, written beside the CA.
@@ -175,8 +222,9 @@ pub fn issue(dir: &Path, req: &HostCert<'_>) -> Result<(PathBuf, PathBuf), CaErr
             return Err(CaError::Exists(p.clone()));
         }
     }
+    let signer = CaSigner::load(&paths.cert(), &paths.key())?;
     let key = KeyPair::generate()?;
-    let pem = sign(dir, req, &key)?;
+    let pem = signer.sign(req, &key)?;
     write_new(&key_path, &key.serialize_pem(), true)?;
     write_new(&crt, &pem, false)?;
     Ok((crt, key_path))

@@ -145,6 +145,9 @@ pub struct HubArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// CA private key, to sign enrolments and renewals (default: ca.key beside --ca, if present).
+    #[arg(long)]
+    pub ca_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -413,6 +416,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
         db: args.db,
         data_dir: args.data_dir,
         tls: (&args.tls).into(),
+        ca_key: args.ca_key,
     };
     until_signal(|stop| hub::run(listener, config, stop)).await
 }

@@ -91,6 +91,7 @@ async fn fleet(
         db: None,
         data_dir: root.join("hub"),
         tls: issue(&pki, "hub", false)?,
+        ca_key: None,
     };
     println!("banmesh demo: a throwaway fleet in {}", root.display());
     println!(

@@ -81,6 +81,19 @@ impl TlsFiles {
             .client_ca_root(self.ca()?))
     }
 
+    /// Server side, also presenting the CA certificate after our own, so a
+    /// new server enrolling can check it against the pinned CA hash.
+    pub fn server_with_chain(&self) -> Result<ServerTlsConfig, TlsError> {
+        let mut chain = read_cert(&self.cert)?;
+        if !chain.ends_with(b"\n") {
+            chain.push(b'\n');
+        }
+        chain.extend(read_cert(&self.ca)?);
+        Ok(ServerTlsConfig::new()
+            .identity(Identity::from_pem(chain, read_key(&self.key)?))
+            .client_ca_root(self.ca()?))
+    }
+
     /// Client side: verify the server against the CA only (no system roots)
     /// and present our certificate.
     pub fn client(&self) -> Result<ClientTlsConfig, TlsError> {
@@ -124,19 +137,30 @@ pub fn is_admin(der: &CertificateDer<'_>) -> bool {
     })
 }
 
-/// Refuses a caller whose certificate lacks the admin role.
-pub fn require_admin<T>(request: &tonic::Request<T>) -> Result<String, tonic::Status> {
+/// Who is calling, from the verified client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub admin: bool,
+    pub cert_expires_ms: Option<i64>,
+}
+
+/// The caller's identity, or UNAUTHENTICATED without a certificate.
+pub fn peer<T>(request: &tonic::Request<T>) -> Result<Peer, tonic::Status> {
     let name = peer_name(request)?;
-    let admin = request
-        .peer_certs()
-        .and_then(|c| c.first().map(is_admin))
-        .unwrap_or(false);
-    if !admin {
-        return Err(tonic::Status::permission_denied(format!(
-            "{name} is not an admin: this call needs a certificate from `banmesh ca issue --admin`"
-        )));
-    }
-    Ok(name)
+    let certs = request.peer_certs();
+    let first = certs.as_ref().and_then(|c| c.first());
+    Ok(Peer {
+        name,
+        admin: first.is_some_and(is_admin),
+        cert_expires_ms: first.and_then(expiry_ms),
+    })
+}
+
+/// A certificate's notAfter, in unix milliseconds.
+pub fn expiry_ms(der: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp() * 1000)
 }
 
 /// The verified host name of the caller of an RPC. The handshake already

@@ -24,7 +24,7 @@ async fn embedded_to_mariadb_keeps_every_row_and_status() {
     {
         let s = store::open(&from_url).await.unwrap();
         for h in ["web-1", "web.2", "mail"] {
-            s.touch_host(h).await.unwrap();
+            s.touch_host(h, None).await.unwrap();
         }
         let batch: Vec<NewReport> = (0..1200)
             .map(|i| {

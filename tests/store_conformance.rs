@@ -136,7 +136,7 @@ async fn replay_skips_own_and_lifted_bans(b: Backend) {
 async fn statuses_are_rows_with_zero_by_default(b: Backend) {
     let s = b.open().await;
     for h in ["a", "b", "c"] {
-        s.touch_host(h).await.unwrap();
+        s.touch_host(h, None).await.unwrap();
     }
     let c = s.commit(&[report("a", 1, "192.0.2.9")]).await.unwrap();
     let id = c[0].event_id();

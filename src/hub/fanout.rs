@@ -7,7 +7,10 @@
 //! `subscription`), so nothing is dropped, only re-read.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use tokio::sync::broadcast;
@@ -17,10 +20,20 @@ use crate::ban::Event;
 /// Events kept for live subscribers.
 pub const RING: usize = 8192;
 
+/// Per subscribed host: open streams, and the furthest event id any of
+/// them has passed (for the subscription lag in `Hosts`).
+#[derive(Default)]
+struct Subscribed {
+    streams: usize,
+    position: Arc<AtomicU64>,
+}
+
+type Registry = Arc<Mutex<HashMap<String, Subscribed>>>;
+
 #[derive(Clone)]
 pub struct Fanout {
     tx: broadcast::Sender<Arc<Event>>,
-    subscribed: Arc<Mutex<HashMap<String, usize>>>,
+    subscribed: Registry,
 }
 
 impl Default for Fanout {
@@ -46,39 +59,48 @@ impl Fanout {
 
     /// Registers a subscribed host until the guard is dropped.
     pub fn register(&self, host: &str) -> SubscriberGuard {
-        *self
-            .subscribed
-            .lock()
-            .unwrap()
-            .entry(host.to_string())
-            .or_default() += 1;
+        let mut map = self.subscribed.lock().unwrap();
+        let entry = map.entry(host.to_string()).or_default();
+        entry.streams += 1;
         SubscriberGuard {
             host: host.to_string(),
+            position: entry.position.clone(),
             subscribed: self.subscribed.clone(),
         }
     }
 
-    pub fn is_subscribed(&self, host: &str) -> bool {
-        self.subscribed.lock().unwrap().contains_key(host)
+    /// The furthest event a host's subscription has passed, if subscribed.
+    pub fn position(&self, host: &str) -> Option<u64> {
+        let map = self.subscribed.lock().unwrap();
+        map.get(host).map(|s| s.position.load(Ordering::Relaxed))
     }
 
+    /// Open subscription streams, all hosts together.
     pub fn subscriber_count(&self) -> usize {
-        self.subscribed.lock().unwrap().values().sum()
+        self.subscribed.lock().unwrap().values().map(|s| s.streams).sum()
     }
 }
 
 /// Unregisters a subscriber when its stream ends, however it ends.
 pub struct SubscriberGuard {
     host: String,
-    subscribed: Arc<Mutex<HashMap<String, usize>>>,
+    position: Arc<AtomicU64>,
+    subscribed: Registry,
+}
+
+impl SubscriberGuard {
+    /// Records that the stream passed event `id`.
+    pub fn passed(&self, id: u64) {
+        self.position.fetch_max(id, Ordering::Relaxed);
+    }
 }
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
         let mut map = self.subscribed.lock().unwrap();
-        if let Some(n) = map.get_mut(&self.host) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(s) = map.get_mut(&self.host) {
+            s.streams -= 1;
+            if s.streams == 0 {
                 map.remove(&self.host);
             }
         }

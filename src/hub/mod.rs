@@ -16,7 +16,9 @@
 //! - [`fanout`]: the shared ring of live events and the subscriber registry.
 //! - [`subscription`]: one subscriber's replay-then-live stream.
 //! - [`service`]: the gRPC surface.
+pub mod access;
 pub mod committer;
+pub mod enrollment;
 pub mod fanout;
 pub mod migrate;
 pub mod service;
@@ -31,7 +33,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::info;
 
-use crate::{proto::hub_server::HubServer, shutdown::Shutdown, tls::TlsFiles};
+use tonic::service::interceptor::InterceptedService;
+
+use crate::{
+    ca::{CaError, CaSigner},
+    proto::{enrollment_server::EnrollmentServer, hub_server::HubServer},
+    shutdown::Shutdown,
+    tls::TlsFiles,
+};
 
 /// Default address the hub listens on.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
@@ -48,6 +57,8 @@ pub enum HubError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot load the CA key for enrolment: {0}")]
+    Ca(#[from] CaError),
 }
 
 /// Everything the hub needs besides its listener.
@@ -57,9 +68,27 @@ pub struct HubConfig {
     pub db: Option<String>,
     pub data_dir: PathBuf,
     pub tls: TlsFiles,
+    /// The CA key, for enrolment and renewal; `None` looks for `ca.key`
+    /// beside the CA certificate and turns enrolment off if it is absent.
+    pub ca_key: Option<PathBuf>,
 }
 
 impl HubConfig {
+    /// The CA signer, if this hub has the CA key.
+    pub fn signer(&self) -> Result<Option<Arc<CaSigner>>, CaError> {
+        let key = match &self.ca_key {
+            Some(k) => k.clone(),
+            None => {
+                let beside = self.tls.ca.with_file_name("ca.key");
+                if !beside.exists() {
+                    return Ok(None);
+                }
+                beside
+            }
+        };
+        Ok(Some(Arc::new(CaSigner::load(&self.tls.ca, &key)?)))
+    }
+
     /// The store URL, defaulting to the embedded store in the data dir.
     pub fn db_url(&self) -> String {
         self.db
@@ -75,14 +104,28 @@ pub async fn run(
     config: HubConfig,
     shutdown: Shutdown,
 ) -> Result<(), HubError> {
-    let tls = config.tls.server()?;
+    // Clients without a certificate get through the handshake only to
+    // reach `Enrollment`; every other service checks the certificate (see
+    // `access`). A certificate from another CA still fails the handshake.
+    let tls = config.tls.server_with_chain()?.client_auth_optional(true);
+    let signer = config.signer()?;
+    if signer.is_none() {
+        info!("no CA key: enrolment and renewal are off");
+    }
     let store = store::open(&config.db_url()).await?;
+    let access = access::Access::new(store.revoked().await?);
     let fanout = fanout::Fanout::default();
     let committer = committer::Committer::spawn(store.clone(), fanout.clone(), shutdown.clone());
+    let enrollment = enrollment::EnrollmentService {
+        store: Arc::clone(&store),
+        signer: signer.clone(),
+    };
     let service = service::HubService {
         store: Arc::clone(&store),
         committer,
         fanout,
+        access: access.clone(),
+        signer,
         shutdown: shutdown.clone(),
     };
     let reflection = tonic_reflection::server::Builder::configure()
@@ -96,8 +139,9 @@ pub async fn run(
     Server::builder()
         .tls_config(tls)?
         .add_service(HubServer::new(service))
-        .add_service(health_service)
-        .add_service(reflection)
+        .add_service(EnrollmentServer::new(enrollment))
+        .add_service(InterceptedService::new(health_service, access.interceptor()))
+        .add_service(InterceptedService::new(reflection, access.interceptor()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.signalled())
         .await?;
     info!("hub stopped");

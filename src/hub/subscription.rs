@@ -14,7 +14,7 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tonic::Status;
 use tracing::{debug, info};
 
-use super::{fanout::Fanout, store::Store};
+use super::{access::Access, fanout::Fanout, store::Store};
 use crate::{
     ban::{Event, EventKind},
     proto,
@@ -31,7 +31,27 @@ fn visible(event: &Event, subscriber: &str) -> bool {
 
 /// Feeds `tx` until the subscriber goes away, the store fails or the hub
 /// shuts down.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
+    store: Arc<dyn Store>,
+    fanout: Fanout,
+    access: Access,
+    host: String,
+    last: u64,
+    tx: mpsc::Sender<Result<proto::Event, Status>>,
+    shutdown: Shutdown,
+) {
+    let revoked = access.revoked(&host);
+    tokio::select! {
+        _ = stream(store, fanout, host, last, tx.clone(), shutdown) => {}
+        _ = revoked => {
+            info!("host revoked; ending its subscription");
+            let _ = tx.send(Err(Status::permission_denied("this host has been revoked"))).await;
+        }
+    }
+}
+
+async fn stream(
     store: Arc<dyn Store>,
     fanout: Fanout,
     host: String,
@@ -39,7 +59,8 @@ pub async fn run(
     tx: mpsc::Sender<Result<proto::Event, Status>>,
     mut shutdown: Shutdown,
 ) {
-    let _guard = fanout.register(&host);
+    let guard = fanout.register(&host);
+    guard.passed(last);
     'replay: loop {
         let mut live = fanout.receiver();
         loop {
@@ -55,6 +76,7 @@ pub async fn run(
                     return;
                 }
                 last = event.id;
+                guard.passed(last);
             }
             if page.len() < REPLAY_PAGE {
                 break;
@@ -74,6 +96,7 @@ pub async fn run(
                         return;
                     }
                     last = event.id;
+                    guard.passed(last);
                 }
                 Err(RecvError::Lagged(missed)) => {
                     info!(

@@ -91,12 +91,96 @@ pub struct HostRow {
     pub name: String,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+    pub enrolled_ms: Option<i64>,
+    pub cert_expires_ms: Option<i64>,
+    pub revoked: bool,
+}
+
+/// An enrolment token to store.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    /// The only host name it may enrol, if bound.
+    pub name: Option<String>,
+    pub expires_ms: i64,
+    /// Validity of the certificate it buys, seconds.
+    pub cert_ttl_s: i64,
+}
+
+/// A successful enrolment: how long the certificate may be valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enrolled {
+    pub cert_ttl_s: i64,
+}
+
+/// Why an enrolment was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnrollRefused {
+    #[error("unknown enrolment token")]
+    UnknownToken,
+    #[error("this enrolment token was already used")]
+    UsedToken,
+    #[error("this enrolment token has expired; create a new one with `banmesh hub token create`")]
+    ExpiredToken,
+    #[error("this enrolment token is for host {0:?} only")]
+    OtherName(String),
+    #[error("the name {0:?} is held by another host (revoke it first to replace that host)")]
+    NameTaken(String),
+    #[error("the name {0:?} was revoked and cannot be enrolled again")]
+    NameRevoked(String),
+}
+
+/// A token row as read inside the enrolment transaction.
+pub(crate) struct TokenRow {
+    pub name: Option<String>,
+    pub expires_ms: i64,
+    pub used: bool,
+    pub cert_ttl_s: i64,
+}
+
+/// The enrolment rules, shared by both backends: `host` is the existing
+/// host row's revoked flag, if any.
+pub(crate) fn check_enrolment(
+    token: Option<TokenRow>,
+    name: &str,
+    host: Option<bool>,
+    now_ms: i64,
+) -> Result<Enrolled, EnrollRefused> {
+    let t = token.ok_or(EnrollRefused::UnknownToken)?;
+    if t.used {
+        return Err(EnrollRefused::UsedToken);
+    }
+    if t.expires_ms <= now_ms {
+        return Err(EnrollRefused::ExpiredToken);
+    }
+    if let Some(bound) = t.name.filter(|b| b != name) {
+        return Err(EnrollRefused::OtherName(bound));
+    }
+    match host {
+        Some(true) => Err(EnrollRefused::NameRevoked(name.to_string())),
+        Some(false) => Err(EnrollRefused::NameTaken(name.to_string())),
+        None => Ok(Enrolled {
+            cert_ttl_s: t.cert_ttl_s,
+        }),
+    }
 }
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Records that a host connected; adds its `ip_table` column when new.
-    async fn touch_host(&self, name: &str) -> Result<(), StoreError>;
+    /// Records that a host connected (and its certificate's expiry); adds
+    /// its `ip_table` column when new. Admins are not hosts: never touched.
+    async fn touch_host(&self, name: &str, cert_expires_ms: Option<i64>) -> Result<(), StoreError>;
+    /// Stores a one-time enrolment token (its SHA-256, never the token).
+    async fn create_token(&self, token: &NewToken) -> Result<(), StoreError>;
+    /// Spends a token for `name` and records the host, in one transaction;
+    /// refuses an unknown, used or expired token, a token bound to another
+    /// name, and a name held by a live (or revoked) host.
+    async fn enroll(&self, token_hash: &str, name: &str) -> Result<Result<Enrolled, EnrollRefused>, StoreError>;
+    /// Marks a host revoked; false if no such host.
+    async fn revoke(&self, name: &str) -> Result<bool, StoreError>;
+    /// Names of revoked hosts.
+    async fn revoked(&self) -> Result<Vec<String>, StoreError>;
     /// Commits a batch of reports in one transaction (see the module doc).
     async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError>;
     /// Replay: up to `limit` events after `after`, as seen by `subscriber`.

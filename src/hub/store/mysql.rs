@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, TxOpts, Value, prelude::*};
 
 use super::{
-    BanFilter, BanRow, Committed, HostRow, NewReport, RawEvent, RawHost, RawStatus, SCHEMA_VERSION,
+    EnrollRefused, Enrolled, NewToken, TokenRow, BanFilter, BanRow, Committed, HostRow, NewReport, RawEvent, RawHost, RawStatus, SCHEMA_VERSION,
     Store, StoreError,
 };
 use crate::ban::{Event, EventKind, Status};
@@ -23,8 +23,19 @@ const SCHEMA: &[&str] = &[
         name VARCHAR(253) NOT NULL,
         first_seen_ms BIGINT NOT NULL,
         last_seen_ms BIGINT NOT NULL,
+        enrolled_ms BIGINT NULL,
+        cert_expires_ms BIGINT NULL,
+        revoked_ms BIGINT NULL,
         UNIQUE KEY name (name)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS enrol_tokens (
+        hash CHAR(64) NOT NULL PRIMARY KEY,
+        name VARCHAR(253) NULL,
+        created_ms BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL,
+        used_ms BIGINT NULL,
+        cert_ttl_s BIGINT NOT NULL
+    ) ENGINE=InnoDB",
     "CREATE TABLE IF NOT EXISTS events (
         id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
         kind TINYINT NOT NULL,
@@ -204,15 +215,89 @@ fn report_keys(keys: &[(u64, u64)]) -> String {
 
 #[async_trait]
 impl Store for MysqlStore {
-    async fn touch_host(&self, name: &str) -> Result<(), StoreError> {
+    async fn touch_host(&self, name: &str, cert_expires_ms: Option<i64>) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
         let id = self.host_id(&mut c, name).await?;
         c.exec_drop(
-            "UPDATE hosts SET last_seen_ms = ? WHERE id = ?",
-            (super::now_ms(), id),
+            "UPDATE hosts SET last_seen_ms = ?, cert_expires_ms = COALESCE(?, cert_expires_ms) WHERE id = ?",
+            (super::now_ms(), cert_expires_ms, id),
         )
         .await
         .map_err(q)
+    }
+
+    async fn create_token(&self, t: &NewToken) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        c.exec_drop(
+            "INSERT INTO enrol_tokens (hash, name, created_ms, expires_ms, used_ms, cert_ttl_s) VALUES (?, ?, ?, ?, NULL, ?)",
+            (&t.hash, &t.name, super::now_ms(), t.expires_ms, t.cert_ttl_s),
+        )
+        .await
+        .map_err(q)
+    }
+
+    async fn enroll(&self, token_hash: &str, name: &str) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
+        let mut c = self.conn().await?;
+        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
+        let token: Option<(Option<String>, i64, Option<i64>, i64)> = tx
+            .exec_first(
+                "SELECT name, expires_ms, used_ms, cert_ttl_s FROM enrol_tokens WHERE hash = ? FOR UPDATE",
+                (token_hash,),
+            )
+            .await
+            .map_err(q)?;
+        let host: Option<Option<i64>> = tx
+            .exec_first("SELECT revoked_ms FROM hosts WHERE name = ? FOR UPDATE", (name,))
+            .await
+            .map_err(q)?;
+        let now = super::now_ms();
+        let token = token.map(|(name, expires_ms, used, cert_ttl_s)| TokenRow {
+            name,
+            expires_ms,
+            used: used.is_some(),
+            cert_ttl_s,
+        });
+        let verdict = super::check_enrolment(token, name, host.map(|r| r.is_some()), now);
+        if verdict.is_ok() {
+            tx.exec_drop("UPDATE enrol_tokens SET used_ms = ? WHERE hash = ?", (now, token_hash))
+                .await
+                .map_err(q)?;
+            tx.exec_drop(
+                "INSERT INTO hosts (name, first_seen_ms, last_seen_ms, enrolled_ms) VALUES (?, ?, ?, ?)",
+                (name, now, now, now),
+            )
+            .await
+            .map_err(q)?;
+        }
+        tx.commit().await.map_err(q)?;
+        if verdict.is_ok() {
+            let hosts: Vec<(u64, String)> = c.query("SELECT id, name FROM hosts ORDER BY id").await.map_err(q)?;
+            Self::rebuild_view(&mut c, &hosts).await?;
+            self.host_ids.lock().unwrap().extend(hosts.into_iter().map(|(id, n)| (n, id)));
+        }
+        Ok(verdict)
+    }
+
+    async fn revoke(&self, name: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        c.exec_drop(
+            "UPDATE hosts SET revoked_ms = COALESCE(revoked_ms, ?) WHERE name = ?",
+            (super::now_ms(), name),
+        )
+        .await
+        .map_err(q)?;
+        Ok(c.affected_rows() > 0 || {
+            let n: Option<i64> = c
+                .exec_first("SELECT COUNT(*) FROM hosts WHERE name = ?", (name,))
+                .await
+                .map_err(q)?;
+            n.unwrap_or(0) > 0
+        })
+    }
+
+    async fn revoked(&self) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn().await?;
+        c.query("SELECT name FROM hosts WHERE revoked_ms IS NOT NULL").await.map_err(q)
     }
 
     async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
@@ -331,7 +416,8 @@ impl Store for MysqlStore {
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         let mut c = self.conn().await?;
-        let me = self.host_id(&mut c, subscriber).await?;
+        // An admin following the stream is not a host: it excludes nothing.
+        let me = self.host_ids.lock().unwrap().get(subscriber).copied().unwrap_or(0);
         let rows: Vec<EventRow> = c
             .exec(
                 format!(
@@ -348,7 +434,8 @@ impl Store for MysqlStore {
 
     async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError> {
         let mut c = self.conn().await?;
-        let by_id = self.host_id(&mut c, by).await?;
+        // Unbans come from admins, who are not hosts.
+        let by_id = 0u64;
         let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
         let active: Vec<EventRow> = tx
             .exec(
@@ -491,16 +578,23 @@ impl Store for MysqlStore {
 
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
         let mut c = self.conn().await?;
-        let rows: Vec<(String, i64, i64)> = c
-            .query("SELECT name, first_seen_ms, last_seen_ms FROM hosts ORDER BY name")
+        type Row = (String, i64, i64, Option<i64>, Option<i64>, Option<i64>);
+        let rows: Vec<Row> = c
+            .query(
+                "SELECT name, first_seen_ms, last_seen_ms, enrolled_ms, cert_expires_ms, revoked_ms \
+                 FROM hosts ORDER BY name",
+            )
             .await
             .map_err(q)?;
         Ok(rows
             .into_iter()
-            .map(|(name, first_seen_ms, last_seen_ms)| HostRow {
+            .map(|(name, first_seen_ms, last_seen_ms, enrolled_ms, cert_expires_ms, revoked)| HostRow {
                 name,
                 first_seen_ms,
                 last_seen_ms,
+                enrolled_ms,
+                cert_expires_ms,
+                revoked: revoked.is_some(),
             })
             .collect())
     }

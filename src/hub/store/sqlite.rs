@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
 
 use super::{
-    BanFilter, BanRow, Committed, HostRow, NewReport, RawEvent, RawHost, RawStatus, SCHEMA_VERSION,
+    EnrollRefused, Enrolled, NewToken, TokenRow, BanFilter, BanRow, Committed, HostRow, NewReport, RawEvent, RawHost, RawStatus, SCHEMA_VERSION,
     Store, StoreError,
 };
 use crate::ban::{Event, EventKind, Status};
@@ -26,7 +26,18 @@ const SCHEMA: &str = "
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         name TEXT NOT NULL UNIQUE,
         first_seen_ms INTEGER NOT NULL,
-        last_seen_ms INTEGER NOT NULL
+        last_seen_ms INTEGER NOT NULL,
+        enrolled_ms INTEGER NULL,
+        cert_expires_ms INTEGER NULL,
+        revoked_ms INTEGER NULL
+    );
+    CREATE TABLE IF NOT EXISTS enrol_tokens (
+        hash TEXT PRIMARY KEY,
+        name TEXT NULL,
+        created_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        used_ms INTEGER NULL,
+        cert_ttl_s INTEGER NOT NULL
     );
     CREATE TABLE IF NOT EXISTS events (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -196,17 +207,97 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn touch_host(&self, name: &str) -> Result<(), StoreError> {
+    async fn touch_host(&self, name: &str, cert_expires_ms: Option<i64>) -> Result<(), StoreError> {
         let name = name.to_string();
         self.with(move |i| {
             let id = i.host_id(&name)?;
             i.conn
                 .execute(
-                    "UPDATE hosts SET last_seen_ms = ?1 WHERE id = ?2",
-                    params![super::now_ms(), id as i64],
+                    "UPDATE hosts SET last_seen_ms = ?1, cert_expires_ms = COALESCE(?2, cert_expires_ms) WHERE id = ?3",
+                    params![super::now_ms(), cert_expires_ms, id as i64],
                 )
                 .map_err(q)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn create_token(&self, t: &NewToken) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.with(move |i| {
+            i.conn
+                .execute(
+                    "INSERT INTO enrol_tokens (hash, name, created_ms, expires_ms, used_ms, cert_ttl_s) VALUES (?1, ?2, ?3, ?4, NULL, ?5)",
+                    params![t.hash, t.name, super::now_ms(), t.expires_ms, t.cert_ttl_s],
+                )
+                .map_err(q)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn enroll(&self, token_hash: &str, name: &str) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
+        let (hash, name) = (token_hash.to_string(), name.to_string());
+        self.with(move |i| {
+            let tx = i.conn.transaction().map_err(q)?;
+            let token = tx
+                .query_row(
+                    "SELECT name, expires_ms, used_ms, cert_ttl_s FROM enrol_tokens WHERE hash = ?1",
+                    [&hash],
+                    |r| {
+                        Ok(TokenRow {
+                            name: r.get(0)?,
+                            expires_ms: r.get(1)?,
+                            used: r.get::<_, Option<i64>>(2)?.is_some(),
+                            cert_ttl_s: r.get(3)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(q)?;
+            let host: Option<bool> = tx
+                .query_row("SELECT revoked_ms IS NOT NULL FROM hosts WHERE name = ?1", [&name], |r| r.get(0))
+                .optional()
+                .map_err(q)?;
+            let now = super::now_ms();
+            let verdict = super::check_enrolment(token, &name, host, now);
+            if verdict.is_ok() {
+                tx.execute("UPDATE enrol_tokens SET used_ms = ?1 WHERE hash = ?2", params![now, hash])
+                    .map_err(q)?;
+                tx.execute(
+                    "INSERT INTO hosts (name, first_seen_ms, last_seen_ms, enrolled_ms) VALUES (?1, ?2, ?2, ?2)",
+                    params![name, now],
+                )
+                .map_err(q)?;
+            }
+            tx.commit().map_err(q)?;
+            if verdict.is_ok() {
+                i.reload_hosts()?;
+            }
+            Ok(verdict)
+        })
+        .await
+    }
+
+    async fn revoke(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_string();
+        self.with(move |i| {
+            let n = i
+                .conn
+                .execute(
+                    "UPDATE hosts SET revoked_ms = COALESCE(revoked_ms, ?1) WHERE name = ?2",
+                    params![super::now_ms(), name],
+                )
+                .map_err(q)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn revoked(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|i| {
+            let mut st = i.conn.prepare("SELECT name FROM hosts WHERE revoked_ms IS NOT NULL").map_err(q)?;
+            st.query_map([], |r| r.get(0)).map_err(q)?.collect::<Result<_, _>>().map_err(q)
         })
         .await
     }
@@ -287,7 +378,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Event>, StoreError> {
         let subscriber = subscriber.to_string();
         self.with(move |i| {
-            let me = i.host_id(&subscriber)? as i64;
+            // An admin following the stream is not a host: it excludes nothing.
+            let me = i.host_ids.get(&subscriber).copied().unwrap_or(0) as i64;
             let mut st = i
                 .conn
                 .prepare_cached(&format!(
@@ -307,7 +399,8 @@ impl Store for SqliteStore {
     async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError> {
         let (ip, by) = (ip.to_string(), by.to_string());
         self.with(move |i| {
-            let by_id = i.host_id(&by)? as i64;
+            // Unbans come from admins, who are not hosts.
+            let by_id = 0i64;
             let tx = i.conn.transaction().map_err(q)?;
             let active: Vec<Event> = {
                 let mut st = tx
@@ -441,13 +534,19 @@ impl Store for SqliteStore {
         self.with(|i| {
             let mut st = i
                 .conn
-                .prepare("SELECT name, first_seen_ms, last_seen_ms FROM hosts ORDER BY name")
+                .prepare(
+                    "SELECT name, first_seen_ms, last_seen_ms, enrolled_ms, cert_expires_ms, revoked_ms \
+                     FROM hosts ORDER BY name",
+                )
                 .map_err(q)?;
             st.query_map([], |r| {
                 Ok(HostRow {
                     name: r.get(0)?,
                     first_seen_ms: r.get(1)?,
                     last_seen_ms: r.get(2)?,
+                    enrolled_ms: r.get(3)?,
+                    cert_expires_ms: r.get(4)?,
+                    revoked: r.get::<_, Option<i64>>(5)?.is_some(),
                 })
             })
             .map_err(q)?
