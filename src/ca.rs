@@ -143,7 +143,9 @@ pub struct CaSigner {
 impl std::fmt::Debug for CaSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
-        f.debug_struct("CaSigner").field("sha256", &self.sha256).finish()
+        f.debug_struct("CaSigner")
+            .field("sha256", &self.sha256)
+            .finish()
     }
 }
 
@@ -151,7 +153,9 @@ impl std::fmt::Debug for CaSigner {
 pub fn fingerprint(cert_pem: &str) -> Option<String> {
     use rustls_pki_types::{CertificateDer, pem::PemObject};
     use sha2::Digest;
-    let der = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).next()?.ok()?;
+    let der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .next()?
+        .ok()?;
     Some(hex::encode(sha2::Sha256::digest(der.as_ref())))
 }
 
@@ -167,7 +171,8 @@ impl CaSigner {
         let cert_pem = read(cert)?;
         let ca_key = KeyPair::from_pem(&read(key)?)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, ca_key)?;
-        let sha256 = fingerprint(&cert_pem).ok_or(CaError::Cert(rcgen::Error::CouldNotParseCertificate))?;
+        let sha256 =
+            fingerprint(&cert_pem).ok_or(CaError::Cert(rcgen::Error::CouldNotParseCertificate))?;
         Ok(CaSigner {
             issuer,
             cert_pem,
@@ -177,7 +182,11 @@ impl CaSigner {
 
     /// Signs a certificate for a host's public key; returns PEM. The
     /// identity comes from `req`, never from whatever the key's owner asked.
-    pub fn sign(&self, req: &HostCert<'_>, public_key: &impl rcgen::PublicKeyData) -> Result<String, CaError> {
+    pub fn sign(
+        &self,
+        req: &HostCert<'_>,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, CaError> {
         if !crate::ban::valid_host_name(req.name) {
             return Err(CaError::BadName(req.name.to_string()));
         }
@@ -197,7 +206,10 @@ impl CaSigner {
             });
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         validity(&mut params, req.valid_for);
         Ok(params.signed_by(public_key, &self.issuer)?.pem())
     }

@@ -38,6 +38,55 @@ pub enum Command {
     Bans(BansArgs),
     /// Start a throwaway local fleet (CA, hub, three nodes) and show bans crossing it.
     Demo(crate::demo::DemoArgs),
+    /// Join this server to the fleet with a one-time token from `banmesh hub token create`.
+    Enroll(EnrollArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EnrollArgs {
+    /// The hub, HOST:PORT.
+    #[arg(long)]
+    pub hub: String,
+    /// One-time token from `banmesh hub token create`.
+    #[arg(long, env = "BANMESH_TOKEN")]
+    pub token: String,
+    /// SHA-256 of the fleet CA, as printed with the token; the hub must prove it holds this CA.
+    #[arg(long)]
+    pub ca_sha256: String,
+    /// This server's identity (default: its host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where to write host.key (0600), host.crt and ca.crt.
+    #[arg(long, default_value = DEFAULT_CERT_DIR)]
+    pub dir: PathBuf,
+}
+
+/// The hub to talk to, and the admin certificate to do it with.
+#[derive(Args, Debug, Clone)]
+pub struct AdminArgs {
+    /// Hub address.
+    #[arg(long, default_value = "https://127.0.0.1:7443")]
+    pub hub: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenAction {
+    /// Print a one-time enrolment token and the CA's SHA-256 (needs an admin certificate).
+    Create {
+        /// How long the token can be used.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The only host name the token may enrol.
+        #[arg(long)]
+        name: Option<String>,
+        /// Validity of the certificate the token buys.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        cert_ttl: Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +152,21 @@ pub struct HubCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum HubAction {
+    /// Enrolment tokens.
+    #[command(subcommand)]
+    Token(TokenAction),
+    /// Refuse a host from now on and end its open streams (needs an admin certificate).
+    Revoke {
+        /// The host's name.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List hosts: enrolment, last seen, certificate expiry, subscription lag, revoked.
+    Hosts {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Copy a hub's data to another store, e.g. from the embedded one to MySQL.
     Migrate {
         /// Source store: sqlite:PATH or mysql://...
@@ -220,6 +284,12 @@ pub struct NodeArgs {
     /// is applied when the old one ends.
     #[arg(long, default_value_t = node::apply::DEFAULT_RECENT_RATIO)]
     pub recent_ratio: f64,
+    /// Renew this host's certificate when less than this is left.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub renew_before: Duration,
+    /// Also serve status, health and reflection over mTLS here, for grpcurl (e.g. 0.0.0.0:7444).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// The seed's `add2db.py` flags. `-pr` is accepted too (rewritten to
@@ -359,6 +429,10 @@ pub fn main() -> std::process::ExitCode {
             init_logging("warn");
             runtime().block_on(crate::demo::run(args))
         }
+        Command::Enroll(args) => {
+            init_logging("warn");
+            runtime().block_on(enroll(args))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -450,10 +524,95 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn when(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}",
+                t.year(),
+                t.month() as u8,
+                t.day(),
+                t.hour(),
+                t.minute()
+            )
+        })
+        .unwrap_or_default()
+}
+
 async fn hub_action(action: HubAction) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let progress = std::io::stderr().is_terminal();
+    let admin_client = |a: &AdminArgs| {
+        let (hub, tls) = (a.hub.clone(), TlsFiles::from(&a.tls));
+        async move { crate::admin::client(&hub, &tls).await }
+    };
     let copied = match action {
+        HubAction::Token(TokenAction::Create {
+            ttl,
+            name,
+            cert_ttl,
+            admin,
+        }) => {
+            let r = admin_client(&admin)
+                .await?
+                .create_token(crate::proto::CreateTokenRequest {
+                    ttl_s: ttl.as_secs(),
+                    name: name.unwrap_or_default(),
+                    cert_ttl_s: cert_ttl.as_secs(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!("token:      {}", r.token);
+            println!("ca-sha256:  {}", r.ca_sha256);
+            println!("expires:    {} UTC", when(r.expires_ms));
+            let hub = admin.hub.trim_start_matches("https://");
+            println!(
+                "\nOn the new server:\n  banmesh enroll --hub {hub} --token {} --ca-sha256 {}",
+                r.token, r.ca_sha256
+            );
+            return Ok(());
+        }
+        HubAction::Revoke { name, admin } => {
+            admin_client(&admin)
+                .await?
+                .revoke(crate::proto::RevokeRequest { name: name.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("revoked {name}: the hub refuses it from now on");
+            return Ok(());
+        }
+        HubAction::Hosts { admin } => {
+            let r = admin_client(&admin)
+                .await?
+                .hosts(crate::proto::HostsRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!(
+                "{:<24} {:<17} {:<17} {:<17} {:>10}  STATE",
+                "HOST", "ENROLLED", "LAST SEEN", "CERT EXPIRES", "LAG"
+            );
+            for h in r.hosts {
+                let state = match (h.revoked, h.subscribed) {
+                    (true, _) => "revoked",
+                    (false, true) => "subscribed",
+                    (false, false) => "offline",
+                };
+                println!(
+                    "{:<24} {:<17} {:<17} {:<17} {:>10}  {state}",
+                    h.name,
+                    when(h.enrolled_ms),
+                    when(h.last_seen_ms),
+                    when(h.cert_expires_ms),
+                    h.lag_events
+                );
+            }
+            return Ok(());
+        }
         HubAction::Migrate { from, to, force } => {
             let source = hub::store::open(&from).await?;
             let target = hub::store::open(&to).await?;
@@ -495,6 +654,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         outbox_limit: args.outbox_limit,
         fail2ban_socket: (!args.no_fail2ban_socket).then_some(args.fail2ban_socket),
         recent_ratio: args.recent_ratio,
+        renew_before: args.renew_before,
+        listen: args.listen,
     };
     until_signal(|stop| node::run(config, stop)).await
 }
@@ -521,6 +682,36 @@ fn report(args: ReportArgs) -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+    let name = args.name.unwrap_or_else(crate::enroll::host_name);
+    let done = crate::enroll::enroll(&crate::enroll::EnrollRequest {
+        hub: args.hub.clone(),
+        token: args.token,
+        ca_sha256: args.ca_sha256,
+        name: name.clone(),
+        dir: args.dir,
+    })
+    .await?;
+    println!(
+        "enrolled as {name}; certificate valid until {} UTC",
+        when(done.expires_ms)
+    );
+    println!(
+        "wrote {} (0600), {}, {}",
+        done.key.display(),
+        done.cert.display(),
+        done.ca.display()
+    );
+    let hub = args.hub.trim_start_matches("https://");
+    println!(
+        "start the node:\n  banmesh node --hub https://{hub} --cert {} --key {} --ca {}",
+        done.cert.display(),
+        done.key.display(),
+        done.ca.display()
+    );
+    Ok(())
 }
 
 async fn list_bans(args: BansArgs) -> anyhow::Result<()> {

@@ -122,6 +122,8 @@ async fn fleet(
             outbox_limit: node::DEFAULT_OUTBOX_LIMIT,
             fail2ban_socket: None,
             recent_ratio: node::apply::DEFAULT_RECENT_RATIO,
+            renew_before: node::renewal::DEFAULT_RENEW_BEFORE,
+            listen: None,
         };
         println!(
             "  {name:<6} socket {}, log {}",

@@ -21,6 +21,7 @@ pub mod ban;
 pub mod ca;
 pub mod cli;
 pub mod demo;
+pub mod enroll;
 pub mod fail2ban;
 pub mod hub;
 pub mod node;

@@ -28,7 +28,10 @@ impl Access {
 
     fn check(&self, p: Peer) -> Result<Peer, Status> {
         if self.revoked.borrow().contains(&p.name) {
-            return Err(Status::permission_denied(format!("host {} has been revoked", p.name)));
+            return Err(Status::permission_denied(format!(
+                "host {} has been revoked",
+                p.name
+            )));
         }
         Ok(p)
     }

@@ -28,10 +28,18 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         let r = request.into_inner();
         info!(name = %r.name, "enrolment attempt");
         if !crate::ban::valid_host_name(&r.name) {
-            return Err(Status::invalid_argument(format!("{:?} is not a valid host name", r.name)));
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a valid host name",
+                r.name
+            )));
         }
         // Check the CSR before spending the token on it.
-        let probe = sign_csr(self.signer.as_deref(), &r.name, &r.csr_pem, crate::ca::HOST_VALIDITY)?;
+        let probe = sign_csr(
+            self.signer.as_deref(),
+            &r.name,
+            &r.csr_pem,
+            crate::ca::HOST_VALIDITY,
+        )?;
         drop(probe);
         let verdict = self
             .store

@@ -77,7 +77,12 @@ impl Fanout {
 
     /// Open subscription streams, all hosts together.
     pub fn subscriber_count(&self) -> usize {
-        self.subscribed.lock().unwrap().values().map(|s| s.streams).sum()
+        self.subscribed
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.streams)
+            .sum()
     }
 }
 

@@ -128,10 +128,7 @@ pub async fn run(
         signer,
         shutdown: shutdown.clone(),
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_alpha) = crate::proto::reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<HubServer<service::HubService>>().await;
 
@@ -140,8 +137,15 @@ pub async fn run(
         .tls_config(tls)?
         .add_service(HubServer::new(service))
         .add_service(EnrollmentServer::new(enrollment))
-        .add_service(InterceptedService::new(health_service, access.interceptor()))
+        .add_service(InterceptedService::new(
+            health_service,
+            access.interceptor(),
+        ))
         .add_service(InterceptedService::new(reflection, access.interceptor()))
+        .add_service(InterceptedService::new(
+            reflection_alpha,
+            access.interceptor(),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.signalled())
         .await?;
     info!("hub stopped");

@@ -56,7 +56,9 @@ pub fn sign_csr(
     valid_for: std::time::Duration,
 ) -> Result<proto::IssuedCertificate, Status> {
     let signer = signer.ok_or_else(|| {
-        Status::failed_precondition("this hub has no CA key (--ca-key): it cannot sign certificates")
+        Status::failed_precondition(
+            "this hub has no CA key (--ca-key): it cannot sign certificates",
+        )
     })?;
     let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| Status::invalid_argument(format!("not a valid CSR: {e}")))?;
@@ -66,7 +68,9 @@ pub fn sign_csr(
         valid_for,
         admin: false,
     };
-    let cert_pem = signer.sign(&req, &csr.public_key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let cert_pem = signer
+        .sign(&req, &csr.public_key)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(proto::IssuedCertificate {
         name: name.to_string(),
         cert_pem,
@@ -100,7 +104,10 @@ impl hub_server::Hub for HubService {
         request: Request<Streaming<proto::Report>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
         let peer = self.access.host(&request)?;
-        self.store.touch_host(&peer.name, peer.cert_expires_ms).await.map_err(unavailable)?;
+        self.store
+            .touch_host(&peer.name, peer.cert_expires_ms)
+            .await
+            .map_err(unavailable)?;
         let host = peer.name;
         let span = info_span!("publish", host = %host);
         let mut inbound = request.into_inner();
@@ -199,7 +206,10 @@ impl hub_server::Hub for HubService {
         let peer = self.access.member(&request)?;
         // Admins may follow the stream; they are not hosts of the fleet.
         if !peer.admin {
-            self.store.touch_host(&peer.name, peer.cert_expires_ms).await.map_err(unavailable)?;
+            self.store
+                .touch_host(&peer.name, peer.cert_expires_ms)
+                .await
+                .map_err(unavailable)?;
         }
         let host = peer.name;
         let after = request.get_ref().after_event_id;
@@ -350,11 +360,18 @@ impl hub_server::Hub for HubService {
             Status::failed_precondition("this hub has no CA key (--ca-key): enrolment is off")
         })?;
         if !r.name.is_empty() && !crate::ban::valid_host_name(&r.name) {
-            return Err(Status::invalid_argument(format!("{:?} is not a valid host name", r.name)));
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a valid host name",
+                r.name
+            )));
         }
         let token = hex::encode(rand::random::<[u8; 24]>());
         let ttl = if r.ttl_s == 0 { TOKEN_TTL_S } else { r.ttl_s };
-        let cert_ttl = if r.cert_ttl_s == 0 { crate::ca::HOST_VALIDITY.as_secs() } else { r.cert_ttl_s };
+        let cert_ttl = if r.cert_ttl_s == 0 {
+            crate::ca::HOST_VALIDITY.as_secs()
+        } else {
+            r.cert_ttl_s
+        };
         let expires_ms = super::store::now_ms() + (ttl as i64) * 1000;
         self.store
             .create_token(&super::store::NewToken {

@@ -47,6 +47,22 @@ pub fn channel(hubs: &[String], tls: &TlsFiles) -> Result<Channel, LinkError> {
     })
 }
 
+/// The current channel to the hub; replaced when the node renews its
+/// certificate, so every (re)connection after that presents the new one.
+#[derive(Clone)]
+pub struct Link(tokio::sync::watch::Receiver<Channel>);
+
+impl Link {
+    pub fn new(channel: Channel) -> (tokio::sync::watch::Sender<Channel>, Link) {
+        let (tx, rx) = tokio::sync::watch::channel(channel);
+        (tx, Link(rx))
+    }
+
+    pub fn current(&self) -> Channel {
+        self.0.borrow().clone()
+    }
+}
+
 /// Capped exponential backoff with jitter, so a fleet that lost its hub
 /// does not reconnect in lockstep.
 #[derive(Debug, Default)]

@@ -14,12 +14,16 @@
 //! - [`subscriber`]: hub -> [`apply`] (what `readdb.py` did) -> statuses.
 //! - [`local`]: the unix-socket service `banmesh report` talks to.
 //! - [`link`]: TLS channel to the hub and reconnect backoff.
+//! - [`renewal`]: renews the node's certificate before it expires.
+//! - [`inspect`]: the optional mTLS port for grpcurl (status, health, reflection).
 pub mod apply;
 pub mod deferred;
+pub mod inspect;
 pub mod link;
 pub mod local;
 pub mod outbox;
 pub mod publisher;
+pub mod renewal;
 pub mod subscriber;
 
 use std::{
@@ -66,6 +70,8 @@ pub enum NodeError {
     },
     #[error("local gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("inspection port setup failed: {0}")]
+    Inspect(String),
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +87,10 @@ pub struct NodeConfig {
     pub fail2ban_socket: Option<PathBuf>,
     /// Share of an existing ban's time left above which a ban is status 2.
     pub recent_ratio: f64,
+    /// Renew the certificate when less than this is left.
+    pub renew_before: Duration,
+    /// mTLS TCP address for inspection (status, health, reflection).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Binds the local socket, replacing a stale one left by a dead node but
@@ -136,7 +146,7 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         recent_ratio: config.recent_ratio,
         data_dir: config.data_dir.clone(),
     });
-    let channel = link::channel(&config.hubs, &config.tls)?;
+    let (channels, link) = link::Link::new(link::channel(&config.hubs, &config.tls)?);
     let connected = Arc::new(AtomicBool::new(false));
     let listener = bind_socket(&config.socket)?;
 
@@ -151,12 +161,12 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     let tasks = [
         tokio::spawn(publisher::run(
             outbox.clone(),
-            channel.clone(),
+            link.clone(),
             connected.clone(),
             shutdown.clone(),
         )),
         tokio::spawn(subscriber::run(
-            channel.clone(),
+            link.clone(),
             position.clone(),
             batch_tx,
             shutdown.clone(),
@@ -169,8 +179,17 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
             shutdown.clone(),
         )),
         tokio::spawn(subscriber::report_statuses(
-            channel,
+            link.clone(),
             status_rx,
+            shutdown.clone(),
+        )),
+        tokio::spawn(renewal::run(
+            config.tls.clone(),
+            name.clone(),
+            config.hubs.clone(),
+            link,
+            channels,
+            config.renew_before,
             shutdown.clone(),
         )),
     ];
@@ -180,10 +199,27 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         connected,
         position,
     };
+    let local = Arc::new(local);
+    let inspection = match config.listen {
+        Some(addr) => Some(tokio::spawn(inspect::serve(
+            addr,
+            config.tls.clone(),
+            local.clone(),
+            shutdown.clone(),
+        ))),
+        None => None,
+    };
     let served = Server::builder()
-        .add_service(NodeServer::new(local))
+        .add_service(NodeServer::from_arc(local))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.signalled())
         .await;
+    if let Some(t) = inspection {
+        match t.await {
+            Ok(Err(e)) => warn!(error = %e, "inspection listener failed"),
+            Err(e) => warn!(error = %e, "inspection listener panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     for t in tasks {
         if tokio::time::timeout(Duration::from_secs(5), t)
             .await

@@ -16,6 +16,8 @@ use std::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+
+use super::link::Link;
 use tracing::{debug, info, warn};
 
 use super::{link::Backoff, outbox::Outbox};
@@ -30,7 +32,7 @@ const DRAIN: Duration = Duration::from_secs(3);
 
 pub async fn run(
     outbox: Arc<Outbox>,
-    channel: Channel,
+    link: Link,
     connected: Arc<AtomicBool>,
     mut shutdown: Shutdown,
 ) {
@@ -38,7 +40,7 @@ pub async fn run(
     while !shutdown.is_shutdown() {
         match stream_once(
             &outbox,
-            channel.clone(),
+            link.current(),
             &connected,
             &mut backoff,
             &mut shutdown,

@@ -16,10 +16,9 @@ use std::{
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use super::link::Backoff;
+use super::link::{Backoff, Link};
 use crate::{
     ban::{Event, Status},
     proto::{self, hub_client::HubClient},
@@ -66,7 +65,7 @@ impl Position {
 /// position is read again by a later process, and the apply task skips
 /// anything at or below its position).
 pub async fn run(
-    channel: Channel,
+    link: Link,
     position: Arc<Position>,
     batches: mpsc::Sender<Vec<Event>>,
     mut shutdown: Shutdown,
@@ -75,7 +74,7 @@ pub async fn run(
     let mut received = position.get();
     while !shutdown.is_shutdown() {
         let after = received.max(position.get());
-        let mut client = HubClient::new(channel.clone());
+        let mut client = HubClient::new(link.current());
         let result = tokio::select! {
             r = client.subscribe(proto::SubscribeRequest { after_event_id: after }) => r,
             _ = shutdown.recv() => break,
@@ -149,11 +148,10 @@ async fn follow(
 
 /// Sends statuses to the hub in batches, retrying until it takes them.
 pub async fn report_statuses(
-    channel: Channel,
+    link: Link,
     mut rx: mpsc::UnboundedReceiver<(u64, Status)>,
     mut shutdown: Shutdown,
 ) {
-    let mut client = HubClient::new(channel);
     let mut pending: Vec<(u64, Status)> = Vec::new();
     let mut backoff = Backoff::default();
     loop {
@@ -177,6 +175,7 @@ pub async fn report_statuses(
                 status: *s as i32,
             })
             .collect();
+        let mut client = HubClient::new(link.current());
         match client.report_status(proto::StatusBatch { updates }).await {
             Ok(_) => {
                 pending.drain(..take);
@@ -201,6 +200,7 @@ pub async fn report_statuses(
                 status: *s as i32,
             })
             .collect();
+        let mut client = HubClient::new(link.current());
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
             client.report_status(proto::StatusBatch { updates }),

@@ -375,3 +375,56 @@ impl Node {
         )
     }
 }
+
+/// Runs `banmesh hub token create` with an admin certificate; returns
+/// (token, ca_sha256).
+pub fn create_token(hub: &Hub, admin: &TlsFiles, extra: &[&str]) -> (String, String) {
+    let out = banmesh()
+        .args(["hub", "token", "create", "--hub", &hub.url])
+        .args(tls_args(admin))
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+    };
+    (field("token:"), field("ca-sha256:"))
+}
+
+/// Runs `banmesh enroll`; returns (success, stderr).
+pub fn enroll(hub: &Hub, token: &str, hash: &str, name: &str, dir: &Path) -> (bool, String) {
+    let out = banmesh()
+        .args([
+            "enroll",
+            "--hub",
+            &format!("127.0.0.1:{}", hub.port),
+            "--token",
+            token,
+        ])
+        .args(["--ca-sha256", hash, "--name", name, "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The TLS files `enroll` writes into `dir`.
+pub fn enrolled_files(dir: &Path) -> TlsFiles {
+    TlsFiles {
+        cert: dir.join("host.crt"),
+        key: dir.join("host.key"),
+        ca: dir.join("ca.crt"),
+    }
+}

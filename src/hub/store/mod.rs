@@ -176,7 +176,11 @@ pub trait Store: Send + Sync + 'static {
     /// Spends a token for `name` and records the host, in one transaction;
     /// refuses an unknown, used or expired token, a token bound to another
     /// name, and a name held by a live (or revoked) host.
-    async fn enroll(&self, token_hash: &str, name: &str) -> Result<Result<Enrolled, EnrollRefused>, StoreError>;
+    async fn enroll(
+        &self,
+        token_hash: &str,
+        name: &str,
+    ) -> Result<Result<Enrolled, EnrollRefused>, StoreError>;
     /// Marks a host revoked; false if no such host.
     async fn revoke(&self, name: &str) -> Result<bool, StoreError>;
     /// Names of revoked hosts.

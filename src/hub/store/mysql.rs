@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use mysql_async::{Conn, Opts, OptsBuilder, Pool, TxOpts, Value, prelude::*};
 
 use super::{
-    EnrollRefused, Enrolled, NewToken, TokenRow, BanFilter, BanRow, Committed, HostRow, NewReport, RawEvent, RawHost, RawStatus, SCHEMA_VERSION,
-    Store, StoreError,
+    BanFilter, BanRow, Committed, EnrollRefused, Enrolled, HostRow, NewReport, NewToken, RawEvent,
+    RawHost, RawStatus, SCHEMA_VERSION, Store, StoreError, TokenRow,
 };
 use crate::ban::{Event, EventKind, Status};
 
@@ -236,7 +236,11 @@ impl Store for MysqlStore {
         .map_err(q)
     }
 
-    async fn enroll(&self, token_hash: &str, name: &str) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
+    async fn enroll(
+        &self,
+        token_hash: &str,
+        name: &str,
+    ) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
         let mut c = self.conn().await?;
         let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
         let token: Option<(Option<String>, i64, Option<i64>, i64)> = tx
@@ -247,7 +251,10 @@ impl Store for MysqlStore {
             .await
             .map_err(q)?;
         let host: Option<Option<i64>> = tx
-            .exec_first("SELECT revoked_ms FROM hosts WHERE name = ? FOR UPDATE", (name,))
+            .exec_first(
+                "SELECT revoked_ms FROM hosts WHERE name = ? FOR UPDATE",
+                (name,),
+            )
             .await
             .map_err(q)?;
         let now = super::now_ms();
@@ -259,9 +266,12 @@ impl Store for MysqlStore {
         });
         let verdict = super::check_enrolment(token, name, host.map(|r| r.is_some()), now);
         if verdict.is_ok() {
-            tx.exec_drop("UPDATE enrol_tokens SET used_ms = ? WHERE hash = ?", (now, token_hash))
-                .await
-                .map_err(q)?;
+            tx.exec_drop(
+                "UPDATE enrol_tokens SET used_ms = ? WHERE hash = ?",
+                (now, token_hash),
+            )
+            .await
+            .map_err(q)?;
             tx.exec_drop(
                 "INSERT INTO hosts (name, first_seen_ms, last_seen_ms, enrolled_ms) VALUES (?, ?, ?, ?)",
                 (name, now, now, now),
@@ -271,9 +281,15 @@ impl Store for MysqlStore {
         }
         tx.commit().await.map_err(q)?;
         if verdict.is_ok() {
-            let hosts: Vec<(u64, String)> = c.query("SELECT id, name FROM hosts ORDER BY id").await.map_err(q)?;
+            let hosts: Vec<(u64, String)> = c
+                .query("SELECT id, name FROM hosts ORDER BY id")
+                .await
+                .map_err(q)?;
             Self::rebuild_view(&mut c, &hosts).await?;
-            self.host_ids.lock().unwrap().extend(hosts.into_iter().map(|(id, n)| (n, id)));
+            self.host_ids
+                .lock()
+                .unwrap()
+                .extend(hosts.into_iter().map(|(id, n)| (n, id)));
         }
         Ok(verdict)
     }
@@ -297,7 +313,9 @@ impl Store for MysqlStore {
 
     async fn revoked(&self) -> Result<Vec<String>, StoreError> {
         let mut c = self.conn().await?;
-        c.query("SELECT name FROM hosts WHERE revoked_ms IS NOT NULL").await.map_err(q)
+        c.query("SELECT name FROM hosts WHERE revoked_ms IS NOT NULL")
+            .await
+            .map_err(q)
     }
 
     async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
@@ -417,7 +435,13 @@ impl Store for MysqlStore {
     ) -> Result<Vec<Event>, StoreError> {
         let mut c = self.conn().await?;
         // An admin following the stream is not a host: it excludes nothing.
-        let me = self.host_ids.lock().unwrap().get(subscriber).copied().unwrap_or(0);
+        let me = self
+            .host_ids
+            .lock()
+            .unwrap()
+            .get(subscriber)
+            .copied()
+            .unwrap_or(0);
         let rows: Vec<EventRow> = c
             .exec(
                 format!(
@@ -588,14 +612,18 @@ impl Store for MysqlStore {
             .map_err(q)?;
         Ok(rows
             .into_iter()
-            .map(|(name, first_seen_ms, last_seen_ms, enrolled_ms, cert_expires_ms, revoked)| HostRow {
-                name,
-                first_seen_ms,
-                last_seen_ms,
-                enrolled_ms,
-                cert_expires_ms,
-                revoked: revoked.is_some(),
-            })
+            .map(
+                |(name, first_seen_ms, last_seen_ms, enrolled_ms, cert_expires_ms, revoked)| {
+                    HostRow {
+                        name,
+                        first_seen_ms,
+                        last_seen_ms,
+                        enrolled_ms,
+                        cert_expires_ms,
+                        revoked: revoked.is_some(),
+                    }
+                },
+            )
             .collect())
     }
 

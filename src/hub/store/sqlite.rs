@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter, types::Value};
 
 use super::{
-    EnrollRefused, Enrolled, NewToken, TokenRow, BanFilter, BanRow, Committed, HostRow, NewReport, RawEvent, RawHost, RawStatus, SCHEMA_VERSION,
-    Store, StoreError,
+    BanFilter, BanRow, Committed, EnrollRefused, Enrolled, HostRow, NewReport, NewToken, RawEvent,
+    RawHost, RawStatus, SCHEMA_VERSION, Store, StoreError, TokenRow,
 };
 use crate::ban::{Event, EventKind, Status};
 
@@ -236,7 +236,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn enroll(&self, token_hash: &str, name: &str) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
+    async fn enroll(
+        &self,
+        token_hash: &str,
+        name: &str,
+    ) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
         let (hash, name) = (token_hash.to_string(), name.to_string());
         self.with(move |i| {
             let tx = i.conn.transaction().map_err(q)?;
@@ -296,8 +300,14 @@ impl Store for SqliteStore {
 
     async fn revoked(&self) -> Result<Vec<String>, StoreError> {
         self.with(|i| {
-            let mut st = i.conn.prepare("SELECT name FROM hosts WHERE revoked_ms IS NOT NULL").map_err(q)?;
-            st.query_map([], |r| r.get(0)).map_err(q)?.collect::<Result<_, _>>().map_err(q)
+            let mut st = i
+                .conn
+                .prepare("SELECT name FROM hosts WHERE revoked_ms IS NOT NULL")
+                .map_err(q)?;
+            st.query_map([], |r| r.get(0))
+                .map_err(q)?
+                .collect::<Result<_, _>>()
+                .map_err(q)
         })
         .await
     }

@@ -1,0 +1,244 @@
+//! `banmesh enroll`: a new server joins the fleet with one command.
+//!
+//! It makes its private key here (written 0600; the key never leaves the
+//! machine), connects to the hub over TLS that must verify against the CA
+//! whose SHA-256 the operator pinned (the way `kubeadm join` pins its CA),
+//! and trades a one-time token and a CSR for its certificate. A wrong hash
+//! fails the TLS handshake, so nothing (not even the token) is sent.
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, bail};
+use hyper_util::rt::TokioIo;
+use rustls::{
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::WebPkiServerVerifier,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+use sha2::Digest;
+use tokio::net::TcpStream;
+use tonic::transport::{Endpoint, Uri};
+
+use crate::{
+    ca,
+    proto::{self, enrollment_client::EnrollmentClient},
+};
+
+/// Accepts the hub only if its chain carries the pinned CA and the hub's
+/// certificate verifies against it.
+#[derive(Debug)]
+struct PinnedCa {
+    sha256: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| hex::encode(sha2::Sha256::digest(c.as_ref())) == self.sha256)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the hub's CA does not match --ca-sha256; nothing was sent".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What `enroll` needs.
+#[derive(Debug, Clone)]
+pub struct EnrollRequest {
+    /// `HOST:PORT` (an `https://` prefix is accepted).
+    pub hub: String,
+    pub token: String,
+    pub ca_sha256: String,
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+/// Files written by a successful enrolment.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub expires_ms: i64,
+}
+
+/// This machine's host name, the default identity.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Writes a private key 0600 and a certificate, replacing older ones
+/// atomically (used by enrolment and renewal).
+pub fn write_identity(
+    key: &Path,
+    key_pem: &str,
+    cert: &Path,
+    cert_pem: &str,
+) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    for (path, text, mode) in [(key, key_pem, 0o600), (cert, cert_pem, 0o644)] {
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+    }
+    Ok(())
+}
+
+fn split_hub(hub: &str) -> anyhow::Result<(String, String)> {
+    let addr = hub.trim_start_matches("https://").trim_end_matches('/');
+    let (host, _port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("--hub {hub:?} must be HOST:PORT"))?;
+    Ok((host.trim_matches(['[', ']']).to_string(), addr.to_string()))
+}
+
+pub async fn enroll(req: &EnrollRequest) -> anyhow::Result<Enrolled> {
+    let pin = req.ca_sha256.trim().to_ascii_lowercase().replace(':', "");
+    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--ca-sha256 must be the 64 hex digits printed by `banmesh hub token create`");
+    }
+    if !crate::ban::valid_host_name(&req.name) {
+        bail!("{:?} is not a valid host name; pass --name", req.name);
+    }
+    let files = Enrolled {
+        cert: req.dir.join("host.crt"),
+        key: req.dir.join("host.key"),
+        ca: req.dir.join("ca.crt"),
+        expires_ms: 0,
+    };
+    if files.key.exists() {
+        bail!(
+            "{} already exists: this machine is enrolled (move it away to enrol again)",
+            files.key.display()
+        );
+    }
+    let (host, addr) = split_hub(&req.hub)?;
+    let server_name: ServerName<'static> = match host.parse::<IpAddr>() {
+        Ok(ip) => ServerName::IpAddress(ip.into()),
+        Err(_) => ServerName::try_from(host.clone()).context("bad hub host name")?,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            sha256: pin.clone(),
+            provider,
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let (connector, addr, server_name) =
+                (connector.clone(), addr.clone(), server_name.clone());
+            async move {
+                let tcp = TcpStream::connect(&addr).await?;
+                let tls = connector.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = s.to_string();
+                src = s.source();
+            }
+            anyhow::anyhow!("cannot reach the hub at {}: {msg}", req.hub)
+        })?;
+
+    let (key, csr) = ca::key_and_csr(&req.name)?;
+    let issued = EnrollmentClient::new(channel)
+        .enroll(proto::EnrollRequest {
+            token: req.token.clone(),
+            name: req.name.clone(),
+            csr_pem: csr,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("the hub refused the enrolment: {}", s.message()))?
+        .into_inner();
+    if ca::fingerprint(&issued.ca_pem).as_deref() != Some(pin.as_str()) {
+        bail!("the hub returned a CA certificate that does not match --ca-sha256");
+    }
+    std::fs::create_dir_all(&req.dir)
+        .with_context(|| format!("cannot create {}", req.dir.display()))?;
+    write_identity(
+        &files.key,
+        &key.serialize_pem(),
+        &files.cert,
+        &issued.cert_pem,
+    )?;
+    std::fs::write(&files.ca, &issued.ca_pem)?;
+    Ok(Enrolled {
+        expires_ms: issued.expires_ms,
+        ..files
+    })
+}

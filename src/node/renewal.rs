@@ -1,0 +1,71 @@
+//! The node renews its own certificate before it expires, over its current
+//! mTLS connection, with no operator step: a new key made here (0600), a
+//! CSR to the hub's `Renew`, the new pair written atomically, and a new
+//! channel for every later connection.
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use super::link::{self, Link};
+use crate::{ca, enroll::write_identity, proto, shutdown::Shutdown, tls::TlsFiles};
+
+/// Renew when less than this is left (a third of the default 90 days).
+pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often the certificate's expiry is checked.
+const CHECK_EVERY: Duration = Duration::from_secs(3600);
+/// Retry delay after a failed renewal.
+const RETRY: Duration = Duration::from_secs(60);
+
+fn expires_ms(tls: &TlsFiles) -> Option<i64> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let pem = std::fs::read(&tls.cert).ok()?;
+    let der = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
+    crate::tls::expiry_ms(&der)
+}
+
+async fn renew(tls: &TlsFiles, name: &str, link: &Link) -> anyhow::Result<i64> {
+    let (key, csr) = ca::key_and_csr(name)?;
+    let issued = proto::hub_client::HubClient::new(link.current())
+        .renew(proto::RenewRequest { csr_pem: csr })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    write_identity(&tls.key, &key.serialize_pem(), &tls.cert, &issued.cert_pem)?;
+    Ok(issued.expires_ms)
+}
+
+pub async fn run(
+    tls: TlsFiles,
+    name: String,
+    hubs: Vec<String>,
+    link: Link,
+    channels: watch::Sender<Channel>,
+    renew_before: Duration,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        let mut wait = CHECK_EVERY;
+        let left_ms = expires_ms(&tls).map(|e| e - crate::hub::store::now_ms());
+        if left_ms.is_some_and(|l| l < renew_before.as_millis() as i64) {
+            match renew(&tls, &name, &link).await {
+                Ok(expires_ms) => match link::channel(&hubs, &tls) {
+                    Ok(channel) => {
+                        let _ = channels.send(channel);
+                        info!(expires_ms, "certificate renewed");
+                    }
+                    Err(e) => warn!(error = %e, "renewed certificate cannot be loaded"),
+                },
+                Err(e) => {
+                    warn!(error = %e, "certificate renewal failed; retrying");
+                    wait = RETRY;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.recv() => return,
+        }
+    }
+}
