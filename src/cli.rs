@@ -240,6 +240,9 @@ pub struct SetupArgs {
     /// The node's socket, written into the action's `banmesh report` call.
     #[arg(long, default_value = node::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// The node's data dir, written into the action (where reports wait if the node is down).
+    #[arg(long, default_value = node::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
     /// bantime of the shared jail (fail2ban syntax: 3600, 1d, 25d).
     #[arg(long, default_value = "1d")]
     pub bantime: String,
@@ -299,6 +302,9 @@ pub struct ReportArgs {
     /// The node's unix socket.
     #[arg(long, default_value = node::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// The node's data dir: when the node is down, the ban waits in its spool there.
+    #[arg(long, default_value = node::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
     /// Jail that banned the IP (fail2ban's <name>).
     #[arg(short = 'j', long)]
     pub jail: String,
@@ -506,6 +512,7 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
         config_dir: args.config_dir,
         shared_log: args.shared_log,
         socket: args.socket,
+        data_dir: args.data_dir,
         banmesh,
         bantime: args.bantime,
         nat_forward: args.nat_forward,
@@ -675,8 +682,19 @@ fn report(args: ReportArgs) -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("start the tokio runtime");
-    match rt.block_on(crate::report::report(&args.socket, ban)) {
-        Ok(_) => std::process::ExitCode::SUCCESS,
+    match rt.block_on(crate::report::report_or_spool(
+        &args.socket,
+        &args.data_dir,
+        ban,
+    )) {
+        Ok(crate::report::Accepted::Queued(_)) => std::process::ExitCode::SUCCESS,
+        Ok(crate::report::Accepted::Spooled(path)) => {
+            eprintln!(
+                "banmesh report: the node is not running; the ban waits in {} for it to start",
+                path.display()
+            );
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("banmesh report: {e}");
             std::process::ExitCode::FAILURE

@@ -59,6 +59,66 @@ pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
     Ok(response.into_inner().seq)
 }
 
+/// Where `report` leaves a ban when the node is down: `DATA_DIR/spool`.
+pub fn spool_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("spool")
+}
+
+/// Writes a ban into the node's spool, durably (fsync of file and dir),
+/// for the node to take into its outbox at start.
+pub fn spool(data_dir: &Path, ban: &Ban) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    let dir = spool_dir(data_dir);
+    std::fs::create_dir_all(&dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let name = format!("{:020}-{}.ban", now.as_nanos(), std::process::id());
+    let record = crate::node::outbox::encode(&proto::Report {
+        ban: Some(ban.to_proto()),
+        reported_at_ms: now.as_millis() as i64,
+        ..Default::default()
+    });
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&record)?;
+    f.sync_all()?;
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    Ok(path)
+}
+
+/// What happened to a report.
+#[derive(Debug)]
+pub enum Accepted {
+    /// The node has it in its outbox, as this sequence number.
+    Queued(u64),
+    /// The node is down; the ban waits in this spool file.
+    Spooled(PathBuf),
+}
+
+/// Hands a ban to the node, or spools it when the node is not running.
+pub async fn report_or_spool(
+    socket: &Path,
+    data_dir: &Path,
+    ban: Ban,
+) -> Result<Accepted, ReportError> {
+    match report(socket, ban.clone()).await {
+        Ok(seq) => Ok(Accepted::Queued(seq)),
+        Err(ReportError::NodeDown { path, reason }) => spool(data_dir, &ban)
+            .map(Accepted::Spooled)
+            .map_err(|e| ReportError::NodeDown {
+                path,
+                reason: format!(
+                    "{reason}; and cannot spool in {}: {e}",
+                    spool_dir(data_dir).display()
+                ),
+            }),
+        Err(e) => Err(e),
+    }
+}
+
 /// The node's own view of itself.
 pub async fn node_status(socket: &Path) -> Result<proto::NodeStatusResponse, ReportError> {
     let mut client = NodeClient::new(connect(socket).await?);

@@ -52,6 +52,7 @@ async fn a_new_server_enrols_with_a_token_and_exchanges_bans() {
         hub_url: hub.url.clone(),
         tls: enrolled_files(&dir),
         extra: vec!["--no-fail2ban-socket".into()],
+        netns: None,
     };
     fresh.restart().await;
     assert!(fresh.report("sshd", "tcp", "22", "192.0.2.61").0);
@@ -131,6 +132,7 @@ async fn a_node_renews_its_certificate_before_it_expires() {
             "--renew-before".into(),
             "2h".into(),
         ],
+        netns: None,
     };
     node.restart().await;
     let cert = dir.join("host.crt");

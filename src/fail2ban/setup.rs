@@ -42,6 +42,8 @@ pub struct Setup {
     pub shared_log: PathBuf,
     /// The node's socket, carried into the `banmesh report` call.
     pub socket: PathBuf,
+    /// The node's data dir, carried into it too (its spool).
+    pub data_dir: PathBuf,
     /// Absolute path of the banmesh binary for the action.
     pub banmesh: PathBuf,
     /// fail2ban's `bantime` for the shared jail (`1d`, `25d`, seconds).
@@ -94,9 +96,10 @@ impl Setup {
             (
                 dir.join("action.d/ipset-allports-banmesh.local"),
                 format!(
-                    "{action_head}actionban = %(known/actionban)s\n            if [ '<restored>' = '0' ]; then {} report --socket {} -j '<name>' -pr '<protocol>' -p '<port>' -i '<ip>'; fi\n",
+                    "{action_head}actionban = %(known/actionban)s\n            if [ '<restored>' = '0' ]; then {} report --socket {} --data-dir {} -j '<name>' -pr '<protocol>' -p '<port>' -i '<ip>'; fi\n",
                     self.banmesh.display(),
-                    self.socket.display()
+                    self.socket.display(),
+                    self.data_dir.display()
                 ),
             ),
             (
@@ -185,6 +188,7 @@ mod tests {
             config_dir: dir.join("fail2ban"),
             shared_log: dir.join("shared.log"),
             socket: "/run/banmesh/node.sock".into(),
+            data_dir: "/var/lib/banmesh/node".into(),
             banmesh: "/usr/local/bin/banmesh".into(),
             bantime: "1d".into(),
             nat_forward: Some("ppp+".into()),

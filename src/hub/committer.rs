@@ -6,6 +6,12 @@
 //! in id order and answers each sender. Being the only writer keeps event
 //! ids in commit order, which the subscribers' gap-free switch from replay
 //! to live relies on. Nothing is acknowledged before its commit returns.
+//!
+//! A commit whose outcome is unknown (the database went away during it)
+//! may still have landed. Its events are then published late, in order:
+//! after every successful commit, anything in the store between the last
+//! published id and the highest id this commit returned (a re-sent report
+//! comes back as such a duplicate) is read back and published first.
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -90,6 +96,9 @@ async fn run(
 ) {
     let mut batch: Vec<NewReport> = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<Reply<Committed>> = Vec::with_capacity(MAX_BATCH);
+    let mut published = Published {
+        last: store.last_event_id().await.unwrap_or(0),
+    };
     loop {
         let first = tokio::select! {
             cmd = rx.recv() => cmd,
@@ -108,10 +117,13 @@ async fn run(
                 }
                 Command::Unban { ip, by, reply } => {
                     // Reports queued before the unban commit before it.
-                    commit_reports(&*store, &fanout, &mut batch, &mut replies).await;
+                    commit_reports(&*store, &fanout, &mut published, &mut batch, &mut replies)
+                        .await;
                     let result = store.unban(&ip, &by).await.map_err(Arc::new);
                     if let Ok(Some((event, _))) = &result {
-                        fanout.publish(Arc::new(event.clone()));
+                        published
+                            .publish(&*store, &fanout, event.id, std::slice::from_ref(event))
+                            .await;
                     }
                     let _ = reply.send(result);
                 }
@@ -124,14 +136,67 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit_reports(&*store, &fanout, &mut batch, &mut replies).await;
+        commit_reports(&*store, &fanout, &mut published, &mut batch, &mut replies).await;
     }
     debug!("committer stopped");
+}
+
+/// The highest event id handed to the fan-out.
+struct Published {
+    last: u64,
+}
+
+impl Published {
+    /// Publishes `fresh` (events just committed, in id order), first
+    /// filling any gap up to `highest` from the store.
+    async fn publish(&mut self, store: &dyn Store, fanout: &Fanout, highest: u64, fresh: &[Event]) {
+        let contiguous = fresh
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.id == self.last + 1 + i as u64)
+            && fresh.last().map_or(self.last, |e| e.id) == highest;
+        if contiguous || highest <= self.last {
+            for e in fresh {
+                if e.id > self.last {
+                    fanout.publish(Arc::new(e.clone()));
+                    self.last = e.id;
+                }
+            }
+            return;
+        }
+        // Something committed that was never published (an unknown
+        // outcome, or ids skipped): read the range back, in order.
+        let span = (highest - self.last) as usize;
+        match store.events_after(self.last, "", span).await {
+            Ok(events) => {
+                let late = events.len().saturating_sub(fresh.len());
+                if late > 0 {
+                    tracing::info!(
+                        late,
+                        from = self.last,
+                        "publishing events committed without being published"
+                    );
+                }
+                for e in events.into_iter().filter(|e| e.id <= highest) {
+                    fanout.publish(Arc::new(e));
+                }
+                self.last = highest;
+            }
+            Err(e) => {
+                // Publish what we know; the gap is retried at the next commit.
+                warn!(error = %e, "cannot read back unpublished events");
+                for e in fresh {
+                    fanout.publish(Arc::new(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 async fn commit_reports(
     store: &dyn Store,
     fanout: &Fanout,
+    published: &mut Published,
     batch: &mut Vec<NewReport>,
     replies: &mut Vec<Reply<Committed>>,
 ) {
@@ -141,11 +206,16 @@ async fn commit_reports(
     match store.commit(batch).await {
         Ok(results) => {
             debug!(batch = batch.len(), "committed");
-            for r in &results {
-                if let Committed::New(event) = r {
-                    fanout.publish(Arc::new(event.clone()));
-                }
-            }
+            let highest = results.iter().map(Committed::event_id).max().unwrap_or(0);
+            let mut fresh: Vec<Event> = results
+                .iter()
+                .filter_map(|r| match r {
+                    Committed::New(e) => Some(e.clone()),
+                    Committed::Duplicate(_) => None,
+                })
+                .collect();
+            fresh.sort_by_key(|e| e.id);
+            published.publish(store, fanout, highest, &fresh).await;
             for (reply, r) in replies.drain(..).zip(results) {
                 let _ = reply.send(Ok(r));
             }

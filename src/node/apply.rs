@@ -37,7 +37,7 @@ use time::{OffsetDateTime, format_description::FormatItem, macros::format_descri
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{deferred::Deferred, subscriber::Position};
+use super::{deferred::Deferred, statuses::StatusJournal, subscriber::Position};
 use crate::{
     ban::{Event, EventKind, Status},
     fail2ban::{BanTime, Fail2ban, Fail2banError},
@@ -115,6 +115,7 @@ enum Held {
 /// deferred bans. One task owns it ([`run`]).
 pub struct Applier {
     config: ApplyConfig,
+    journal: Arc<StatusJournal>,
     fail2ban: Option<Fail2ban>,
     fail2ban_up: Option<bool>,
     recent: HashMap<String, Instant>,
@@ -122,8 +123,9 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(config: ApplyConfig) -> Self {
+    pub fn new(config: ApplyConfig, journal: Arc<StatusJournal>) -> Self {
         Applier {
+            journal,
             fail2ban: config.fail2ban_socket.as_deref().map(Fail2ban::new),
             fail2ban_up: None,
             recent: HashMap::new(),
@@ -211,22 +213,37 @@ impl Applier {
             }
         }
         if !write.is_empty() {
-            let status = match self.append(&write) {
-                Ok(()) => Status::Added,
+            // Journaled before the write: a crash between the two re-applies
+            // the events (the position has not moved) and journals again.
+            let added: Vec<(u64, Status)> = write.iter().map(|e| (e.id, Status::Added)).collect();
+            self.journal(&statuses);
+            self.journal(&added);
+            match self.append(&write) {
+                Ok(()) => {
+                    for e in &write {
+                        self.recent.insert(e.ban.ip.clone(), now);
+                    }
+                    statuses.extend(added);
+                }
                 Err(e) => {
                     tracing::error!(path = %self.config.shared_log.display(), error = %e, "cannot write shared.log");
-                    Status::Error
+                    let failed: Vec<(u64, Status)> =
+                        write.iter().map(|e| (e.id, Status::Error)).collect();
+                    self.journal(&failed);
+                    statuses.extend(failed);
                 }
-            };
-            for e in &write {
-                if status == Status::Added {
-                    self.recent.insert(e.ban.ip.clone(), now);
-                }
-                statuses.push((e.id, status));
             }
+        } else {
+            self.journal(&statuses);
         }
         statuses.sort_by_key(|(id, _)| *id);
         statuses
+    }
+
+    fn journal(&self, statuses: &[(u64, Status)]) {
+        if let Err(e) = self.journal.append(statuses) {
+            tracing::error!(error = %e, "cannot journal statuses; the hub will show them as 0");
+        }
     }
 
     /// Asks fail2ban which of these IPs it bans, and for how long yet.
@@ -285,6 +302,7 @@ impl Applier {
         self.recent.remove(ip);
         let Some(f2b) = self.fail2ban.as_mut() else {
             warn!(ip, "unban received but no fail2ban socket is configured");
+            self.journal(&[(event.id, Status::Error)]);
             return (event.id, Status::Error);
         };
         let result = f2b.unban(ip).await;
@@ -299,6 +317,7 @@ impl Applier {
         info!(ip, id = event.id, ?status, "unban applied");
         let r = result.as_ref().map(|_| ());
         self.note_fail2ban(r);
+        self.journal(&[(event.id, status)]);
         (event.id, status)
     }
 
@@ -314,32 +333,29 @@ impl Applier {
 }
 
 /// The apply task: takes batches from the subscriber, applies them in
-/// order, moves the position, and queues statuses for the hub.
+/// order (journaling their statuses) and moves the position.
 pub async fn run(
     mut applier: Applier,
     mut batches: mpsc::Receiver<Vec<Event>>,
     position: Arc<Position>,
-    statuses: mpsc::UnboundedSender<(u64, Status)>,
     mut shutdown: Shutdown,
 ) {
     let mut tick = tokio::time::interval(DEFERRED_TICK);
     loop {
-        let results = tokio::select! {
+        tokio::select! {
             batch = batches.recv() => {
                 let Some(batch) = batch else { break };
                 let batch: Vec<Event> = batch.into_iter().filter(|e| e.id > position.get()).collect();
                 let Some(last) = batch.last().map(|e| e.id) else { continue };
-                let results = applier.apply(&batch).await;
+                applier.apply(&batch).await;
                 if let Err(e) = position.set(last) {
                     warn!(error = %e, "cannot save the applied position");
                 }
-                results
             }
-            _ = tick.tick(), if !applier.deferred.is_empty() => applier.apply_due().await,
+            _ = tick.tick(), if !applier.deferred.is_empty() => {
+                applier.apply_due().await;
+            }
             _ = shutdown.recv() => break,
-        };
-        for r in results {
-            let _ = statuses.send(r);
         }
     }
     if let Some(f2b) = applier.fail2ban.as_mut() {
@@ -357,12 +373,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("shared.log");
         assert_eq!(last_logged_id(&log).unwrap(), 0);
-        let mut a = Applier::new(ApplyConfig {
-            shared_log: log.clone(),
-            fail2ban_socket: None,
-            recent_ratio: DEFAULT_RECENT_RATIO,
-            data_dir: dir.path().to_path_buf(),
-        });
+        let journal = Arc::new(StatusJournal::open(dir.path()).unwrap());
+        let mut a = Applier::new(
+            ApplyConfig {
+                shared_log: log.clone(),
+                fail2ban_socket: None,
+                recent_ratio: DEFAULT_RECENT_RATIO,
+                data_dir: dir.path().to_path_buf(),
+            },
+            journal.clone(),
+        );
         let ev = |id, ip: &str| Event {
             id,
             kind: EventKind::Ban,
@@ -385,6 +405,11 @@ mod tests {
                 (12, Status::Added),
                 (13, Status::AlreadyBanned)
             ]
+        );
+        assert_eq!(
+            journal.unsent().unwrap().0.len(),
+            3,
+            "every status journaled"
         );
         assert_eq!(last_logged_id(&log).unwrap(), 12);
         let text = std::fs::read_to_string(&log).unwrap();

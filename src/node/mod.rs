@@ -24,6 +24,7 @@ pub mod local;
 pub mod outbox;
 pub mod publisher;
 pub mod renewal;
+pub mod statuses;
 pub mod subscriber;
 
 use std::{
@@ -140,25 +141,54 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         config.data_dir.join("applied"),
         logged,
     ));
-    let applier = apply::Applier::new(apply::ApplyConfig {
-        shared_log: config.shared_log.clone(),
-        fail2ban_socket: config.fail2ban_socket.clone(),
-        recent_ratio: config.recent_ratio,
-        data_dir: config.data_dir.clone(),
-    });
+    let journal = Arc::new(statuses::StatusJournal::open(&config.data_dir).map_err(data_err)?);
+    let applier = apply::Applier::new(
+        apply::ApplyConfig {
+            shared_log: config.shared_log.clone(),
+            fail2ban_socket: config.fail2ban_socket.clone(),
+            recent_ratio: config.recent_ratio,
+            data_dir: config.data_dir.clone(),
+        },
+        journal.clone(),
+    );
     let (channels, link) = link::Link::new(link::channel(&config.hubs, &config.tls)?);
     let connected = Arc::new(AtomicBool::new(false));
     let listener = bind_socket(&config.socket)?;
+    // Bans `report` spooled while the node was down join the outbox now
+    // that the socket takes new ones, and on a short tick after, for any
+    // spooled in between.
+    let spool = crate::report::spool_dir(&config.data_dir);
+    let taken = outbox.ingest_spool(&spool)?;
+    if taken > 0 {
+        info!(taken, "took spooled reports into the outbox");
+    }
 
     let span = tracing::info_span!("node", host = %name);
     let _enter = span.enter();
     info!(socket = %config.socket.display(), pending = recovery.pending, applied = position.get(), "node started");
 
-    let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
     // A few batches may wait for the apply task; beyond that the
     // subscriber waits, and the hub moves it back to replay.
     let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(4);
+    let spool_task = {
+        let (outbox, mut stop) = (outbox.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.recv() => return,
+                }
+                let (o, s) = (outbox.clone(), spool.clone());
+                match tokio::task::spawn_blocking(move || o.ingest_spool(&s)).await {
+                    Ok(Ok(n)) if n > 0 => info!(taken = n, "took spooled reports into the outbox"),
+                    Ok(Err(e)) => warn!(error = %e, "cannot take spooled reports"),
+                    _ => {}
+                }
+            }
+        }
+    };
     let tasks = [
+        tokio::spawn(spool_task),
         tokio::spawn(publisher::run(
             outbox.clone(),
             link.clone(),
@@ -175,12 +205,11 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
             applier,
             batch_rx,
             position.clone(),
-            status_tx,
             shutdown.clone(),
         )),
         tokio::spawn(subscriber::report_statuses(
             link.clone(),
-            status_rx,
+            journal,
             shutdown.clone(),
         )),
         tokio::spawn(renewal::run(

@@ -58,6 +58,8 @@ pub struct Recovery {
 }
 
 struct Inner {
+    /// Spool files already taken into the outbox (see `ingest_spool`).
+    spooled: std::collections::HashSet<String>,
     file: File,
     written: u64,
     pending: VecDeque<proto::Report>,
@@ -120,7 +122,8 @@ fn decode_one(b: &[u8]) -> Option<(proto::Report, usize)> {
     Some((report, HEADER + len))
 }
 
-fn encode(report: &proto::Report) -> Vec<u8> {
+/// One record in the outbox's format (also the spool's).
+pub fn encode(report: &proto::Report) -> Vec<u8> {
     let payload = report.encode_to_vec();
     let mut rec = Vec::with_capacity(HEADER + payload.len());
     rec.extend_from_slice(MAGIC);
@@ -158,6 +161,11 @@ impl Outbox {
         }
         let (records, skipped) = decode_records(&bytes);
         let next_seq = records.iter().map(|r| r.seq).max().unwrap_or(0).max(acked) + 1;
+        let spooled = records
+            .iter()
+            .filter(|r| !r.spool.is_empty())
+            .map(|r| r.spool.clone())
+            .collect();
         let pending: VecDeque<_> = records.into_iter().filter(|r| r.seq > acked).collect();
         if skipped > 0 {
             // Rewrite with only intact records, so the damage is gone for good.
@@ -183,6 +191,7 @@ impl Outbox {
             dir: dir.to_path_buf(),
             limit,
             inner: Mutex::new(Inner {
+                spooled,
                 file,
                 written,
                 pending,
@@ -198,6 +207,50 @@ impl Outbox {
     /// Appends a report and fsyncs it; returns its sequence number.
     /// Blocking: call from `spawn_blocking`.
     pub fn append(&self, ban: &Ban) -> Result<u64, OutboxError> {
+        self.append_from(ban, String::new())
+    }
+
+    /// Takes the reports `banmesh report` spooled while the node was down
+    /// into the outbox, oldest first, and removes their files. A file is
+    /// removed only after its report is durable here; one seen again after
+    /// a crash (its name is in the outbox) is just removed. Blocking.
+    pub fn ingest_spool(&self, spool: &Path) -> Result<usize, OutboxError> {
+        let mut names: Vec<String> = match std::fs::read_dir(spool) {
+            Ok(dir) => dir
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.ends_with(".ban"))
+                .collect(),
+            Err(_) => return Ok(0),
+        };
+        names.sort();
+        let mut taken = 0;
+        for name in names {
+            let path = spool.join(&name);
+            let known = self.inner.lock().unwrap().spooled.contains(&name);
+            if !known {
+                let bytes = std::fs::read(&path).map_err(io(&path))?;
+                let (records, skipped) = decode_records(&bytes);
+                if skipped > 0 {
+                    tracing::warn!(file = %path.display(), skipped, "damaged spool file; kept what was intact");
+                }
+                for r in records {
+                    match Ban::from_proto(r.ban.as_ref()) {
+                        Ok(ban) => {
+                            self.append_from(&ban, name.clone())?;
+                            taken += 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(file = %path.display(), error = %e, "invalid spooled ban skipped")
+                        }
+                    }
+                }
+            }
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+        Ok(taken)
+    }
+
+    fn append_from(&self, ban: &Ban, spool: String) -> Result<u64, OutboxError> {
         let mut inner = self.inner.lock().unwrap();
         if inner.pending.len() >= self.limit {
             return Err(OutboxError::Full {
@@ -209,6 +262,7 @@ impl Outbox {
             seq: inner.next_seq,
             ban: Some(ban.to_proto()),
             reported_at_ms: now_ms(),
+            spool: spool.clone(),
         };
         let rec = encode(&report);
         let path = self.log_path();
@@ -216,6 +270,9 @@ impl Outbox {
         inner.file.sync_data().map_err(io(&path))?;
         inner.written += rec.len() as u64;
         inner.next_seq += 1;
+        if !spool.is_empty() {
+            inner.spooled.insert(spool);
+        }
         inner.pending.push_back(report.clone());
         drop(inner);
         self.appended.notify_waiters();

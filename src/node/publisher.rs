@@ -91,8 +91,10 @@ async fn stream_once(
         tokio::pin!(appended);
         appended.as_mut().enable();
         if in_flight < MAX_IN_FLIGHT {
-            for report in outbox.pending_after(sent, (MAX_IN_FLIGHT - in_flight) as usize) {
+            for mut report in outbox.pending_after(sent, (MAX_IN_FLIGHT - in_flight) as usize) {
                 sent = report.seq;
+                // The spool file name is the node's business only.
+                report.spool.clear();
                 in_flight += 1;
                 tx.send(report)
                     .await

@@ -18,17 +18,18 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
-use super::link::{Backoff, Link};
+use super::{
+    link::{Backoff, Link},
+    statuses::StatusJournal,
+};
 use crate::{
-    ban::{Event, Status},
+    ban::Event,
     proto::{self, hub_client::HubClient},
     shutdown::Shutdown,
 };
 
 /// Most events applied in one write.
 const APPLY_BATCH: usize = 4096;
-/// Most statuses per `ReportStatus` call.
-const STATUS_BATCH: usize = 4096;
 
 /// The last applied event id, kept in `DIR/applied`.
 pub struct Position {
@@ -146,29 +147,29 @@ async fn follow(
     }
 }
 
-/// Sends statuses to the hub in batches, retrying until it takes them.
-pub async fn report_statuses(
-    link: Link,
-    mut rx: mpsc::UnboundedReceiver<(u64, Status)>,
-    mut shutdown: Shutdown,
-) {
-    let mut pending: Vec<(u64, Status)> = Vec::new();
+/// Sends journaled statuses to the hub in batches, acknowledging each
+/// batch in the journal once the hub has stored it.
+pub async fn report_statuses(link: Link, journal: Arc<StatusJournal>, mut shutdown: Shutdown) {
     let mut backoff = Backoff::default();
     loop {
-        if pending.is_empty() {
+        let appended = journal.appended.notified();
+        tokio::pin!(appended);
+        appended.as_mut().enable();
+        let (batch, end) = match journal.unsent() {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot read the status journal");
+                (vec![], 0)
+            }
+        };
+        if batch.is_empty() {
             tokio::select! {
-                r = rx.recv() => match r { Some(s) => pending.push(s), None => break },
-                _ = shutdown.recv() => break,
+                _ = &mut appended => continue,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                _ = shutdown.recv() => return,
             }
         }
-        while pending.len() < STATUS_BATCH {
-            match rx.try_recv() {
-                Ok(s) => pending.push(s),
-                Err(_) => break,
-            }
-        }
-        let take = pending.len().min(STATUS_BATCH);
-        let updates = pending[..take]
+        let updates = batch
             .iter()
             .map(|(id, s)| proto::StatusUpdate {
                 event_id: *id,
@@ -176,35 +177,25 @@ pub async fn report_statuses(
             })
             .collect();
         let mut client = HubClient::new(link.current());
-        match client.report_status(proto::StatusBatch { updates }).await {
+        let sent = tokio::select! {
+            r = client.report_status(proto::StatusBatch { updates }) => r,
+            _ = shutdown.recv() => return,
+        };
+        match sent {
             Ok(_) => {
-                pending.drain(..take);
+                if let Err(e) = journal.ack(end) {
+                    warn!(error = %e, "cannot save the status journal's mark");
+                }
                 backoff.reset();
             }
             Err(e) => {
                 let delay = backoff.next_delay().max(Duration::from_millis(200));
-                warn!(error = %e, waiting = pending.len(), "cannot report statuses; retrying");
+                warn!(error = %e, waiting_bytes = journal.backlog(), "cannot report statuses; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.recv() => break,
+                    _ = shutdown.recv() => return,
                 }
             }
         }
-    }
-    // One last try for what was applied before shutdown.
-    if !pending.is_empty() {
-        let updates = pending
-            .iter()
-            .map(|(id, s)| proto::StatusUpdate {
-                event_id: *id,
-                status: *s as i32,
-            })
-            .collect();
-        let mut client = HubClient::new(link.current());
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.report_status(proto::StatusBatch { updates }),
-        )
-        .await;
     }
 }

@@ -102,6 +102,7 @@ impl F2bHost {
                 hub_url: hub_url.to_string(),
                 tls: pki.host(name),
                 extra: vec!["--fail2ban-socket".into(), dir.join("f2b.sock").into()],
+                netns: None,
             },
         };
         host.start_fail2ban().await;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fail2ban;
+pub mod mariadb;
 
 use std::{
     net::TcpListener,
@@ -108,7 +109,12 @@ impl Pki {
             ca: self.dir.join("ca.crt"),
         };
         if !files.cert.exists() {
-            let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
+            let sans = [
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+                // The host side of the fault suite's network namespace link.
+                "10.201.0.1".to_string(),
+            ];
             ca::issue(
                 &self.dir,
                 &ca::HostCert {
@@ -218,9 +224,13 @@ impl Hub {
     }
 
     pub async fn start_on(root: &Path, pki: &Pki, db: &str, port: u16) -> Hub {
+        Self::start_listening(root, pki, db, "127.0.0.1", port).await
+    }
+
+    pub async fn start_listening(root: &Path, pki: &Pki, db: &str, ip: &str, port: u16) -> Hub {
         let tls = pki.host("hub");
         let mut cmd = banmesh();
-        cmd.args(["hub", "--listen", &format!("127.0.0.1:{port}"), "--db", db])
+        cmd.args(["hub", "--listen", &format!("{ip}:{port}"), "--db", db])
             .arg("--data-dir")
             .arg(root.join("hub"))
             .args(tls_args(&tls));
@@ -260,6 +270,8 @@ pub struct Node {
     pub tls: TlsFiles,
     /// Extra `banmesh node` flags.
     pub extra: Vec<std::ffi::OsString>,
+    /// Runs the node inside this network namespace.
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -289,6 +301,7 @@ impl Node {
             hub_url: hub_url.to_string(),
             tls: pki.host(name),
             extra,
+            netns: None,
         };
         node.restart().await;
         node
@@ -322,7 +335,20 @@ impl Node {
     /// Starts (again) and waits until it answers on its socket and is
     /// connected to the hub.
     pub async fn restart(&mut self) {
-        let mut cmd = banmesh();
+        self.launch(true).await;
+    }
+
+    /// Starts (again) and waits until it answers on its socket, and, when
+    /// `connected`, until it is connected to the hub.
+    pub async fn launch(&mut self, connected: bool) {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_banmesh")]);
+                c
+            }
+            None => banmesh(),
+        };
         cmd.args(["node", "--hub", &self.hub_url])
             .args(tls_args(&self.tls))
             .arg("--shared-log")
@@ -341,7 +367,7 @@ impl Node {
             || {
                 let socket = socket.clone();
                 async move {
-                    matches!(banmesh::report::node_status(&socket).await, Ok(s) if s.hub_connected)
+                    matches!(banmesh::report::node_status(&socket).await, Ok(s) if s.hub_connected || !connected)
                 }
             },
         )
@@ -366,6 +392,8 @@ impl Node {
             .arg("report")
             .arg("--socket")
             .arg(self.socket())
+            .arg("--data-dir")
+            .arg(&self.dir)
             .args(["-j", jail, "-pr", proto, "-p", port, "-i", ip])
             .output()
             .expect("run banmesh report");
