@@ -40,6 +40,8 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Join this server to the fleet with a one-time token from `banmesh hub token create`.
     Enroll(EnrollArgs),
+    /// Measure propagation latency, ingest, fan-out, catch-up and report time on MariaDB.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -435,6 +437,10 @@ pub fn main() -> std::process::ExitCode {
             init_logging("warn");
             runtime().block_on(crate::demo::run(args))
         }
+        Command::Bench(args) => {
+            init_logging("error");
+            runtime().block_on(crate::bench::run(args))
+        }
         Command::Enroll(args) => {
             init_logging("warn");
             runtime().block_on(enroll(args))
@@ -663,6 +669,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         recent_ratio: args.recent_ratio,
         renew_before: args.renew_before,
         listen: args.listen,
+        observer: None,
     };
     until_signal(|stop| node::run(config, stop)).await
 }

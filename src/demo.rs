@@ -124,6 +124,7 @@ async fn fleet(
             recent_ratio: node::apply::DEFAULT_RECENT_RATIO,
             renew_before: node::renewal::DEFAULT_RENEW_BEFORE,
             listen: None,
+            observer: None,
         };
         println!(
             "  {name:<6} socket {}, log {}",

@@ -14,10 +14,12 @@
 //! - [`admin`]: operator commands against the hub (unban, list, hosts).
 //! - [`tls`]: mTLS configuration and peer identity; [`ca`]: the fleet CA.
 //! - [`demo`]: a throwaway local fleet for a first look.
+//! - [`bench`]: the benchmark harness (`banmesh bench`).
 //! - [`shutdown`]: graceful shutdown as a value.
 //! - [`proto`]: generated gRPC code.
 pub mod admin;
 pub mod ban;
+pub mod bench;
 pub mod ca;
 pub mod cli;
 pub mod demo;

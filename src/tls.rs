@@ -181,3 +181,17 @@ pub fn peer_name<T>(request: &tonic::Request<T>) -> Result<String, tonic::Status
     }
     Ok(name)
 }
+
+/// Accepted connections with Nagle's algorithm off: a gRPC message is one
+/// small write, and waiting for the peer's delayed ACK costs ~40 ms.
+pub fn nodelay(
+    incoming: tokio_stream::wrappers::TcpListenerStream,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    incoming.map(|conn| {
+        if let Ok(c) = &conn {
+            let _ = c.set_nodelay(true);
+        }
+        conn
+    })
+}

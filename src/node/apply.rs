@@ -332,12 +332,17 @@ impl Applier {
     }
 }
 
+/// Told the IPs of every batch of bans applied, and when: how the demo
+/// and the benchmark see a ban arrive without polling files.
+pub type Observer = mpsc::UnboundedSender<(Vec<String>, Instant)>;
+
 /// The apply task: takes batches from the subscriber, applies them in
 /// order (journaling their statuses) and moves the position.
 pub async fn run(
     mut applier: Applier,
     mut batches: mpsc::Receiver<Vec<Event>>,
     position: Arc<Position>,
+    observer: Option<Observer>,
     mut shutdown: Shutdown,
 ) {
     let mut tick = tokio::time::interval(DEFERRED_TICK);
@@ -350,6 +355,10 @@ pub async fn run(
                 applier.apply(&batch).await;
                 if let Err(e) = position.set(last) {
                     warn!(error = %e, "cannot save the applied position");
+                }
+                if let Some(o) = &observer {
+                    let ips = batch.iter().filter(|e| e.kind == EventKind::Ban).map(|e| e.ban.ip.clone()).collect();
+                    let _ = o.send((ips, Instant::now()));
                 }
             }
             _ = tick.tick(), if !applier.deferred.is_empty() => {

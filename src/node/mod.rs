@@ -75,7 +75,7 @@ pub enum NodeError {
     Inspect(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeConfig {
     /// Hub addresses, `https://HOST:PORT`; several for failover.
     pub hubs: Vec<String>,
@@ -92,6 +92,8 @@ pub struct NodeConfig {
     pub renew_before: Duration,
     /// mTLS TCP address for inspection (status, health, reflection).
     pub listen: Option<std::net::SocketAddr>,
+    /// Told of every batch applied (the demo and the benchmark).
+    pub observer: Option<apply::Observer>,
 }
 
 /// Binds the local socket, replacing a stale one left by a dead node but
@@ -205,6 +207,7 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
             applier,
             batch_rx,
             position.clone(),
+            config.observer.clone(),
             shutdown.clone(),
         )),
         tokio::spawn(subscriber::report_statuses(

@@ -279,6 +279,37 @@ impl Outbox {
         Ok(report.seq)
     }
 
+    /// Appends many reports with one fsync (loading a benchmark's outboxes;
+    /// a burst of reports could use it too). Blocking.
+    pub fn append_batch(&self, bans: &[Ban]) -> Result<(), OutboxError> {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.pending.len() + bans.len() > self.limit {
+            return Err(OutboxError::Full {
+                pending: inner.pending.len(),
+                limit: self.limit,
+            });
+        }
+        let mut bytes = Vec::with_capacity(bans.len() * 64);
+        for ban in bans {
+            let report = proto::Report {
+                seq: inner.next_seq,
+                ban: Some(ban.to_proto()),
+                reported_at_ms: now_ms(),
+                spool: String::new(),
+            };
+            inner.next_seq += 1;
+            bytes.extend_from_slice(&encode(&report));
+            inner.pending.push_back(report);
+        }
+        let path = self.log_path();
+        inner.file.write_all(&bytes).map_err(io(&path))?;
+        inner.file.sync_data().map_err(io(&path))?;
+        inner.written += bytes.len() as u64;
+        drop(inner);
+        self.appended.notify_waiters();
+        Ok(())
+    }
+
     /// Pending reports with a sequence above `after`, oldest first.
     pub fn pending_after(&self, after: u64, max: usize) -> Vec<proto::Report> {
         let inner = self.inner.lock().unwrap();

@@ -314,12 +314,18 @@ pub(crate) fn event_from_row(
     }
 }
 
+/// Hosts given a column in the `ip_table` view (the first by enrolment).
+/// MySQL caps a view at 4,096 columns and every column is a subquery, so
+/// the seed's shape stops here; the `statuses` rows hold every host.
+pub const MAX_VIEW_HOSTS: usize = 1000;
+
 /// The `ip_table` view's host columns: `host_<name>` per host, made unique
 /// when two names differ only in dots and hyphens.
 pub(crate) fn view_columns(hosts: &[(u64, String)]) -> Vec<(u64, String)> {
     let mut seen = std::collections::HashSet::new();
     hosts
         .iter()
+        .take(MAX_VIEW_HOSTS)
         .map(|(id, name)| {
             let mut col = crate::ban::seed_column(name);
             if !seen.insert(col.clone()) {

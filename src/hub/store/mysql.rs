@@ -183,16 +183,25 @@ impl MysqlStore {
         )
         .await
         .map_err(q)?;
-        let hosts: Vec<(u64, String)> = c
-            .query("SELECT id, name FROM hosts ORDER BY id")
+        let id: Option<u64> = c
+            .exec_first("SELECT id FROM hosts WHERE name = ?", (name,))
             .await
             .map_err(q)?;
-        Self::rebuild_view(c, &hosts).await?;
-        let mut ids = self.host_ids.lock().unwrap();
-        ids.extend(hosts.iter().map(|(id, n)| (n.clone(), *id)));
-        ids.get(name)
-            .copied()
-            .ok_or_else(|| StoreError::Query(format!("host {name} vanished")))
+        let id = id.ok_or_else(|| StoreError::Query(format!("host {name} vanished")))?;
+        let known = {
+            let mut ids = self.host_ids.lock().unwrap();
+            ids.insert(name.to_string(), id);
+            ids.len()
+        };
+        // Past the view's last column, a new host changes nothing there.
+        if known <= super::MAX_VIEW_HOSTS {
+            let hosts: Vec<(u64, String)> = c
+                .query("SELECT id, name FROM hosts ORDER BY id")
+                .await
+                .map_err(q)?;
+            Self::rebuild_view(c, &hosts).await?;
+        }
+        Ok(id)
     }
 }
 

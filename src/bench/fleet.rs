@@ -1,0 +1,265 @@
+//! The benchmark's fleet: a hub as a child process (so its memory is its
+//! own), on a fresh MariaDB database, and simulated nodes in this process
+//! running the real node code over real mTLS.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use mysql_async::prelude::*;
+use tokio::sync::mpsc;
+
+use crate::{
+    ca,
+    node::{self, apply::Observer, link, outbox::Outbox},
+    shutdown::{self, Shutdown, ShutdownTrigger},
+    tls::TlsFiles,
+};
+
+/// A CA and the certificates of everything in the benchmark.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(root: &Path) -> anyhow::Result<Pki> {
+        let dir = root.join("pki");
+        ca::init(&dir)?;
+        Ok(Pki { dir })
+    }
+
+    pub fn host(&self, name: &str) -> anyhow::Result<TlsFiles> {
+        let files = TlsFiles {
+            cert: self.dir.join(format!("{name}.crt")),
+            key: self.dir.join(format!("{name}.key")),
+            ca: self.dir.join("ca.crt"),
+        };
+        if !files.cert.exists() {
+            let sans = ["127.0.0.1".to_string()];
+            ca::issue(
+                &self.dir,
+                &ca::HostCert {
+                    name,
+                    sans: &sans,
+                    valid_for: ca::HOST_VALIDITY,
+                    admin: false,
+                },
+            )?;
+        }
+        Ok(files)
+    }
+}
+
+/// The hub, as a child process.
+pub struct HubProc {
+    child: Child,
+    pub url: String,
+}
+
+impl HubProc {
+    /// Starts a hub on a fresh database `db` of the MariaDB server at `server`.
+    pub async fn start(root: &Path, pki: &Pki, server: &str, db: &str) -> anyhow::Result<HubProc> {
+        let mut c = mysql_async::Conn::from_url(server)
+            .await
+            .with_context(|| "cannot reach MariaDB for the benchmark (see --mysql)")?;
+        c.query_drop(format!("DROP DATABASE IF EXISTS {db}")).await?;
+        c.disconnect().await?;
+        std::fs::create_dir_all(root)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let tls = pki.host("hub")?;
+        let log = std::fs::File::create(root.join(format!("hub-{port}.log")))?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["hub", "--listen", &format!("127.0.0.1:{port}"), "--db", &format!("{server}/{db}")])
+            .arg("--cert")
+            .arg(&tls.cert)
+            .arg("--key")
+            .arg(&tls.key)
+            .arg("--ca")
+            .arg(&tls.ca)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the hub did not start within 30s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(HubProc {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+        })
+    }
+
+    /// The hub's resident memory now and at peak, in bytes.
+    pub fn rss(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Full nodes (outbox, publisher, subscriber, apply to shared.log), in
+/// this process, each telling `observer` what it applied.
+pub struct Nodes {
+    pub sockets: Vec<PathBuf>,
+    pub names: Vec<String>,
+    trigger: ShutdownTrigger,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Nodes {
+    pub async fn start(
+        root: &Path,
+        pki: &Pki,
+        hub: &str,
+        count: usize,
+        observer: mpsc::UnboundedSender<(usize, Vec<String>, Instant)>,
+    ) -> anyhow::Result<Nodes> {
+        let (trigger, stop) = shutdown::channel();
+        let mut nodes = Nodes {
+            sockets: vec![],
+            names: vec![],
+            trigger,
+            tasks: vec![],
+        };
+        for i in 0..count {
+            let name = format!("bench-{i}");
+            let dir = root.join(&name);
+            // Each node's observer tags what it applied with its index.
+            let (tx, mut rx): (Observer, _) = mpsc::unbounded_channel();
+            let forward = observer.clone();
+            nodes.tasks.push(tokio::spawn(async move {
+                while let Some((ips, at)) = rx.recv().await {
+                    let _ = forward.send((i, ips, at));
+                }
+            }));
+            let config = node::NodeConfig {
+                hubs: vec![hub.to_string()],
+                tls: pki.host(&name)?,
+                shared_log: dir.join("shared.log"),
+                socket: dir.join("node.sock"),
+                data_dir: dir.clone(),
+                outbox_limit: node::DEFAULT_OUTBOX_LIMIT,
+                fail2ban_socket: None,
+                recent_ratio: node::apply::DEFAULT_RECENT_RATIO,
+                renew_before: node::renewal::DEFAULT_RENEW_BEFORE,
+                listen: None,
+                observer: Some(tx),
+            };
+            nodes.sockets.push(config.socket.clone());
+            nodes.names.push(name);
+            let stop = stop.clone();
+            nodes.tasks.push(tokio::spawn(async move {
+                if let Err(e) = node::run(config, stop).await {
+                    eprintln!("bench node failed: {e}");
+                }
+            }));
+        }
+        let start = Instant::now();
+        for s in &nodes.sockets {
+            loop {
+                if let Ok(st) = crate::report::node_status(s).await
+                    && st.hub_connected
+                {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(120) {
+                    bail!("nodes did not connect within 120s");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(nodes)
+    }
+
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// Publish-only nodes: a pre-filled outbox and the node's publisher.
+pub async fn publishers(
+    root: &Path,
+    pki: &Pki,
+    hub: &str,
+    count: usize,
+    reports_each: usize,
+    stop: Shutdown,
+) -> anyhow::Result<Vec<(Arc<Outbox>, tokio::task::JoinHandle<()>)>> {
+    let mut out = Vec::new();
+    for i in 0..count {
+        let name = format!("pub-{i}");
+        let dir = root.join(&name);
+        let (outbox, _) = Outbox::open(&dir, usize::MAX)?;
+        let bans: Vec<crate::ban::Ban> = (0..reports_each)
+            .map(|j| {
+                let n = (i * reports_each + j) as u32;
+                crate::ban::Ban::new("sshd", "tcp", "22", &std::net::Ipv4Addr::from(0x0A00_0000 + n).to_string())
+            })
+            .collect::<Result<_, _>>()?;
+        for chunk in bans.chunks(10_000) {
+            outbox.append_batch(chunk)?;
+        }
+        out.push((Arc::new(outbox), name, dir));
+    }
+    let mut started = Vec::new();
+    for (outbox, name, _) in out {
+        let tls = pki.host(&name)?;
+        let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
+        let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn(node::publisher::run(outbox.clone(), link, connected, stop.clone()));
+        started.push((outbox, task));
+    }
+    Ok(started)
+}
+
+/// Subscribe-only nodes: the node's subscriber feeding a counter instead
+/// of the apply task. Returns the total count of events received.
+pub async fn subscribers(
+    pki: &Pki,
+    hub: &str,
+    count: usize,
+    distinct_names: usize,
+    stop: Shutdown,
+) -> anyhow::Result<(Arc<std::sync::atomic::AtomicU64>, Vec<tokio::task::JoinHandle<()>>)> {
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let name = format!("sub-{}", i % distinct_names.max(1));
+        let tls = pki.host(&name)?;
+        let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
+        let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<crate::ban::Event>>(64);
+        let position = Arc::new(node::subscriber::Position::load(PathBuf::from("/dev/null/none"), 0));
+        tasks.push(tokio::spawn(node::subscriber::run(link, position, batch_tx, stop.clone())));
+        let counter = received.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(b) = batch_rx.recv().await {
+                counter.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    Ok((received, tasks))
+}

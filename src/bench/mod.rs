@@ -1,0 +1,349 @@
+//! `banmesh bench`: the numbers behind "milliseconds, not minutes".
+//!
+//! A hub runs as a child process on MariaDB (a fresh database per
+//! scenario); simulated nodes run in this process with the node's own code
+//! over real mTLS on loopback. It prints a table and one JSON line:
+//!
+//! - propagation: `report` accepted on one node -> the ban applied (line
+//!   written) on every other node, at a steady rate and in a burst, for
+//!   each fleet size;
+//! - ingest: reports per second durably committed, from pre-filled outboxes;
+//! - fan-out: event deliveries per second to subscribers;
+//! - subscribers held, and the hub's peak RSS;
+//! - catch-up: a node that missed N stored bans, until it applied them all;
+//! - `banmesh report`'s own wall time (what fail2ban's action waits).
+//!
+//! `--quick` keeps it under a minute for CI; the full run is the README's.
+pub mod fleet;
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::{ban::Ban, shutdown};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Small sizes, under a minute (CI smoke).
+    #[arg(long)]
+    pub quick: bool,
+    /// MariaDB server for the hub (a database `banmesh_bench` is dropped and made there).
+    #[arg(long, default_value = "mysql://root@127.0.0.1:3306")]
+    pub mysql: String,
+    /// Fleet sizes for propagation (default 10,100,1000; quick 10,100).
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<usize>,
+}
+
+/// Percentiles of a sample, in milliseconds.
+fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
+    if v.is_empty() {
+        return json!(null);
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    json!({"n": v.len(), "p50_ms": round(at(0.5)), "p99_ms": round(at(0.99)), "max_ms": round(v[v.len() - 1])})
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+const DB: &str = "banmesh_bench";
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let temp = tempfile::Builder::new().prefix("banmesh-bench-").tempdir()?;
+    let root = temp.path();
+    let pki = fleet::Pki::new(root)?;
+    let sizes = if !args.nodes.is_empty() {
+        args.nodes.clone()
+    } else if args.quick {
+        vec![10, 100]
+    } else {
+        vec![10, 100, 1000]
+    };
+    let mut results = serde_json::Map::new();
+    results.insert("machine".into(), json!(machine()));
+    results.insert("quick".into(), json!(args.quick));
+
+    let mut prop = Vec::new();
+    for &n in &sizes {
+        eprintln!("propagation with {n} nodes ...");
+        prop.push(propagation(root, &pki, &args.mysql, n, args.quick).await?);
+    }
+    results.insert("propagation".into(), json!(prop));
+    eprintln!("ingest ...");
+    results.insert("ingest".into(), ingest(root, &pki, &args.mysql, args.quick).await?);
+    eprintln!("fan-out and subscribers held ...");
+    results.insert("fanout".into(), fanout(root, &pki, &args.mysql, args.quick).await?);
+    eprintln!("catch-up ...");
+    results.insert("catch_up".into(), catch_up(root, &pki, &args.mysql, args.quick).await?);
+    eprintln!("report wall time ...");
+    results.insert("report".into(), report_wall_time(root, &pki, &args.mysql).await?);
+
+    print_table(&results);
+    println!("{}", serde_json::Value::Object(results));
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string)))
+        .unwrap_or_default();
+    format!("{cpus} cores, {model}")
+}
+
+/// Many simulated nodes hold many sockets and files.
+fn raise_fd_limit() {
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn ip(scenario: u32, i: u32) -> String {
+    std::net::Ipv4Addr::from((100 + scenario) << 24 | i).to_string()
+}
+
+/// Reports from random nodes; each latency is from the `report` call until
+/// the last other node applied it.
+async fn propagation(root: &Path, pki: &fleet::Pki, mysql: &str, n: usize, quick: bool) -> anyhow::Result<serde_json::Value> {
+    let dir = root.join(format!("prop-{n}"));
+    let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let nodes = fleet::Nodes::start(&dir, pki, &hub.url, n, tx).await?;
+    // ip -> (reporting node, sent at, nodes still to apply it, done at)
+    let mut pending: HashMap<String, (usize, Instant, usize)> = HashMap::new();
+    let mut steady = Vec::new();
+    let mut burst = Vec::new();
+    let count = if quick { 50 } else { 200 };
+    let mut seq = 0u32;
+
+    let mut absorb = |pending: &mut HashMap<String, (usize, Instant, usize)>, out: &mut Vec<f64>, (node, ips, at): (usize, Vec<String>, Instant)| {
+        for ipaddr in ips {
+            if let Some(p) = pending.get_mut(&ipaddr) {
+                if p.0 != node {
+                    p.2 -= 1;
+                }
+                if p.2 == 0 {
+                    out.push(at.duration_since(p.1).as_secs_f64() * 1000.0);
+                    pending.remove(&ipaddr);
+                }
+            }
+        }
+    };
+
+    // Steady: one report every 20 ms.
+    for i in 0..count {
+        let from = (i * 7919) % n;
+        let addr = ip(n as u32 % 50, seq);
+        seq += 1;
+        let t0 = Instant::now();
+        pending.insert(addr.clone(), (from, t0, n - 1));
+        crate::report::report(&nodes.sockets[from], Ban::new("sshd", "tcp", "22", &addr)?).await?;
+        let until = t0 + Duration::from_millis(20);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), rx.recv()).await {
+            absorb(&mut pending, &mut steady, m);
+        }
+    }
+    drain(&mut rx, &mut pending, &mut steady, &mut absorb).await?;
+
+    // Burst: all at once, from many nodes concurrently.
+    let t0 = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..count {
+        let from = (i * 104_729) % n;
+        let addr = ip(n as u32 % 50, seq);
+        seq += 1;
+        pending.insert(addr.clone(), (from, t0, n - 1));
+        let socket = nodes.sockets[from].clone();
+        calls.push(tokio::spawn(async move {
+            crate::report::report(&socket, Ban::new("sshd", "tcp", "22", &addr).unwrap()).await
+        }));
+    }
+    for c in calls {
+        c.await??;
+    }
+    drain(&mut rx, &mut pending, &mut burst, &mut absorb).await?;
+    let (_, peak) = hub.rss();
+    nodes.stop().await;
+    Ok(json!({"nodes": n, "steady": percentiles(steady), "burst": percentiles(burst), "hub_peak_rss_mb": peak / (1 << 20)}))
+}
+
+async fn drain<F>(
+    rx: &mut mpsc::UnboundedReceiver<(usize, Vec<String>, Instant)>,
+    pending: &mut HashMap<String, (usize, Instant, usize)>,
+    out: &mut Vec<f64>,
+    absorb: &mut F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(&mut HashMap<String, (usize, Instant, usize)>, &mut Vec<f64>, (usize, Vec<String>, Instant)),
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pending.is_empty() {
+        match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+            Ok(Some(m)) => absorb(pending, out, m),
+            _ => anyhow::bail!("{} bans never reached every node", pending.len()),
+        }
+    }
+    Ok(())
+}
+
+/// Reports per second durably committed, from publishers with full outboxes.
+async fn ingest(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyhow::Result<serde_json::Value> {
+    let dir = root.join("ingest");
+    let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
+    let (publishers, each) = if quick { (10, 20_000) } else { (20, 100_000) };
+    let (trigger, stop) = shutdown::channel();
+    let t0 = Instant::now();
+    let started = fleet::publishers(&dir, pki, &hub.url, publishers, each, stop).await?;
+    let t_start = Instant::now();
+    let load_secs = t_start.duration_since(t0).as_secs_f64();
+    loop {
+        let left: usize = started.iter().map(|(o, _)| o.pending()).sum();
+        if left == 0 {
+            break;
+        }
+        if t_start.elapsed() > Duration::from_secs(300) {
+            anyhow::bail!("ingest did not finish: {left} reports left");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t_start.elapsed().as_secs_f64();
+    let total = publishers * each;
+    trigger.trigger();
+    let (_, peak) = hub.rss();
+    Ok(json!({"reports": total, "publishers": publishers, "seconds": round(secs), "per_second": (total as f64 / secs).round(), "outbox_fill_seconds": round(load_secs), "hub_peak_rss_mb": peak / (1 << 20)}))
+}
+
+/// Deliveries per second to many subscribers, and subscribers held.
+async fn fanout(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyhow::Result<serde_json::Value> {
+    let dir = root.join("fanout");
+    let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
+    let (subs, events) = if quick { (1000, 2000) } else { (10_000, 2000) };
+    let (trigger, stop) = shutdown::channel();
+    let (received, _tasks) = fleet::subscribers(pki, &hub.url, subs, subs, stop.clone()).await?;
+    // Wait until every subscriber holds its stream (the hub counts them).
+    let admin = pki.host("sub-0")?;
+    let mut client = crate::admin::client(&hub.url, &admin).await?;
+    let t_sub = Instant::now();
+    loop {
+        let hosts = client.hosts(crate::proto::HostsRequest {}).await?.into_inner().hosts;
+        let held = hosts.iter().filter(|h| h.subscribed).count();
+        if held >= subs {
+            break;
+        }
+        if t_sub.elapsed() > Duration::from_secs(300) {
+            anyhow::bail!("only {held} of {subs} subscribers connected");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (rss_idle, _) = hub.rss();
+    let t0 = Instant::now();
+    let pubs = fleet::publishers(&dir, pki, &hub.url, 1, events, stop.clone()).await?;
+    let want = (subs * events) as u64;
+    while received.load(Ordering::Relaxed) < want {
+        if t0.elapsed() > Duration::from_secs(300) {
+            anyhow::bail!("fan-out incomplete: {} of {want}", received.load(Ordering::Relaxed));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (_, peak) = hub.rss();
+    trigger.trigger();
+    drop(pubs);
+    Ok(json!({"subscribers": subs, "events": events, "deliveries": want, "seconds": round(secs), "deliveries_per_second": (want as f64 / secs).round(), "connect_seconds": round(t_sub.elapsed().as_secs_f64() - secs), "hub_rss_idle_mb": rss_idle / (1 << 20), "hub_peak_rss_mb": peak / (1 << 20)}))
+}
+
+/// A node that was away while many bans were stored, until it applied all.
+async fn catch_up(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyhow::Result<serde_json::Value> {
+    let dir = root.join("catchup");
+    let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
+    let bans = if quick { 100_000 } else { 1_000_000 };
+    // Store them straight through the store interface, in big batches.
+    let store = crate::hub::store::open(&format!("{mysql}/{DB}")).await?;
+    let mut i = 0u32;
+    while (i as usize) < bans {
+        let batch: Vec<_> = (0..1000u32)
+            .map(|j| crate::hub::store::NewReport {
+                host: "elsewhere".into(),
+                seq: (i + j) as u64 + 1,
+                ban: Ban::new("sshd", "tcp", "22", &ip(60, i + j)).unwrap(),
+            })
+            .collect();
+        store.commit(&batch).await?;
+        i += 1000;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let t0 = Instant::now();
+    let nodes = fleet::Nodes::start(&dir, pki, &hub.url, 1, tx).await?;
+    let mut applied = 0usize;
+    while applied < bans {
+        match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
+            Ok(Some((_, ips, _))) => applied += ips.len(),
+            _ => anyhow::bail!("catch-up stalled at {applied} of {bans}"),
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    nodes.stop().await;
+    drop(hub);
+    Ok(json!({"bans": bans, "seconds": round(secs), "per_second": (bans as f64 / secs).round()}))
+}
+
+/// `banmesh report`'s wall time: the real binary, 200 times, one node.
+async fn report_wall_time(root: &Path, pki: &fleet::Pki, mysql: &str) -> anyhow::Result<serde_json::Value> {
+    let dir = root.join("report");
+    let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let nodes = fleet::Nodes::start(&dir, pki, &hub.url, 1, tx).await?;
+    let exe = std::env::current_exe()?;
+    let mut times = Vec::new();
+    for i in 0..200u32 {
+        let t0 = Instant::now();
+        let status = tokio::process::Command::new(&exe)
+            .args(["report", "-j", "sshd", "-pr", "tcp", "-p", "22", "-i", &ip(70, i), "--socket"])
+            .arg(&nodes.sockets[0])
+            .status()
+            .await?;
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(status.success(), "banmesh report failed");
+    }
+    nodes.stop().await;
+    Ok(percentiles(times))
+}
+
+fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
+    let ms = |v: &serde_json::Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+    println!("banmesh bench ({}){}", r["machine"].as_str().unwrap_or(""), if r["quick"] == true { ", quick" } else { "" });
+    println!("{:<34} {:>10} {:>10} {:>10}", "propagation (report -> all applied)", "p50 ms", "p99 ms", "max ms");
+    for p in r["propagation"].as_array().into_iter().flatten() {
+        for mode in ["steady", "burst"] {
+            let v = &p[mode];
+            println!("  {:>5} nodes, {mode:<22} {:>10} {:>10} {:>10}", p["nodes"], ms(v, "p50_ms"), ms(v, "p99_ms"), ms(v, "max_ms"));
+        }
+    }
+    let i = &r["ingest"];
+    println!("ingest: {} reports/s committed ({} reports in {} s from {} publishers)", i["per_second"], i["reports"], i["seconds"], i["publishers"]);
+    let f = &r["fanout"];
+    println!(
+        "fan-out: {} deliveries/s ({} subscribers x {} events); hub RSS {} MB holding them, peak {} MB",
+        f["deliveries_per_second"], f["subscribers"], f["events"], f["hub_rss_idle_mb"], f["hub_peak_rss_mb"]
+    );
+    let c = &r["catch_up"];
+    println!("catch-up: {} bans applied in {} s ({} /s)", c["bans"], c["seconds"], c["per_second"]);
+    let rep = &r["report"];
+    println!("banmesh report wall time: p50 {} ms, p99 {} ms (n={})", ms(rep, "p50_ms"), ms(rep, "p99_ms"), rep["n"]);
+}
