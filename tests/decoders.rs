@@ -33,7 +33,11 @@ impl Rng {
                     b.truncate(keep);
                 }
                 _ => {
-                    let i = if b.is_empty() { 0 } else { (self.next() as usize) % b.len() };
+                    let i = if b.is_empty() {
+                        0
+                    } else {
+                        (self.next() as usize) % b.len()
+                    };
                     b.insert(i, self.next() as u8);
                 }
             }
@@ -97,7 +101,11 @@ fn outbox_records_never_panic() {
         spool: "x.ban".into(),
     });
     for round in 0..20_000 {
-        let input = if round % 2 == 0 { rng.bytes(512) } else { rng.mutate([good.clone(), good.clone()].concat()) };
+        let input = if round % 2 == 0 {
+            rng.bytes(512)
+        } else {
+            rng.mutate([good.clone(), good.clone()].concat())
+        };
         let (records, skipped) = outbox::decode_records(&input);
         // Every byte is either in a record or counted as skipped.
         let kept: usize = records.iter().map(|r| outbox::encode(r).len()).sum();
@@ -110,7 +118,11 @@ fn fail2ban_answers_never_panic() {
     let mut rng = Rng(0x94D049BB133111EB);
     let answer = b"\x80\x05\x95\x17\x00\x00\x00\x00\x00\x00\x00K\x00]\x94(]\x94]\x94\x8c\x06shared\x94ae\x86\x94.".to_vec();
     for round in 0..20_000 {
-        let input = if round % 2 == 0 { rng.bytes(128) } else { rng.mutate(answer.clone()) };
+        let input = if round % 2 == 0 {
+            rng.bytes(128)
+        } else {
+            rng.mutate(answer.clone())
+        };
         let _ = pickle::decode(&input);
     }
 }

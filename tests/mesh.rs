@@ -9,15 +9,26 @@ use mysql_async::prelude::*;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
+/// Each host's status for the ban of `ip`, as the store reports it.
 async fn status_of(db: &TestDb, ip: &str) -> Vec<(String, String, i64)> {
-    let mut c = db.conn().await;
-    c.exec(
-        "SELECT e.added_by, h.name, s.status FROM events e JOIN statuses s ON s.event_id = e.id \
-         JOIN hosts h ON h.id = s.host_id WHERE e.ip = ? ORDER BY h.name",
-        (ip,),
-    )
-    .await
-    .unwrap()
+    let store = banmesh::hub::store::open(&db.url).await.unwrap();
+    let filter = banmesh::hub::store::BanFilter {
+        ip: Some(ip.into()),
+        limit: 10,
+        ..Default::default()
+    };
+    store
+        .list_bans(&filter)
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|b| {
+            let by = b.event.added_by.clone();
+            b.statuses
+                .into_iter()
+                .map(move |(h, s)| (by.clone(), h, s as i64))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -42,7 +53,10 @@ async fn a_ban_on_one_host_reaches_the_others_once() {
         .await;
     }
     wait_for("statuses 1/1/1", DEADLINE, || async {
-        status_of(&db, "198.51.100.7").await.len() == 3
+        status_of(&db, "198.51.100.7")
+            .await
+            .iter()
+            .all(|(_, _, s)| *s == 1)
     })
     .await;
 

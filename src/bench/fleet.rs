@@ -65,14 +65,23 @@ impl HubProc {
         let mut c = mysql_async::Conn::from_url(server)
             .await
             .with_context(|| "cannot reach MariaDB for the benchmark (see --mysql)")?;
-        c.query_drop(format!("DROP DATABASE IF EXISTS {db}")).await?;
+        c.query_drop(format!("DROP DATABASE IF EXISTS {db}"))
+            .await?;
         c.disconnect().await?;
         std::fs::create_dir_all(root)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let tls = pki.host("hub")?;
         let log = std::fs::File::create(root.join(format!("hub-{port}.log")))?;
         let child = Command::new(std::env::current_exe()?)
-            .args(["hub", "--listen", &format!("127.0.0.1:{port}"), "--db", &format!("{server}/{db}")])
+            .args([
+                "hub",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--db",
+                &format!("{server}/{db}"),
+            ])
             .arg("--cert")
             .arg(&tls.cert)
             .arg("--key")
@@ -84,7 +93,10 @@ impl HubProc {
             .stderr(log)
             .spawn()?;
         let start = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
             if start.elapsed() > Duration::from_secs(30) {
                 bail!("the hub did not start within 30s");
             }
@@ -98,7 +110,8 @@ impl HubProc {
 
     /// The hub's resident memory now and at peak, in bytes.
     pub fn rss(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -113,7 +126,9 @@ impl HubProc {
 
 impl Drop for HubProc {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -217,7 +232,12 @@ pub async fn publishers(
         let bans: Vec<crate::ban::Ban> = (0..reports_each)
             .map(|j| {
                 let n = (i * reports_each + j) as u32;
-                crate::ban::Ban::new("sshd", "tcp", "22", &std::net::Ipv4Addr::from(0x0A00_0000 + n).to_string())
+                crate::ban::Ban::new(
+                    "sshd",
+                    "tcp",
+                    "22",
+                    &std::net::Ipv4Addr::from(0x0A00_0000 + n).to_string(),
+                )
             })
             .collect::<Result<_, _>>()?;
         for chunk in bans.chunks(10_000) {
@@ -230,7 +250,12 @@ pub async fn publishers(
         let tls = pki.host(&name)?;
         let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
         let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let task = tokio::spawn(node::publisher::run(outbox.clone(), link, connected, stop.clone()));
+        let task = tokio::spawn(node::publisher::run(
+            outbox.clone(),
+            link,
+            connected,
+            stop.clone(),
+        ));
         started.push((outbox, task));
     }
     Ok(started)
@@ -244,7 +269,10 @@ pub async fn subscribers(
     count: usize,
     distinct_names: usize,
     stop: Shutdown,
-) -> anyhow::Result<(Arc<std::sync::atomic::AtomicU64>, Vec<tokio::task::JoinHandle<()>>)> {
+) -> anyhow::Result<(
+    Arc<std::sync::atomic::AtomicU64>,
+    Vec<tokio::task::JoinHandle<()>>,
+)> {
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for i in 0..count {
@@ -252,8 +280,16 @@ pub async fn subscribers(
         let tls = pki.host(&name)?;
         let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<crate::ban::Event>>(64);
-        let position = Arc::new(node::subscriber::Position::load(PathBuf::from("/dev/null/none"), 0));
-        tasks.push(tokio::spawn(node::subscriber::run(link, position, batch_tx, stop.clone())));
+        let position = Arc::new(node::subscriber::Position::load(
+            PathBuf::from("/dev/null/none"),
+            0,
+        ));
+        tasks.push(tokio::spawn(node::subscriber::run(
+            link,
+            position,
+            batch_tx,
+            stop.clone(),
+        )));
         let counter = received.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(b) = batch_rx.recv().await {

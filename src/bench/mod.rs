@@ -59,7 +59,9 @@ const DB: &str = "banmesh_bench";
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     raise_fd_limit();
-    let temp = tempfile::Builder::new().prefix("banmesh-bench-").tempdir()?;
+    let temp = tempfile::Builder::new()
+        .prefix("banmesh-bench-")
+        .tempdir()?;
     let root = temp.path();
     let pki = fleet::Pki::new(root)?;
     let sizes = if !args.nodes.is_empty() {
@@ -80,13 +82,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     results.insert("propagation".into(), json!(prop));
     eprintln!("ingest ...");
-    results.insert("ingest".into(), ingest(root, &pki, &args.mysql, args.quick).await?);
+    results.insert(
+        "ingest".into(),
+        ingest(root, &pki, &args.mysql, args.quick).await?,
+    );
     eprintln!("fan-out and subscribers held ...");
-    results.insert("fanout".into(), fanout(root, &pki, &args.mysql, args.quick).await?);
+    results.insert(
+        "fanout".into(),
+        fanout(root, &pki, &args.mysql, args.quick).await?,
+    );
     eprintln!("catch-up ...");
-    results.insert("catch_up".into(), catch_up(root, &pki, &args.mysql, args.quick).await?);
+    results.insert(
+        "catch_up".into(),
+        catch_up(root, &pki, &args.mysql, args.quick).await?,
+    );
     eprintln!("report wall time ...");
-    results.insert("report".into(), report_wall_time(root, &pki, &args.mysql).await?);
+    results.insert(
+        "report".into(),
+        report_wall_time(root, &pki, &args.mysql).await?,
+    );
 
     print_table(&results);
     println!("{}", serde_json::Value::Object(results));
@@ -97,7 +111,10 @@ fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string)))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
+        })
         .unwrap_or_default();
     format!("{cpus} cores, {model}")
 }
@@ -106,7 +123,10 @@ fn machine() -> String {
 fn raise_fd_limit() {
     // SAFETY: plain libc calls on a local struct.
     unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
@@ -120,7 +140,13 @@ fn ip(scenario: u32, i: u32) -> String {
 
 /// Reports from random nodes; each latency is from the `report` call until
 /// the last other node applied it.
-async fn propagation(root: &Path, pki: &fleet::Pki, mysql: &str, n: usize, quick: bool) -> anyhow::Result<serde_json::Value> {
+async fn propagation(
+    root: &Path,
+    pki: &fleet::Pki,
+    mysql: &str,
+    n: usize,
+    quick: bool,
+) -> anyhow::Result<serde_json::Value> {
     let dir = root.join(format!("prop-{n}"));
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -132,7 +158,9 @@ async fn propagation(root: &Path, pki: &fleet::Pki, mysql: &str, n: usize, quick
     let count = if quick { 50 } else { 200 };
     let mut seq = 0u32;
 
-    let mut absorb = |pending: &mut HashMap<String, (usize, Instant, usize)>, out: &mut Vec<f64>, (node, ips, at): (usize, Vec<String>, Instant)| {
+    let mut absorb = |pending: &mut HashMap<String, (usize, Instant, usize)>,
+                      out: &mut Vec<f64>,
+                      (node, ips, at): (usize, Vec<String>, Instant)| {
         for ipaddr in ips {
             if let Some(p) = pending.get_mut(&ipaddr) {
                 if p.0 != node {
@@ -180,7 +208,9 @@ async fn propagation(root: &Path, pki: &fleet::Pki, mysql: &str, n: usize, quick
     drain(&mut rx, &mut pending, &mut burst, &mut absorb).await?;
     let (_, peak) = hub.rss();
     nodes.stop().await;
-    Ok(json!({"nodes": n, "steady": percentiles(steady), "burst": percentiles(burst), "hub_peak_rss_mb": peak / (1 << 20)}))
+    Ok(
+        json!({"nodes": n, "steady": percentiles(steady), "burst": percentiles(burst), "hub_peak_rss_mb": peak / (1 << 20)}),
+    )
 }
 
 async fn drain<F>(
@@ -190,7 +220,11 @@ async fn drain<F>(
     absorb: &mut F,
 ) -> anyhow::Result<()>
 where
-    F: FnMut(&mut HashMap<String, (usize, Instant, usize)>, &mut Vec<f64>, (usize, Vec<String>, Instant)),
+    F: FnMut(
+        &mut HashMap<String, (usize, Instant, usize)>,
+        &mut Vec<f64>,
+        (usize, Vec<String>, Instant),
+    ),
 {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !pending.is_empty() {
@@ -203,7 +237,12 @@ where
 }
 
 /// Reports per second durably committed, from publishers with full outboxes.
-async fn ingest(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyhow::Result<serde_json::Value> {
+async fn ingest(
+    root: &Path,
+    pki: &fleet::Pki,
+    mysql: &str,
+    quick: bool,
+) -> anyhow::Result<serde_json::Value> {
     let dir = root.join("ingest");
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
     let (publishers, each) = if quick { (10, 20_000) } else { (20, 100_000) };
@@ -226,11 +265,18 @@ async fn ingest(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyh
     let total = publishers * each;
     trigger.trigger();
     let (_, peak) = hub.rss();
-    Ok(json!({"reports": total, "publishers": publishers, "seconds": round(secs), "per_second": (total as f64 / secs).round(), "outbox_fill_seconds": round(load_secs), "hub_peak_rss_mb": peak / (1 << 20)}))
+    Ok(
+        json!({"reports": total, "publishers": publishers, "seconds": round(secs), "per_second": (total as f64 / secs).round(), "outbox_fill_seconds": round(load_secs), "hub_peak_rss_mb": peak / (1 << 20)}),
+    )
 }
 
 /// Deliveries per second to many subscribers, and subscribers held.
-async fn fanout(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyhow::Result<serde_json::Value> {
+async fn fanout(
+    root: &Path,
+    pki: &fleet::Pki,
+    mysql: &str,
+    quick: bool,
+) -> anyhow::Result<serde_json::Value> {
     let dir = root.join("fanout");
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
     let (subs, events) = if quick { (1000, 2000) } else { (10_000, 2000) };
@@ -241,7 +287,11 @@ async fn fanout(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyh
     let mut client = crate::admin::client(&hub.url, &admin).await?;
     let t_sub = Instant::now();
     loop {
-        let hosts = client.hosts(crate::proto::HostsRequest {}).await?.into_inner().hosts;
+        let hosts = client
+            .hosts(crate::proto::HostsRequest {})
+            .await?
+            .into_inner()
+            .hosts;
         let held = hosts.iter().filter(|h| h.subscribed).count();
         if held >= subs {
             break;
@@ -257,7 +307,10 @@ async fn fanout(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyh
     let want = (subs * events) as u64;
     while received.load(Ordering::Relaxed) < want {
         if t0.elapsed() > Duration::from_secs(300) {
-            anyhow::bail!("fan-out incomplete: {} of {want}", received.load(Ordering::Relaxed));
+            anyhow::bail!(
+                "fan-out incomplete: {} of {want}",
+                received.load(Ordering::Relaxed)
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -265,11 +318,18 @@ async fn fanout(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyh
     let (_, peak) = hub.rss();
     trigger.trigger();
     drop(pubs);
-    Ok(json!({"subscribers": subs, "events": events, "deliveries": want, "seconds": round(secs), "deliveries_per_second": (want as f64 / secs).round(), "connect_seconds": round(t_sub.elapsed().as_secs_f64() - secs), "hub_rss_idle_mb": rss_idle / (1 << 20), "hub_peak_rss_mb": peak / (1 << 20)}))
+    Ok(
+        json!({"subscribers": subs, "events": events, "deliveries": want, "seconds": round(secs), "deliveries_per_second": (want as f64 / secs).round(), "connect_seconds": round(t_sub.elapsed().as_secs_f64() - secs), "hub_rss_idle_mb": rss_idle / (1 << 20), "hub_peak_rss_mb": peak / (1 << 20)}),
+    )
 }
 
 /// A node that was away while many bans were stored, until it applied all.
-async fn catch_up(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> anyhow::Result<serde_json::Value> {
+async fn catch_up(
+    root: &Path,
+    pki: &fleet::Pki,
+    mysql: &str,
+    quick: bool,
+) -> anyhow::Result<serde_json::Value> {
     let dir = root.join("catchup");
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
     let bans = if quick { 100_000 } else { 1_000_000 };
@@ -304,7 +364,11 @@ async fn catch_up(root: &Path, pki: &fleet::Pki, mysql: &str, quick: bool) -> an
 }
 
 /// `banmesh report`'s wall time: the real binary, 200 times, one node.
-async fn report_wall_time(root: &Path, pki: &fleet::Pki, mysql: &str) -> anyhow::Result<serde_json::Value> {
+async fn report_wall_time(
+    root: &Path,
+    pki: &fleet::Pki,
+    mysql: &str,
+) -> anyhow::Result<serde_json::Value> {
     let dir = root.join("report");
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
     let (tx, _rx) = mpsc::unbounded_channel();
@@ -314,7 +378,18 @@ async fn report_wall_time(root: &Path, pki: &fleet::Pki, mysql: &str) -> anyhow:
     for i in 0..200u32 {
         let t0 = Instant::now();
         let status = tokio::process::Command::new(&exe)
-            .args(["report", "-j", "sshd", "-pr", "tcp", "-p", "22", "-i", &ip(70, i), "--socket"])
+            .args([
+                "report",
+                "-j",
+                "sshd",
+                "-pr",
+                "tcp",
+                "-p",
+                "22",
+                "-i",
+                &ip(70, i),
+                "--socket",
+            ])
             .arg(&nodes.sockets[0])
             .status()
             .await?;
@@ -326,24 +401,53 @@ async fn report_wall_time(root: &Path, pki: &fleet::Pki, mysql: &str) -> anyhow:
 }
 
 fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
-    let ms = |v: &serde_json::Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
-    println!("banmesh bench ({}){}", r["machine"].as_str().unwrap_or(""), if r["quick"] == true { ", quick" } else { "" });
-    println!("{:<34} {:>10} {:>10} {:>10}", "propagation (report -> all applied)", "p50 ms", "p99 ms", "max ms");
+    let ms =
+        |v: &serde_json::Value, k: &str| v[k].as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+    println!(
+        "banmesh bench ({}){}",
+        r["machine"].as_str().unwrap_or(""),
+        if r["quick"] == true { ", quick" } else { "" }
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "propagation (report -> all applied)", "p50 ms", "p99 ms", "max ms"
+    );
     for p in r["propagation"].as_array().into_iter().flatten() {
         for mode in ["steady", "burst"] {
             let v = &p[mode];
-            println!("  {:>5} nodes, {mode:<22} {:>10} {:>10} {:>10}", p["nodes"], ms(v, "p50_ms"), ms(v, "p99_ms"), ms(v, "max_ms"));
+            println!(
+                "  {:>5} nodes, {mode:<22} {:>10} {:>10} {:>10}",
+                p["nodes"],
+                ms(v, "p50_ms"),
+                ms(v, "p99_ms"),
+                ms(v, "max_ms")
+            );
         }
     }
     let i = &r["ingest"];
-    println!("ingest: {} reports/s committed ({} reports in {} s from {} publishers)", i["per_second"], i["reports"], i["seconds"], i["publishers"]);
+    println!(
+        "ingest: {} reports/s committed ({} reports in {} s from {} publishers)",
+        i["per_second"], i["reports"], i["seconds"], i["publishers"]
+    );
     let f = &r["fanout"];
     println!(
         "fan-out: {} deliveries/s ({} subscribers x {} events); hub RSS {} MB holding them, peak {} MB",
-        f["deliveries_per_second"], f["subscribers"], f["events"], f["hub_rss_idle_mb"], f["hub_peak_rss_mb"]
+        f["deliveries_per_second"],
+        f["subscribers"],
+        f["events"],
+        f["hub_rss_idle_mb"],
+        f["hub_peak_rss_mb"]
     );
     let c = &r["catch_up"];
-    println!("catch-up: {} bans applied in {} s ({} /s)", c["bans"], c["seconds"], c["per_second"]);
+    println!(
+        "catch-up: {} bans applied in {} s ({} /s)",
+        c["bans"], c["seconds"], c["per_second"]
+    );
     let rep = &r["report"];
-    println!("banmesh report wall time: p50 {} ms, p99 {} ms (n={})", ms(rep, "p50_ms"), ms(rep, "p99_ms"), rep["n"]);
+    println!(
+        "banmesh report wall time: p50 {} ms, p99 {} ms (n={})",
+        ms(rep, "p50_ms"),
+        ms(rep, "p99_ms"),
+        rep["n"]
+    );
 }

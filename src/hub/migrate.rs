@@ -247,9 +247,11 @@ pub async fn import_seed(
                 lifted_by: None,
                 lifts: None,
             });
+            let reporter_id = events.last().map_or(0, |e: &RawEvent| e.reporter_id);
             for (i, host_id) in column_hosts.iter().enumerate() {
                 let status: i64 = row.take(7 + i).unwrap_or(0);
-                if (1..=3).contains(&status) {
+                // No row reads as 0, or 1 for the reporter: keep a reporter's 0.
+                if (1..=3).contains(&status) || (status == 0 && *host_id == reporter_id) {
                     statuses.push(RawStatus {
                         event_id: id,
                         host_id: *host_id,

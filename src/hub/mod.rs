@@ -146,7 +146,10 @@ pub async fn run(
             reflection_alpha,
             access.interceptor(),
         ))
-        .serve_with_incoming_shutdown(crate::tls::nodelay(TcpListenerStream::new(listener)), shutdown.signalled())
+        .serve_with_incoming_shutdown(
+            crate::tls::nodelay(TcpListenerStream::new(listener)),
+            shutdown.signalled(),
+        )
         .await?;
     info!("hub stopped");
     Ok(())

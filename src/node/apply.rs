@@ -115,6 +115,7 @@ enum Held {
 /// deferred bans. One task owns it ([`run`]).
 pub struct Applier {
     config: ApplyConfig,
+    log: SharedLog,
     journal: Arc<StatusJournal>,
     fail2ban: Option<Fail2ban>,
     fail2ban_up: Option<bool>,
@@ -125,6 +126,7 @@ pub struct Applier {
 impl Applier {
     pub fn new(config: ApplyConfig, journal: Arc<StatusJournal>) -> Self {
         Applier {
+            log: SharedLog::new(config.shared_log.clone()),
             journal,
             fail2ban: config.fail2ban_socket.as_deref().map(Fail2ban::new),
             fail2ban_up: None,
@@ -321,14 +323,55 @@ impl Applier {
         (event.id, status)
     }
 
-    fn append(&self, events: &[&Event]) -> std::io::Result<()> {
+    fn append(&mut self, events: &[&Event]) -> std::io::Result<()> {
         let now = OffsetDateTime::now_utc();
         let text: String = events.iter().map(|e| line(e, now)).collect();
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.config.shared_log)?;
-        f.write_all(text.as_bytes())
+        self.log.append(text.as_bytes())
+    }
+}
+
+/// `shared.log`, kept open between batches. Reopened when the path stops
+/// naming the open file (logrotate moved it) and after any write error.
+struct SharedLog {
+    path: PathBuf,
+    file: Option<(std::fs::File, u64)>,
+    checked: Instant,
+}
+
+impl SharedLog {
+    fn new(path: PathBuf) -> Self {
+        SharedLog {
+            path,
+            file: None,
+            checked: Instant::now(),
+        }
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        if self.checked.elapsed() >= Duration::from_secs(1) {
+            self.checked = Instant::now();
+            let current = std::fs::metadata(&self.path).map(|m| m.ino()).ok();
+            if current != self.file.as_ref().map(|(_, ino)| *ino) {
+                self.file = None;
+            }
+        }
+        if self.file.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            let ino = f.metadata()?.ino();
+            self.file = Some((f, ino));
+        }
+        let result = self
+            .file
+            .as_mut()
+            .map_or(Ok(()), |(f, _)| f.write_all(bytes));
+        if result.is_err() {
+            self.file = None;
+        }
+        result
     }
 }
 
@@ -366,6 +409,9 @@ pub async fn run(
             }
             _ = shutdown.recv() => break,
         }
+    }
+    if let Err(e) = position.flush() {
+        warn!(error = %e, "cannot save the applied position");
     }
     if let Some(f2b) = applier.fail2ban.as_mut() {
         f2b.close().await;

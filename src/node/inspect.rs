@@ -61,7 +61,10 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .serve_with_incoming_shutdown(crate::tls::nodelay(TcpListenerStream::new(listener)), shutdown.signalled())
+        .serve_with_incoming_shutdown(
+            crate::tls::nodelay(TcpListenerStream::new(listener)),
+            shutdown.signalled(),
+        )
         .await?;
     Ok(())
 }

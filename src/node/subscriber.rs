@@ -28,14 +28,25 @@ use crate::{
     shutdown::Shutdown,
 };
 
+/// How long statuses gather before one `ReportStatus` call.
+const STATUS_LINGER: Duration = Duration::from_millis(25);
 /// Most events applied in one write.
 const APPLY_BATCH: usize = 4096;
 
 /// The last applied event id, kept in `DIR/applied`.
+///
+/// Saved at most every [`POSITION_SAVE`] (and at shutdown): the lines in
+/// `shared.log` carry their ids and are the authority for bans, so a
+/// position a moment stale only re-applies a few unbans or already-held
+/// bans, which is harmless.
 pub struct Position {
     path: PathBuf,
     id: AtomicU64,
+    saved: std::sync::Mutex<(u64, std::time::Instant)>,
 }
+
+/// How often the position file is rewritten while events flow.
+const POSITION_SAVE: Duration = Duration::from_millis(500);
 
 impl Position {
     pub fn load(path: PathBuf, logged: u64) -> Self {
@@ -43,9 +54,11 @@ impl Position {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
+        let id = saved.max(logged);
         Position {
             path,
-            id: AtomicU64::new(saved.max(logged)),
+            id: AtomicU64::new(id),
+            saved: std::sync::Mutex::new((id, std::time::Instant::now())),
         }
     }
 
@@ -55,9 +68,23 @@ impl Position {
 
     pub fn set(&self, id: u64) -> std::io::Result<()> {
         self.id.store(id, Ordering::Relaxed);
+        let due = self.saved.lock().unwrap().1.elapsed() >= POSITION_SAVE;
+        if due { self.flush() } else { Ok(()) }
+    }
+
+    /// Writes the position now, if it moved since the last save.
+    pub fn flush(&self) -> std::io::Result<()> {
+        let id = self.get();
+        let mut saved = self.saved.lock().unwrap();
+        if saved.0 == id {
+            saved.1 = std::time::Instant::now();
+            return Ok(());
+        }
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, id.to_string())?;
-        std::fs::rename(&tmp, &self.path)
+        std::fs::rename(&tmp, &self.path)?;
+        *saved = (id, std::time::Instant::now());
+        Ok(())
     }
 }
 
@@ -164,7 +191,12 @@ pub async fn report_statuses(link: Link, journal: Arc<StatusJournal>, mut shutdo
         };
         if batch.is_empty() {
             tokio::select! {
-                _ = &mut appended => continue,
+                _ = &mut appended => {
+                    // Let a burst of statuses gather into one call; they
+                    // are durable in the journal meanwhile.
+                    tokio::time::sleep(STATUS_LINGER).await;
+                    continue;
+                }
                 _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
                 _ = shutdown.recv() => return,
             }

@@ -7,8 +7,8 @@
 //! - A report is identified by (reporting host, node sequence); committing
 //!   it again returns the first event id with `duplicate = true`.
 //! - Per-host status is a row (ban, host, status). A host with no row for a
-//!   ban has status 0 (not yet added): the reporter gets a 1 row at commit,
-//!   every other host starts at 0 without a row, so a fleet of thousands
+//!   ban reads as 1 if it reported the ban and 0 (not yet added) otherwise,
+//!   so a commit writes no status rows at all and a fleet of thousands
 //!   costs nothing per ban until hosts answer.
 //! - `events_after` is the replay source for subscribers: events in id
 //!   order, without bans the subscriber reported itself and without bans
@@ -346,14 +346,16 @@ pub(crate) fn view_sql(hosts: &[(u64, String)], created: &str) -> String {
     );
     for (id, col) in view_columns(hosts) {
         sql.push_str(&format!(
-            ", COALESCE((SELECT s.status FROM statuses s WHERE s.event_id = e.id AND s.host_id = {id}), 0) AS {col}"
+            ", COALESCE((SELECT s.status FROM statuses s WHERE s.event_id = e.id AND s.host_id = {id}), \
+             CASE WHEN e.reporter_id = {id} THEN 1 ELSE 0 END) AS {col}"
         ));
     }
     sql.push_str(" FROM events e WHERE e.kind = 1");
     sql
 }
 
-/// Joins bans with every known host's status (0 where the host has no row).
+/// Joins bans with every known host's status (where a host has no row: 1
+/// for the reporter, 0 for the others).
 pub(crate) fn assemble_bans(
     bans: Vec<(Event, bool)>,
     hosts: &[(u64, String)],
@@ -364,7 +366,8 @@ pub(crate) fn assemble_bans(
             let mut statuses: Vec<(String, Status)> = hosts
                 .iter()
                 .map(|(hid, name)| {
-                    let code = statuses.get(&(event.id, *hid)).copied().unwrap_or(0);
+                    let implied = i64::from(*name == event.added_by);
+                    let code = statuses.get(&(event.id, *hid)).copied().unwrap_or(implied);
                     (
                         name.clone(),
                         Status::from_code(code).unwrap_or(Status::Error),

@@ -81,6 +81,9 @@ fn to_event(r: EventRow) -> Event {
 
 pub struct MysqlStore {
     pool: Pool,
+    /// The server hands a multi-row INSERT consecutive ids
+    /// (`innodb_autoinc_lock_mode` below 2).
+    consecutive_ids: bool,
     /// Host name -> id; hosts are never renamed or deleted.
     host_ids: Mutex<HashMap<String, u64>>,
 }
@@ -114,7 +117,14 @@ impl MysqlStore {
         admin.disconnect().await.map_err(q)?;
 
         let pool = Pool::new(OptsBuilder::from_opts(opts).db_name(Some(db)));
+        let mut c = pool.get_conn().await.map_err(unreachable)?;
+        let lock_mode: Option<i64> = c
+            .query_first("SELECT @@innodb_autoinc_lock_mode")
+            .await
+            .map_err(q)?;
+        drop(c);
         let store = MysqlStore {
+            consecutive_ids: lock_mode.is_some_and(|m| m < 2),
             pool,
             host_ids: Mutex::new(HashMap::new()),
         };
@@ -388,26 +398,26 @@ impl Store for MysqlStore {
             )
             .await
             .map_err(q)?;
-            let fresh_keys: Vec<(u64, u64)> = fresh.iter().map(|&i| keys[i]).collect();
-            let inserted: Vec<(u64, u64, u64)> = tx
-                .query(format!(
-                    "SELECT id, reporter_id, node_seq FROM events WHERE {}",
-                    report_keys(&fresh_keys)
-                ))
-                .await
-                .map_err(q)?;
-            let mut status_params: Vec<Value> = Vec::with_capacity(inserted.len() * 2);
-            for (id, h, s) in &inserted {
-                status_params.extend([(*id).into(), (*h).into()]);
-                known.insert((*h, *s), *id);
+            // A multi-row INSERT gets consecutive ids unless the server
+            // interleaves auto-increment allocation (lock mode 2); then ask.
+            let first = tx.last_insert_id().filter(|_| self.consecutive_ids);
+            if let Some(first) = first {
+                for (n, &i) in fresh.iter().enumerate() {
+                    known.insert(keys[i], first + n as u64);
+                }
+            } else {
+                let fresh_keys: Vec<(u64, u64)> = fresh.iter().map(|&i| keys[i]).collect();
+                let inserted: Vec<(u64, u64, u64)> = tx
+                    .query(format!(
+                        "SELECT id, reporter_id, node_seq FROM events WHERE {}",
+                        report_keys(&fresh_keys)
+                    ))
+                    .await
+                    .map_err(q)?;
+                for (id, h, s) in inserted {
+                    known.insert((h, s), id);
+                }
             }
-            let rows = vec!["(?, ?, 1)"; inserted.len()].join(",");
-            tx.exec_drop(
-                format!("INSERT INTO statuses (event_id, host_id, status) VALUES {rows}"),
-                status_params,
-            )
-            .await
-            .map_err(q)?;
         }
         tx.commit().await.map_err(q)?;
 

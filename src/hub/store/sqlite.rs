@@ -339,11 +339,6 @@ impl Store for SqliteStore {
                          jailname, protocol, port, ip) VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     )
                     .map_err(q)?;
-                let mut status = tx
-                    .prepare_cached(
-                        "INSERT INTO statuses (event_id, host_id, status) VALUES (?1, ?2, 1)",
-                    )
-                    .map_err(q)?;
                 for (r, hid) in batch.iter().zip(&ids) {
                     let hid = *hid as i64;
                     let seq = r.seq as i64;
@@ -368,7 +363,6 @@ impl Store for SqliteStore {
                         ])
                         .map_err(q)?;
                     let id = tx.last_insert_rowid();
-                    status.execute(params![id, hid]).map_err(q)?;
                     out.push(Committed::New(Event {
                         id: id as u64,
                         kind: EventKind::Ban,
