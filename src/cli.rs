@@ -284,6 +284,10 @@ pub struct NodeArgs {
     /// Apply bans through shared.log only, never asking fail2ban's socket.
     #[arg(long)]
     pub no_fail2ban_socket: bool,
+    /// Keep the socket for checks and unbans, but ban only through shared.log
+    /// (no fast path; fail2ban then bans within its ~0.35 s polling).
+    #[arg(long)]
+    pub no_fail2ban_socket_ban: bool,
     /// An IP fail2ban already bans with more than this share of its time
     /// left is status 2 (already banned recently); with less, the new ban
     /// is applied when the old one ends.
@@ -667,6 +671,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         outbox_limit: args.outbox_limit,
         fail2ban_socket: (!args.no_fail2ban_socket).then_some(args.fail2ban_socket),
         recent_ratio: args.recent_ratio,
+        fast_path: !args.no_fail2ban_socket_ban,
         renew_before: args.renew_before,
         listen: args.listen,
         observer: None,

@@ -122,6 +122,7 @@ async fn fleet(
             outbox_limit: node::DEFAULT_OUTBOX_LIMIT,
             fail2ban_socket: None,
             recent_ratio: node::apply::DEFAULT_RECENT_RATIO,
+            fast_path: true,
             renew_before: node::renewal::DEFAULT_RENEW_BEFORE,
             listen: None,
             observer: None,

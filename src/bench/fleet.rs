@@ -177,6 +177,7 @@ impl Nodes {
                 outbox_limit: node::DEFAULT_OUTBOX_LIMIT,
                 fail2ban_socket: None,
                 recent_ratio: node::apply::DEFAULT_RECENT_RATIO,
+                fast_path: true,
                 renew_before: node::renewal::DEFAULT_RENEW_BEFORE,
                 listen: None,
                 observer: Some(tx),

@@ -99,7 +99,22 @@ pub struct ApplyConfig {
     pub fail2ban_socket: Option<PathBuf>,
     pub recent_ratio: f64,
     pub data_dir: PathBuf,
+    /// Also ban fresh bans at once through the socket (the fast path).
+    pub fast_path: bool,
 }
+
+/// The jail banmesh bans into.
+pub const SHARED_JAIL: &str = "shared";
+/// A ban younger than this share of the jail's bantime goes through the
+/// socket too; an older one (replayed after an outage) only through the
+/// log, whose line carries the ban's own time so that fail2ban ends it
+/// when it would have ended anyway.
+const FRESH: f64 = 0.1;
+/// IPs per `banip` request: big enough for catch-up, small enough that
+/// fail2ban answers other clients in between.
+const BANIP_CHUNK: usize = 100;
+/// How long the shared jail's bantime is trusted before asking again.
+const BANTIME_TTL: Duration = Duration::from_secs(60);
 
 /// What fail2ban says about an IP.
 enum Held {
@@ -116,6 +131,9 @@ enum Held {
 pub struct Applier {
     config: ApplyConfig,
     log: SharedLog,
+    /// Whether the last ban through the socket worked (the node's status).
+    pub fast_path_up: Arc<std::sync::atomic::AtomicBool>,
+    bantime: Option<(i64, Instant)>,
     journal: Arc<StatusJournal>,
     fail2ban: Option<Fail2ban>,
     fail2ban_up: Option<bool>,
@@ -127,6 +145,8 @@ impl Applier {
     pub fn new(config: ApplyConfig, journal: Arc<StatusJournal>) -> Self {
         Applier {
             log: SharedLog::new(config.shared_log.clone()),
+            fast_path_up: Arc::default(),
+            bantime: None,
             journal,
             fail2ban: config.fail2ban_socket.as_deref().map(Fail2ban::new),
             fail2ban_up: None,
@@ -214,7 +234,25 @@ impl Applier {
                 }
             }
         }
+        // A ban whose time is over by now is not applied at all.
+        let bantime = self.shared_bantime().await;
+        let age = |e: &Event| (crate::hub::store::now_ms() - e.created_ms).max(0) as f64 / 1000.0;
+        if let Some(b) = bantime.filter(|b| *b > 0) {
+            write.retain(|e| {
+                let live = age(e) < b as f64;
+                if !live {
+                    info!(id = e.id, ip = %e.ban.ip, "ban already over by its own bantime; not applied");
+                }
+                live
+            });
+        }
         if !write.is_empty() {
+            let fresh: Vec<&str> = write
+                .iter()
+                .filter(|e| bantime.is_none_or(|b| b <= 0 || age(e) < FRESH * b as f64))
+                .map(|e| e.ban.ip.as_str())
+                .collect();
+            let confirmed = self.ban_now(&fresh).await;
             // Journaled before the write: a crash between the two re-applies
             // the events (the position has not moved) and journals again.
             let added: Vec<(u64, Status)> = write.iter().map(|e| (e.id, Status::Added)).collect();
@@ -227,12 +265,19 @@ impl Applier {
                     }
                     statuses.extend(added);
                 }
-                Err(e) => {
-                    tracing::error!(path = %self.config.shared_log.display(), error = %e, "cannot write shared.log");
-                    let failed: Vec<(u64, Status)> =
-                        write.iter().map(|e| (e.id, Status::Error)).collect();
-                    self.journal(&failed);
-                    statuses.extend(failed);
+                Err(err) => {
+                    tracing::error!(path = %self.config.shared_log.display(), error = %err, "cannot write shared.log");
+                    // Banned through the socket, the IP is banned all the same.
+                    let st = |e: &&Event| {
+                        if confirmed.contains(e.ban.ip.as_str()) {
+                            Status::Added
+                        } else {
+                            Status::Error
+                        }
+                    };
+                    let after: Vec<(u64, Status)> = write.iter().map(|e| (e.id, st(e))).collect();
+                    self.journal(&after);
+                    statuses.extend(after);
                 }
             }
         } else {
@@ -240,6 +285,55 @@ impl Applier {
         }
         statuses.sort_by_key(|(id, _)| *id);
         statuses
+    }
+
+    /// The shared jail's bantime in seconds, asked of fail2ban now and then.
+    async fn shared_bantime(&mut self) -> Option<i64> {
+        if let Some((b, at)) = self.bantime
+            && at.elapsed() < BANTIME_TTL
+        {
+            return Some(b);
+        }
+        let b = self.fail2ban.as_mut()?.bantime(SHARED_JAIL).await.ok()?;
+        self.bantime = Some((b, Instant::now()));
+        Some(b)
+    }
+
+    /// The fast path: bans IPs in the shared jail through the socket, a
+    /// chunk per request; returns those fail2ban confirmed.
+    async fn ban_now<'a>(&mut self, ips: &[&'a str]) -> HashSet<&'a str> {
+        let mut confirmed = HashSet::new();
+        if !self.config.fast_path || ips.is_empty() {
+            return confirmed;
+        }
+        let Some(f2b) = self.fail2ban.as_mut() else {
+            return confirmed;
+        };
+        let mut result = Ok(());
+        for chunk in ips.chunks(BANIP_CHUNK) {
+            match f2b.ban(SHARED_JAIL, chunk).await {
+                Ok(_) => confirmed.extend(chunk.iter().copied()),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let up = result.is_ok();
+        if self
+            .fast_path_up
+            .swap(up, std::sync::atomic::Ordering::Relaxed)
+            != up
+            || !up
+        {
+            match &result {
+                Ok(()) => {
+                    info!("fast path up: bans go to fail2ban's socket at once, and to shared.log")
+                }
+                Err(e) => warn!(error = %e, "fast path down: bans go through shared.log only"),
+            }
+        }
+        confirmed
     }
 
     fn journal(&self, statuses: &[(u64, Status)]) {
@@ -323,9 +417,18 @@ impl Applier {
         (event.id, status)
     }
 
+    /// Lines carry the ban's own time (from the hub), so fail2ban's ban
+    /// from the line ends when the original ban would have.
     fn append(&mut self, events: &[&Event]) -> std::io::Result<()> {
-        let now = OffsetDateTime::now_utc();
-        let text: String = events.iter().map(|e| line(e, now)).collect();
+        let text: String = events
+            .iter()
+            .map(|e| {
+                let at =
+                    OffsetDateTime::from_unix_timestamp_nanos(e.created_ms as i128 * 1_000_000)
+                        .unwrap_or_else(|_| OffsetDateTime::now_utc());
+                line(e, at)
+            })
+            .collect();
         self.log.append(text.as_bytes())
     }
 }
@@ -435,6 +538,7 @@ mod tests {
                 fail2ban_socket: None,
                 recent_ratio: DEFAULT_RECENT_RATIO,
                 data_dir: dir.path().to_path_buf(),
+                fast_path: true,
             },
             journal.clone(),
         );
@@ -443,7 +547,7 @@ mod tests {
             kind: EventKind::Ban,
             ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
             added_by: "web-1".into(),
-            created_ms: 0,
+            created_ms: crate::hub::store::now_ms(),
             lifts: 0,
         };
         let st = a

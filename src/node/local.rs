@@ -20,6 +20,7 @@ pub struct LocalService {
     pub outbox: Arc<Outbox>,
     pub connected: Arc<AtomicBool>,
     pub position: Arc<Position>,
+    pub fast_path: Arc<AtomicBool>,
 }
 
 #[tonic::async_trait]
@@ -60,6 +61,7 @@ impl node_server::Node for LocalService {
             hub_connected: self.connected.load(Ordering::Relaxed),
             outbox_pending: self.outbox.pending() as u64,
             last_applied_event_id: self.position.get(),
+            fast_path: self.fast_path.load(Ordering::Relaxed),
         }))
     }
 }

@@ -88,6 +88,8 @@ pub struct NodeConfig {
     pub fail2ban_socket: Option<PathBuf>,
     /// Share of an existing ban's time left above which a ban is status 2.
     pub recent_ratio: f64,
+    /// Ban fresh bans through fail2ban's socket at once, besides the line.
+    pub fast_path: bool,
     /// Renew the certificate when less than this is left.
     pub renew_before: Duration,
     /// mTLS TCP address for inspection (status, health, reflection).
@@ -150,9 +152,11 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
             fail2ban_socket: config.fail2ban_socket.clone(),
             recent_ratio: config.recent_ratio,
             data_dir: config.data_dir.clone(),
+            fast_path: config.fast_path,
         },
         journal.clone(),
     );
+    let fast_path = applier.fast_path_up.clone();
     let (channels, link) = link::Link::new(link::channel(&config.hubs, &config.tls)?);
     let connected = Arc::new(AtomicBool::new(false));
     let listener = bind_socket(&config.socket)?;
@@ -230,6 +234,7 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         outbox,
         connected,
         position,
+        fast_path,
     };
     let local = Arc::new(local);
     let inspection = match config.listen {
