@@ -42,9 +42,11 @@ async fn embedded_to_mariadb_keeps_every_row_and_status() {
             .iter()
             .map(|c| c.event_id())
             .collect();
-        let updates: Vec<(u64, Status)> =
-            ids.iter().map(|id| (*id, Status::AlreadyBanned)).collect();
-        s.set_statuses("mail", &updates).await.unwrap();
+        let updates: Vec<(String, u64, Status)> = ids
+            .iter()
+            .map(|id| ("mail".to_string(), *id, Status::AlreadyBanned))
+            .collect();
+        s.set_statuses(&updates).await.unwrap();
         s.unban("10.0.0.7", "ops")
             .await
             .unwrap()

@@ -156,11 +156,15 @@ async fn statuses_are_rows_with_zero_by_default(b: Backend) {
         .unwrap();
     assert_eq!(status_of(&rows, "a"), Some(Status::Added));
     assert_eq!(status_of(&rows, "b"), Some(Status::NotAdded));
-    s.set_statuses("b", &[(id, Status::AlreadyBanned)])
+    s.set_statuses(&[
+        ("b".into(), id, Status::AlreadyBanned),
+        ("c".into(), id, Status::Error),
+    ])
+    .await
+    .unwrap();
+    s.set_statuses(&[("c".into(), id, Status::Added)])
         .await
         .unwrap();
-    s.set_statuses("c", &[(id, Status::Error)]).await.unwrap();
-    s.set_statuses("c", &[(id, Status::Added)]).await.unwrap();
     let rows = s
         .list_bans(&BanFilter {
             ip: Some("192.0.2.9".into()),

@@ -39,6 +39,15 @@ pub struct BenchArgs {
     /// Fleet sizes for propagation (default 10,100,1000; quick 10,100).
     #[arg(long, value_delimiter = ',')]
     pub nodes: Vec<usize>,
+    /// Subscribers for fan-out and memory (default 10,000; quick 1,000).
+    #[arg(long)]
+    pub subscribers: Option<usize>,
+    /// Bans stored before the catch-up node starts (default 1,000,000; quick 100,000).
+    #[arg(long)]
+    pub catch_up: Option<usize>,
+    /// Reports per publisher in the ingest run (20 publishers; quick 10), default 100,000; quick 20,000.
+    #[arg(long)]
+    pub ingest: Option<usize>,
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -82,20 +91,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     results.insert("propagation".into(), json!(prop));
     eprintln!("ingest ...");
-    results.insert(
-        "ingest".into(),
-        ingest(root, &pki, &args.mysql, args.quick).await?,
-    );
+    let (publishers, each) = if args.quick {
+        (10, 20_000)
+    } else {
+        (20, 100_000)
+    };
+    let each = args.ingest.unwrap_or(each);
+    let ingested = ingest(root, &pki, &args.mysql, publishers, each).await?;
+    results.insert("ingest".into(), ingested);
     eprintln!("fan-out and subscribers held ...");
-    results.insert(
-        "fanout".into(),
-        fanout(root, &pki, &args.mysql, args.quick).await?,
-    );
+    let subs = args
+        .subscribers
+        .unwrap_or(if args.quick { 1000 } else { 10_000 });
+    let fanned = fanout(root, &pki, &args.mysql, subs).await?;
+    results.insert("fanout".into(), fanned);
     eprintln!("catch-up ...");
-    results.insert(
-        "catch_up".into(),
-        catch_up(root, &pki, &args.mysql, args.quick).await?,
-    );
+    let bans = args
+        .catch_up
+        .unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+    let caught = catch_up(root, &pki, &args.mysql, bans).await?;
+    results.insert("catch_up".into(), caught);
     eprintln!("report wall time ...");
     results.insert(
         "report".into(),
@@ -241,11 +256,11 @@ async fn ingest(
     root: &Path,
     pki: &fleet::Pki,
     mysql: &str,
-    quick: bool,
+    publishers: usize,
+    each: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let dir = root.join("ingest");
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
-    let (publishers, each) = if quick { (10, 20_000) } else { (20, 100_000) };
     let (trigger, stop) = shutdown::channel();
     let t0 = Instant::now();
     let started = fleet::publishers(&dir, pki, &hub.url, publishers, each, stop).await?;
@@ -275,11 +290,11 @@ async fn fanout(
     root: &Path,
     pki: &fleet::Pki,
     mysql: &str,
-    quick: bool,
+    subs: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let dir = root.join("fanout");
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
-    let (subs, events) = if quick { (1000, 2000) } else { (10_000, 2000) };
+    let events = 2000;
     let (trigger, stop) = shutdown::channel();
     let (received, _tasks) = fleet::subscribers(pki, &hub.url, subs, subs, stop.clone()).await?;
     // Wait until every subscriber holds its stream (the hub counts them).
@@ -328,11 +343,10 @@ async fn catch_up(
     root: &Path,
     pki: &fleet::Pki,
     mysql: &str,
-    quick: bool,
+    bans: usize,
 ) -> anyhow::Result<serde_json::Value> {
     let dir = root.join("catchup");
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
-    let bans = if quick { 100_000 } else { 1_000_000 };
     // Store them straight through the store interface, in big batches.
     let store = crate::hub::store::open(&format!("{mysql}/{DB}")).await?;
     let mut i = 0u32;

@@ -15,6 +15,8 @@
 //! - [`committer`]: the single writer, batching reports into transactions.
 //! - [`fanout`]: the shared ring of live events and the subscriber registry.
 //! - [`subscription`]: one subscriber's replay-then-live stream.
+//! - [`statuses`]: hosts' statuses, written in groups.
+//! - [`access`]: who may call what; [`enrollment`]: the token-for-certificate call.
 //! - [`service`]: the gRPC surface.
 pub mod access;
 pub mod committer;
@@ -22,6 +24,7 @@ pub mod enrollment;
 pub mod fanout;
 pub mod migrate;
 pub mod service;
+pub mod statuses;
 pub mod store;
 pub mod subscription;
 
@@ -121,6 +124,7 @@ pub async fn run(
         signer: signer.clone(),
     };
     let service = service::HubService {
+        statuses: statuses::StatusWriter::spawn(Arc::clone(&store)),
         store: Arc::clone(&store),
         committer,
         fanout,

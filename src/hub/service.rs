@@ -30,6 +30,7 @@ const MAX_STATUS_BATCH: usize = 10_000;
 
 pub struct HubService {
     pub store: Arc<dyn Store>,
+    pub statuses: super::statuses::StatusWriter,
     pub committer: Committer,
     pub fanout: Fanout,
     pub access: Access,
@@ -84,6 +85,25 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Waits for one pending report's outcome.
+async fn resolve(p: PendingAck) -> Result<proto::Ack, Status> {
+    match p {
+        PendingAck::Ready(ack) => Ok(ack),
+        PendingAck::Failed(status) => Err(status),
+        PendingAck::Committing(seq, rx) => match rx.await {
+            Ok(Ok(c)) => Ok(proto::Ack {
+                seq,
+                event_id: c.event_id(),
+                duplicate: matches!(c, Committed::Duplicate(_)),
+                rejected: String::new(),
+                count: 1,
+            }),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(Status::unavailable("the hub is shutting down")),
+        },
+    }
+}
 
 /// An ack in the making: answered at once (a refused report) or when the
 /// committer has it durable. Kept in arrival order.
@@ -148,6 +168,7 @@ impl hub_server::Hub for HubService {
                             PendingAck::Ready(proto::Ack {
                                 seq: report.seq,
                                 rejected: e.to_string(),
+                                count: 1,
                                 ..Default::default()
                             })
                         }
@@ -168,29 +189,59 @@ impl hub_server::Hub for HubService {
             .instrument(span.clone()),
         );
 
-        // Writer: answer in arrival order once each is durable. A failed
-        // commit ends the stream with UNAVAILABLE; the node keeps the report
-        // in its outbox and sends it again after reconnecting.
+        // Writer: answer in arrival order once each is durable. Reports
+        // already committed behind the first are folded into one cumulative
+        // ack (`count`), so a busy stream costs one ack per commit, not one
+        // per report. A failed commit ends the stream with UNAVAILABLE; the
+        // node keeps the report in its outbox and sends it again.
         tokio::spawn(
             async move {
-                while let Some(p) = pending_rx.recv().await {
-                    let ack = match p {
-                        PendingAck::Ready(ack) => Ok(ack),
-                        PendingAck::Failed(status) => Err(status),
-                        PendingAck::Committing(seq, rx) => match rx.await {
-                            Ok(Ok(c)) => Ok(proto::Ack {
-                                seq,
-                                event_id: c.event_id(),
-                                duplicate: matches!(c, Committed::Duplicate(_)),
-                                rejected: String::new(),
-                            }),
-                            Ok(Err(e)) => Err(unavailable(e)),
-                            Err(_) => Err(Status::unavailable("the hub is shutting down")),
-                        },
+                let mut next = pending_rx.recv().await;
+                while let Some(p) = next.take() {
+                    let mut ack = match resolve(p).await {
+                        Ok(ack) => ack,
+                        Err(status) => {
+                            let _ = ack_tx.send(Err(status)).await;
+                            break;
+                        }
                     };
-                    let failed = ack.is_err();
-                    if ack_tx.send(ack).await.is_err() || failed {
+                    // Fold in accepted reports whose commit is already known.
+                    while ack.rejected.is_empty() {
+                        match pending_rx.try_recv() {
+                            Ok(PendingAck::Committing(seq, mut rx)) => match rx.try_recv() {
+                                Ok(Ok(c)) => {
+                                    ack.seq = seq;
+                                    ack.event_id = c.event_id();
+                                    ack.duplicate = matches!(c, Committed::Duplicate(_));
+                                    ack.count += 1;
+                                }
+                                Ok(Err(e)) => {
+                                    next = Some(PendingAck::Failed(unavailable(e)));
+                                    break;
+                                }
+                                Err(oneshot::error::TryRecvError::Empty) => {
+                                    next = Some(PendingAck::Committing(seq, rx));
+                                    break;
+                                }
+                                Err(oneshot::error::TryRecvError::Closed) => {
+                                    next = Some(PendingAck::Failed(Status::unavailable(
+                                        "the hub is shutting down",
+                                    )));
+                                    break;
+                                }
+                            },
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if ack_tx.send(Ok(ack)).await.is_err() {
                         break;
+                    }
+                    if next.is_none() {
+                        next = pending_rx.recv().await;
                     }
                 }
             }
@@ -246,15 +297,11 @@ impl hub_server::Hub for HubService {
             .iter()
             .map(|u| {
                 BanStatus::from_code(u.status as i64)
-                    .map(|s| (u.event_id, s))
+                    .map(|s| (host.clone(), u.event_id, s))
                     .ok_or_else(|| Status::invalid_argument(format!("unknown status {}", u.status)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let stored = self
-            .store
-            .set_statuses(&host, &updates)
-            .await
-            .map_err(unavailable)?;
+        let stored = self.statuses.write(updates).await.map_err(unavailable)?;
         Ok(Response::new(proto::StatusBatchAck {
             stored: stored as u32,
         }))

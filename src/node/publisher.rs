@@ -111,7 +111,7 @@ async fn stream_once(
                 if !ack.rejected.is_empty() {
                     warn!(seq = ack.seq, reason = %ack.rejected, "hub refused a report; dropping it");
                 }
-                in_flight = in_flight.saturating_sub(1);
+                in_flight = in_flight.saturating_sub(u64::from(ack.count.max(1)));
                 outbox.ack(ack.seq).map_err(|e| tonic::Status::internal(e.to_string()))?;
                 if last_flush.elapsed() >= ACKED_FLUSH {
                     outbox.flush_acked().map_err(|e| tonic::Status::internal(e.to_string()))?;

@@ -196,12 +196,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Event>, StoreError>;
     /// Lifts every active ban of `ip`; `None` when none was active.
     async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError>;
-    /// Stores a host's status for events it applied.
-    async fn set_statuses(
-        &self,
-        host: &str,
-        updates: &[(u64, Status)],
-    ) -> Result<usize, StoreError>;
+    /// Stores hosts' statuses for events they applied, many hosts in one
+    /// statement: `(host, event id, status)`.
+    async fn set_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError>;
     async fn list_bans(&self, filter: &BanFilter) -> Result<Vec<BanRow>, StoreError>;
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
     /// Highest event id stored (0 when empty).

@@ -351,77 +351,78 @@ impl Store for MysqlStore {
             .copied()
             .zip(batch.iter().map(|r| r.seq))
             .collect();
-        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
-        let existing: Vec<(u64, u64, u64)> = tx
-            .query(format!(
-                "SELECT id, reporter_id, node_seq FROM events WHERE {}",
-                report_keys(&keys)
-            ))
-            .await
-            .map_err(q)?;
-        let mut known: HashMap<(u64, u64), u64> = existing
-            .into_iter()
-            .map(|(id, h, s)| ((h, s), id))
-            .collect();
-
-        // Rows to insert: not stored yet, and not repeated within the batch.
-        let now = super::now_ms();
+        // One row per key: a key repeated within the batch is a re-send.
         let mut fresh = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (i, key) in keys.iter().enumerate() {
-            if !known.contains_key(key) && seen.insert(*key) {
+            if seen.insert(*key) {
                 fresh.push(i);
             }
         }
-        if !fresh.is_empty() {
-            let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * 8);
-            for &i in &fresh {
-                let r = &batch[i];
-                params.extend([
-                    keys[i].0.into(),
-                    r.seq.into(),
-                    r.host.as_str().into(),
-                    now.into(),
-                    r.ban.jail.as_str().into(),
-                    r.ban.protocol.as_str().into(),
-                    r.ban.port.as_str().into(),
-                    r.ban.ip.as_str().into(),
-                ]);
+        let now = super::now_ms();
+        let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * 8);
+        for &i in &fresh {
+            let r = &batch[i];
+            params.extend([
+                keys[i].0.into(),
+                r.seq.into(),
+                r.host.as_str().into(),
+                now.into(),
+                r.ban.jail.as_str().into(),
+                r.ban.protocol.as_str().into(),
+                r.ban.port.as_str().into(),
+                r.ban.ip.as_str().into(),
+            ]);
+        }
+        let rows = vec!["(1, ?, ?, ?, ?, ?, ?, ?, ?)"; fresh.len()].join(",");
+        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
+        // Re-sent reports hit the (reporter, seq) unique key and are skipped;
+        // every value was validated, so IGNORE hides nothing else.
+        tx.exec_drop(
+            format!(
+                "INSERT IGNORE INTO events (kind, reporter_id, node_seq, added_by, created_ms, \
+                 jailname, protocol, port, ip) VALUES {rows}"
+            ),
+            params,
+        )
+        .await
+        .map_err(q)?;
+        let inserted = tx.affected_rows() as usize;
+        let first = tx.last_insert_id().filter(|f| *f > 0);
+        let mut known: HashMap<(u64, u64), u64> = HashMap::with_capacity(fresh.len());
+        // New rows got consecutive ids from the first (unless the server
+        // interleaves auto-increment allocation, lock mode 2).
+        let all_new = inserted == fresh.len() && self.consecutive_ids;
+        let mut new_keys = std::collections::HashSet::new();
+        if let (true, Some(first)) = (all_new, first) {
+            for (n, &i) in fresh.iter().enumerate() {
+                known.insert(keys[i], first + n as u64);
+                new_keys.insert(keys[i]);
             }
-            let rows = vec!["(1, ?, ?, ?, ?, ?, ?, ?, ?)"; fresh.len()].join(",");
-            tx.exec_drop(
-                format!(
-                    "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, \
-                     jailname, protocol, port, ip) VALUES {rows}"
-                ),
-                params,
-            )
-            .await
-            .map_err(q)?;
-            // A multi-row INSERT gets consecutive ids unless the server
-            // interleaves auto-increment allocation (lock mode 2); then ask.
-            let first = tx.last_insert_id().filter(|_| self.consecutive_ids);
-            if let Some(first) = first {
-                for (n, &i) in fresh.iter().enumerate() {
-                    known.insert(keys[i], first + n as u64);
+        } else {
+            // Some were stored before: look every key up. This statement's
+            // rows have ids from `first` on; older ones are below it.
+            let fresh_keys: Vec<(u64, u64)> = fresh.iter().map(|&i| keys[i]).collect();
+            let rows: Vec<(u64, u64, u64)> = tx
+                .query(format!(
+                    "SELECT id, reporter_id, node_seq FROM events WHERE {}",
+                    report_keys(&fresh_keys)
+                ))
+                .await
+                .map_err(q)?;
+            for (id, h, s) in rows {
+                if inserted > 0 && first.is_some_and(|f| id >= f) {
+                    new_keys.insert((h, s));
                 }
-            } else {
-                let fresh_keys: Vec<(u64, u64)> = fresh.iter().map(|&i| keys[i]).collect();
-                let inserted: Vec<(u64, u64, u64)> = tx
-                    .query(format!(
-                        "SELECT id, reporter_id, node_seq FROM events WHERE {}",
-                        report_keys(&fresh_keys)
-                    ))
-                    .await
-                    .map_err(q)?;
-                for (id, h, s) in inserted {
-                    known.insert((h, s), id);
-                }
+                known.insert((h, s), id);
             }
         }
         tx.commit().await.map_err(q)?;
 
-        let fresh: std::collections::HashSet<usize> = fresh.into_iter().collect();
+        let fresh: std::collections::HashSet<usize> = fresh
+            .into_iter()
+            .filter(|&i| new_keys.contains(&keys[i]))
+            .collect();
         let mut out: Vec<Committed> = keys
             .iter()
             .enumerate()
@@ -529,30 +530,33 @@ impl Store for MysqlStore {
         Ok(Some((event, active.len() as u32)))
     }
 
-    async fn set_statuses(
-        &self,
-        host: &str,
-        updates: &[(u64, Status)],
-    ) -> Result<usize, StoreError> {
+    async fn set_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError> {
         if updates.is_empty() {
             return Ok(0);
         }
         let mut c = self.conn().await?;
-        let hid = self.host_id(&mut c, host).await?;
-        let mut params: Vec<Value> = Vec::with_capacity(updates.len() * 3);
-        for (id, st) in updates {
-            params.extend([(*id).into(), hid.into(), (*st as u8).into()]);
+        let mut ids: HashMap<&str, u64> = HashMap::new();
+        for (host, _, _) in updates {
+            if !ids.contains_key(host.as_str()) {
+                ids.insert(host, self.host_id(&mut c, host).await?);
+            }
         }
-        let rows = vec!["(?, ?, ?)"; updates.len()].join(",");
-        c.exec_drop(
-            format!(
-                "INSERT INTO statuses (event_id, host_id, status) VALUES {rows} \
-                 ON DUPLICATE KEY UPDATE status = VALUES(status)"
-            ),
-            params,
-        )
-        .await
-        .map_err(q)?;
+        for chunk in updates.chunks(5000) {
+            let mut params: Vec<Value> = Vec::with_capacity(chunk.len() * 3);
+            for (host, id, st) in chunk {
+                params.extend([(*id).into(), ids[host.as_str()].into(), (*st as u8).into()]);
+            }
+            let rows = vec!["(?, ?, ?)"; chunk.len()].join(",");
+            c.exec_drop(
+                format!(
+                    "INSERT INTO statuses (event_id, host_id, status) VALUES {rows} \
+                     ON DUPLICATE KEY UPDATE status = VALUES(status)"
+                ),
+                params,
+            )
+            .await
+            .map_err(q)?;
+        }
         Ok(updates.len())
     }
 

@@ -462,14 +462,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_statuses(
-        &self,
-        host: &str,
-        updates: &[(u64, Status)],
-    ) -> Result<usize, StoreError> {
-        let (host, updates) = (host.to_string(), updates.to_vec());
+    async fn set_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError> {
+        let updates = updates.to_vec();
         self.with(move |i| {
-            let hid = i.host_id(&host)? as i64;
+            let ids: Vec<i64> = updates
+                .iter()
+                .map(|(h, _, _)| i.host_id(h).map(|id| id as i64))
+                .collect::<Result<_, _>>()?;
             let tx = i.conn.transaction().map_err(q)?;
             {
                 let mut st = tx
@@ -478,7 +477,7 @@ impl Store for SqliteStore {
                          ON CONFLICT(event_id, host_id) DO UPDATE SET status = excluded.status",
                     )
                     .map_err(q)?;
-                for (id, s) in &updates {
+                for ((_, id, s), hid) in updates.iter().zip(&ids) {
                     st.execute(params![*id as i64, hid, *s as u8]).map_err(q)?;
                 }
             }

@@ -1,0 +1,35 @@
+//! The benchmark harness runs end to end (small sizes; the figures are the
+//! README's business, not a test's).
+mod common;
+
+#[test]
+fn bench_quick_runs_every_scenario() {
+    let out = common::banmesh()
+        .args([
+            "bench",
+            "--quick",
+            "--nodes",
+            "5",
+            "--subscribers",
+            "50",
+            "--catch-up",
+            "5000",
+            "--ingest",
+            "1000",
+        ])
+        .args(["--mysql", &common::mysql_server()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(json["propagation"][0]["steady"]["n"], 50);
+    assert_eq!(json["ingest"]["reports"], 10_000);
+    assert_eq!(json["fanout"]["deliveries"], 50 * 2000);
+    assert_eq!(json["catch_up"]["bans"], 5000);
+    assert_eq!(json["report"]["n"], 200);
+}
