@@ -113,20 +113,7 @@ async fn fleet(
     let mut sockets = Vec::new();
     for name in &names {
         let dir = root.join(name);
-        let config = node::NodeConfig {
-            hubs: vec![hub_url.clone()],
-            tls: issue(&pki, name, false)?,
-            shared_log: dir.join("shared.log"),
-            socket: dir.join("node.sock"),
-            data_dir: dir.clone(),
-            outbox_limit: node::DEFAULT_OUTBOX_LIMIT,
-            fail2ban_socket: None,
-            recent_ratio: node::apply::DEFAULT_RECENT_RATIO,
-            fast_path: true,
-            renew_before: node::renewal::DEFAULT_RENEW_BEFORE,
-            listen: None,
-            observer: None,
-        };
+        let config = node::NodeConfig::in_dir(&dir, &hub_url, issue(&pki, name, false)?, None);
         println!(
             "  {name:<6} socket {}, log {}",
             config.socket.display(),

@@ -168,20 +168,7 @@ impl Nodes {
                     let _ = forward.send((i, ips, at));
                 }
             }));
-            let config = node::NodeConfig {
-                hubs: vec![hub.to_string()],
-                tls: pki.host(&name)?,
-                shared_log: dir.join("shared.log"),
-                socket: dir.join("node.sock"),
-                data_dir: dir.clone(),
-                outbox_limit: node::DEFAULT_OUTBOX_LIMIT,
-                fail2ban_socket: None,
-                recent_ratio: node::apply::DEFAULT_RECENT_RATIO,
-                fast_path: true,
-                renew_before: node::renewal::DEFAULT_RENEW_BEFORE,
-                listen: None,
-                observer: Some(tx),
-            };
+            let config = node::NodeConfig::in_dir(&dir, hub, pki.host(&name)?, Some(tx));
             nodes.sockets.push(config.socket.clone());
             nodes.names.push(name);
             let stop = stop.clone();

@@ -98,6 +98,27 @@ pub struct NodeConfig {
     pub observer: Option<apply::Observer>,
 }
 
+impl NodeConfig {
+    /// A node keeping everything under `dir` (socket, `shared.log`, state),
+    /// with no fail2ban beside it: the demo's and the benchmark's nodes.
+    pub fn in_dir(dir: &Path, hub: &str, tls: TlsFiles, observer: Option<apply::Observer>) -> Self {
+        NodeConfig {
+            hubs: vec![hub.to_string()],
+            tls,
+            shared_log: dir.join("shared.log"),
+            socket: dir.join("node.sock"),
+            data_dir: dir.to_path_buf(),
+            outbox_limit: DEFAULT_OUTBOX_LIMIT,
+            fail2ban_socket: None,
+            recent_ratio: apply::DEFAULT_RECENT_RATIO,
+            fast_path: true,
+            renew_before: renewal::DEFAULT_RENEW_BEFORE,
+            listen: None,
+            observer,
+        }
+    }
+}
+
 /// Binds the local socket, replacing a stale one left by a dead node but
 /// never stealing one a live node still serves.
 fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
