@@ -166,6 +166,36 @@ async fn converged(
     incomplete == Some(0) && lines.iter().all(|(have, want)| have >= want)
 }
 
+/// The status a new subscription gets (None if it is served).
+async fn subscribe_status(pki: &Pki, url: &str) -> Option<tonic::Code> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let files = pki.host("late-joiner");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&files.ca).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(&files.cert).unwrap(),
+            std::fs::read(&files.key).unwrap(),
+        ));
+    let channel = Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = banmesh::proto::hub_client::HubClient::new(channel);
+    match client
+        .subscribe(banmesh::proto::SubscribeRequest { after_event_id: 0 })
+        .await
+    {
+        Err(status) => Some(status.code()),
+        Ok(stream) => match stream.into_inner().message().await {
+            Err(status) => Some(status.code()),
+            Ok(_) => None,
+        },
+    }
+}
+
 /// Lets the stream of reports run on for a while between faults.
 async fn settle(accepted: &Accepted) {
     let target = accepted.lock().unwrap().len() + 150;
@@ -241,6 +271,14 @@ async fn nothing_is_lost_or_duplicated_through_faults() {
     db.stop();
     let at = started.elapsed();
     settle(&accepted).await;
+    // With its database down the hub refuses a new subscription, and says
+    // why, instead of serving a stream it cannot fill.
+    let late = subscribe_status(&pki, &format!("https://127.0.0.1:{port}")).await;
+    assert_eq!(
+        late,
+        Some(tonic::Code::Unavailable),
+        "a subscription while MariaDB is down"
+    );
     db.restart().await;
     faults.push(("MariaDB stopped, restarted", at, recovered(&accepted).await));
     settle(&accepted).await;

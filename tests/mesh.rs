@@ -196,3 +196,95 @@ async fn bad_reports_exit_non_zero_and_store_nothing() {
     let ips: Vec<String> = c.query("SELECT ip FROM events").await.unwrap();
     assert_eq!(ips, ["203.0.113.9"]);
 }
+
+/// A subscriber that stops reading while more events than the hub's ring
+/// holds go by is moved back to replay from the store: when it reads
+/// again it gets every event, in order, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_subscriber_gets_everything_in_order_once() {
+    use banmesh::proto::{self, hub_client::HubClient};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let db = format!("sqlite:{}", root.path().join("hub.db").display());
+    let hub = Hub::start(root.path(), &pki, &db).await;
+    let client = |name: &str| {
+        let files = pki.host(name);
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(&files.ca).unwrap()))
+            .identity(Identity::from_pem(
+                std::fs::read(&files.cert).unwrap(),
+                std::fs::read(&files.key).unwrap(),
+            ));
+        let url = hub.url.clone();
+        async move {
+            let channel = Endpoint::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            HubClient::new(channel)
+        }
+    };
+    let mut slow = client("slow").await;
+    let mut stream = slow
+        .subscribe(proto::SubscribeRequest { after_event_id: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Far more events than the live ring (8,192) and the transport's
+    // buffers hold, while `slow` reads nothing.
+    let total = 50_000u32;
+    let reports: Vec<proto::Report> = (0..total)
+        .map(|i| proto::Report {
+            seq: u64::from(i) + 1,
+            ban: Some(proto::Ban {
+                jail: "sshd".into(),
+                protocol: "tcp".into(),
+                port: "22".into(),
+                ip: std::net::Ipv4Addr::from(0x0A40_0000 + i).to_string(),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    let mut publisher = client("busy").await;
+    let mut acks = publisher
+        .publish(tokio_stream::iter(reports))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = 0u32;
+    while acked < total {
+        let ack = acks
+            .message()
+            .await
+            .unwrap()
+            .expect("acks until all are stored");
+        acked += ack.count.max(1);
+    }
+
+    let mut last = 0u64;
+    for _ in 0..total {
+        let e = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("events keep coming")
+            .unwrap()
+            .expect("an event");
+        assert!(e.id > last, "in order, no duplicate: {} after {last}", e.id);
+        last = e.id;
+    }
+    let store = banmesh::hub::store::open(&db).await.unwrap();
+    assert_eq!(
+        last,
+        store.last_event_id().await.unwrap(),
+        "nothing skipped"
+    );
+    assert!(
+        hub.proc.log_text().contains("fell behind"),
+        "the subscriber went back to replay"
+    );
+}

@@ -241,3 +241,36 @@ async fn sigterm_stops_hub_and_node_cleanly_under_load() {
         .unwrap();
     assert!(status.success(), "hub exit on SIGTERM: {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_given_several_hubs_uses_one_that_answers() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let db = format!("sqlite:{}", root.path().join("hub.db").display());
+    let hub = Hub::start(root.path(), &pki, &db).await;
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let b = Node::start(root.path(), &pki, "node-b", &hub.url).await;
+    // The first hub listed is down for good.
+    let a = Node::start_with(
+        root.path(),
+        &pki,
+        "node-a",
+        &dead,
+        vec![
+            "--no-fail2ban-socket".into(),
+            "--hub".into(),
+            hub.url.clone().into(),
+        ],
+    )
+    .await;
+    for i in 0..20 {
+        assert!(
+            a.report("sshd", "tcp", "22", &format!("192.0.2.{}", 100 + i))
+                .0
+        );
+    }
+    wait_for("every ban through the live hub", DEADLINE, || async {
+        b.shared_lines().len() == 20
+    })
+    .await;
+}
