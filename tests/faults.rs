@@ -168,22 +168,7 @@ async fn converged(
 
 /// The status a new subscription gets (None if it is served).
 async fn subscribe_status(pki: &Pki, url: &str) -> Option<tonic::Code> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-    let files = pki.host("late-joiner");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(&files.ca).unwrap()))
-        .identity(Identity::from_pem(
-            std::fs::read(&files.cert).unwrap(),
-            std::fs::read(&files.key).unwrap(),
-        ));
-    let channel = Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = banmesh::proto::hub_client::HubClient::new(channel);
+    let mut client = hub_client(url, client_tls(&pki.host("late-joiner"))).await;
     match client
         .subscribe(banmesh::proto::SubscribeRequest { after_event_id: 0 })
         .await

@@ -202,33 +202,13 @@ async fn bad_reports_exit_non_zero_and_store_nothing() {
 /// again it gets every event, in order, once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_subscriber_gets_everything_in_order_once() {
-    use banmesh::proto::{self, hub_client::HubClient};
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use banmesh::proto;
 
     let root = tempfile::tempdir().unwrap();
     let pki = Pki::new(root.path());
     let db = format!("sqlite:{}", root.path().join("hub.db").display());
     let hub = Hub::start(root.path(), &pki, &db).await;
-    let client = |name: &str| {
-        let files = pki.host(name);
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(std::fs::read(&files.ca).unwrap()))
-            .identity(Identity::from_pem(
-                std::fs::read(&files.cert).unwrap(),
-                std::fs::read(&files.key).unwrap(),
-            ));
-        let url = hub.url.clone();
-        async move {
-            let channel = Endpoint::from_shared(url)
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            HubClient::new(channel)
-        }
-    };
+    let client = |name: &str| hub_client(&hub.url, client_tls(&pki.host(name)));
     let mut slow = client("slow").await;
     let mut stream = slow
         .subscribe(proto::SubscribeRequest { after_event_id: 0 })

@@ -65,26 +65,6 @@ async fn the_hub_refuses_clients_without_a_fleet_certificate() {
     );
 }
 
-fn client_tls(pki: &Pki, files: &banmesh::tls::TlsFiles) -> ClientTlsConfig {
-    let ca = Certificate::from_pem(std::fs::read(pki.dir.join("ca.crt")).unwrap());
-    let identity = Identity::from_pem(
-        std::fs::read(&files.cert).unwrap(),
-        std::fs::read(&files.key).unwrap(),
-    );
-    ClientTlsConfig::new().ca_certificate(ca).identity(identity)
-}
-
-async fn client(url: &str, tls: ClientTlsConfig) -> HubClient<tonic::transport::Channel> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    HubClient::new(channel)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_certificates_are_refused() {
     let root = tempfile::tempdir().unwrap();
@@ -117,9 +97,7 @@ async fn expired_certificates_are_refused() {
     )
     .await;
     assert!(
-        hosts_with(&hub.url, client_tls(&pki, &files))
-            .await
-            .is_err(),
+        hosts_with(&hub.url, client_tls(&files)).await.is_err(),
         "an expired certificate must be refused"
     );
 }
@@ -131,7 +109,7 @@ async fn revoked_hosts_are_refused_and_their_streams_end() {
     let db = format!("sqlite:{}", root.path().join("hub.db").display());
     let hub = Hub::start(root.path(), &pki, &db).await;
     let victim = pki.host("node-r");
-    let mut c = client(&hub.url, client_tls(&pki, &victim)).await;
+    let mut c = hub_client(&hub.url, client_tls(&victim)).await;
     let mut stream = c
         .subscribe(proto::SubscribeRequest { after_event_id: 0 })
         .await
@@ -140,7 +118,7 @@ async fn revoked_hosts_are_refused_and_their_streams_end() {
 
     // A node certificate cannot call admin RPCs.
     let node_b = pki.host("node-b");
-    let mut nb = client(&hub.url, client_tls(&pki, &node_b)).await;
+    let mut nb = hub_client(&hub.url, client_tls(&node_b)).await;
     for status in [
         nb.revoke(proto::RevokeRequest {
             name: "node-r".into(),
@@ -203,7 +181,7 @@ async fn a_report_cannot_claim_another_hosts_name() {
     let a = pki.host("node-a");
     let channel = Endpoint::from_shared(hub.url.clone())
         .unwrap()
-        .tls_config(client_tls(&pki, &a))
+        .tls_config(client_tls(&a))
         .unwrap()
         .connect()
         .await

@@ -456,3 +456,29 @@ pub fn enrolled_files(dir: &Path) -> TlsFiles {
         ca: dir.join("ca.crt"),
     }
 }
+
+/// mTLS client settings presenting `files` and trusting their CA.
+pub fn client_tls(files: &TlsFiles) -> tonic::transport::ClientTlsConfig {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&files.ca).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(&files.cert).unwrap(),
+            std::fs::read(&files.key).unwrap(),
+        ))
+}
+
+/// A hub client over mTLS with these settings.
+pub async fn hub_client(
+    url: &str,
+    tls: tonic::transport::ClientTlsConfig,
+) -> banmesh::proto::hub_client::HubClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    banmesh::proto::hub_client::HubClient::new(channel)
+}
