@@ -44,18 +44,16 @@ pub async fn connect(socket: &Path) -> Result<Channel, ReportError> {
 }
 
 /// Checks and hands one ban to the node; returns the node's sequence number.
+///
+/// `NodeDown` only when no connection could be made: once the request is
+/// sent, the node may have stored the ban before failing to answer, so a
+/// failure then is `Refused` (and never spooled, which could store it twice).
 pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
     let mut client = NodeClient::new(connect(socket).await?);
-    let response = client.report(ban.to_proto()).await.map_err(|s| {
-        if s.code() == tonic::Code::Unavailable {
-            ReportError::NodeDown {
-                path: socket.to_path_buf(),
-                reason: s.message().to_string(),
-            }
-        } else {
-            ReportError::Refused(s.message().to_string())
-        }
-    })?;
+    let response = client
+        .report(ban.to_proto())
+        .await
+        .map_err(|s| ReportError::Refused(s.message().to_string()))?;
     Ok(response.into_inner().seq)
 }
 

@@ -96,15 +96,35 @@ async fn run(
 ) {
     let mut batch: Vec<NewReport> = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<Reply<Committed>> = Vec::with_capacity(MAX_BATCH);
-    let mut published = Published {
-        last: store.last_event_id().await.unwrap_or(0),
+    // Where publishing starts: the store's last id. Without it the first
+    // commit would read the whole table back, so wait for the store.
+    let last = loop {
+        match store.last_event_id().await {
+            Ok(id) => break id,
+            Err(e) => {
+                warn!(error = %e, "cannot read the last event id; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = shutdown.recv() => return,
+                }
+            }
+        }
     };
+    let mut published = Published { last, owed: last };
+    let mut retry = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let first = tokio::select! {
             cmd = rx.recv() => cmd,
             _ = shutdown.recv(), if !shutdown.is_shutdown() => {
                 // Stop taking new commands; those already queued still commit.
                 rx.close();
+                continue;
+            }
+            // Events known to be stored but not yet published (a read-back
+            // failed): try again without waiting for the next commit.
+            _ = retry.tick(), if published.owed > published.last => {
+                let owed = published.owed;
+                published.publish(&*store, &fanout, owed, &[]).await;
                 continue;
             }
         };
@@ -141,15 +161,19 @@ async fn run(
     debug!("committer stopped");
 }
 
-/// The highest event id handed to the fan-out.
+/// The highest event id handed to the fan-out, and the highest known to
+/// be stored (more when a read-back failed: those are owed, in order).
 struct Published {
     last: u64,
+    owed: u64,
 }
 
 impl Published {
     /// Publishes `fresh` (events just committed, in id order), first
     /// filling any gap up to `highest` from the store.
     async fn publish(&mut self, store: &dyn Store, fanout: &Fanout, highest: u64, fresh: &[Event]) {
+        self.owed = self.owed.max(highest);
+        let highest = self.owed;
         let contiguous = fresh
             .iter()
             .enumerate()
@@ -183,11 +207,9 @@ impl Published {
                 self.last = highest;
             }
             Err(e) => {
-                // Publish what we know; the gap is retried at the next commit.
-                warn!(error = %e, "cannot read back unpublished events");
-                for e in fresh {
-                    fanout.publish(Arc::new(e.clone()));
-                }
+                // Publish nothing out of order: subscribers skip ids below
+                // the last they saw. All of it is retried, from the store.
+                warn!(error = %e, owed = self.owed - self.last, "cannot read back unpublished events; retrying");
             }
         }
     }

@@ -46,8 +46,25 @@ pub async fn run(
         _ = stream(store, fanout, host, last, tx.clone(), shutdown) => {}
         _ = revoked => {
             info!("host revoked; ending its subscription");
-            let _ = tx.send(Err(Status::permission_denied("this host has been revoked"))).await;
+            let denied = tx.send(Err(Status::permission_denied("this host has been revoked")));
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), denied).await;
         }
+    }
+}
+
+/// Sends one item unless the hub is shutting down first (a stalled
+/// subscriber must not hold shutdown up); false when the stream is over.
+async fn send(
+    tx: &mpsc::Sender<Result<proto::Event, Status>>,
+    item: Result<proto::Event, Status>,
+    shutdown: &mut Shutdown,
+) -> bool {
+    if shutdown.is_shutdown() {
+        return false;
+    }
+    tokio::select! {
+        sent = tx.send(item) => sent.is_ok(),
+        _ = shutdown.recv() => false,
     }
 }
 
@@ -67,12 +84,12 @@ async fn stream(
             let page = match store.events_after(last, &host, REPLAY_PAGE).await {
                 Ok(page) => page,
                 Err(e) => {
-                    let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                    send(&tx, Err(Status::unavailable(e.to_string())), &mut shutdown).await;
                     return;
                 }
             };
             for event in &page {
-                if tx.send(Ok(event.to_proto())).await.is_err() {
+                if !send(&tx, Ok(event.to_proto()), &mut shutdown).await {
                     return;
                 }
                 last = event.id;
@@ -92,7 +109,9 @@ async fn stream(
             match received {
                 Ok(event) if event.id <= last => {}
                 Ok(event) => {
-                    if visible(&event, &host) && tx.send(Ok(event.to_proto())).await.is_err() {
+                    if visible(&event, &host)
+                        && !send(&tx, Ok(event.to_proto()), &mut shutdown).await
+                    {
                         return;
                     }
                     last = event.id;

@@ -196,12 +196,17 @@ impl Applier {
 
     /// Deferred bans whose older ban has ended, applied now.
     pub async fn apply_due(&mut self) -> Vec<(u64, Status)> {
-        let due = self.deferred.take_due(SystemTime::now());
+        let now = SystemTime::now();
+        let due = self.deferred.due(now);
         if due.is_empty() {
             return vec![];
         }
         info!(count = due.len(), "applying deferred bans");
-        self.bans(&due).await
+        let statuses = self.bans(&due).await;
+        // Off the file only now that they are journaled and written (or
+        // deferred again with a later time, which `done` keeps).
+        self.deferred.done(&due, now);
+        statuses
     }
 
     async fn bans(&mut self, events: &[Event]) -> Vec<(u64, Status)> {
@@ -494,6 +499,7 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     let mut tick = tokio::time::interval(DEFERRED_TICK);
+    let mut save = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             batch = batches.recv() => {
@@ -511,6 +517,12 @@ pub async fn run(
             }
             _ = tick.tick(), if !applier.deferred.is_empty() => {
                 applier.apply_due().await;
+            }
+            // A quiet spell must not leave the position file behind.
+            _ = save.tick() => {
+                if let Err(e) = position.flush() {
+                    warn!(error = %e, "cannot save the applied position");
+                }
             }
             _ = shutdown.recv() => break,
         }

@@ -69,14 +69,24 @@ impl Deferred {
         }
     }
 
-    /// Takes the bans whose time has come.
-    pub fn take_due(&mut self, now: SystemTime) -> Vec<Event> {
-        let (due, keep): (Vec<_>, Vec<_>) = self.items.drain(..).partition(|(_, t)| *t <= now);
-        self.items = keep;
-        if !due.is_empty() {
+    /// The bans whose time has come; they stay on file until [`done`](Self::done).
+    pub fn due(&self, now: SystemTime) -> Vec<Event> {
+        self.items
+            .iter()
+            .filter(|(_, t)| *t <= now)
+            .map(|(e, _)| e.clone())
+            .collect()
+    }
+
+    /// Forgets bans once they were applied (or put off again, which
+    /// re-adds them with a new time).
+    pub fn done(&mut self, applied: &[Event], before: SystemTime) {
+        let n = self.items.len();
+        self.items
+            .retain(|(e, t)| !(*t <= before && applied.iter().any(|a| a.id == e.id)));
+        if self.items.len() != n {
             self.save();
         }
-        due.into_iter().map(|(e, _)| e).collect()
     }
 
     fn save(&self) {
@@ -126,8 +136,13 @@ mod tests {
         d.push(ev.clone(), now + Duration::from_secs(60));
         let mut d = Deferred::load(path);
         assert_eq!(d.len(), 1);
-        assert!(d.take_due(now).is_empty());
-        assert_eq!(d.take_due(now + Duration::from_secs(61)), vec![ev]);
+        assert!(d.due(now).is_empty());
+        let later = now + Duration::from_secs(61);
+        let due = d.due(later);
+        assert_eq!(due, vec![ev]);
+        // Still on file until applied: a crash before that keeps it.
+        assert_eq!(Deferred::load(dir.path().join("deferred")).len(), 1);
+        d.done(&due, later);
         assert!(d.is_empty());
     }
 }

@@ -185,9 +185,12 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     // that the socket takes new ones, and on a short tick after, for any
     // spooled in between.
     let spool = crate::report::spool_dir(&config.data_dir);
-    let taken = outbox.ingest_spool(&spool)?;
-    if taken > 0 {
-        info!(taken, "took spooled reports into the outbox");
+    // Not fatal: a full outbox must not keep the node from starting and
+    // draining it; the tick below tries again.
+    match outbox.ingest_spool(&spool) {
+        Ok(0) => {}
+        Ok(taken) => info!(taken, "took spooled reports into the outbox"),
+        Err(e) => warn!(error = %e, "cannot take spooled reports yet"),
     }
 
     let span = tracing::info_span!("node", host = %name);

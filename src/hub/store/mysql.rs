@@ -96,7 +96,7 @@ impl MysqlStore {
     /// Connects, creates the database named in the URL if missing, and
     /// brings the schema to this build's version.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let opts = Opts::from_url(url).map_err(|_| StoreError::BadUrl(url.to_string()))?;
+        let opts = Opts::from_url(url).map_err(|_| StoreError::BadUrl(redact(url)))?;
         // The URL's password must never reach a log line.
         let shown = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
         let unreachable = |e: mysql_async::Error| StoreError::Unreachable {
@@ -105,7 +105,7 @@ impl MysqlStore {
         };
         let db = opts.db_name().unwrap_or("banmesh").to_string();
         if !db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(StoreError::BadUrl(url.to_string()));
+            return Err(StoreError::BadUrl(redact(url)));
         }
         let mut admin = Conn::new(OptsBuilder::from_opts(opts.clone()).db_name(None::<String>))
             .await
@@ -212,6 +212,18 @@ impl MysqlStore {
             Self::rebuild_view(c, &hosts).await?;
         }
         Ok(id)
+    }
+}
+
+/// The URL with its password replaced, for error messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
     }
 }
 
