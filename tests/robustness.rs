@@ -274,3 +274,33 @@ async fn a_node_given_several_hubs_uses_one_that_answers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_restored_from_an_old_backup_does_not_lose_new_bans() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let db = format!("sqlite:{}", root.path().join("hub.db").display());
+    let hub = Hub::start(root.path(), &pki, &db).await;
+    let mut a = Node::start(root.path(), &pki, "node-a", &hub.url).await;
+    let b = Node::start(root.path(), &pki, "node-b", &hub.url).await;
+    for i in 1..=3 {
+        assert!(a.report("sshd", "tcp", "22", &format!("192.0.2.{i}")).0);
+    }
+    wait_for("three bans at B", DEADLINE, || async {
+        b.shared_lines().len() == 3
+    })
+    .await;
+    // The node's state goes back to before any report: its sequence restarts.
+    a.stop();
+    for f in ["outbox.log", "outbox.acked"] {
+        let _ = std::fs::remove_file(a.dir.join(f));
+    }
+    a.restart().await;
+    assert!(a.report("sshd", "tcp", "22", "192.0.2.44").0);
+    wait_for("the new ban at B", DEADLINE, || async {
+        b.lines_for("192.0.2.44") == 1
+    })
+    .await;
+    let store = banmesh::hub::store::open(&db).await.unwrap();
+    assert_eq!(store.counts().await.unwrap().1, 4);
+}

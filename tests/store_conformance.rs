@@ -212,6 +212,27 @@ async fn statuses_are_rows_with_zero_by_default(b: Backend) {
     assert_eq!(hosts, ["a", "b", "c"]);
 }
 
+async fn a_reused_sequence_for_another_ban_is_stored_not_dropped(b: Backend) {
+    let s = b.open().await;
+    let first = s.commit(&[report("a", 1, "192.0.2.1")]).await.unwrap();
+    // The node's outbox was reset: seq 1 again, for another ban.
+    let reused = s
+        .commit(&[report("a", 1, "192.0.2.2"), report("a", 2, "192.0.2.3")])
+        .await
+        .unwrap();
+    assert!(
+        matches!(reused[0], Committed::New(ref e) if e.ban.ip == "192.0.2.2"),
+        "{reused:?}"
+    );
+    assert!(matches!(reused[1], Committed::New(_)));
+    assert_ne!(reused[0].event_id(), first[0].event_id());
+    // A true re-send of the first is still recognised.
+    let again = s.commit(&[report("a", 1, "192.0.2.1")]).await.unwrap();
+    assert_eq!(again[0], Committed::Duplicate(first[0].event_id()));
+    assert_eq!(s.last_seq("a").await.unwrap(), 2);
+    assert_eq!(s.last_seq("nobody").await.unwrap(), 0);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -229,4 +250,5 @@ conformance!(
     commits_in_order_and_recognises_resends,
     replay_skips_own_and_lifted_bans,
     statuses_are_rows_with_zero_by_default,
+    a_reused_sequence_for_another_ban_is_stored_not_dropped,
 );

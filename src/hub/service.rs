@@ -21,6 +21,9 @@ use crate::{
     shutdown::Shutdown,
 };
 
+/// Publish response header: the highest report sequence the hub holds for
+/// the caller.
+pub const LAST_SEQ_HEADER: &str = "banmesh-last-seq";
 /// Acks that may wait for the node to read them.
 const ACK_QUEUE: usize = 1024;
 /// Events buffered per subscriber between the replay/live task and gRPC.
@@ -129,6 +132,7 @@ impl hub_server::Hub for HubService {
             .await
             .map_err(unavailable)?;
         let host = peer.name;
+        let last_seq = self.store.last_seq(&host).await.map_err(unavailable)?;
         let span = info_span!("publish", host = %host);
         let mut inbound = request.into_inner();
         let revoked = self.access.revoked(&host);
@@ -247,7 +251,12 @@ impl hub_server::Hub for HubService {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(ack_rx))))
+        let mut response: Response<Self::PublishStream> =
+            Response::new(Box::pin(ReceiverStream::new(ack_rx)));
+        if let Ok(v) = last_seq.to_string().parse() {
+            response.metadata_mut().insert(LAST_SEQ_HEADER, v);
+        }
+        Ok(response)
     }
 
     async fn subscribe(

@@ -310,6 +310,19 @@ impl Outbox {
         Ok(())
     }
 
+    /// Makes the next report's sequence at least `min`.
+    pub fn raise_next_seq(&self, min: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        if inner.next_seq < min {
+            tracing::warn!(
+                from = inner.next_seq,
+                to = min,
+                "the hub holds later reports from this node; numbering on from there"
+            );
+            inner.next_seq = min;
+        }
+    }
+
     /// Pending reports with a sequence above `after`, oldest first.
     pub fn pending_after(&self, after: u64, max: usize) -> Vec<proto::Report> {
         let inner = self.inner.lock().unwrap();

@@ -76,10 +76,20 @@ async fn stream_once(
 ) -> Result<(), tonic::Status> {
     let mut client = HubClient::new(channel);
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT as usize);
-    let mut acks = tokio::select! {
-        r = client.publish(ReceiverStream::new(rx)) => r?.into_inner(),
+    let response = tokio::select! {
+        r = client.publish(ReceiverStream::new(rx)) => r?,
         _ = shutdown.recv() => return Ok(()),
     };
+    // Number new reports above anything the hub holds from us (our
+    // outbox may have been reset, from a backup say).
+    if let Some(last) = response
+        .metadata()
+        .get(crate::hub::service::LAST_SEQ_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        outbox.raise_next_seq(last + 1);
+    }
+    let mut acks = response.into_inner();
     connected.store(true, Ordering::Relaxed);
     info!(pending = outbox.pending(), "publishing to hub");
     // Highest seq sent on this stream, and how many await their ack (the

@@ -203,6 +203,10 @@ pub trait Store: Send + Sync + 'static {
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
     /// Highest event id stored (0 when empty).
     async fn last_event_id(&self) -> Result<u64, StoreError>;
+    /// Highest report sequence stored for a host (0 when none): told to
+    /// the node when it publishes, so a node whose outbox was reset (from a
+    /// backup, say) numbers its next reports above it.
+    async fn last_seq(&self, host: &str) -> Result<u64, StoreError>;
 
     // Raw rows, ids preserved: moving a hub's data between backends
     // (`hub migrate`) and importing the seed's table (`hub import-seed`).

@@ -215,6 +215,21 @@ impl MysqlStore {
     }
 }
 
+/// What makes two reports the same ban, as stored.
+#[derive(Debug, PartialEq, Eq)]
+struct BanKey(String, String, String, String);
+
+impl BanKey {
+    fn of(b: &crate::ban::Ban) -> Self {
+        BanKey(
+            b.ip.clone(),
+            b.jail.clone(),
+            b.protocol.clone(),
+            b.port.clone(),
+        )
+    }
+}
+
 /// The URL with its password replaced, for error messages.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -401,61 +416,76 @@ impl Store for MysqlStore {
         .map_err(q)?;
         let inserted = tx.affected_rows() as usize;
         let first = tx.last_insert_id().filter(|f| *f > 0);
-        let mut known: HashMap<(u64, u64), u64> = HashMap::with_capacity(fresh.len());
+        // (reporter, seq) -> (id, the ban stored under it).
+        let mut known: HashMap<(u64, u64), (u64, BanKey)> = HashMap::with_capacity(fresh.len());
         // New rows got consecutive ids from the first (unless the server
         // interleaves auto-increment allocation, lock mode 2).
         let all_new = inserted == fresh.len() && self.consecutive_ids;
         let mut new_keys = std::collections::HashSet::new();
         if let (true, Some(first)) = (all_new, first) {
             for (n, &i) in fresh.iter().enumerate() {
-                known.insert(keys[i], first + n as u64);
+                known.insert(keys[i], (first + n as u64, BanKey::of(&batch[i].ban)));
                 new_keys.insert(keys[i]);
             }
         } else {
             // Some were stored before: look every key up. This statement's
             // rows have ids from `first` on; older ones are below it.
             let fresh_keys: Vec<(u64, u64)> = fresh.iter().map(|&i| keys[i]).collect();
-            let rows: Vec<(u64, u64, u64)> = tx
+            type Row = (u64, u64, u64, String, String, String, String);
+            let rows: Vec<Row> = tx
                 .query(format!(
-                    "SELECT id, reporter_id, node_seq FROM events WHERE {}",
+                    "SELECT id, reporter_id, node_seq, ip, jailname, protocol, port FROM events WHERE {}",
                     report_keys(&fresh_keys)
                 ))
                 .await
                 .map_err(q)?;
-            for (id, h, s) in rows {
+            for (id, h, s, ip, jail, protocol, port) in rows {
                 if inserted > 0 && first.is_some_and(|f| id >= f) {
                     new_keys.insert((h, s));
                 }
-                known.insert((h, s), id);
+                known.insert((h, s), (id, BanKey(ip, jail, protocol, port)));
             }
         }
-        tx.commit().await.map_err(q)?;
 
         let fresh: std::collections::HashSet<usize> = fresh
             .into_iter()
             .filter(|&i| new_keys.contains(&keys[i]))
             .collect();
-        let mut out: Vec<Committed> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, key)| {
-                let id = known[key];
-                if fresh.contains(&i) {
-                    let r = &batch[i];
-                    Committed::New(Event {
-                        id,
-                        kind: EventKind::Ban,
-                        ban: r.ban.clone(),
-                        added_by: r.host.clone(),
-                        created_ms: now,
-                        lifts: 0,
-                    })
-                } else {
-                    Committed::Duplicate(id)
-                }
+        let event = |id: u64, r: &NewReport| {
+            Committed::New(Event {
+                id,
+                kind: EventKind::Ban,
+                ban: r.ban.clone(),
+                added_by: r.host.clone(),
+                created_ms: now,
+                lifts: 0,
             })
-            .collect();
-        out.shrink_to_fit();
+        };
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, key) in keys.iter().enumerate() {
+            let r = &batch[i];
+            let (id, stored) = &known[key];
+            if fresh.contains(&i) {
+                out.push(event(*id, r));
+            } else if *stored == BanKey::of(&r.ban) {
+                out.push(Committed::Duplicate(*id));
+            } else {
+                // The same (host, seq) for another ban: the node's sequence
+                // was reset (restored from a backup?). Not a re-send: store
+                // it, without the key, and say so.
+                tracing::warn!(host = %r.host, seq = r.seq, ip = %r.ban.ip, "sequence reused for a different ban; stored as a new report");
+                tx.exec_drop(
+                    "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, jailname, \
+                     protocol, port, ip) VALUES (1, ?, NULL, ?, ?, ?, ?, ?, ?)",
+                    (key.0, &r.host, now, &r.ban.jail, &r.ban.protocol, &r.ban.port, &r.ban.ip),
+                )
+                .await
+                .map_err(q)?;
+                let id = tx.last_insert_id().unwrap_or(0);
+                out.push(event(id, r));
+            }
+        }
+        tx.commit().await.map_err(q)?;
         Ok(out)
     }
 
@@ -669,6 +699,19 @@ impl Store for MysqlStore {
             .await
             .map_err(q)?;
         Ok(id.flatten().unwrap_or(0))
+    }
+
+    async fn last_seq(&self, host: &str) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
+        let id = self.host_id(&mut c, host).await?;
+        let seq: Option<Option<u64>> = c
+            .exec_first(
+                "SELECT MAX(node_seq) FROM events WHERE reporter_id = ?",
+                (id,),
+            )
+            .await
+            .map_err(q)?;
+        Ok(seq.flatten().unwrap_or(0))
     }
 
     async fn dump_hosts(&self) -> Result<Vec<RawHost>, StoreError> {

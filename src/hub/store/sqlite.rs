@@ -330,7 +330,7 @@ impl Store for SqliteStore {
             {
                 let mut find = tx
                     .prepare_cached(
-                        "SELECT id FROM events WHERE reporter_id = ?1 AND node_seq = ?2",
+                        "SELECT id, ip, jailname, protocol, port FROM events WHERE reporter_id = ?1 AND node_seq = ?2",
                     )
                     .map_err(q)?;
                 let mut insert = tx
@@ -342,18 +342,29 @@ impl Store for SqliteStore {
                 for (r, hid) in batch.iter().zip(&ids) {
                     let hid = *hid as i64;
                     let seq = r.seq as i64;
-                    let existing: Option<i64> = find
-                        .query_row(params![hid, seq], |r| r.get(0))
+                    type Row = (i64, String, String, String, String);
+                    let existing: Option<Row> = find
+                        .query_row(params![hid, seq], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                        })
                         .optional()
                         .map_err(q)?;
-                    if let Some(id) = existing {
-                        out.push(Committed::Duplicate(id as u64));
-                        continue;
+                    let b = &r.ban;
+                    let mut key = Some(seq);
+                    if let Some((id, ip, jail, protocol, port)) = existing {
+                        if (ip, jail, protocol, port) == (b.ip.clone(), b.jail.clone(), b.protocol.clone(), b.port.clone()) {
+                            out.push(Committed::Duplicate(id as u64));
+                            continue;
+                        }
+                        // The same (host, seq) for another ban: the node's
+                        // sequence was reset. Not a re-send: store it, keyless.
+                        tracing::warn!(host = %r.host, seq, ip = %b.ip, "sequence reused for a different ban; stored as a new report");
+                        key = None;
                     }
                     insert
                         .execute(params![
                             hid,
-                            seq,
+                            key,
                             r.host,
                             now,
                             r.ban.jail,
@@ -570,6 +581,22 @@ impl Store for SqliteStore {
                 .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| {
                     r.get::<_, i64>(0)
                 })
+                .map(|v| v as u64)
+                .map_err(q)
+        })
+        .await
+    }
+
+    async fn last_seq(&self, host: &str) -> Result<u64, StoreError> {
+        let host = host.to_string();
+        self.with(move |i| {
+            let id = i.host_id(&host)? as i64;
+            i.conn
+                .query_row(
+                    "SELECT COALESCE(MAX(node_seq), 0) FROM events WHERE reporter_id = ?1",
+                    [id],
+                    |r| r.get::<_, i64>(0),
+                )
                 .map(|v| v as u64)
                 .map_err(q)
         })
