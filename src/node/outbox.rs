@@ -58,6 +58,8 @@ pub struct Recovery {
 }
 
 struct Inner {
+    /// Times the log was truncated: offsets are only comparable within one.
+    truncations: u64,
     /// Spool files already taken into the outbox (see `ingest_spool`).
     spooled: std::collections::HashSet<String>,
     file: File,
@@ -73,6 +75,10 @@ pub struct Outbox {
     dir: PathBuf,
     limit: usize,
     inner: Mutex<Inner>,
+    /// Group fsync: a handle on the log for syncing outside `inner`, and
+    /// how far it is known durable as (truncations, bytes). Concurrent
+    /// reports queue here; one fsync covers everything written before it.
+    sync: Mutex<(File, (u64, u64))>,
     /// Woken on every append, for the publisher.
     pub appended: Notify,
 }
@@ -187,10 +193,13 @@ impl Outbox {
             pending: pending.len(),
             skipped_bytes: skipped,
         };
+        let sync_handle = file.try_clone().map_err(io(&log))?;
         let outbox = Outbox {
             dir: dir.to_path_buf(),
             limit,
+            sync: Mutex::new((sync_handle, (0, written))),
             inner: Mutex::new(Inner {
+                truncations: 0,
                 spooled,
                 file,
                 written,
@@ -267,16 +276,36 @@ impl Outbox {
         let rec = encode(&report);
         let path = self.log_path();
         inner.file.write_all(&rec).map_err(io(&path))?;
-        inner.file.sync_data().map_err(io(&path))?;
         inner.written += rec.len() as u64;
         inner.next_seq += 1;
         if !spool.is_empty() {
             inner.spooled.insert(spool);
         }
+        // Queued in order now; the caller hears back only once it is
+        // durable (a report sent before its fsync is simply stored early).
         inner.pending.push_back(report.clone());
+        let mark = (inner.truncations, inner.written);
         drop(inner);
+        self.sync_to(mark)?;
         self.appended.notify_waiters();
         Ok(report.seq)
+    }
+
+    /// Returns once everything up to `mark` is on disk, sharing one fsync
+    /// among the reports that arrived while another was running.
+    fn sync_to(&self, mark: (u64, u64)) -> Result<(), OutboxError> {
+        let mut sync = self.sync.lock().unwrap();
+        if sync.1.0 == mark.0 && sync.1.1 >= mark.1 {
+            return Ok(());
+        }
+        let target = {
+            let inner = self.inner.lock().unwrap();
+            (inner.truncations, inner.written)
+        };
+        let path = self.log_path();
+        sync.0.sync_data().map_err(io(&path))?;
+        sync.1 = target;
+        Ok(())
     }
 
     /// Appends many reports with one fsync (loading a benchmark's outboxes;
@@ -358,6 +387,7 @@ impl Outbox {
             inner.file.set_len(0).map_err(io(&path))?;
             inner.file.sync_all().map_err(io(&path))?;
             inner.written = 0;
+            inner.truncations += 1;
         }
         Ok(())
     }
@@ -443,6 +473,37 @@ mod tests {
         assert_eq!(ips, ["192.0.2.1", "192.0.2.3"]);
         // A later append gets a fresh sequence number.
         assert_eq!(ob.append(&ban("192.0.2.4")).unwrap(), 4);
+    }
+
+    #[test]
+    fn concurrent_reports_are_all_durable_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 10_000).unwrap();
+        let ob = std::sync::Arc::new(ob);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let ob = ob.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        ob.append(&ban(&format!("10.{t}.0.{i}"))).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let seqs: Vec<u64> = ob.pending_after(0, 1000).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
+        drop(ob);
+        let (_, rec) = Outbox::open(dir.path(), 10_000).unwrap();
+        assert_eq!(
+            rec,
+            Recovery {
+                pending: 400,
+                skipped_bytes: 0
+            }
+        );
     }
 
     #[test]
