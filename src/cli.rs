@@ -236,15 +236,9 @@ pub struct SetupArgs {
     /// fail2ban's configuration directory.
     #[arg(long, default_value = "/etc/fail2ban")]
     pub config_dir: PathBuf,
-    /// The shared jail's log (the node's --shared-log).
-    #[arg(long, default_value = node::DEFAULT_SHARED_LOG)]
-    pub shared_log: PathBuf,
-    /// The node's socket, written into the action's `banmesh report` call.
-    #[arg(long, default_value = node::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// The node's data dir, written into the action (where reports wait if the node is down).
-    #[arg(long, default_value = node::DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
+    /// The node's paths (written into the jail and into the action's `banmesh report` call).
+    #[command(flatten)]
+    pub paths: NodePaths,
     /// bantime of the shared jail (fail2ban syntax: 3600, 1d, 25d).
     #[arg(long, default_value = "1d")]
     pub bantime: String,
@@ -259,6 +253,20 @@ pub struct SetupArgs {
     pub dry_run: bool,
 }
 
+/// Where a node keeps its things; shared by `node`, `node setup-fail2ban`.
+#[derive(Args, Debug)]
+pub struct NodePaths {
+    /// Log file of fail2ban's `shared` jail; bans from other hosts are appended here.
+    #[arg(long, default_value = node::DEFAULT_SHARED_LOG)]
+    pub shared_log: PathBuf,
+    /// Unix socket for `banmesh report`.
+    #[arg(long, default_value = node::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// State directory (outbox, spool, last applied event).
+    #[arg(long, default_value = node::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
 #[derive(Args, Debug)]
 pub struct NodeArgs {
     /// Hub address, https://HOST:PORT; repeat for failover across hubs.
@@ -266,15 +274,8 @@ pub struct NodeArgs {
     pub hubs: Vec<String>,
     #[command(flatten)]
     pub tls: TlsArgs,
-    /// Log file of fail2ban's `shared` jail; bans from other hosts are appended here.
-    #[arg(long, default_value = node::DEFAULT_SHARED_LOG)]
-    pub shared_log: PathBuf,
-    /// Unix socket for `banmesh report`.
-    #[arg(long, default_value = node::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// State directory (outbox, last applied event).
-    #[arg(long, default_value = node::DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub paths: NodePaths,
     /// Most reports kept while the hub is unreachable.
     #[arg(long, default_value_t = node::DEFAULT_OUTBOX_LIMIT)]
     pub outbox_limit: usize,
@@ -520,9 +521,9 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
     };
     let setup = Setup {
         config_dir: args.config_dir,
-        shared_log: args.shared_log,
-        socket: args.socket,
-        data_dir: args.data_dir,
+        shared_log: args.paths.shared_log,
+        socket: args.paths.socket,
+        data_dir: args.paths.data_dir,
         banmesh,
         bantime: args.bantime,
         nat_forward: args.nat_forward,
@@ -665,9 +666,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let config = node::NodeConfig {
         hubs: args.hubs,
         tls: (&args.tls).into(),
-        shared_log: args.shared_log,
-        socket: args.socket,
-        data_dir: args.data_dir,
+        shared_log: args.paths.shared_log,
+        socket: args.paths.socket,
+        data_dir: args.paths.data_dir,
         outbox_limit: args.outbox_limit,
         fail2ban_socket: (!args.no_fail2ban_socket).then_some(args.fail2ban_socket),
         recent_ratio: args.recent_ratio,
