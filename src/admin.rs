@@ -41,19 +41,7 @@ pub fn seed_table(bans: &[proto::BanRecord]) -> String {
     for b in bans {
         let e = b.event.clone().unwrap_or_default();
         let ban = e.ban.unwrap_or_default();
-        let created = time::OffsetDateTime::from_unix_timestamp(e.created_ms / 1000)
-            .map(|t| {
-                format!(
-                    "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-                    t.year(),
-                    t.month() as u8,
-                    t.day(),
-                    t.hour(),
-                    t.minute(),
-                    t.second()
-                )
-            })
-            .unwrap_or_default();
+        let created = utc(e.created_ms, true);
         let mut r = vec![
             e.id.to_string(),
             e.added_by,
@@ -85,4 +73,28 @@ pub fn seed_table(bans: &[proto::BanRecord]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A unix-millisecond time as `YYYY-MM-DD HH:MM[:SS]` UTC ("-" for none).
+pub fn utc(ms: i64, seconds: bool) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .map(|t| {
+            let minutes = format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}",
+                t.year(),
+                t.month() as u8,
+                t.day(),
+                t.hour(),
+                t.minute()
+            );
+            if seconds {
+                format!("{minutes}:{:02}", t.second())
+            } else {
+                minutes
+            }
+        })
+        .unwrap_or_default()
 }

@@ -59,6 +59,15 @@ impl CaDir {
     pub fn host_key(&self, name: &str) -> PathBuf {
         self.0.join(format!("{name}.key"))
     }
+
+    /// The files a host named `name` presents (its pair and this CA).
+    pub fn host_files(&self, name: &str) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            cert: self.host_cert(name),
+            key: self.host_key(name),
+            ca: self.cert(),
+        }
+    }
 }
 
 /// Writes a new file, 0600 for keys, refusing to replace an existing one.
@@ -223,6 +232,16 @@ pub fn key_and_csr(name: &str) -> Result<(KeyPair, String), CaError> {
     params.distinguished_name.push(DnType::CommonName, name);
     let csr = params.serialize_request(&key)?.pem()?;
     Ok((key, csr))
+}
+
+/// Issues a host's certificate unless the CA dir already holds one; its
+/// files either way (the demo's, the benchmark's and the tests' fleets).
+pub fn issue_once(dir: &Path, req: &HostCert<'_>) -> Result<crate::tls::TlsFiles, CaError> {
+    let paths = CaDir(dir.to_path_buf());
+    if !paths.host_cert(req.name).exists() {
+        issue(dir, req)?;
+    }
+    Ok(paths.host_files(req.name))
 }
 
 /// `banmesh ca issue`: a key and certificate for a host, written beside the CA.

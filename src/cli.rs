@@ -543,21 +543,7 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
 }
 
 fn when(ms: i64) -> String {
-    if ms <= 0 {
-        return "-".into();
-    }
-    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-        .map(|t| {
-            format!(
-                "{:04}-{:02}-{:02} {:02}:{:02}",
-                t.year(),
-                t.month() as u8,
-                t.day(),
-                t.hour(),
-                t.minute()
-            )
-        })
-        .unwrap_or_default()
+    crate::admin::utc(ms, false)
 }
 
 async fn hub_action(action: HubAction) -> anyhow::Result<()> {

@@ -40,7 +40,7 @@ type Sent = Arc<Mutex<HashMap<String, (String, Instant)>>>;
 
 fn issue(dir: &Path, name: &str, admin: bool) -> anyhow::Result<TlsFiles> {
     let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
-    ca::issue(
+    Ok(ca::issue_once(
         dir,
         &ca::HostCert {
             name,
@@ -48,12 +48,7 @@ fn issue(dir: &Path, name: &str, admin: bool) -> anyhow::Result<TlsFiles> {
             valid_for: ca::HOST_VALIDITY,
             admin,
         },
-    )?;
-    Ok(TlsFiles {
-        cert: dir.join(format!("{name}.crt")),
-        key: dir.join(format!("{name}.key")),
-        ca: dir.join("ca.crt"),
-    })
+    )?)
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {

@@ -32,24 +32,16 @@ impl Pki {
     }
 
     pub fn host(&self, name: &str) -> anyhow::Result<TlsFiles> {
-        let files = TlsFiles {
-            cert: self.dir.join(format!("{name}.crt")),
-            key: self.dir.join(format!("{name}.key")),
-            ca: self.dir.join("ca.crt"),
-        };
-        if !files.cert.exists() {
-            let sans = ["127.0.0.1".to_string()];
-            ca::issue(
-                &self.dir,
-                &ca::HostCert {
-                    name,
-                    sans: &sans,
-                    valid_for: ca::HOST_VALIDITY,
-                    admin: false,
-                },
-            )?;
-        }
-        Ok(files)
+        let sans = ["127.0.0.1".to_string()];
+        Ok(ca::issue_once(
+            &self.dir,
+            &ca::HostCert {
+                name,
+                sans: &sans,
+                valid_for: ca::HOST_VALIDITY,
+                admin: false,
+            },
+        )?)
     }
 }
 

@@ -103,30 +103,19 @@ impl Pki {
     }
 
     fn issue(&self, name: &str, admin: bool) -> TlsFiles {
-        let files = TlsFiles {
-            cert: self.dir.join(format!("{name}.crt")),
-            key: self.dir.join(format!("{name}.key")),
-            ca: self.dir.join("ca.crt"),
+        let sans = [
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            // The host side of the fault suite's network namespace link.
+            "10.201.0.1".to_string(),
+        ];
+        let req = ca::HostCert {
+            name,
+            sans: &sans,
+            valid_for: ca::HOST_VALIDITY,
+            admin,
         };
-        if !files.cert.exists() {
-            let sans = [
-                "localhost".to_string(),
-                "127.0.0.1".to_string(),
-                // The host side of the fault suite's network namespace link.
-                "10.201.0.1".to_string(),
-            ];
-            ca::issue(
-                &self.dir,
-                &ca::HostCert {
-                    name,
-                    sans: &sans,
-                    valid_for: ca::HOST_VALIDITY,
-                    admin,
-                },
-            )
-            .expect("issue certificate");
-        }
-        files
+        ca::issue_once(&self.dir, &req).expect("issue certificate")
     }
 }
 
