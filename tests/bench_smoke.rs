@@ -18,6 +18,8 @@ fn bench_quick_runs_every_scenario() {
             "1000",
         ])
         .args(["--mysql", &common::mysql_server()])
+        // Should it fail, the nodes' warnings say why.
+        .env("RUST_LOG", "warn")
         .output()
         .unwrap();
     assert!(

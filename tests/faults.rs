@@ -199,8 +199,8 @@ async fn nothing_is_lost_or_duplicated_through_faults() {
     let mut db = PrivateMariaDb::start(root.path()).await;
     let db_url = db.url("banmesh");
     let pki = Pki::new(root.path());
-    let port = free_port();
-    let mut hub = Hub::start_listening(root.path(), &pki, &db_url, "0.0.0.0", port).await;
+    let mut hub = Hub::start_listening(root.path(), &pki, &db_url, "0.0.0.0", 0).await;
+    let port = hub.port;
     let net = Netns::create();
 
     let mut n1 = Node::start(root.path(), &pki, "n1", &hub.url).await;

@@ -61,16 +61,16 @@ impl HubProc {
             .await?;
         c.disconnect().await?;
         std::fs::create_dir_all(root)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
         let tls = pki.host("hub")?;
-        let log = std::fs::File::create(root.join(format!("hub-{port}.log")))?;
-        let child = Command::new(std::env::current_exe()?)
+        // The kernel picks the port and the hub's log says which: choosing
+        // a free port first races with every connection this process opens.
+        let log_path = root.join("hub.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = Command::new(std::env::current_exe()?)
             .args([
                 "hub",
                 "--listen",
-                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:0",
                 "--db",
                 &format!("{server}/{db}"),
             ])
@@ -80,20 +80,29 @@ impl HubProc {
             .arg(&tls.key)
             .arg("--ca")
             .arg(&tls.ca)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,banmesh::hub=info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
         let start = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("the hub did not start within 30s");
+        let port = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let port = text.split("hub listening addr=").nth(1).and_then(|a| {
+                a.split_whitespace()
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse::<u16>()
+                    .ok()
+            });
+            if let Some(port) = port {
+                break port;
+            }
+            if child.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(30) {
+                bail!("the hub did not start:\n{text}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        };
         Ok(HubProc {
             child,
             url: format!("https://127.0.0.1:{port}"),
@@ -179,7 +188,11 @@ impl Nodes {
                     break;
                 }
                 if start.elapsed() > Duration::from_secs(120) {
-                    bail!("nodes did not connect within 120s");
+                    let status = crate::report::node_status(s).await;
+                    bail!(
+                        "node {} did not connect within 120s (its status: {status:?})",
+                        s.display()
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

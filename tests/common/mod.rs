@@ -208,8 +208,10 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub on a port the kernel picks (read back from its log, so no
+    /// other process can take the port between choosing and binding it).
     pub async fn start(root: &Path, pki: &Pki, db: &str) -> Hub {
-        Self::start_on(root, pki, db, free_port()).await
+        Self::start_on(root, pki, db, 0).await
     }
 
     pub async fn start_on(root: &Path, pki: &Pki, db: &str, port: u16) -> Hub {
@@ -223,19 +225,33 @@ impl Hub {
             .arg("--data-dir")
             .arg(root.join("hub"))
             .args(tls_args(&tls));
-        let proc = Proc::spawn(cmd, root.join(format!("hub-{port}.log")));
-        let hub = Hub {
-            proc,
-            port,
-            url: format!("https://127.0.0.1:{port}"),
-        };
-        wait_for("the hub to listen", Duration::from_secs(30), || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let proc = Proc::spawn(cmd, root.join(format!("hub-{n}.log")));
+        let mut bound = 0u16;
+        let log = proc.log.clone();
+        wait_for("the hub to listen", Duration::from_secs(30), || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                !text.lines().any(|l| l.starts_with("banmesh: ")),
+                "the hub failed:\n{text}"
+            );
+            if let Some(addr) = text.split("hub listening addr=").nth(1) {
+                let addr = addr.split_whitespace().next().unwrap_or_default();
+                bound = addr
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+            }
+            let up = bound != 0;
+            async move { up }
         })
         .await;
-        hub
+        Hub {
+            proc,
+            port: bound,
+            url: format!("https://127.0.0.1:{bound}"),
+        }
     }
 }
 
