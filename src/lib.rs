@@ -22,6 +22,7 @@ pub mod ban;
 pub mod bench;
 pub mod ca;
 pub mod cli;
+pub mod clock;
 pub mod demo;
 pub mod enroll;
 pub mod fail2ban;

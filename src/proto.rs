@@ -4,6 +4,10 @@
 
 tonic::include_proto!("banmesh.v1");
 
+/// Publish response header: the highest report sequence the hub holds for
+/// the calling host, so a node whose outbox was reset numbers on from there.
+pub const LAST_SEQ_HEADER: &str = "banmesh-last-seq";
+
 /// Encoded `FileDescriptorSet` of the banmesh protocol, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("banmesh_descriptor");
 

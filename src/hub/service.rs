@@ -21,9 +21,7 @@ use crate::{
     shutdown::Shutdown,
 };
 
-/// Publish response header: the highest report sequence the hub holds for
-/// the caller.
-pub const LAST_SEQ_HEADER: &str = "banmesh-last-seq";
+use crate::proto::LAST_SEQ_HEADER;
 /// Acks that may wait for the node to read them.
 const ACK_QUEUE: usize = 1024;
 /// Events buffered per subscriber between the replay/live task and gRPC.

@@ -243,7 +243,7 @@ impl Applier {
         }
         // A ban whose time is over by now is not applied at all.
         let bantime = self.shared_bantime().await;
-        let age = |e: &Event| (crate::hub::store::now_ms() - e.created_ms).max(0) as f64 / 1000.0;
+        let age = |e: &Event| (crate::clock::now_ms() - e.created_ms).max(0) as f64 / 1000.0;
         if let Some(b) = bantime.filter(|b| *b > 0) {
             write.retain(|e| {
                 let live = age(e) < b as f64;
@@ -561,7 +561,7 @@ mod tests {
             kind: EventKind::Ban,
             ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
             added_by: "web-1".into(),
-            created_ms: crate::hub::store::now_ms(),
+            created_ms: crate::clock::now_ms(),
             lifts: 0,
         };
         let st = a

@@ -140,7 +140,7 @@ pub fn encode(report: &proto::Report) -> Vec<u8> {
 }
 
 fn now_ms() -> i64 {
-    crate::hub::store::now_ms()
+    crate::clock::now_ms()
 }
 
 impl Outbox {

@@ -84,7 +84,7 @@ async fn stream_once(
     // outbox may have been reset, from a backup say).
     if let Some(last) = response
         .metadata()
-        .get(crate::hub::service::LAST_SEQ_HEADER)
+        .get(crate::proto::LAST_SEQ_HEADER)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
     {
         outbox.raise_next_seq(last + 1);

@@ -47,7 +47,7 @@ pub async fn run(
 ) {
     loop {
         let mut wait = CHECK_EVERY;
-        let left_ms = expires_ms(&tls).map(|e| e - crate::hub::store::now_ms());
+        let left_ms = expires_ms(&tls).map(|e| e - crate::clock::now_ms());
         if left_ms.is_some_and(|l| l < renew_before.as_millis() as i64) {
             match renew(&tls, &name, &link).await {
                 Ok(expires_ms) => match link::channel(&hubs, &tls) {

@@ -275,13 +275,7 @@ pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     }
 }
 
-/// Milliseconds since the epoch, the store's clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 /// Builds an event from a row's columns (both backends read the same ones).
 #[allow(clippy::too_many_arguments)]
