@@ -4,7 +4,7 @@
 //! which streams it over mutual TLS to the **hub**; the hub commits it to
 //! its store (MySQL, or an embedded SQLite file) and fans it out to every
 //! other node, which writes it into fail2ban's `shared` jail and reports its
-//! status back. See `DESIGN.md` in the repository for the semantics.
+//! status back. See `docs/DESIGN.md` in the repository for the semantics and the path of a ban through the files.
 //!
 //! # Layout
 //! - [`ban`]: domain types (ban, event, status) and input validation.
