@@ -9,7 +9,7 @@ use std::sync::{
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::{outbox::Outbox, subscriber::Position};
+use super::{outbox::Outbox, position::Position};
 use crate::{
     ban::Ban,
     proto::{self, node_server},
@@ -33,7 +33,8 @@ impl node_server::Node for LocalService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let outbox = self.outbox.clone();
         let ip = ban.ip.clone();
-        let seq = tokio::task::spawn_blocking(move || outbox.append(&ban))
+        let span = tracing::Span::current();
+        let seq = tokio::task::spawn_blocking(move || span.in_scope(|| outbox.append(&ban)))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| {

@@ -60,7 +60,7 @@ pub struct Recovery {
 struct Inner {
     /// Times the log was truncated: offsets are only comparable within one.
     truncations: u64,
-    /// Spool files already taken into the outbox (see `ingest_spool`).
+    /// Spool files already taken into the outbox (see `super::spool`).
     spooled: std::collections::HashSet<String>,
     file: File,
     written: u64,
@@ -219,44 +219,16 @@ impl Outbox {
         self.append_from(ban, String::new())
     }
 
-    /// Takes the reports `banmesh report` spooled while the node was down
-    /// into the outbox, oldest first, and removes their files. A file is
-    /// removed only after its report is durable here; one seen again after
-    /// a crash (its name is in the outbox) is just removed. Blocking.
-    pub fn ingest_spool(&self, spool: &Path) -> Result<usize, OutboxError> {
-        let mut names: Vec<String> = match std::fs::read_dir(spool) {
-            Ok(dir) => dir
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.ends_with(".ban"))
-                .collect(),
-            Err(_) => return Ok(0),
-        };
-        names.sort();
-        let mut taken = 0;
-        for name in names {
-            let path = spool.join(&name);
-            let known = self.inner.lock().unwrap().spooled.contains(&name);
-            if !known {
-                let bytes = std::fs::read(&path).map_err(io(&path))?;
-                let (records, skipped) = decode_records(&bytes);
-                if skipped > 0 {
-                    tracing::warn!(file = %path.display(), skipped, "damaged spool file; kept what was intact");
-                }
-                for r in records {
-                    match Ban::from_proto(r.ban.as_ref()) {
-                        Ok(ban) => {
-                            self.append_from(&ban, name.clone())?;
-                            taken += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(file = %path.display(), error = %e, "invalid spooled ban skipped")
-                        }
-                    }
-                }
-            }
-            std::fs::remove_file(&path).map_err(io(&path))?;
-        }
-        Ok(taken)
+    /// Appends a report `banmesh report` left in spool file `name` (see
+    /// [`super::spool`]); the name is kept with the record, so the file is
+    /// known as taken even after a crash before its removal. Blocking.
+    pub fn append_spooled(&self, ban: &Ban, name: &str) -> Result<u64, OutboxError> {
+        self.append_from(ban, name.to_string())
+    }
+
+    /// Whether the reports of spool file `name` are already in the outbox.
+    pub fn has_spooled(&self, name: &str) -> bool {
+        self.inner.lock().unwrap().spooled.contains(name)
     }
 
     fn append_from(&self, ban: &Ban, spool: String) -> Result<u64, OutboxError> {
