@@ -14,6 +14,16 @@
 //! returned [`Recovery`], and the file is rewritten with only the intact
 //! pending records. Once everything is acknowledged and the file has grown,
 //! it is truncated, after the acked mark is durable.
+//!
+//! # Locks
+//! Two mutexes, always taken in this order: `sync` (the group fsync), then
+//! `inner` (the queue and the file's end). A thread holding `inner` never
+//! waits for `sync`: an append writes its record under `inner`, releases
+//! it, and only then queues on `sync`, where the fsync runs while other
+//! appends go on writing under `inner`; the syncing thread takes `inner`
+//! briefly to learn how far its fsync will reach. Taking them the other
+//! way round could deadlock two reporters. Neither lock is held across an
+//! `.await`: every method here is blocking and runs in `spawn_blocking`.
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
@@ -476,6 +486,37 @@ mod tests {
                 skipped_bytes: 0
             }
         );
+    }
+
+    #[test]
+    fn appends_acks_and_batches_together_never_deadlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 100_000).unwrap();
+        let ob = std::sync::Arc::new(ob);
+        let (done, finished) = std::sync::mpsc::channel();
+        for t in 0..6 {
+            let (ob, done) = (ob.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let ip = format!("10.{t}.1.{i}");
+                    match t % 3 {
+                        0 => drop(ob.append(&ban(&ip)).unwrap()),
+                        1 => ob.append_batch(&[ban(&ip), ban(&ip)]).unwrap(),
+                        _ => {
+                            let seq = ob.append_spooled(&ban(&ip), &format!("{t}-{i}.ban"));
+                            ob.ack(seq.unwrap().saturating_sub(5)).unwrap();
+                            ob.flush_acked().unwrap();
+                        }
+                    }
+                }
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..6 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("an outbox call deadlocked");
+        }
     }
 
     #[test]
