@@ -17,7 +17,8 @@
 //! - [`local`]: the unix-socket service `banmesh report` talks to.
 //! - [`spool`]: where `report` leaves a ban while the node is down, and how
 //!   the node takes it in.
-//! - [`outbox`]: the durable queue of reports (what `add2db.py` wrote to MySQL).
+//! - [`outbox`]: the durable queue of reports (what `add2db.py` wrote to
+//!   MySQL); its record format ([`outbox::record`]) is the spool's too.
 //! - [`publisher`]: outbox -> hub.
 //!
 //! Events arrive and are applied (what `readdb.py` did):
