@@ -1,6 +1,12 @@
 //! The node's local gRPC service, on its unix socket: what `banmesh report`
-//! (run by fail2ban's action) talks to. The socket is the trust boundary:
-//! it is created 0660, so only root (and the socket's group) can report.
+//! (run by fail2ban's action) talks to.
+//!
+//! Contract: `Report` answers with a sequence number only once the ban is
+//! durable in the outbox; an invalid ban is `InvalidArgument` and changes
+//! nothing; a full outbox is `ResourceExhausted` (and `report` then exits
+//! non-zero rather than spooling: the node is up). The socket is the trust
+//! boundary: it is created 0660, so only root (and the socket's group) can
+//! report.
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},

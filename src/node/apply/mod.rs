@@ -158,8 +158,10 @@ impl Applier {
                     self.deferred.push(e.clone(), at);
                 }
                 Decision::Expired => {
-                    // Counts as just added for the rest of the batch, as it
-                    // did before the rules became a function of their own.
+                    // A later ban of this IP in the same batch then counts
+                    // as just added (status 2), as it always has; deciding
+                    // it on its own would apply a live ban that follows an
+                    // expired one.
                     written_now.insert(ip);
                     info!(
                         id = e.id,
