@@ -140,16 +140,28 @@ pub struct Event {
     pub lifts: u64,
 }
 
+/// Why an event from the hub was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InvalidEvent {
+    /// Unspecified (0) or a kind this build does not know: guessing "ban"
+    /// could ban an address the fleet meant to release.
+    #[error("event kind {0} is neither ban nor unban (is this node older than the hub?)")]
+    Kind(i32),
+    #[error(transparent)]
+    Ban(#[from] InvalidBan),
+}
+
 impl Event {
     /// Converts an event from the hub, checking it like any other input.
-    pub fn from_proto(e: &proto::Event) -> Result<Self, InvalidBan> {
+    pub fn from_proto(e: &proto::Event) -> Result<Self, InvalidEvent> {
+        let kind = match proto::EventKind::try_from(e.kind) {
+            Ok(proto::EventKind::Ban) => EventKind::Ban,
+            Ok(proto::EventKind::Unban) => EventKind::Unban,
+            Ok(proto::EventKind::Unspecified) | Err(_) => return Err(InvalidEvent::Kind(e.kind)),
+        };
         Ok(Event {
             id: e.id,
-            kind: if e.kind == proto::EventKind::Unban as i32 {
-                EventKind::Unban
-            } else {
-                EventKind::Ban
-            },
+            kind,
             ban: Ban::from_proto(e.ban.as_ref())?,
             added_by: e.added_by.clone(),
             created_ms: e.created_ms,
@@ -266,6 +278,33 @@ mod tests {
         assert!(matches!(
             Ban::new("j", &long, "22", "192.0.2.1"),
             Err(InvalidBan::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn an_event_of_unknown_kind_is_refused_not_taken_as_a_ban() {
+        let ban = Ban::new("sshd", "tcp", "22", "192.0.2.1").unwrap();
+        let event = |kind: EventKind| Event {
+            id: 3,
+            kind,
+            ban: ban.clone(),
+            added_by: "web-1".into(),
+            created_ms: 1,
+            lifts: 0,
+        };
+        for kind in [EventKind::Ban, EventKind::Unban] {
+            assert_eq!(Event::from_proto(&event(kind).to_proto()), Ok(event(kind)));
+        }
+        for code in [proto::EventKind::Unspecified as i32, 7, -1] {
+            let mut wire = event(EventKind::Ban).to_proto();
+            wire.kind = code;
+            assert_eq!(Event::from_proto(&wire), Err(InvalidEvent::Kind(code)));
+        }
+        let mut wire = event(EventKind::Ban).to_proto();
+        wire.ban.as_mut().unwrap().ip = "not an ip".into();
+        assert!(matches!(
+            Event::from_proto(&wire),
+            Err(InvalidEvent::Ban(InvalidBan::Ip(_)))
         ));
     }
 

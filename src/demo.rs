@@ -228,10 +228,7 @@ async fn watch(
             && text.len() > offset
         {
             for line in text[offset..].lines() {
-                let Some(ip) = line
-                    .split(": ")
-                    .nth(1)
-                    .filter(|_| line.contains(": reported by "))
+                let Some(node::shared_log::Logged { ip, .. }) = node::shared_log::parse(line)
                 else {
                     continue;
                 };

@@ -11,7 +11,6 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::{Context, bail};
 use hyper_util::rt::TokioIo;
 use rustls::{
     DigitallySignedStruct, RootCertStore, SignatureScheme,
@@ -20,6 +19,7 @@ use rustls::{
     pki_types::{CertificateDer, ServerName, UnixTime},
 };
 use sha2::Digest;
+use thiserror::Error;
 use tokio::net::TcpStream;
 use tonic::transport::{Endpoint, Uri};
 
@@ -27,6 +27,37 @@ use crate::{
     ca,
     proto::{self, enrollment_client::EnrollmentClient},
 };
+
+/// Why an enrolment failed; each says what the operator can do about it.
+#[derive(Debug, Error)]
+pub enum EnrollError {
+    #[error("--ca-sha256 must be the 64 hex digits printed by `banmesh hub token create`")]
+    BadPin,
+    #[error("{0:?} is not a valid host name; pass --name")]
+    BadName(String),
+    #[error("{0} already exists: this machine is enrolled (move it away to enrol again)")]
+    AlreadyEnrolled(PathBuf),
+    #[error("--hub {0:?} must be HOST:PORT")]
+    BadHub(String),
+    #[error("bad hub host name {0:?}: use a DNS name or an IP address")]
+    BadHubName(String),
+    #[error("cannot set up TLS to the hub: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The TLS handshake failing on the pinned CA lands here too.
+    #[error("cannot reach the hub at {hub}: {reason}")]
+    Unreachable { hub: String, reason: String },
+    #[error("cannot make this host's key: {0}")]
+    Key(#[from] ca::CaError),
+    #[error("the hub refused the enrolment: {0}")]
+    Refused(String),
+    #[error("the hub returned a CA certificate that does not match --ca-sha256")]
+    CaMismatch,
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
 
 /// Accepts the hub only if its chain carries the pinned CA and the hub's
 /// certificate verifies against it.
@@ -149,21 +180,22 @@ pub fn write_identity(
     Ok(())
 }
 
-fn split_hub(hub: &str) -> anyhow::Result<(String, String)> {
+fn split_hub(hub: &str) -> Result<(String, String), EnrollError> {
     let addr = hub.trim_start_matches("https://").trim_end_matches('/');
     let (host, _port) = addr
         .rsplit_once(':')
-        .with_context(|| format!("--hub {hub:?} must be HOST:PORT"))?;
+        .ok_or_else(|| EnrollError::BadHub(hub.to_string()))?;
     Ok((host.trim_matches(['[', ']']).to_string(), addr.to_string()))
 }
 
-pub async fn enroll(req: &EnrollRequest) -> anyhow::Result<Enrolled> {
+/// Enrols this machine: see the module doc.
+pub async fn enroll(req: &EnrollRequest) -> Result<Enrolled, EnrollError> {
     let pin = req.ca_sha256.trim().to_ascii_lowercase().replace(':', "");
     if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("--ca-sha256 must be the 64 hex digits printed by `banmesh hub token create`");
+        return Err(EnrollError::BadPin);
     }
     if !crate::ban::valid_host_name(&req.name) {
-        bail!("{:?} is not a valid host name; pass --name", req.name);
+        return Err(EnrollError::BadName(req.name.clone()));
     }
     let files = Enrolled {
         cert: req.dir.join("host.crt"),
@@ -172,15 +204,14 @@ pub async fn enroll(req: &EnrollRequest) -> anyhow::Result<Enrolled> {
         expires_ms: 0,
     };
     if files.key.exists() {
-        bail!(
-            "{} already exists: this machine is enrolled (move it away to enrol again)",
-            files.key.display()
-        );
+        return Err(EnrollError::AlreadyEnrolled(files.key.clone()));
     }
     let (host, addr) = split_hub(&req.hub)?;
     let server_name: ServerName<'static> = match host.parse::<IpAddr>() {
         Ok(ip) => ServerName::IpAddress(ip.into()),
-        Err(_) => ServerName::try_from(host.clone()).context("bad hub host name")?,
+        Err(_) => {
+            ServerName::try_from(host.clone()).map_err(|_| EnrollError::BadHubName(host.clone()))?
+        }
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -194,7 +225,8 @@ pub async fn enroll(req: &EnrollRequest) -> anyhow::Result<Enrolled> {
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
 
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| EnrollError::BadHub(req.hub.clone()))?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let (connector, addr, server_name) =
                 (connector.clone(), addr.clone(), server_name.clone());
@@ -212,7 +244,10 @@ pub async fn enroll(req: &EnrollRequest) -> anyhow::Result<Enrolled> {
                 msg = s.to_string();
                 src = s.source();
             }
-            anyhow::anyhow!("cannot reach the hub at {}: {msg}", req.hub)
+            EnrollError::Unreachable {
+                hub: req.hub.clone(),
+                reason: msg,
+            }
         })?;
 
     let (key, csr) = ca::key_and_csr(&req.name)?;
@@ -223,20 +258,24 @@ pub async fn enroll(req: &EnrollRequest) -> anyhow::Result<Enrolled> {
             csr_pem: csr,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("the hub refused the enrolment: {}", s.message()))?
+        .map_err(|s| EnrollError::Refused(s.message().to_string()))?
         .into_inner();
     if ca::fingerprint(&issued.ca_pem).as_deref() != Some(pin.as_str()) {
-        bail!("the hub returned a CA certificate that does not match --ca-sha256");
+        return Err(EnrollError::CaMismatch);
     }
-    std::fs::create_dir_all(&req.dir)
-        .with_context(|| format!("cannot create {}", req.dir.display()))?;
+    let write = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EnrollError::Write { path, source }
+    };
+    std::fs::create_dir_all(&req.dir).map_err(write(&req.dir))?;
     write_identity(
         &files.key,
         &key.serialize_pem(),
         &files.cert,
         &issued.cert_pem,
-    )?;
-    std::fs::write(&files.ca, &issued.ca_pem)?;
+    )
+    .map_err(write(&req.dir))?;
+    std::fs::write(&files.ca, &issued.ca_pem).map_err(write(&files.ca))?;
     Ok(Enrolled {
         expires_ms: issued.expires_ms,
         ..files

@@ -1,6 +1,8 @@
 //! `banmesh report`: what fail2ban's `actionban` runs (the seed's
 //! `add2db.py`). It checks the ban, hands it to the local node over the unix
-//! socket and exits 0 once the node has it on disk. It never talks to the
+//! socket and exits 0 once the node has it on disk, or, when no node
+//! answers, once it is durable in the node's spool ([`crate::node::spool`],
+//! taken into the outbox when the node runs again). It never talks to the
 //! hub: fail2ban's action waits only for a local fsync.
 use std::path::{Path, PathBuf};
 
@@ -11,6 +13,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{
     ban::{Ban, InvalidBan},
+    node::spool,
     proto::{self, node_client::NodeClient},
 };
 
@@ -57,36 +60,6 @@ pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
     Ok(response.into_inner().seq)
 }
 
-/// Where `report` leaves a ban when the node is down: `DATA_DIR/spool`.
-pub fn spool_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("spool")
-}
-
-/// Writes a ban into the node's spool, durably (fsync of file and dir),
-/// for the node to take into its outbox at start.
-pub fn spool(data_dir: &Path, ban: &Ban) -> std::io::Result<PathBuf> {
-    use std::io::Write;
-    let dir = spool_dir(data_dir);
-    std::fs::create_dir_all(&dir)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let name = format!("{:020}-{}.ban", now.as_nanos(), std::process::id());
-    let record = crate::node::outbox::encode(&proto::Report {
-        ban: Some(ban.to_proto()),
-        reported_at_ms: now.as_millis() as i64,
-        ..Default::default()
-    });
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&record)?;
-    f.sync_all()?;
-    let path = dir.join(name);
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(&dir)?.sync_all()?;
-    Ok(path)
-}
-
 /// What happened to a report.
 #[derive(Debug)]
 pub enum Accepted {
@@ -96,7 +69,8 @@ pub enum Accepted {
     Spooled(PathBuf),
 }
 
-/// Hands a ban to the node, or spools it when the node is not running.
+/// Hands a ban to the node, or spools it ([`spool::write`]) when the node
+/// is not running.
 pub async fn report_or_spool(
     socket: &Path,
     data_dir: &Path,
@@ -104,13 +78,13 @@ pub async fn report_or_spool(
 ) -> Result<Accepted, ReportError> {
     match report(socket, ban.clone()).await {
         Ok(seq) => Ok(Accepted::Queued(seq)),
-        Err(ReportError::NodeDown { path, reason }) => spool(data_dir, &ban)
+        Err(ReportError::NodeDown { path, reason }) => spool::write(data_dir, &ban)
             .map(Accepted::Spooled)
             .map_err(|e| ReportError::NodeDown {
                 path,
                 reason: format!(
                     "{reason}; and cannot spool in {}: {e}",
-                    spool_dir(data_dir).display()
+                    spool::dir(data_dir).display()
                 ),
             }),
         Err(e) => Err(e),

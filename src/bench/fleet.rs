@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context, bail};
 use mysql_async::prelude::*;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::{
     ca,
@@ -243,12 +244,10 @@ pub async fn publishers(
         let tls = pki.host(&name)?;
         let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
         let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let task = tokio::spawn(node::publisher::run(
-            outbox.clone(),
-            link,
-            connected,
-            stop.clone(),
-        ));
+        let task = tokio::spawn(
+            node::publisher::run(outbox.clone(), link, connected, stop.clone())
+                .instrument(tracing::info_span!("node", host = %name)),
+        );
         started.push((outbox, task));
     }
     Ok(started)
@@ -273,16 +272,14 @@ pub async fn subscribers(
         let tls = pki.host(&name)?;
         let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<crate::ban::Event>>(64);
-        let position = Arc::new(node::subscriber::Position::load(
+        let position = Arc::new(node::position::Position::load(
             PathBuf::from("/dev/null/none"),
             0,
         ));
-        tasks.push(tokio::spawn(node::subscriber::run(
-            link,
-            position,
-            batch_tx,
-            stop.clone(),
-        )));
+        tasks.push(tokio::spawn(
+            node::subscriber::run(link, position, batch_tx, stop.clone())
+                .instrument(tracing::info_span!("node", host = %name)),
+        ));
         let counter = received.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(b) = batch_rx.recv().await {

@@ -1,7 +1,8 @@
 //! `banmesh node setup-fail2ban`: writes the fail2ban configuration the
 //! seed's README asks an operator to make by hand.
 //!
-//! - `filter.d/shared.local`: the `shared` filter (`: <HOST>: reported by .*`);
+//! - `filter.d/shared.local`: the `shared` filter, matching the lines the
+//!   node writes ([`shared_log::failregex`]);
 //! - `action.d/ipset-allports-shared.local`: the ipset all-ports action of
 //!   the `shared` jail (it never reports: those bans came from the fleet);
 //! - `action.d/ipset-allports-banmesh.local`: the same action whose
@@ -17,6 +18,8 @@
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+
+use crate::node::shared_log;
 
 /// First line of every file banmesh writes.
 pub const MARKER: &str =
@@ -86,7 +89,8 @@ impl Setup {
             (
                 dir.join("filter.d/shared.local"),
                 format!(
-                    "{MARKER}\n# Lines banmesh appends to shared.log for bans from other hosts.\n[Definition]\nfailregex = : <HOST>: reported by .*\nignoreregex =\n"
+                    "{MARKER}\n# Lines banmesh appends to shared.log for bans from other hosts.\n[Definition]\nfailregex = {}\nignoreregex =\n",
+                    shared_log::failregex()
                 ),
             ),
             (
@@ -218,6 +222,11 @@ mod tests {
         );
 
         let filter = dir.path().join("fail2ban/filter.d/shared.local");
+        let ours = std::fs::read_to_string(&filter).unwrap();
+        assert!(
+            ours.contains(&format!("\nfailregex = {}\n", shared_log::failregex())),
+            "{ours}"
+        );
         std::fs::write(&filter, "[Definition]\nfailregex = mine\n").unwrap();
         let jail = dir.path().join("fail2ban/jail.d/shared.local");
         std::fs::remove_file(&jail).unwrap();

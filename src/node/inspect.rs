@@ -36,6 +36,7 @@ impl node_server::Node for Inspect {
     }
 }
 
+/// Serves the inspection port until `shutdown` fires.
 pub async fn serve(
     addr: SocketAddr,
     tls: TlsFiles,
@@ -55,7 +56,10 @@ pub async fn serve(
         .set_serving::<node_server::NodeServer<Inspect>>()
         .await;
     info!(%addr, "inspection port listening (mTLS)");
+    // Requests run in the caller's span (the node's, naming its host).
+    let span = tracing::Span::current();
     Server::builder()
+        .trace_fn(move |_| span.clone())
         .tls_config(tls.server()?)?
         .add_service(node_server::NodeServer::new(Inspect(local)))
         .add_service(health_service)

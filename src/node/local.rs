@@ -1,6 +1,12 @@
 //! The node's local gRPC service, on its unix socket: what `banmesh report`
-//! (run by fail2ban's action) talks to. The socket is the trust boundary:
-//! it is created 0660, so only root (and the socket's group) can report.
+//! (run by fail2ban's action) talks to.
+//!
+//! Contract: `Report` answers with a sequence number only once the ban is
+//! durable in the outbox; an invalid ban is `InvalidArgument` and changes
+//! nothing; a full outbox is `ResourceExhausted` (and `report` then exits
+//! non-zero rather than spooling: the node is up). The socket is the trust
+//! boundary: it is created 0660, so only root (and the socket's group) can
+//! report.
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -9,7 +15,7 @@ use std::sync::{
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::{outbox::Outbox, subscriber::Position};
+use super::{outbox::Outbox, position::Position};
 use crate::{
     ban::Ban,
     proto::{self, node_server},
@@ -33,7 +39,8 @@ impl node_server::Node for LocalService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let outbox = self.outbox.clone();
         let ip = ban.ip.clone();
-        let seq = tokio::task::spawn_blocking(move || outbox.append(&ban))
+        let span = tracing::Span::current();
+        let seq = tokio::task::spawn_blocking(move || span.in_scope(|| outbox.append(&ban)))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| {

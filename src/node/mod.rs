@@ -8,11 +8,31 @@
 //! - The node's state lives under its data dir, so several nodes can share
 //!   a machine.
 //!
+//! - Every task of a node, and every request to its local socket, runs in a
+//!   `node` span carrying `host = NAME`, so the lines of several nodes in
+//!   one process (the demo, the benchmark) can be told apart.
+//!
 //! # Layout
-//! - [`outbox`]: the durable queue of reports (what `add2db.py` wrote to MySQL).
-//! - [`publisher`]: outbox -> hub.
-//! - [`subscriber`]: hub -> [`apply`] (what `readdb.py` did) -> statuses.
+//! One hop of a ban per file. Reports leave the host:
 //! - [`local`]: the unix-socket service `banmesh report` talks to.
+//! - [`spool`]: where `report` leaves a ban while the node is down, and how
+//!   the node takes it in.
+//! - [`outbox`]: the durable queue of reports (what `add2db.py` wrote to
+//!   MySQL); its record format ([`outbox::record`]) is the spool's too.
+//! - [`publisher`]: outbox -> hub.
+//!
+//! Events arrive and are applied (what `readdb.py` did):
+//! - [`subscriber`]: hub -> apply task, from the [`position`] on.
+//! - [`position`]: the last applied event id.
+//! - [`apply`]: the seed's rules ([`apply::decide`]) carried out through
+//!   fail2ban's socket and `shared.log`.
+//! - [`shared_log`]: the line format, its writer and tail reader, and the
+//!   `failregex` that matches it.
+//! - [`deferred`]: bans put off until an older ban ends.
+//! - [`status_journal`]: every status decided, on disk until the hub has it.
+//! - [`status_reporter`]: status journal -> hub.
+//!
+//! Around them:
 //! - [`link`]: TLS channel to the hub and reconnect backoff.
 //! - [`renewal`]: renews the node's certificate before it expires.
 //! - [`inspect`]: the optional mTLS port for grpcurl (status, health, reflection).
@@ -22,9 +42,13 @@ pub mod inspect;
 pub mod link;
 pub mod local;
 pub mod outbox;
+pub mod position;
 pub mod publisher;
 pub mod renewal;
-pub mod statuses;
+pub mod shared_log;
+pub mod spool;
+pub mod status_journal;
+pub mod status_reporter;
 pub mod subscriber;
 
 use std::{
@@ -38,7 +62,7 @@ use thiserror::Error;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::{proto::node_server::NodeServer, shutdown::Shutdown, tls::TlsFiles};
 
@@ -147,6 +171,18 @@ fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
 /// current batch before returning.
 pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
     let name = config.tls.own_name()?;
+    let span = tracing::info_span!("node", host = %name);
+    serve(config, name, shutdown, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn serve(
+    config: NodeConfig,
+    name: String,
+    shutdown: Shutdown,
+    span: tracing::Span,
+) -> Result<(), NodeError> {
     let data_err = |source| NodeError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -161,12 +197,13 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
         );
     }
     let outbox = Arc::new(outbox);
-    let logged = apply::last_logged_id(&config.shared_log).map_err(data_err)?;
-    let position = Arc::new(subscriber::Position::load(
+    let logged = shared_log::last_logged_id(&config.shared_log).map_err(data_err)?;
+    let position = Arc::new(position::Position::load(
         config.data_dir.join("applied"),
         logged,
     ));
-    let journal = Arc::new(statuses::StatusJournal::open(&config.data_dir).map_err(data_err)?);
+    let journal =
+        Arc::new(status_journal::StatusJournal::open(&config.data_dir).map_err(data_err)?);
     let applier = apply::Applier::new(
         apply::ApplyConfig {
             shared_log: config.shared_log.clone(),
@@ -182,76 +219,59 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     let connected = Arc::new(AtomicBool::new(false));
     let listener = bind_socket(&config.socket)?;
     // Bans `report` spooled while the node was down join the outbox now
-    // that the socket takes new ones, and on a short tick after, for any
-    // spooled in between.
-    let spool = crate::report::spool_dir(&config.data_dir);
-    // Not fatal: a full outbox must not keep the node from starting and
-    // draining it; the tick below tries again.
-    match outbox.ingest_spool(&spool) {
-        Ok(0) => {}
-        Ok(taken) => info!(taken, "took spooled reports into the outbox"),
-        Err(e) => warn!(error = %e, "cannot take spooled reports yet"),
-    }
-
-    let span = tracing::info_span!("node", host = %name);
-    let _enter = span.enter();
+    // that the socket takes new ones; the spool task takes any spooled in
+    // between.
+    let spool_dir = spool::dir(&config.data_dir);
+    spool::log(spool::ingest(&outbox, &spool_dir));
     info!(socket = %config.socket.display(), pending = recovery.pending, applied = position.get(), "node started");
 
     // A few batches may wait for the apply task; beyond that the
     // subscriber waits, and the hub moves it back to replay.
     let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(4);
-    let spool_task = {
-        let (outbox, mut stop) = (outbox.clone(), shutdown.clone());
-        async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = stop.recv() => return,
-                }
-                let (o, s) = (outbox.clone(), spool.clone());
-                match tokio::task::spawn_blocking(move || o.ingest_spool(&s)).await {
-                    Ok(Ok(n)) if n > 0 => info!(taken = n, "took spooled reports into the outbox"),
-                    Ok(Err(e)) => warn!(error = %e, "cannot take spooled reports"),
-                    _ => {}
-                }
-            }
-        }
-    };
     let tasks = [
-        tokio::spawn(spool_task),
-        tokio::spawn(publisher::run(
-            outbox.clone(),
-            link.clone(),
-            connected.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(subscriber::run(
-            link.clone(),
-            position.clone(),
-            batch_tx,
-            shutdown.clone(),
-        )),
-        tokio::spawn(apply::run(
-            applier,
-            batch_rx,
-            position.clone(),
-            config.observer.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(subscriber::report_statuses(
-            link.clone(),
-            journal,
-            shutdown.clone(),
-        )),
-        tokio::spawn(renewal::run(
-            config.tls.clone(),
-            name.clone(),
-            config.hubs.clone(),
-            link,
-            channels,
-            config.renew_before,
-            shutdown.clone(),
-        )),
+        spawn_in(
+            &span,
+            spool::run(outbox.clone(), spool_dir, shutdown.clone()),
+        ),
+        spawn_in(
+            &span,
+            publisher::run(
+                outbox.clone(),
+                link.clone(),
+                connected.clone(),
+                shutdown.clone(),
+            ),
+        ),
+        spawn_in(
+            &span,
+            subscriber::run(link.clone(), position.clone(), batch_tx, shutdown.clone()),
+        ),
+        spawn_in(
+            &span,
+            apply::run(
+                applier,
+                batch_rx,
+                position.clone(),
+                config.observer.clone(),
+                shutdown.clone(),
+            ),
+        ),
+        spawn_in(
+            &span,
+            status_reporter::run(link.clone(), journal, shutdown.clone()),
+        ),
+        spawn_in(
+            &span,
+            renewal::run(
+                config.tls.clone(),
+                name.clone(),
+                config.hubs.clone(),
+                link,
+                channels,
+                config.renew_before,
+                shutdown.clone(),
+            ),
+        ),
     ];
     let local = local::LocalService {
         name,
@@ -262,15 +282,15 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     };
     let local = Arc::new(local);
     let inspection = match config.listen {
-        Some(addr) => Some(tokio::spawn(inspect::serve(
-            addr,
-            config.tls.clone(),
-            local.clone(),
-            shutdown.clone(),
-        ))),
+        Some(addr) => Some(tokio::spawn(
+            inspect::serve(addr, config.tls.clone(), local.clone(), shutdown.clone())
+                .instrument(span.clone()),
+        )),
         None => None,
     };
+    let request_span = span.clone();
     let served = Server::builder()
+        .trace_fn(move |_| request_span.clone())
         .add_service(NodeServer::from_arc(local))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.signalled())
         .await;
@@ -292,4 +312,12 @@ pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError
     let _ = std::fs::remove_file(&config.socket);
     info!("node stopped");
     Ok(served?)
+}
+
+/// Spawns a node task in the node's span, so its lines name the host.
+fn spawn_in(
+    span: &tracing::Span,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(task.instrument(span.clone()))
 }

@@ -103,8 +103,7 @@ async fn stream_once(
         if in_flight < MAX_IN_FLIGHT {
             for mut report in outbox.pending_after(sent, (MAX_IN_FLIGHT - in_flight) as usize) {
                 sent = report.seq;
-                // The spool file name is the node's business only.
-                report.spool.clear();
+                super::spool::strip(&mut report);
                 in_flight += 1;
                 tx.send(report)
                     .await

@@ -2,8 +2,9 @@
 //! mTLS connection, with no operator step: a new key made here (0600), a
 //! CSR to the hub's `Renew`, the new pair written atomically, and a new
 //! channel for every later connection.
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
+use thiserror::Error;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{info, warn};
@@ -25,17 +26,43 @@ fn expires_ms(tls: &TlsFiles) -> Option<i64> {
     crate::tls::expiry_ms(&der)
 }
 
-async fn renew(tls: &TlsFiles, name: &str, link: &Link) -> anyhow::Result<i64> {
+/// Why a renewal failed; the node keeps its current certificate and tries
+/// again after [`RETRY`].
+#[derive(Debug, Error)]
+pub enum RenewError {
+    #[error("cannot make a new key: {0}")]
+    Key(#[from] ca::CaError),
+    #[error(
+        "the hub did not renew the certificate: {0} (is the hub reachable, and this host not revoked?)"
+    )]
+    Refused(String),
+    #[error("cannot write the renewed key and certificate to {cert}: {source}")]
+    Write {
+        cert: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Trades a fresh key's CSR for a certificate and writes both; returns
+/// when the new certificate expires.
+async fn renew(tls: &TlsFiles, name: &str, link: &Link) -> Result<i64, RenewError> {
     let (key, csr) = ca::key_and_csr(name)?;
     let issued = proto::hub_client::HubClient::new(link.current())
         .renew(proto::RenewRequest { csr_pem: csr })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| RenewError::Refused(s.message().to_string()))?
         .into_inner();
-    write_identity(&tls.key, &key.serialize_pem(), &tls.cert, &issued.cert_pem)?;
+    write_identity(&tls.key, &key.serialize_pem(), &tls.cert, &issued.cert_pem).map_err(
+        |source| RenewError::Write {
+            cert: tls.cert.clone(),
+            source,
+        },
+    )?;
     Ok(issued.expires_ms)
 }
 
+/// Checks the certificate every [`CHECK_EVERY`] and renews it when less
+/// than `renew_before` is left; new connections then use the new one.
 pub async fn run(
     tls: TlsFiles,
     name: String,

@@ -1,17 +1,14 @@
-//! Hub -> this host: subscribes from the last applied event, hands each
-//! batch to the apply task, and reports statuses back to the hub.
+//! Hub -> this host: subscribes from the last applied event and hands the
+//! events, in id order and in batches, to the apply task.
 //!
-//! The position (last applied id) is the larger of the `applied` file and
-//! the highest id in `shared.log`'s tail (see `apply`), so a crash between
-//! writing a line and saving the position never writes the line twice.
-use std::{
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+//! Contract: every event after the [`Position`] reaches the apply task once
+//! per subscription, in id order. After a lost stream the subscriber
+//! resubscribes (with backoff) from the last event it received; batches
+//! still queued are applied first, and the apply task skips anything at or
+//! below its position, so a resubscription never applies an event twice.
+//! A full apply queue makes the subscriber wait; the hub then moves it back
+//! to replay from the store instead of buffering.
+use std::sync::Arc;
 
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
@@ -20,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     link::{Backoff, Link},
-    statuses::StatusJournal,
+    position::Position,
 };
 use crate::{
     ban::Event,
@@ -28,65 +25,8 @@ use crate::{
     shutdown::Shutdown,
 };
 
-/// How long statuses gather before one `ReportStatus` call.
-const STATUS_LINGER: Duration = Duration::from_millis(25);
 /// Most events applied in one write.
 const APPLY_BATCH: usize = 4096;
-
-/// The last applied event id, kept in `DIR/applied`.
-///
-/// Saved at most every [`POSITION_SAVE`] (and at shutdown): the lines in
-/// `shared.log` carry their ids and are the authority for bans, so a
-/// position a moment stale only re-applies a few unbans or already-held
-/// bans, which is harmless.
-pub struct Position {
-    path: PathBuf,
-    id: AtomicU64,
-    saved: std::sync::Mutex<(u64, std::time::Instant)>,
-}
-
-/// How often the position file is rewritten while events flow.
-const POSITION_SAVE: Duration = Duration::from_millis(500);
-
-impl Position {
-    pub fn load(path: PathBuf, logged: u64) -> Self {
-        let saved: u64 = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-        let id = saved.max(logged);
-        Position {
-            path,
-            id: AtomicU64::new(id),
-            saved: std::sync::Mutex::new((id, std::time::Instant::now())),
-        }
-    }
-
-    pub fn get(&self) -> u64 {
-        self.id.load(Ordering::Relaxed)
-    }
-
-    pub fn set(&self, id: u64) -> std::io::Result<()> {
-        self.id.store(id, Ordering::Relaxed);
-        let due = self.saved.lock().unwrap().1.elapsed() >= POSITION_SAVE;
-        if due { self.flush() } else { Ok(()) }
-    }
-
-    /// Writes the position now, if it moved since the last save.
-    pub fn flush(&self) -> std::io::Result<()> {
-        let id = self.get();
-        let mut saved = self.saved.lock().unwrap();
-        if saved.0 == id {
-            saved.1 = std::time::Instant::now();
-            return Ok(());
-        }
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, id.to_string())?;
-        std::fs::rename(&tmp, &self.path)?;
-        *saved = (id, std::time::Instant::now());
-        Ok(())
-    }
-}
 
 /// Follows the hub, handing batches to the apply task. Resubscribes from
 /// the last event received (queued batches are applied before the
@@ -170,64 +110,6 @@ async fn follow(
         }
         if let Some(status) = ended {
             return status;
-        }
-    }
-}
-
-/// Sends journaled statuses to the hub in batches, acknowledging each
-/// batch in the journal once the hub has stored it.
-pub async fn report_statuses(link: Link, journal: Arc<StatusJournal>, mut shutdown: Shutdown) {
-    let mut backoff = Backoff::default();
-    loop {
-        let appended = journal.appended.notified();
-        tokio::pin!(appended);
-        appended.as_mut().enable();
-        let (batch, end) = match journal.unsent() {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(error = %e, "cannot read the status journal");
-                (vec![], 0)
-            }
-        };
-        if batch.is_empty() {
-            tokio::select! {
-                _ = &mut appended => {
-                    // Let a burst of statuses gather into one call; they
-                    // are durable in the journal meanwhile.
-                    tokio::time::sleep(STATUS_LINGER).await;
-                    continue;
-                }
-                _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
-                _ = shutdown.recv() => return,
-            }
-        }
-        let updates = batch
-            .iter()
-            .map(|(id, s)| proto::StatusUpdate {
-                event_id: *id,
-                status: *s as i32,
-            })
-            .collect();
-        let mut client = HubClient::new(link.current());
-        let sent = tokio::select! {
-            r = client.report_status(proto::StatusBatch { updates }) => r,
-            _ = shutdown.recv() => return,
-        };
-        match sent {
-            Ok(_) => {
-                if let Err(e) = journal.ack(end) {
-                    warn!(error = %e, "cannot save the status journal's mark");
-                }
-                backoff.reset();
-            }
-            Err(e) => {
-                let delay = backoff.next_delay().max(Duration::from_millis(200));
-                warn!(error = %e, waiting_bytes = journal.backlog(), "cannot report statuses; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.recv() => return,
-                }
-            }
         }
     }
 }

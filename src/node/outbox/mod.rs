@@ -2,9 +2,9 @@
 //! `banmesh report` returns, until the hub acknowledges its commit.
 //!
 //! Layout under the node's data dir:
-//! - `outbox.log`: records `magic "BMR1" | len u32 LE | crc32 u32 LE |
-//!   payload` where the payload is a protobuf `Report`. Appended and
-//!   fsynced per report.
+//! - `outbox.log`: records in the format of [`record`] (`magic | len |
+//!   crc32 | protobuf Report`). Appended and fsynced per report (one fsync
+//!   shared by the reports that arrive during another's).
 //! - `outbox.acked`: the highest acknowledged sequence number. Written
 //!   lazily: if it lags after a crash, the node re-sends a few reports and
 //!   the hub, which knows (host, seq), acknowledges them as duplicates.
@@ -14,6 +14,17 @@
 //! returned [`Recovery`], and the file is rewritten with only the intact
 //! pending records. Once everything is acknowledged and the file has grown,
 //! it is truncated, after the acked mark is durable.
+//!
+//! # Locks
+//! Two mutexes, always taken in this order: `sync` (the group fsync), then
+//! `inner` (the queue and the file's end). A thread holding `inner` never
+//! waits for `sync`: an append writes its record under `inner`, releases
+//! it, and only then queues on `sync`, where the fsync runs while other
+//! appends go on writing under `inner`; the syncing thread takes `inner`
+//! briefly to learn how far its fsync will reach. Taking them the other
+//! way round could deadlock two reporters. Neither lock is held across an
+//! `.await`: no method here is async (appends, which fsync, run in
+//! `spawn_blocking`; the publisher's short calls run inline).
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
@@ -22,16 +33,14 @@ use std::{
     sync::Mutex,
 };
 
-use prost::Message;
 use thiserror::Error;
 use tokio::sync::Notify;
 
+pub use self::record::{decode_records, encode};
 use crate::{ban::Ban, proto};
 
-const MAGIC: &[u8; 4] = b"BMR1";
-const HEADER: usize = 12;
-/// No record is near this big; a larger length is corruption.
-const MAX_RECORD: usize = 4096;
+pub mod record;
+
 /// Truncate the log once it is all acknowledged and at least this big.
 const COMPACT_AT: u64 = 1 << 20;
 
@@ -60,7 +69,7 @@ pub struct Recovery {
 struct Inner {
     /// Times the log was truncated: offsets are only comparable within one.
     truncations: u64,
-    /// Spool files already taken into the outbox (see `ingest_spool`).
+    /// Spool files already taken into the outbox (see `super::spool`).
     spooled: std::collections::HashSet<String>,
     file: File,
     written: u64,
@@ -88,55 +97,6 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> OutboxError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Decodes every intact record in `bytes`, skipping damage.
-pub fn decode_records(bytes: &[u8]) -> (Vec<proto::Report>, usize) {
-    let mut out = Vec::new();
-    let (mut pos, mut skipped) = (0, 0);
-    while pos < bytes.len() {
-        if let Some((report, len)) = decode_one(&bytes[pos..]) {
-            out.push(report);
-            pos += len;
-        } else {
-            // Resynchronise on the next magic.
-            let next = bytes[pos + 1..]
-                .windows(MAGIC.len())
-                .position(|w| w == MAGIC)
-                .map_or(bytes.len(), |i| pos + 1 + i);
-            skipped += next - pos;
-            pos = next;
-        }
-    }
-    (out, skipped)
-}
-
-fn decode_one(b: &[u8]) -> Option<(proto::Report, usize)> {
-    if b.len() < HEADER || &b[..4] != MAGIC {
-        return None;
-    }
-    let len = u32::from_le_bytes(b[4..8].try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(b[8..12].try_into().ok()?);
-    if len > MAX_RECORD || b.len() < HEADER + len {
-        return None;
-    }
-    let payload = &b[HEADER..HEADER + len];
-    if crc32fast::hash(payload) != crc {
-        return None;
-    }
-    let report = proto::Report::decode(payload).ok()?;
-    Some((report, HEADER + len))
-}
-
-/// One record in the outbox's format (also the spool's).
-pub fn encode(report: &proto::Report) -> Vec<u8> {
-    let payload = report.encode_to_vec();
-    let mut rec = Vec::with_capacity(HEADER + payload.len());
-    rec.extend_from_slice(MAGIC);
-    rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    rec.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    rec.extend_from_slice(&payload);
-    rec
 }
 
 fn now_ms() -> i64 {
@@ -219,44 +179,16 @@ impl Outbox {
         self.append_from(ban, String::new())
     }
 
-    /// Takes the reports `banmesh report` spooled while the node was down
-    /// into the outbox, oldest first, and removes their files. A file is
-    /// removed only after its report is durable here; one seen again after
-    /// a crash (its name is in the outbox) is just removed. Blocking.
-    pub fn ingest_spool(&self, spool: &Path) -> Result<usize, OutboxError> {
-        let mut names: Vec<String> = match std::fs::read_dir(spool) {
-            Ok(dir) => dir
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.ends_with(".ban"))
-                .collect(),
-            Err(_) => return Ok(0),
-        };
-        names.sort();
-        let mut taken = 0;
-        for name in names {
-            let path = spool.join(&name);
-            let known = self.inner.lock().unwrap().spooled.contains(&name);
-            if !known {
-                let bytes = std::fs::read(&path).map_err(io(&path))?;
-                let (records, skipped) = decode_records(&bytes);
-                if skipped > 0 {
-                    tracing::warn!(file = %path.display(), skipped, "damaged spool file; kept what was intact");
-                }
-                for r in records {
-                    match Ban::from_proto(r.ban.as_ref()) {
-                        Ok(ban) => {
-                            self.append_from(&ban, name.clone())?;
-                            taken += 1;
-                        }
-                        Err(e) => {
-                            tracing::warn!(file = %path.display(), error = %e, "invalid spooled ban skipped")
-                        }
-                    }
-                }
-            }
-            std::fs::remove_file(&path).map_err(io(&path))?;
-        }
-        Ok(taken)
+    /// Appends a report `banmesh report` left in spool file `name` (see
+    /// [`super::spool`]); the name is kept with the record, so the file is
+    /// known as taken even after a crash before its removal. Blocking.
+    pub fn append_spooled(&self, ban: &Ban, name: &str) -> Result<u64, OutboxError> {
+        self.append_from(ban, name.to_string())
+    }
+
+    /// Whether the reports of spool file `name` are already in the outbox.
+    pub fn has_spooled(&self, name: &str) -> bool {
+        self.inner.lock().unwrap().spooled.contains(name)
     }
 
     fn append_from(&self, ban: &Ban, spool: String) -> Result<u64, OutboxError> {
@@ -418,7 +350,10 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        record::{HEADER, MAGIC},
+        *,
+    };
 
     fn ban(ip: &str) -> Ban {
         Ban::new("sshd", "tcp", "22", ip).unwrap()
@@ -507,6 +442,37 @@ mod tests {
     }
 
     #[test]
+    fn appends_acks_and_batches_together_never_deadlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 100_000).unwrap();
+        let ob = std::sync::Arc::new(ob);
+        let (done, finished) = std::sync::mpsc::channel();
+        for t in 0..6 {
+            let (ob, done) = (ob.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let ip = format!("10.{t}.1.{i}");
+                    match t % 3 {
+                        0 => drop(ob.append(&ban(&ip)).unwrap()),
+                        1 => ob.append_batch(&[ban(&ip), ban(&ip)]).unwrap(),
+                        _ => {
+                            let seq = ob.append_spooled(&ban(&ip), &format!("{t}-{i}.ban"));
+                            ob.ack(seq.unwrap().saturating_sub(5)).unwrap();
+                            ob.flush_acked().unwrap();
+                        }
+                    }
+                }
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..6 {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("an outbox call deadlocked");
+        }
+    }
+
+    #[test]
     fn refuses_when_full() {
         let dir = tempfile::tempdir().unwrap();
         let (ob, _) = Outbox::open(dir.path(), 1).unwrap();
@@ -515,26 +481,5 @@ mod tests {
             ob.append(&ban("192.0.2.2")),
             Err(OutboxError::Full { .. })
         ));
-    }
-
-    #[test]
-    fn random_bytes_never_panic() {
-        let mut seed = 0x2545F4914F6CDD1Du64;
-        for _ in 0..2000 {
-            let len = (seed % 300) as usize;
-            let mut bytes = Vec::with_capacity(len);
-            for _ in 0..len {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                bytes.push(if seed.is_multiple_of(7) {
-                    MAGIC[(seed % 4) as usize]
-                } else {
-                    seed as u8
-                });
-            }
-            let (records, skipped) = decode_records(&bytes);
-            assert!(records.is_empty() || skipped < bytes.len());
-        }
     }
 }

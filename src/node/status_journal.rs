@@ -6,6 +6,7 @@
 //! re-sends from that offset (the hub's upsert makes that harmless), so a
 //! status is never lost to a crash. A later line for the same event wins
 //! (a failed write is journaled as 3 after the 1 journaled before it).
+//! [`super::status_reporter`] sends it to the hub.
 use std::{
     fs::{File, OpenOptions},
     io::{Read, Seek, SeekFrom, Write},

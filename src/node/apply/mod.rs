@@ -1,0 +1,327 @@
+//! Applying the hub's events on this host: what `readdb.py` did, with its
+//! rules, through fail2ban's control socket instead of subprocesses.
+//!
+//! Contract:
+//! - One task owns the [`Applier`] ([`run`]) and applies batches in id
+//!   order; the position moves only after a batch is applied, and a
+//!   status is journaled before the line it describes is written.
+//! - For each ban, [`decide`] says what the seed's rules want (status 2,
+//!   deferred, expired, or added through the log and perhaps the fast
+//!   path); the applier carries it out. An added ban is status 1 once its
+//!   line is in `shared.log` ([`super::shared_log`]); a failed write is 3,
+//!   unless the fast path banned the IP all the same.
+//! - For an unban, the IP is lifted in every jail through the socket:
+//!   status 1 if a ban was lifted, 2 if none was held here, 3 on failure.
+//! - Without a reachable control socket the node still writes lines (the
+//!   log path alone works) and says so in its log; unbans then fail with 3.
+//!
+//! # Layout
+//! - [`decide`]: the seed's rules as a pure function.
+//! - `socket`: what the applier asks and tells fail2ban (bans held, the
+//!   shared jail's bantime, the fast path, unbans).
+pub mod decide;
+mod socket;
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+pub use self::decide::{DEFAULT_RECENT_RATIO, Decision, Facts, decide};
+use super::{
+    deferred::Deferred, position::Position, shared_log::SharedLog, status_journal::StatusJournal,
+};
+use crate::{
+    ban::{Event, EventKind, Status},
+    fail2ban::Fail2ban,
+    shutdown::Shutdown,
+};
+
+/// How long an IP we wrote counts as "just added" for a repeat.
+const RECENT: Duration = Duration::from_secs(120);
+/// How often deferred bans are checked.
+const DEFERRED_TICK: Duration = Duration::from_secs(1);
+/// How often the position is saved while no events come.
+const POSITION_TICK: Duration = Duration::from_secs(1);
+
+/// How this host applies events.
+#[derive(Debug, Clone)]
+pub struct ApplyConfig {
+    pub shared_log: PathBuf,
+    /// fail2ban's control socket; `None` for the log path only.
+    pub fail2ban_socket: Option<PathBuf>,
+    pub recent_ratio: f64,
+    pub data_dir: PathBuf,
+    /// Also ban fresh bans at once through the socket (the fast path).
+    pub fast_path: bool,
+}
+
+/// The jail banmesh bans into.
+pub const SHARED_JAIL: &str = "shared";
+
+/// Owns everything about applying: the log, the fail2ban connection, the
+/// deferred bans. One task owns it ([`run`]).
+pub struct Applier {
+    config: ApplyConfig,
+    log: SharedLog,
+    /// Whether the last ban through the socket worked (the node's status).
+    pub fast_path_up: Arc<std::sync::atomic::AtomicBool>,
+    bantime: Option<(i64, Instant)>,
+    journal: Arc<StatusJournal>,
+    fail2ban: Option<Fail2ban>,
+    fail2ban_up: Option<bool>,
+    recent: HashMap<String, Instant>,
+    deferred: Deferred,
+}
+
+impl Applier {
+    pub fn new(config: ApplyConfig, journal: Arc<StatusJournal>) -> Self {
+        Applier {
+            log: SharedLog::new(config.shared_log.clone()),
+            fast_path_up: Arc::default(),
+            bantime: None,
+            journal,
+            fail2ban: config.fail2ban_socket.as_deref().map(Fail2ban::new),
+            fail2ban_up: None,
+            recent: HashMap::new(),
+            deferred: Deferred::load(config.data_dir.join("deferred")),
+            config,
+        }
+    }
+
+    /// Applies events in order; returns the statuses to report.
+    pub async fn apply(&mut self, events: &[Event]) -> Vec<(u64, Status)> {
+        let mut out = Vec::with_capacity(events.len());
+        let mut i = 0;
+        while i < events.len() {
+            if events[i].kind == EventKind::Unban {
+                out.push(self.unban(&events[i]).await);
+                i += 1;
+                continue;
+            }
+            let run = events[i..]
+                .iter()
+                .take_while(|e| e.kind == EventKind::Ban)
+                .count();
+            out.extend(self.bans(&events[i..i + run]).await);
+            i += run;
+        }
+        out
+    }
+
+    /// Deferred bans whose older ban has ended, applied now.
+    pub async fn apply_due(&mut self) -> Vec<(u64, Status)> {
+        let now = SystemTime::now();
+        let due = self.deferred.due(now);
+        if due.is_empty() {
+            return vec![];
+        }
+        info!(count = due.len(), "applying deferred bans");
+        let statuses = self.bans(&due).await;
+        // Off the file only now that they are journaled and written (or
+        // deferred again with a later time, which `done` keeps).
+        self.deferred.done(&due, now);
+        statuses
+    }
+
+    /// Applies a run of bans: decides each ([`decide`]), then bans the
+    /// fresh ones through the socket, journals, and writes the lines.
+    async fn bans(&mut self, events: &[Event]) -> Vec<(u64, Status)> {
+        let now = Instant::now();
+        self.recent.retain(|_, t| now.duration_since(*t) < RECENT);
+        let held = self.held(events).await;
+        let bantime = self.shared_bantime().await;
+        let wall = SystemTime::now();
+        let mut statuses = Vec::with_capacity(events.len());
+        let mut write: Vec<&Event> = Vec::new();
+        let mut fresh: Vec<&str> = Vec::new();
+        let mut written_now = HashSet::new();
+        for e in events {
+            let ip = e.ban.ip.as_str();
+            let facts = Facts {
+                held: held.get(ip).map_or(&[], Vec::as_slice),
+                just_added: self.recent.contains_key(ip) || written_now.contains(ip),
+                bantime,
+            };
+            match decide(e, &facts, wall, self.config.recent_ratio) {
+                Decision::AlreadyBanned => statuses.push((e.id, Status::AlreadyBanned)),
+                Decision::Defer { at } => {
+                    info!(
+                        id = e.id,
+                        ip, "ban held with little time left; applying it when that ban ends"
+                    );
+                    self.deferred.push(e.clone(), at);
+                }
+                Decision::Expired => {
+                    // A later ban of this IP in the same batch then counts
+                    // as just added (status 2), as it always has; deciding
+                    // it on its own would apply a live ban that follows an
+                    // expired one.
+                    written_now.insert(ip);
+                    info!(
+                        id = e.id,
+                        ip, "ban already over by its own bantime; not applied"
+                    );
+                }
+                Decision::Add { fast_path } => {
+                    written_now.insert(ip);
+                    if fast_path {
+                        fresh.push(ip);
+                    }
+                    write.push(e);
+                }
+            }
+        }
+        if !write.is_empty() {
+            let confirmed = self.ban_now(&fresh).await;
+            // Journaled before the write: a crash between the two re-applies
+            // the events (the position has not moved) and journals again.
+            let added: Vec<(u64, Status)> = write.iter().map(|e| (e.id, Status::Added)).collect();
+            self.journal(&statuses);
+            self.journal(&added);
+            match self.log.append(&write) {
+                Ok(()) => {
+                    for e in &write {
+                        self.recent.insert(e.ban.ip.clone(), now);
+                    }
+                    statuses.extend(added);
+                }
+                Err(err) => {
+                    tracing::error!(path = %self.log.path().display(), error = %err, "cannot write shared.log");
+                    // Banned through the socket, the IP is banned all the same.
+                    let st = |e: &&Event| {
+                        if confirmed.contains(e.ban.ip.as_str()) {
+                            Status::Added
+                        } else {
+                            Status::Error
+                        }
+                    };
+                    let after: Vec<(u64, Status)> = write.iter().map(|e| (e.id, st(e))).collect();
+                    self.journal(&after);
+                    statuses.extend(after);
+                }
+            }
+        } else {
+            self.journal(&statuses);
+        }
+        statuses.sort_by_key(|(id, _)| *id);
+        statuses
+    }
+
+    fn journal(&self, statuses: &[(u64, Status)]) {
+        if let Err(e) = self.journal.append(statuses) {
+            tracing::error!(error = %e, "cannot journal statuses; the hub will show them as 0");
+        }
+    }
+}
+
+/// Told the IPs of every batch of bans applied, and when: how the demo
+/// and the benchmark see a ban arrive without polling files.
+pub type Observer = mpsc::UnboundedSender<(Vec<String>, Instant)>;
+
+/// The apply task: takes batches from the subscriber, applies them in
+/// order (journaling their statuses) and moves the position.
+pub async fn run(
+    mut applier: Applier,
+    mut batches: mpsc::Receiver<Vec<Event>>,
+    position: Arc<Position>,
+    observer: Option<Observer>,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(DEFERRED_TICK);
+    let mut save = tokio::time::interval(POSITION_TICK);
+    loop {
+        tokio::select! {
+            batch = batches.recv() => {
+                let Some(batch) = batch else { break };
+                let batch: Vec<Event> = batch.into_iter().filter(|e| e.id > position.get()).collect();
+                let Some(last) = batch.last().map(|e| e.id) else { continue };
+                applier.apply(&batch).await;
+                if let Err(e) = position.set(last) {
+                    warn!(error = %e, "cannot save the applied position");
+                }
+                if let Some(o) = &observer {
+                    let ips = batch.iter().filter(|e| e.kind == EventKind::Ban).map(|e| e.ban.ip.clone()).collect();
+                    let _ = o.send((ips, Instant::now()));
+                }
+            }
+            _ = tick.tick(), if !applier.deferred.is_empty() => {
+                applier.apply_due().await;
+            }
+            // A quiet spell must not leave the position file behind.
+            _ = save.tick() => {
+                if let Err(e) = position.flush() {
+                    warn!(error = %e, "cannot save the applied position");
+                }
+            }
+            _ = shutdown.recv() => break,
+        }
+    }
+    if let Err(e) = position.flush() {
+        warn!(error = %e, "cannot save the applied position");
+    }
+    if let Some(f2b) = applier.fail2ban.as_mut() {
+        f2b.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ban::Ban, node::shared_log::last_logged_id};
+
+    #[tokio::test]
+    async fn lines_carry_ids_and_resume_finds_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("shared.log");
+        assert_eq!(last_logged_id(&log).unwrap(), 0);
+        let journal = Arc::new(StatusJournal::open(dir.path()).unwrap());
+        let mut a = Applier::new(
+            ApplyConfig {
+                shared_log: log.clone(),
+                fail2ban_socket: None,
+                recent_ratio: DEFAULT_RECENT_RATIO,
+                data_dir: dir.path().to_path_buf(),
+                fast_path: true,
+            },
+            journal.clone(),
+        );
+        let ev = |id, ip: &str| Event {
+            id,
+            kind: EventKind::Ban,
+            ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
+            added_by: "web-1".into(),
+            created_ms: crate::clock::now_ms(),
+            lifts: 0,
+        };
+        let st = a
+            .apply(&[
+                ev(7, "192.0.2.9"),
+                ev(12, "192.0.2.10"),
+                ev(13, "192.0.2.9"),
+            ])
+            .await;
+        assert_eq!(
+            st,
+            vec![
+                (7, Status::Added),
+                (12, Status::Added),
+                (13, Status::AlreadyBanned)
+            ]
+        );
+        assert_eq!(
+            journal.unsent().unwrap().0.len(),
+            3,
+            "every status journaled"
+        );
+        assert_eq!(last_logged_id(&log).unwrap(), 12);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("banmesh[7]: 192.0.2.9: reported by web-1 (jail sshd, tcp/22)\n"));
+        assert_eq!(text.lines().count(), 2);
+    }
+}

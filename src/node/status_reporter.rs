@@ -1,0 +1,80 @@
+//! This host's statuses -> hub: sends what the status journal holds in
+//! batches, and acknowledges each batch in the journal once the hub has
+//! stored it.
+//!
+//! Contract: a status reaches the hub at least once (the journal keeps it
+//! across crashes until acknowledged, and the hub's upsert makes a re-send
+//! harmless); bursts gather for [`STATUS_LINGER`] into one call; a failed
+//! call is retried with backoff, the statuses waiting in the journal.
+use std::{sync::Arc, time::Duration};
+
+use tracing::warn;
+
+use super::{link::Backoff, link::Link, status_journal::StatusJournal};
+use crate::{
+    proto::{self, hub_client::HubClient},
+    shutdown::Shutdown,
+};
+
+/// How long statuses gather before one `ReportStatus` call.
+const STATUS_LINGER: Duration = Duration::from_millis(25);
+/// How long the reporter sleeps with nothing to send before looking again.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// Sends journaled statuses to the hub in batches, acknowledging each
+/// batch in the journal once the hub has stored it.
+pub async fn run(link: Link, journal: Arc<StatusJournal>, mut shutdown: Shutdown) {
+    let mut backoff = Backoff::default();
+    loop {
+        let appended = journal.appended.notified();
+        tokio::pin!(appended);
+        appended.as_mut().enable();
+        let (batch, end) = match journal.unsent() {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot read the status journal");
+                (vec![], 0)
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = &mut appended => {
+                    // Let a burst of statuses gather into one call; they
+                    // are durable in the journal meanwhile.
+                    tokio::time::sleep(STATUS_LINGER).await;
+                    continue;
+                }
+                _ = tokio::time::sleep(IDLE_CHECK) => continue,
+                _ = shutdown.recv() => return,
+            }
+        }
+        let updates = batch
+            .iter()
+            .map(|(id, s)| proto::StatusUpdate {
+                event_id: *id,
+                status: *s as i32,
+            })
+            .collect();
+        let mut client = HubClient::new(link.current());
+        let sent = tokio::select! {
+            r = client.report_status(proto::StatusBatch { updates }) => r,
+            _ = shutdown.recv() => return,
+        };
+        match sent {
+            Ok(_) => {
+                if let Err(e) = journal.ack(end) {
+                    warn!(error = %e, "cannot save the status journal's mark");
+                }
+                backoff.reset();
+            }
+            Err(e) => {
+                let delay = backoff.next_delay().max(Duration::from_millis(200));
+                warn!(error = %e, waiting_bytes = journal.backlog(), "cannot report statuses; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.recv() => return,
+                }
+            }
+        }
+    }
+}
