@@ -342,3 +342,44 @@ impl Backend for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn tokens(store: &SqliteStore) -> i64 {
+        let mut ex = store.session().await.unwrap();
+        let rows = ex
+            .query("SELECT COUNT(*) FROM enrol_tokens", vec![])
+            .await
+            .unwrap();
+        rows[0].i64(0).unwrap()
+    }
+
+    /// An early return (or a cancelled future) inside a transaction leaves
+    /// nothing behind, and a statement of a dropped session cannot run.
+    #[tokio::test]
+    async fn a_dropped_session_rolls_back_and_its_statements_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        let insert = "INSERT INTO enrol_tokens (hash, name, created_ms, expires_ms, used_ms, \
+                      cert_ttl_s) VALUES ('h', NULL, 0, 0, NULL, 0)";
+        let mut ex = store.session().await.unwrap();
+        ex.begin().await.unwrap();
+        ex.exec(insert, vec![]).await.unwrap();
+        drop(ex);
+        assert_eq!(tokens(&store).await, 0, "rolled back");
+
+        let stale = {
+            let _ex = store.session().await.unwrap();
+            store.shared.lock().unwrap().session
+        };
+        let late = run(&store.shared, Some(stale), move |c| {
+            c.execute(insert, []).map_err(q)
+        })
+        .await;
+        assert!(late.is_err(), "a dropped session's statement ran");
+        assert_eq!(tokens(&store).await, 0);
+    }
+}
