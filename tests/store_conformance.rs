@@ -590,6 +590,28 @@ async fn a_newer_schema_is_refused_and_the_same_one_reopens(b: Backend) {
     }
 }
 
+/// The seed's shape stops at `MAX_VIEW_HOSTS` columns (the first hosts by
+/// id); later hosts are stored and listed, just not given a column.
+async fn the_view_stops_at_its_host_limit(b: Backend) {
+    let s = b.open().await;
+    let n = store::MAX_VIEW_HOSTS as u64 + 1;
+    let hosts: Vec<store::RawHost> = (1..=n)
+        .map(|id| store::RawHost {
+            id,
+            name: format!("h{id}"),
+            first_seen_ms: 1,
+            last_seen_ms: 1,
+        })
+        .collect();
+    s.load(&hosts, &[], &[]).await.unwrap();
+    s.touch_host("late", None).await.unwrap();
+    let (cols, _) = b.ip_table().await;
+    assert_eq!(cols.len(), 7 + store::MAX_VIEW_HOSTS);
+    assert_eq!(cols[7], "host_h1");
+    assert_eq!(cols.last().unwrap(), &format!("host_h{}", n - 1));
+    assert_eq!(s.hosts().await.unwrap().len() as u64, n + 1);
+}
+
 /// Every row moves between backends as it is, ids and statuses included,
 /// and a second load changes nothing.
 async fn dump_and_load_round_trip(from: Backend, to: Backend) {
@@ -686,4 +708,5 @@ conformance!(
     enrolment_refuses_what_it_must_and_revocation_sticks,
     list_bans_filters_and_the_ip_table_view,
     a_newer_schema_is_refused_and_the_same_one_reopens,
+    the_view_stops_at_its_host_limit,
 );
