@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use banmesh::{
     ban::{Ban, EventKind, Status},
-    hub::store::{self, BanFilter, Committed, NewReport, Store},
+    hub::store::{self, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken, Store},
 };
 
 /// A store plus whatever keeps it alive (temp dir or test database).
@@ -34,6 +34,77 @@ impl Backend {
 
     async fn open(&self) -> Arc<dyn Store> {
         store::open(&self.url).await.expect("open store")
+    }
+
+    /// Runs one statement with the backend's own driver.
+    async fn sql(&self, stmt: &str) {
+        if let Some(path) = self.url.strip_prefix("sqlite:") {
+            rusqlite::Connection::open(path)
+                .unwrap()
+                .execute_batch(stmt)
+                .unwrap();
+        } else {
+            use mysql_async::prelude::*;
+            let mut c = mysql_async::Conn::from_url(&self.url).await.unwrap();
+            c.query_drop(stmt).await.unwrap();
+            c.disconnect().await.unwrap();
+        }
+    }
+
+    /// The `ip_table` view's column names and its rows (as text), read
+    /// with the backend's own driver, as an operator's SQL client would.
+    async fn ip_table(&self) -> (Vec<String>, Vec<Vec<String>>) {
+        let sql = "SELECT * FROM ip_table ORDER BY id";
+        if let Some(path) = self.url.strip_prefix("sqlite:") {
+            let c = rusqlite::Connection::open(path).unwrap();
+            let mut st = c.prepare(sql).unwrap();
+            let cols: Vec<String> = st.column_names().map(|c| c.to_string()).collect();
+            let n = cols.len();
+            let rows = st
+                .query_map([], |r| {
+                    (0..n)
+                        .map(|i| {
+                            Ok(match r.get_ref(i)? {
+                                rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                                rusqlite::types::ValueRef::Text(t) => {
+                                    String::from_utf8_lossy(t).into_owned()
+                                }
+                                other => format!("{other:?}"),
+                            })
+                        })
+                        .collect::<rusqlite::Result<Vec<String>>>()
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            (cols, rows)
+        } else {
+            use mysql_async::prelude::*;
+            let mut c = mysql_async::Conn::from_url(&self.url).await.unwrap();
+            let rows: Vec<mysql_async::Row> = c.query(sql).await.unwrap();
+            let cols: Vec<String> = c
+                .query::<String, _>(
+                    "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ip_table' \
+                     ORDER BY ORDINAL_POSITION",
+                )
+                .await
+                .unwrap();
+            let rows = rows
+                .into_iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| match r.as_ref(i).unwrap() {
+                            mysql_async::Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+                            mysql_async::Value::Int(v) => v.to_string(),
+                            mysql_async::Value::UInt(v) => v.to_string(),
+                            other => format!("{other:?}"),
+                        })
+                        .collect()
+                })
+                .collect();
+            (cols, rows)
+        }
     }
 }
 
@@ -233,6 +304,389 @@ async fn a_reused_sequence_for_another_ban_is_stored_not_dropped(b: Backend) {
     assert_eq!(s.last_seq("nobody").await.unwrap(), 0);
 }
 
+fn token(hash: &str, name: Option<&str>, expires_ms: i64, cert_ttl_s: i64) -> NewToken {
+    NewToken {
+        hash: format!("{hash:0>64}"),
+        name: name.map(Into::into),
+        expires_ms,
+        cert_ttl_s,
+    }
+}
+
+async fn enrolment_refuses_what_it_must_and_revocation_sticks(b: Backend) {
+    let s = b.open().await;
+    let now = store::now_ms();
+    let later = now + 3_600_000;
+    for t in [
+        token("1", None, later, 86_400),
+        token("2", Some("web-1"), later, 3_600),
+        token("3", None, now - 1, 60),
+        token("4", None, later, 60),
+        token("5", None, later, 60),
+    ] {
+        s.create_token(&t).await.unwrap();
+    }
+    let hash = |h: &str| format!("{h:0>64}");
+    // A duplicate token hash is an error, not a silent overwrite.
+    assert!(
+        s.create_token(&token("1", None, later, 1)).await.is_err(),
+        "a token hash is stored once"
+    );
+    assert_eq!(
+        s.enroll(&hash("9"), "mail").await.unwrap(),
+        Err(EnrollRefused::UnknownToken)
+    );
+    assert_eq!(
+        s.enroll(&hash("3"), "mail").await.unwrap(),
+        Err(EnrollRefused::ExpiredToken)
+    );
+    assert_eq!(
+        s.enroll(&hash("2"), "mail").await.unwrap(),
+        Err(EnrollRefused::OtherName("web-1".into()))
+    );
+    // A refusal spends nothing: the bound token still enrols its host.
+    assert_eq!(
+        s.enroll(&hash("2"), "web-1").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 3_600 })
+    );
+    assert_eq!(
+        s.enroll(&hash("1"), "mail").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 86_400 })
+    );
+    assert_eq!(
+        s.enroll(&hash("1"), "db").await.unwrap(),
+        Err(EnrollRefused::UsedToken)
+    );
+    assert_eq!(
+        s.enroll(&hash("4"), "mail").await.unwrap(),
+        Err(EnrollRefused::NameTaken("mail".into()))
+    );
+    // A host that only connected (no enrolment) also holds its name.
+    s.touch_host("db", Some(later)).await.unwrap();
+    assert_eq!(
+        s.enroll(&hash("4"), "db").await.unwrap(),
+        Err(EnrollRefused::NameTaken("db".into()))
+    );
+
+    assert!(s.revoked().await.unwrap().is_empty());
+    assert!(s.revoke("mail").await.unwrap());
+    assert!(
+        s.revoke("mail").await.unwrap(),
+        "revoking twice still finds it"
+    );
+    assert!(!s.revoke("nobody").await.unwrap());
+    assert_eq!(s.revoked().await.unwrap(), ["mail"]);
+    assert_eq!(
+        s.enroll(&hash("5"), "mail").await.unwrap(),
+        Err(EnrollRefused::NameRevoked("mail".into()))
+    );
+    // Token 5 was not spent by that refusal.
+    assert_eq!(
+        s.enroll(&hash("5"), "cache").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 60 })
+    );
+
+    // Revocation and enrolment survive a reopen.
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(s.revoked().await.unwrap(), ["mail"]);
+    let hosts = s.hosts().await.unwrap();
+    let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["cache", "db", "mail", "web-1"], "sorted by name");
+    let host = |n: &str| hosts.iter().find(|h| h.name == n).unwrap();
+    assert!(host("mail").revoked && !host("web-1").revoked);
+    assert!(host("mail").enrolled_ms.is_some_and(|t| t >= now));
+    assert_eq!(host("db").enrolled_ms, None, "touched, never enrolled");
+    assert_eq!(host("db").cert_expires_ms, Some(later));
+    assert_eq!(host("mail").cert_expires_ms, None);
+    assert!(host("db").first_seen_ms >= now && host("db").last_seen_ms >= host("db").first_seen_ms);
+
+    // touch_host keeps a known expiry when told none, and moves last_seen.
+    let before = host("db").last_seen_ms;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    s.touch_host("db", None).await.unwrap();
+    let db = s
+        .hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.name == "db")
+        .unwrap();
+    assert_eq!(db.cert_expires_ms, Some(later));
+    assert!(db.last_seen_ms > before);
+    s.touch_host("db", Some(later + 1)).await.unwrap();
+    let db = s
+        .hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.name == "db")
+        .unwrap();
+    assert_eq!(db.cert_expires_ms, Some(later + 1));
+    assert_eq!(s.counts().await.unwrap().0, 4);
+}
+
+async fn list_bans_filters_and_the_ip_table_view(b: Backend) {
+    let s = b.open().await;
+    assert_eq!(s.last_event_id().await.unwrap(), 0, "empty store");
+    assert_eq!(s.counts().await.unwrap(), (0, 0, 0));
+    for h in ["web-1", "mail.example", "db"] {
+        s.touch_host(h, None).await.unwrap();
+    }
+    let t0 = store::now_ms();
+    let mut postfix = report("mail.example", 1, "198.51.100.7");
+    postfix.ban = Ban::new("postfix", "tcp", "25", "198.51.100.7").unwrap();
+    let c = s
+        .commit(&[
+            report("web-1", 1, "192.0.2.1"),
+            postfix,
+            report("web-1", 2, "192.0.2.2"),
+        ])
+        .await
+        .unwrap();
+    let ids = ids(&c);
+    s.set_statuses(&[("db".into(), ids[0], Status::Error)])
+        .await
+        .unwrap();
+    let all = |f: BanFilter| {
+        let s = s.clone();
+        async move {
+            s.list_bans(&BanFilter { limit: 100, ..f })
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.event.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(all(BanFilter::default()).await, ids);
+    assert_eq!(
+        all(BanFilter {
+            added_by: Some("web-1".into()),
+            ..Default::default()
+        })
+        .await,
+        [ids[0], ids[2]]
+    );
+    assert_eq!(
+        all(BanFilter {
+            jail: Some("postfix".into()),
+            ..Default::default()
+        })
+        .await,
+        [ids[1]]
+    );
+    assert_eq!(
+        all(BanFilter {
+            since_ms: Some(t0),
+            after_id: ids[0],
+            ..Default::default()
+        })
+        .await,
+        [ids[1], ids[2]]
+    );
+    assert!(
+        all(BanFilter {
+            since_ms: Some(store::now_ms() + 60_000),
+            ..Default::default()
+        })
+        .await
+        .is_empty()
+    );
+    let page = s
+        .list_bans(&BanFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 2);
+    let row = &page[1];
+    assert_eq!(row.event.ban.jail, "postfix");
+    assert_eq!(row.event.ban.port, "25");
+    assert_eq!(row.event.added_by, "mail.example");
+    assert_eq!(row.event.kind, EventKind::Ban);
+    assert!(row.event.created_ms >= t0);
+    assert_eq!(
+        row.statuses,
+        [
+            ("db".to_string(), Status::NotAdded),
+            ("mail.example".to_string(), Status::Added),
+            ("web-1".to_string(), Status::NotAdded),
+        ],
+        "every host, sorted, the reporter's implied 1"
+    );
+
+    // An unban shows as lifted, is not a ban row itself, and counts.
+    let (unban, n) = s.unban("192.0.2.1", "admin").await.unwrap().unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(unban.added_by, "admin");
+    assert_eq!(unban.ban.jail, "sshd");
+    assert_eq!(s.last_event_id().await.unwrap(), unban.id);
+    let rows = s
+        .list_bans(&BanFilter {
+            ip: Some("192.0.2.1".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].lifted);
+    assert_eq!(s.counts().await.unwrap(), (3, 4, 1));
+
+    // The seed's shape: one host_<name> column per host (dots and
+    // hyphens removed), bans only, statuses with the implied defaults.
+    let (cols, rows) = b.ip_table().await;
+    assert_eq!(
+        cols,
+        [
+            "id",
+            "added_by",
+            "created",
+            "jailname",
+            "protocol",
+            "port",
+            "ip",
+            "host_web1",
+            "host_mailexample",
+            "host_db"
+        ]
+    );
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[0][0], ids[0].to_string());
+    assert_eq!(&rows[0][1..2], ["web-1"]);
+    assert_eq!(
+        &rows[0][3..],
+        ["sshd", "tcp", "22", "192.0.2.1", "1", "0", "3"]
+    );
+    assert_eq!(&rows[1][7..], ["0", "1", "0"]);
+    // A host that appears later gets its column at once.
+    s.touch_host("new-host", None).await.unwrap();
+    let (cols, _) = b.ip_table().await;
+    assert_eq!(cols.last().map(String::as_str), Some("host_newhost"));
+}
+
+async fn a_newer_schema_is_refused_and_the_same_one_reopens(b: Backend) {
+    let s = b.open().await;
+    s.commit(&[report("a", 1, "192.0.2.1")]).await.unwrap();
+    drop(s);
+    // Reopening at the same version keeps the data.
+    let s = b.open().await;
+    assert_eq!(s.counts().await.unwrap(), (1, 1, 0));
+    drop(s);
+    b.sql(&format!(
+        "UPDATE banmesh_meta SET v = {} WHERE k = 'schema_version'",
+        store::SCHEMA_VERSION + 1
+    ))
+    .await;
+    match store::open(&b.url).await {
+        Err(e @ store::StoreError::NewerSchema { found }) => {
+            assert_eq!(found, store::SCHEMA_VERSION + 1);
+            assert!(e.to_string().contains("upgrade banmesh"), "{e}");
+        }
+        Err(e) => panic!("wrong refusal: {e}"),
+        Ok(_) => panic!("a newer schema was opened"),
+    }
+}
+
+/// The seed's shape stops at `MAX_VIEW_HOSTS` columns (the first hosts by
+/// id); later hosts are stored and listed, just not given a column.
+async fn the_view_stops_at_its_host_limit(b: Backend) {
+    let s = b.open().await;
+    let n = store::MAX_VIEW_HOSTS as u64 + 1;
+    let hosts: Vec<store::RawHost> = (1..=n)
+        .map(|id| store::RawHost {
+            id,
+            name: format!("h{id}"),
+            first_seen_ms: 1,
+            last_seen_ms: 1,
+        })
+        .collect();
+    s.load(&hosts, &[], &[]).await.unwrap();
+    s.touch_host("late", None).await.unwrap();
+    let (cols, _) = b.ip_table().await;
+    assert_eq!(cols.len(), 7 + store::MAX_VIEW_HOSTS);
+    assert_eq!(cols[7], "host_h1");
+    assert_eq!(cols.last().unwrap(), &format!("host_h{}", n - 1));
+    assert_eq!(s.hosts().await.unwrap().len() as u64, n + 1);
+}
+
+/// Every row moves between backends as it is, ids and statuses included,
+/// and a second load changes nothing.
+async fn dump_and_load_round_trip(from: Backend, to: Backend) {
+    let src = from.open().await;
+    for h in ["a", "b"] {
+        src.touch_host(h, None).await.unwrap();
+    }
+    let c = src
+        .commit(&[report("a", 1, "192.0.2.1"), report("b", 7, "192.0.2.2")])
+        .await
+        .unwrap();
+    src.set_statuses(&[("b".into(), c[0].event_id(), Status::AlreadyBanned)])
+        .await
+        .unwrap();
+    src.unban("192.0.2.2", "admin").await.unwrap().unwrap();
+
+    let hosts = src.dump_hosts().await.unwrap();
+    let events = src.dump_events(0, 100).await.unwrap();
+    let statuses = src.dump_statuses(0, 100).await.unwrap();
+    assert_eq!(hosts.len(), 2);
+    assert_eq!(events.len(), 3);
+    assert_eq!(statuses.len(), 1);
+    assert_eq!(events[1].node_seq, Some(7));
+    assert_eq!(events[2].kind, 2);
+    assert_eq!(events[2].lifts, Some(events[1].id));
+    assert_eq!(events[1].lifted_by, Some(events[2].id));
+    assert_eq!(events[2].node_seq, None);
+    // Paging.
+    assert_eq!(
+        src.dump_events(events[0].id, 1).await.unwrap(),
+        events[1..2]
+    );
+    assert!(
+        src.dump_statuses(statuses[0].event_id, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let dst = to.open().await;
+    dst.load(&hosts, &events, &statuses).await.unwrap();
+    dst.load(&hosts, &events, &statuses).await.unwrap();
+    assert_eq!(dst.dump_hosts().await.unwrap(), hosts);
+    assert_eq!(dst.dump_events(0, 100).await.unwrap(), events);
+    assert_eq!(dst.dump_statuses(0, 100).await.unwrap(), statuses);
+    assert_eq!(dst.counts().await.unwrap(), (2, 3, 1));
+    assert_eq!(dst.last_event_id().await.unwrap(), events[2].id);
+    assert_eq!(dst.last_seq("b").await.unwrap(), 7);
+    assert_eq!(
+        dst.events_after(0, "b", 10).await.unwrap(),
+        src.events_after(0, "b", 10).await.unwrap()
+    );
+    // The loaded hosts are known: a re-send is recognised, and new ids
+    // continue after the loaded ones.
+    let again = dst
+        .commit(&[report("a", 1, "192.0.2.1"), report("a", 2, "192.0.2.3")])
+        .await
+        .unwrap();
+    assert_eq!(again[0], Committed::Duplicate(events[0].id));
+    assert!(again[1].event_id() > events[2].id);
+    let (cols, rows) = to.ip_table().await;
+    assert_eq!(&cols[7..], ["host_a", "host_b"]);
+    assert_eq!(&rows[0][7..], ["1", "2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dump_and_load_sqlite_to_mariadb() {
+    dump_and_load_round_trip(Backend::sqlite().await, Backend::mysql().await).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dump_and_load_mariadb_to_sqlite() {
+    dump_and_load_round_trip(Backend::mysql().await, Backend::sqlite().await).await
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -251,4 +705,8 @@ conformance!(
     replay_skips_own_and_lifted_bans,
     statuses_are_rows_with_zero_by_default,
     a_reused_sequence_for_another_ban_is_stored_not_dropped,
+    enrolment_refuses_what_it_must_and_revocation_sticks,
+    list_bans_filters_and_the_ip_table_view,
+    a_newer_schema_is_refused_and_the_same_one_reopens,
+    the_view_stops_at_its_host_limit,
 );

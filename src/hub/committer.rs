@@ -47,7 +47,7 @@ pub struct Committer {
 
 /// The committer is gone: the hub is shutting down.
 fn stopped() -> Arc<StoreError> {
-    Arc::new(StoreError::Query("the hub is shutting down".into()))
+    Arc::new(StoreError::Stopped)
 }
 
 impl Committer {

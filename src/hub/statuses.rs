@@ -37,7 +37,7 @@ impl StatusWriter {
         updates: Vec<(String, u64, Status)>,
     ) -> Result<usize, Arc<StoreError>> {
         let (reply, rx) = oneshot::channel();
-        let stopped = || Arc::new(StoreError::Query("the hub is shutting down".into()));
+        let stopped = || Arc::new(StoreError::Stopped);
         self.tx
             .send((updates, reply))
             .await

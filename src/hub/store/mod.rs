@@ -15,35 +15,86 @@
 //!   already lifted.
 //! - The view `ip_table` shows bans in the seed's shape, one `host_<name>`
 //!   column per known host, rebuilt when a host first appears.
+//!
+//! # Layout
+//!
+//! The two backends share everything but their drivers and two tuned write
+//! paths, so that a behaviour (and the conformance suite's proof of it)
+//! cannot drift between them:
+//! - `mod.rs`: the [`Store`] trait, its row types, [`StoreError`], [`open`].
+//! - `schema.rs`: every table written once as data, and the `Dialect` that
+//!   renders it and names each SQL difference between MySQL and SQLite (the
+//!   table in its doc is the whole list). A new table or column is one edit.
+//! - `executor.rs`: the interface the shared SQL runs on (`exec`, `query`,
+//!   `begin`, `commit`) and the values and rows that cross it.
+//! - `sql/`: every `Store` method, once, for any backend.
+//! - `mysql/`, `sqlite.rs`: driver glue, and each backend's own `commit`
+//!   (group commit) and `set_statuses` (grouped status writes), tuned for
+//!   its engine: MySQL takes one multi-row `INSERT IGNORE` per batch, SQLite
+//!   runs prepared statements row by row inside one transaction.
 use async_trait::async_trait;
 use thiserror::Error;
 
-use crate::ban::{Ban, Event, EventKind, Status};
+use crate::ban::{Ban, Event, Status};
 
+mod executor;
 pub mod mysql;
+mod schema;
+mod sql;
 pub mod sqlite;
 
 /// Schema version this build writes; a store with a newer one is refused.
 pub const SCHEMA_VERSION: i64 = 1;
 
+/// A driver's error, kept whole so that `source()` reaches its cause.
+pub type Source = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a store call failed. The driver's error is kept as the `source`;
+/// it is also part of the message, because the hub hands these messages to
+/// clients and logs them with `%e`, where a bare "database error" would say
+/// nothing an operator could act on.
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("cannot reach the database at {url}: {reason}")]
-    Unreachable { url: String, reason: String },
+    /// The database could not be opened or connected to. `at` is
+    /// `host:port` for MySQL (never the URL: it may hold a password) or the
+    /// SQLite file's path.
+    #[error("cannot reach the database at {at}: {source}")]
+    Unreachable {
+        at: String,
+        #[source]
+        source: Source,
+    },
+    /// A statement failed, or a row did not hold what the schema says.
     #[error("database error: {0}")]
-    Query(String),
+    Query(#[source] Source),
+    /// The hub is shutting down: the request was not (or may not have
+    /// been) carried out, and the client should retry elsewhere or later.
+    #[error("the hub is shutting down")]
+    Stopped,
+    /// The store was written by a newer banmesh (see [`SCHEMA_VERSION`]).
     #[error(
         "the database holds banmesh schema version {found}, newer than this build's {SCHEMA_VERSION}: upgrade banmesh before starting the hub"
     )]
     NewerSchema { found: i64 },
+    /// `--db` names no backend, or a MySQL URL that cannot be used (shown
+    /// with its password replaced).
     #[error("unsupported --db {0:?}: use mysql://user:pass@host:port/db or sqlite:PATH")]
     BadUrl(String),
+}
+
+impl StoreError {
+    /// A `Query` error from a message of banmesh's own.
+    pub(crate) fn query(msg: impl Into<String>) -> Self {
+        StoreError::Query(msg.into().into())
+    }
 }
 
 /// A report ready to commit: who sent it (from its certificate) and what.
 #[derive(Debug, Clone)]
 pub struct NewReport {
+    /// The reporting host's name, from its certificate.
     pub host: String,
+    /// The node's sequence number for this report (its re-send key).
     pub seq: u64,
     pub ban: Ban,
 }
@@ -58,6 +109,7 @@ pub enum Committed {
 }
 
 impl Committed {
+    /// The event's id, new or first stored.
     pub fn event_id(&self) -> u64 {
         match self {
             Committed::New(e) => e.id,
@@ -73,7 +125,9 @@ pub struct BanFilter {
     pub added_by: Option<String>,
     pub jail: Option<String>,
     pub since_ms: Option<i64>,
+    /// Only bans with ids above this (paging).
     pub after_id: u64,
+    /// At most this many bans.
     pub limit: usize,
 }
 
@@ -81,7 +135,9 @@ pub struct BanFilter {
 #[derive(Debug, Clone)]
 pub struct BanRow {
     pub event: Event,
+    /// An unban lifted it.
     pub lifted: bool,
+    /// `(host, status)` for every known host, sorted by host.
     pub statuses: Vec<(String, Status)>,
 }
 
@@ -166,6 +222,7 @@ pub(crate) fn check_enrolment(
     }
 }
 
+/// The hub's store; see the module doc for the contract.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Records that a host connected (and its certificate's expiry); adds
@@ -199,7 +256,10 @@ pub trait Store: Send + Sync + 'static {
     /// Stores hosts' statuses for events they applied, many hosts in one
     /// statement: `(host, event id, status)`.
     async fn set_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError>;
+    /// Bans (not unbans) matching `filter`, in id order, with every known
+    /// host's status.
     async fn list_bans(&self, filter: &BanFilter) -> Result<Vec<BanRow>, StoreError>;
+    /// Every host row, sorted by name.
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
     /// Highest event id stored (0 when empty).
     async fn last_event_id(&self) -> Result<u64, StoreError>;
@@ -241,7 +301,9 @@ pub struct RawHost {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawEvent {
     pub id: u64,
+    /// 1 a ban, 2 an unban.
     pub kind: i64,
+    /// The reporting host's id; 0 for an admin's unban.
     pub reporter_id: u64,
     pub node_seq: Option<u64>,
     pub added_by: String,
@@ -276,78 +338,7 @@ pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
 }
 
 pub use crate::clock::now_ms;
-
-/// Builds an event from a row's columns (both backends read the same ones).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn event_from_row(
-    id: u64,
-    kind: i64,
-    added_by: String,
-    created_ms: i64,
-    jail: String,
-    protocol: String,
-    port: String,
-    ip: String,
-    lifts: Option<u64>,
-) -> Event {
-    Event {
-        id,
-        kind: if kind == 2 {
-            EventKind::Unban
-        } else {
-            EventKind::Ban
-        },
-        ban: Ban {
-            jail,
-            protocol,
-            port,
-            ip,
-        },
-        added_by,
-        created_ms,
-        lifts: lifts.unwrap_or(0),
-    }
-}
-
-/// Hosts given a column in the `ip_table` view (the first by enrolment).
-/// MySQL caps a view at 4,096 columns and every column is a subquery, so
-/// the seed's shape stops here; the `statuses` rows hold every host.
-pub const MAX_VIEW_HOSTS: usize = 1000;
-
-/// The `ip_table` view's host columns: `host_<name>` per host, made unique
-/// when two names differ only in dots and hyphens.
-pub(crate) fn view_columns(hosts: &[(u64, String)]) -> Vec<(u64, String)> {
-    let mut seen = std::collections::HashSet::new();
-    hosts
-        .iter()
-        .take(MAX_VIEW_HOSTS)
-        .map(|(id, name)| {
-            let mut col = crate::ban::seed_column(name);
-            if !seen.insert(col.clone()) {
-                col = format!("{col}_{id}");
-                seen.insert(col.clone());
-            }
-            (*id, col)
-        })
-        .collect()
-}
-
-/// The `SELECT` behind the `ip_table` view; `created` is the backend's
-/// expression turning `created_ms` into a datetime.
-pub(crate) fn view_sql(hosts: &[(u64, String)], created: &str) -> String {
-    let mut sql = format!(
-        "SELECT e.id AS id, e.added_by AS added_by, {created} AS created, e.jailname AS jailname, \
-         e.protocol AS protocol, e.port AS port, e.ip AS ip"
-    );
-    for (id, col) in view_columns(hosts) {
-        sql.push_str(&format!(
-            ", COALESCE((SELECT s.status FROM statuses s WHERE s.event_id = e.id AND s.host_id = {id}), \
-             CASE WHEN e.reporter_id = {id} THEN 1 ELSE 0 END) AS {col}"
-        ));
-    }
-    sql.push_str(" FROM events e WHERE e.kind = 1");
-    sql
-}
+pub use schema::MAX_VIEW_HOSTS;
 
 /// Joins bans with every known host's status (where a host has no row: 1
 /// for the reporter, 0 for the others).

@@ -1,0 +1,419 @@
+//! The schema, written once, and the few places the two SQL dialects differ.
+//!
+//! Tables are data ([`TABLES`]): a new table, column or index is one edit
+//! here, rendered for each backend by [`Dialect`]. Every difference between
+//! MySQL/MariaDB and SQLite that banmesh meets is a method of `Dialect`, so
+//! the list below is the whole of it:
+//!
+//! | what                | MySQL / MariaDB                   | SQLite                              |
+//! |---------------------|-----------------------------------|-------------------------------------|
+//! | auto-increment key  | `.. UNSIGNED AUTO_INCREMENT`      | `INTEGER PRIMARY KEY AUTOINCREMENT` |
+//! | column types        | `BIGINT`, `VARCHAR(n)`, ..        | `INTEGER`, `TEXT`                   |
+//! | table options       | `ENGINE=InnoDB`, utf8mb4          | `WITHOUT ROWID` for key-only tables |
+//! | secondary indexes   | inside `CREATE TABLE`             | `CREATE INDEX IF NOT EXISTS`        |
+//! | skip existing keys  | `INSERT IGNORE`                   | `INSERT OR IGNORE`                  |
+//! | upsert              | `ON DUPLICATE KEY UPDATE`         | `ON CONFLICT(..) DO UPDATE`         |
+//! | lock rows read      | `FOR UPDATE`                      | nothing (one writer connection)     |
+//! | ms to datetime      | `FROM_UNIXTIME(ms / 1000)`        | `datetime(ms / 1000, 'unixepoch')`  |
+//! | replace a view      | `CREATE OR REPLACE VIEW`          | `DROP VIEW` then `CREATE VIEW`      |
+//!
+//! Placeholders are `?` in both (SQLite numbers bare `?` in order).
+use super::{SCHEMA_VERSION, StoreError, executor::Executor};
+
+/// Which SQL a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    MySql,
+    Sqlite,
+}
+
+/// A column's type, named for what it holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Ty {
+    /// The table's auto-increment key (32 bits in MySQL).
+    Serial,
+    /// The table's auto-increment key (64 bits in MySQL).
+    BigSerial,
+    /// A reference to a `Serial` key.
+    U32,
+    /// A reference to a `BigSerial` key, or a sequence.
+    U64,
+    /// Milliseconds, seconds, versions.
+    I64,
+    /// A small code (kind, status).
+    Tiny,
+    /// Text of at most n characters.
+    Str(u16),
+    /// Text of exactly n characters (hex digests).
+    Char(u16),
+}
+
+/// One column: name, type, whether NULL is allowed.
+pub type Column = (&'static str, Ty, bool);
+
+/// A table as data; see the module doc.
+pub struct Table {
+    pub name: &'static str,
+    pub columns: &'static [Column],
+    /// Primary key columns when the key is not a `Serial`/`BigSerial` column.
+    pub primary: &'static [&'static str],
+    /// Named unique keys.
+    pub unique: &'static [(&'static str, &'static [&'static str])],
+    /// Named secondary indexes.
+    pub indexes: &'static [(&'static str, &'static [&'static str])],
+    /// SQLite: store rows in the primary key's b-tree (`WITHOUT ROWID`).
+    pub clustered: bool,
+}
+
+const NULL: bool = true;
+const NOT_NULL: bool = false;
+
+/// Every table, in creation order.
+pub const TABLES: &[Table] = &[
+    Table {
+        name: "banmesh_meta",
+        columns: &[("k", Ty::Str(64), NOT_NULL), ("v", Ty::I64, NOT_NULL)],
+        primary: &["k"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
+    Table {
+        name: "hosts",
+        columns: &[
+            ("id", Ty::Serial, NOT_NULL),
+            ("name", Ty::Str(253), NOT_NULL),
+            ("first_seen_ms", Ty::I64, NOT_NULL),
+            ("last_seen_ms", Ty::I64, NOT_NULL),
+            ("enrolled_ms", Ty::I64, NULL),
+            ("cert_expires_ms", Ty::I64, NULL),
+            ("revoked_ms", Ty::I64, NULL),
+        ],
+        primary: &[],
+        unique: &[("name", &["name"])],
+        indexes: &[],
+        clustered: false,
+    },
+    Table {
+        name: "enrol_tokens",
+        columns: &[
+            ("hash", Ty::Char(64), NOT_NULL),
+            ("name", Ty::Str(253), NULL),
+            ("created_ms", Ty::I64, NOT_NULL),
+            ("expires_ms", Ty::I64, NOT_NULL),
+            ("used_ms", Ty::I64, NULL),
+            ("cert_ttl_s", Ty::I64, NOT_NULL),
+        ],
+        primary: &["hash"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
+    Table {
+        name: "events",
+        columns: &[
+            ("id", Ty::BigSerial, NOT_NULL),
+            ("kind", Ty::Tiny, NOT_NULL),
+            ("reporter_id", Ty::U32, NOT_NULL),
+            ("node_seq", Ty::U64, NULL),
+            ("added_by", Ty::Str(253), NOT_NULL),
+            ("created_ms", Ty::I64, NOT_NULL),
+            ("jailname", Ty::Str(64), NOT_NULL),
+            ("protocol", Ty::Str(16), NOT_NULL),
+            ("port", Ty::Str(32), NOT_NULL),
+            ("ip", Ty::Str(64), NOT_NULL),
+            ("lifted_by", Ty::U64, NULL),
+            ("lifts", Ty::U64, NULL),
+        ],
+        primary: &[],
+        // A report is (reporting host, node sequence): re-sends hit this key.
+        unique: &[("report", &["reporter_id", "node_seq"])],
+        indexes: &[("ip", &["ip"]), ("added_by", &["added_by", "ip"])],
+        clustered: false,
+    },
+    Table {
+        name: "statuses",
+        columns: &[
+            ("event_id", Ty::U64, NOT_NULL),
+            ("host_id", Ty::U32, NOT_NULL),
+            ("status", Ty::Tiny, NOT_NULL),
+        ],
+        primary: &["event_id", "host_id"],
+        unique: &[],
+        indexes: &[],
+        clustered: true,
+    },
+];
+
+impl Dialect {
+    fn column_type(self, ty: Ty) -> String {
+        use Ty::*;
+        match (self, ty) {
+            (Dialect::MySql, Serial) => "INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY".into(),
+            (Dialect::MySql, BigSerial) => {
+                "BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY".into()
+            }
+            (Dialect::MySql, U32) => "INT UNSIGNED".into(),
+            (Dialect::MySql, U64) => "BIGINT UNSIGNED".into(),
+            (Dialect::MySql, I64) => "BIGINT".into(),
+            (Dialect::MySql, Tiny) => "TINYINT".into(),
+            (Dialect::MySql, Str(n)) => format!("VARCHAR({n})"),
+            (Dialect::MySql, Char(n)) => format!("CHAR({n})"),
+            (Dialect::Sqlite, Serial | BigSerial) => "INTEGER PRIMARY KEY AUTOINCREMENT".into(),
+            (Dialect::Sqlite, U32 | U64 | I64 | Tiny) => "INTEGER".into(),
+            (Dialect::Sqlite, Str(_) | Char(_)) => "TEXT".into(),
+        }
+    }
+
+    /// The statements creating `t` (and its indexes) when missing.
+    pub fn create_table(self, t: &Table) -> Vec<String> {
+        let mut parts: Vec<String> = t
+            .columns
+            .iter()
+            .map(|&(name, ty, null)| match ty {
+                Ty::Serial | Ty::BigSerial => format!("{name} {}", self.column_type(ty)),
+                _ => format!(
+                    "{name} {} {}",
+                    self.column_type(ty),
+                    if null { "NULL" } else { "NOT NULL" }
+                ),
+            })
+            .collect();
+        if !t.primary.is_empty() {
+            parts.push(format!("PRIMARY KEY ({})", t.primary.join(", ")));
+        }
+        for (name, cols) in t.unique {
+            parts.push(match self {
+                Dialect::MySql => format!("UNIQUE KEY {name} ({})", cols.join(", ")),
+                Dialect::Sqlite => format!("UNIQUE ({})", cols.join(", ")),
+            });
+        }
+        let mut out = Vec::new();
+        match self {
+            Dialect::MySql => {
+                for (name, cols) in t.indexes {
+                    parts.push(format!("KEY {name} ({})", cols.join(", ")));
+                }
+                out.push(format!(
+                    "CREATE TABLE IF NOT EXISTS {} (\n    {}\n) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+                    t.name,
+                    parts.join(",\n    ")
+                ));
+            }
+            Dialect::Sqlite => {
+                out.push(format!(
+                    "CREATE TABLE IF NOT EXISTS {} (\n    {}\n){}",
+                    t.name,
+                    parts.join(",\n    "),
+                    if t.clustered { " WITHOUT ROWID" } else { "" }
+                ));
+                for (name, cols) in t.indexes {
+                    out.push(format!(
+                        "CREATE INDEX IF NOT EXISTS {0}_{name} ON {0} ({1})",
+                        t.name,
+                        cols.join(", ")
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// `INSERT` that skips rows whose key exists.
+    pub fn insert_ignore(self) -> &'static str {
+        match self {
+            Dialect::MySql => "INSERT IGNORE",
+            Dialect::Sqlite => "INSERT OR IGNORE",
+        }
+    }
+
+    /// The clause after `VALUES (..)` that updates `set` columns from the
+    /// new row when the `key` columns collide.
+    pub fn upsert(self, key: &[&str], set: &[&str]) -> String {
+        match self {
+            Dialect::MySql => {
+                let set: Vec<String> = set.iter().map(|c| format!("{c} = VALUES({c})")).collect();
+                format!(" ON DUPLICATE KEY UPDATE {}", set.join(", "))
+            }
+            Dialect::Sqlite => {
+                let set: Vec<String> = set.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+                format!(
+                    " ON CONFLICT({}) DO UPDATE SET {}",
+                    key.join(", "),
+                    set.join(", ")
+                )
+            }
+        }
+    }
+
+    /// Suffix of a `SELECT` inside a transaction that will update what it
+    /// read. SQLite has one writer connection, so nothing can intervene.
+    pub fn for_update(self) -> &'static str {
+        match self {
+            Dialect::MySql => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        }
+    }
+
+    /// An expression turning milliseconds since the epoch into a datetime.
+    fn datetime(self, ms: &str) -> String {
+        match self {
+            Dialect::MySql => format!("FROM_UNIXTIME({ms} / 1000)"),
+            Dialect::Sqlite => format!("datetime({ms} / 1000, 'unixepoch')"),
+        }
+    }
+
+    /// Statements (re)defining view `name` as `select`.
+    fn replace_view(self, name: &str, select: &str) -> Vec<String> {
+        match self {
+            Dialect::MySql => vec![format!("CREATE OR REPLACE VIEW {name} AS {select}")],
+            Dialect::Sqlite => vec![
+                format!("DROP VIEW IF EXISTS {name}"),
+                format!("CREATE VIEW {name} AS {select}"),
+            ],
+        }
+    }
+}
+
+/// Creates missing tables and checks the schema version: a store written
+/// by a newer banmesh is refused rather than misread.
+pub async fn migrate(ex: &mut dyn Executor, d: Dialect) -> Result<(), StoreError> {
+    for t in TABLES {
+        for stmt in d.create_table(t) {
+            ex.exec(&stmt, vec![]).await?;
+        }
+    }
+    let found = ex
+        .query(
+            "SELECT v FROM banmesh_meta WHERE k = 'schema_version'",
+            vec![],
+        )
+        .await?;
+    match found.first().map(|r| r.i64(0)).transpose()? {
+        Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema { found: v }),
+        Some(_) => Ok(()),
+        None => ex
+            .exec(
+                "INSERT INTO banmesh_meta (k, v) VALUES ('schema_version', ?)",
+                vec![SCHEMA_VERSION.into()],
+            )
+            .await
+            .map(drop),
+    }
+}
+
+/// Hosts given a column in the `ip_table` view (the first by enrolment).
+/// MySQL caps a view at 4,096 columns and every column is a subquery, so
+/// the seed's shape stops here; the `statuses` rows hold every host.
+pub const MAX_VIEW_HOSTS: usize = 1000;
+
+/// The `ip_table` view's host columns: `host_<name>` per host, made unique
+/// when two names differ only in dots and hyphens.
+pub fn view_columns(hosts: &[(u64, String)]) -> Vec<(u64, String)> {
+    let mut seen = std::collections::HashSet::new();
+    hosts
+        .iter()
+        .take(MAX_VIEW_HOSTS)
+        .map(|(id, name)| {
+            let mut col = crate::ban::seed_column(name);
+            if !seen.insert(col.clone()) {
+                col = format!("{col}_{id}");
+                seen.insert(col.clone());
+            }
+            (*id, col)
+        })
+        .collect()
+}
+
+/// The `SELECT` behind the `ip_table` view: bans only, one column per host
+/// with its status, or 1 for the reporter and 0 for others when it has none.
+pub fn view_sql(hosts: &[(u64, String)], d: Dialect) -> String {
+    let created = d.datetime("e.created_ms");
+    let mut sql = format!(
+        "SELECT e.id AS id, e.added_by AS added_by, {created} AS created, e.jailname AS jailname, \
+         e.protocol AS protocol, e.port AS port, e.ip AS ip"
+    );
+    for (id, col) in view_columns(hosts) {
+        sql.push_str(&format!(
+            ", COALESCE((SELECT s.status FROM statuses s WHERE s.event_id = e.id AND s.host_id = {id}), \
+             CASE WHEN e.reporter_id = {id} THEN 1 ELSE 0 END) AS {col}"
+        ));
+    }
+    sql.push_str(" FROM events e WHERE e.kind = 1");
+    sql
+}
+
+/// Rebuilds the `ip_table` view for `hosts` (by id). DDL: MySQL commits
+/// an open transaction on it, so callers run it outside one.
+pub async fn rebuild_view(
+    ex: &mut dyn Executor,
+    d: Dialect,
+    hosts: &[(u64, String)],
+) -> Result<(), StoreError> {
+    for stmt in d.replace_view("ip_table", &view_sql(hosts, d)) {
+        ex.exec(&stmt, vec![]).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ddl(d: Dialect) -> String {
+        TABLES
+            .iter()
+            .flat_map(|t| d.create_table(t))
+            .collect::<Vec<_>>()
+            .join(";\n")
+    }
+
+    /// Stores created by earlier builds keep their tables (`IF NOT
+    /// EXISTS`); SQLite's separate indexes must keep their names too, or
+    /// every old store would gain a second copy of each.
+    #[test]
+    fn renders_the_keys_and_index_names_earlier_builds_created() {
+        let my = ddl(Dialect::MySql);
+        for part in [
+            "id BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY",
+            "UNIQUE KEY report (reporter_id, node_seq)",
+            "KEY ip (ip)",
+            "KEY added_by (added_by, ip)",
+            "UNIQUE KEY name (name)",
+            "PRIMARY KEY (event_id, host_id)\n) ENGINE=InnoDB",
+        ] {
+            assert!(my.contains(part), "{part}");
+        }
+        let lite = ddl(Dialect::Sqlite);
+        for part in [
+            "id INTEGER PRIMARY KEY AUTOINCREMENT",
+            "UNIQUE (reporter_id, node_seq)",
+            "CREATE INDEX IF NOT EXISTS events_ip ON events (ip)",
+            "CREATE INDEX IF NOT EXISTS events_added_by ON events (added_by, ip)",
+            "PRIMARY KEY (event_id, host_id)\n) WITHOUT ROWID",
+        ] {
+            assert!(lite.contains(part), "{part}");
+        }
+        assert_eq!(lite.matches("WITHOUT ROWID").count(), 1);
+    }
+
+    #[test]
+    fn dialects_differ_only_where_listed() {
+        let (m, s) = (Dialect::MySql, Dialect::Sqlite);
+        assert_eq!(m.insert_ignore(), "INSERT IGNORE");
+        assert_eq!(s.insert_ignore(), "INSERT OR IGNORE");
+        assert_eq!(
+            m.upsert(&["name"], &["last_seen_ms"]),
+            " ON DUPLICATE KEY UPDATE last_seen_ms = VALUES(last_seen_ms)"
+        );
+        assert_eq!(
+            s.upsert(&["name"], &["last_seen_ms"]),
+            " ON CONFLICT(name) DO UPDATE SET last_seen_ms = excluded.last_seen_ms"
+        );
+        let hosts = [(1, "web-1".to_string()), (2, "web1".to_string())];
+        let cols = view_columns(&hosts);
+        assert_eq!(cols[0].1, "host_web1");
+        assert_eq!(cols[1].1, "host_web1_2", "made unique");
+        assert!(view_sql(&hosts, m).contains("FROM_UNIXTIME(e.created_ms / 1000) AS created"));
+    }
+}

@@ -1,0 +1,172 @@
+//! Hosts, enrolment and revocation.
+use super::{
+    super::{
+        EnrollRefused, Enrolled, HostRow, NewToken, StoreError, TokenRow, check_enrolment,
+        executor::{Backend, params},
+        now_ms,
+    },
+    host_id, refresh_hosts,
+};
+
+/// `Store::touch_host` for any backend.
+pub async fn touch_host<B: Backend + ?Sized>(
+    b: &B,
+    name: &str,
+    cert_expires_ms: Option<i64>,
+) -> Result<(), StoreError> {
+    let id = host_id(b, name).await?;
+    let mut ex = b.session().await?;
+    ex.exec(
+        "UPDATE hosts SET last_seen_ms = ?, cert_expires_ms = COALESCE(?, cert_expires_ms) WHERE id = ?",
+        params![now_ms(), cert_expires_ms, id],
+    )
+    .await
+    .map(drop)
+}
+
+/// `Store::create_token` for any backend.
+pub async fn create_token<B: Backend + ?Sized>(b: &B, t: &NewToken) -> Result<(), StoreError> {
+    let mut ex = b.session().await?;
+    ex.exec(
+        "INSERT INTO enrol_tokens (hash, name, created_ms, expires_ms, used_ms, cert_ttl_s) \
+         VALUES (?, ?, ?, ?, NULL, ?)",
+        params![
+            &t.hash,
+            t.name.as_deref(),
+            now_ms(),
+            t.expires_ms,
+            t.cert_ttl_s
+        ],
+    )
+    .await
+    .map(drop)
+}
+
+/// `Store::enroll` for any backend.
+pub async fn enroll<B: Backend + ?Sized>(
+    b: &B,
+    token_hash: &str,
+    name: &str,
+) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
+    let lock = b.dialect().for_update();
+    let mut ex = b.session().await?;
+    ex.begin().await?;
+    let token = ex
+        .query(
+            &format!(
+                "SELECT name, expires_ms, used_ms, cert_ttl_s FROM enrol_tokens WHERE hash = ?{lock}"
+            ),
+            params![token_hash],
+        )
+        .await?;
+    let token = match token.first() {
+        Some(r) => Some(TokenRow {
+            name: r.opt_text(0)?,
+            expires_ms: r.i64(1)?,
+            used: r.opt_i64(2)?.is_some(),
+            cert_ttl_s: r.i64(3)?,
+        }),
+        None => None,
+    };
+    let host = ex
+        .query(
+            &format!("SELECT revoked_ms FROM hosts WHERE name = ?{lock}"),
+            params![name],
+        )
+        .await?;
+    let host = match host.first() {
+        Some(r) => Some(r.opt_i64(0)?.is_some()),
+        None => None,
+    };
+    let now = now_ms();
+    let verdict = check_enrolment(token, name, host, now);
+    if verdict.is_ok() {
+        ex.exec(
+            "UPDATE enrol_tokens SET used_ms = ? WHERE hash = ?",
+            params![now, token_hash],
+        )
+        .await?;
+        ex.exec(
+            "INSERT INTO hosts (name, first_seen_ms, last_seen_ms, enrolled_ms) VALUES (?, ?, ?, ?)",
+            params![name, now, now, now],
+        )
+        .await?;
+    }
+    ex.commit().await?;
+    if verdict.is_ok() {
+        refresh_hosts(b, &mut *ex).await?;
+    }
+    Ok(verdict)
+}
+
+/// `Store::revoke` for any backend.
+pub async fn revoke<B: Backend + ?Sized>(b: &B, name: &str) -> Result<bool, StoreError> {
+    let mut ex = b.session().await?;
+    let done = ex
+        .exec(
+            "UPDATE hosts SET revoked_ms = COALESCE(revoked_ms, ?) WHERE name = ?",
+            params![now_ms(), name],
+        )
+        .await?;
+    // MySQL counts changed rows: a host revoked before changes none.
+    if done.affected > 0 {
+        return Ok(true);
+    }
+    let n = ex
+        .query("SELECT COUNT(*) FROM hosts WHERE name = ?", params![name])
+        .await?;
+    Ok(n.first().map(|r| r.i64(0)).transpose()?.unwrap_or(0) > 0)
+}
+
+/// `Store::revoked` for any backend.
+pub async fn revoked<B: Backend + ?Sized>(b: &B) -> Result<Vec<String>, StoreError> {
+    let mut ex = b.session().await?;
+    ex.query(
+        "SELECT name FROM hosts WHERE revoked_ms IS NOT NULL",
+        vec![],
+    )
+    .await?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
+}
+
+/// `Store::hosts` for any backend.
+pub async fn hosts<B: Backend + ?Sized>(b: &B) -> Result<Vec<HostRow>, StoreError> {
+    let mut ex = b.session().await?;
+    ex.query(
+        "SELECT name, first_seen_ms, last_seen_ms, enrolled_ms, cert_expires_ms, revoked_ms \
+         FROM hosts ORDER BY name",
+        vec![],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(HostRow {
+            name: r.text(0)?,
+            first_seen_ms: r.i64(1)?,
+            last_seen_ms: r.i64(2)?,
+            enrolled_ms: r.opt_i64(3)?,
+            cert_expires_ms: r.opt_i64(4)?,
+            revoked: r.opt_i64(5)?.is_some(),
+        })
+    })
+    .collect()
+}
+
+/// `Store::last_seq` for any backend.
+pub async fn last_seq<B: Backend + ?Sized>(b: &B, host: &str) -> Result<u64, StoreError> {
+    let id = host_id(b, host).await?;
+    let mut ex = b.session().await?;
+    let r = ex
+        .query(
+            "SELECT MAX(node_seq) FROM events WHERE reporter_id = ?",
+            params![id],
+        )
+        .await?;
+    Ok(r.first()
+        .map(|r| r.opt_u64(0))
+        .transpose()?
+        .flatten()
+        .unwrap_or(0))
+}

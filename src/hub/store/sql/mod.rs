@@ -1,0 +1,163 @@
+//! Every `Store` method but the two tuned write paths, written once against
+//! [`Executor`]: any [`Backend`] is a `Store`. The bodies live by subject:
+//! `hosts.rs` (hosts, enrolment, revocation), `events.rs` (replay, unban,
+//! listing), `raw.rs` (rows as stored, for `hub migrate`).
+//!
+//! What must stay true here, for both databases:
+//! - a host's id comes from [`host_id`], which also keeps the `ip_table`
+//!   view's columns current (outside any transaction: the view is DDL);
+//! - a method that reads then writes (`enroll`, `unban`) does both in one
+//!   transaction, locking what it read where the dialect needs it;
+//! - an early return inside a transaction drops the executor, which rolls
+//!   back (see [`Executor`]).
+use async_trait::async_trait;
+
+use super::{
+    BanFilter, BanRow, Committed, EnrollRefused, Enrolled, HostRow, NewReport, NewToken, RawEvent,
+    RawHost, RawStatus, Store, StoreError,
+    executor::{Backend, Executor, params},
+    schema::{self, MAX_VIEW_HOSTS},
+};
+use crate::ban::{Event, Status};
+
+mod events;
+mod hosts;
+mod raw;
+
+/// The id of host `name`, creating its row (and view column) when new.
+pub async fn host_id<B: Backend + ?Sized>(b: &B, name: &str) -> Result<u64, StoreError> {
+    if let Some(id) = b.host_ids().get(name) {
+        return Ok(id);
+    }
+    let mut ex = b.session().await?;
+    let d = b.dialect();
+    let now = super::now_ms();
+    ex.exec(
+        &format!(
+            "INSERT INTO hosts (name, first_seen_ms, last_seen_ms) VALUES (?, ?, ?){}",
+            d.upsert(&["name"], &["last_seen_ms"])
+        ),
+        params![name, now, now],
+    )
+    .await?;
+    let rows = ex
+        .query("SELECT id FROM hosts WHERE name = ?", params![name])
+        .await?;
+    let id = match rows.first() {
+        Some(r) => r.u64(0)?,
+        None => return Err(StoreError::query(format!("host {name} vanished"))),
+    };
+    // Past the view's last column, a new host changes nothing there.
+    if b.host_ids().extend([(id, name.to_string())]) <= MAX_VIEW_HOSTS {
+        refresh_hosts(b, &mut *ex).await?;
+    }
+    Ok(id)
+}
+
+/// Reloads every host into the cache and rebuilds the `ip_table` view.
+pub async fn refresh_hosts<B: Backend + ?Sized>(
+    b: &B,
+    ex: &mut dyn Executor,
+) -> Result<(), StoreError> {
+    let hosts = hosts_by_id(ex).await?;
+    schema::rebuild_view(ex, b.dialect(), &hosts).await?;
+    b.host_ids().extend(hosts);
+    Ok(())
+}
+
+pub(super) async fn hosts_by_id(ex: &mut dyn Executor) -> Result<Vec<(u64, String)>, StoreError> {
+    ex.query("SELECT id, name FROM hosts ORDER BY id", vec![])
+        .await?
+        .iter()
+        .map(|r| Ok((r.u64(0)?, r.text(1)?)))
+        .collect()
+}
+
+#[async_trait]
+impl<B: Backend> Store for B {
+    async fn touch_host(&self, name: &str, cert_expires_ms: Option<i64>) -> Result<(), StoreError> {
+        hosts::touch_host(self, name, cert_expires_ms).await
+    }
+
+    async fn create_token(&self, t: &NewToken) -> Result<(), StoreError> {
+        hosts::create_token(self, t).await
+    }
+
+    async fn enroll(
+        &self,
+        token_hash: &str,
+        name: &str,
+    ) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
+        hosts::enroll(self, token_hash, name).await
+    }
+
+    async fn revoke(&self, name: &str) -> Result<bool, StoreError> {
+        hosts::revoke(self, name).await
+    }
+
+    async fn revoked(&self) -> Result<Vec<String>, StoreError> {
+        hosts::revoked(self).await
+    }
+
+    async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
+        self.commit_batch(batch).await
+    }
+
+    async fn events_after(
+        &self,
+        after: u64,
+        subscriber: &str,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        events::events_after(self, after, subscriber, limit).await
+    }
+
+    async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError> {
+        events::unban(self, ip, by).await
+    }
+
+    async fn set_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError> {
+        self.write_statuses(updates).await
+    }
+
+    async fn list_bans(&self, f: &BanFilter) -> Result<Vec<BanRow>, StoreError> {
+        events::list_bans(self, f).await
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
+        hosts::hosts(self).await
+    }
+
+    async fn last_event_id(&self) -> Result<u64, StoreError> {
+        events::last_event_id(self).await
+    }
+
+    async fn last_seq(&self, host: &str) -> Result<u64, StoreError> {
+        hosts::last_seq(self, host).await
+    }
+
+    async fn dump_hosts(&self) -> Result<Vec<RawHost>, StoreError> {
+        raw::dump_hosts(self).await
+    }
+
+    async fn dump_events(&self, after: u64, limit: usize) -> Result<Vec<RawEvent>, StoreError> {
+        raw::dump_events(self, after, limit).await
+    }
+
+    async fn dump_statuses(&self, after: u64, limit: usize) -> Result<Vec<RawStatus>, StoreError> {
+        raw::dump_statuses(self, after, limit).await
+    }
+
+    async fn load(
+        &self,
+        hosts: &[RawHost],
+        events: &[RawEvent],
+        statuses: &[RawStatus],
+    ) -> Result<(), StoreError> {
+        raw::load(self, hosts, events, statuses).await
+    }
+
+    async fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        raw::counts(self).await
+    }
+}
