@@ -11,23 +11,32 @@
 //!   not grow with it.
 //!
 //! # Layout
-//! - [`store`]: the store interface and its MySQL and SQLite backends.
+//! - [`service`]: the `Hub` gRPC surface: thin handlers that check the
+//!   caller ([`access`]), convert protos at the edge and forward.
+//! - [`publish`]: one node's `Publish` stream and its ack contract (an ack
+//!   means durable; acks fold).
+//! - [`subscription`]: one subscriber's replay-then-live stream.
 //! - [`committer`]: the single writer, batching reports into transactions.
 //! - [`fanout`]: the shared ring of live events and the subscriber registry.
-//! - [`subscription`]: one subscriber's replay-then-live stream.
 //! - [`statuses`]: hosts' statuses, written in groups.
-//! - [`access`]: who may call what; [`enrollment`]: the token-for-certificate call.
-//! - [`service`]: the gRPC surface.
+//! - [`access`]: who may call what, and revocation.
+//! - [`enrollment`]: the token-for-certificate `Enrollment` service, and the
+//!   token and signing helpers `CreateToken` and `Renew` share.
+//! - [`store`]: the store interface and its MySQL and SQLite backends.
+//! - [`migrate`]: copying a hub's data between stores, and importing the
+//!   seed's `ip_table`.
+//! - [`run`] (here): wires them together behind one mTLS listener, with a
+//!   tracing span per request naming the RPC and the caller.
 pub mod access;
 pub mod committer;
 pub mod enrollment;
 pub mod fanout;
 pub mod migrate;
+pub mod publish;
 pub mod service;
 pub mod statuses;
 pub mod store;
 pub mod subscription;
-
 use std::{path::PathBuf, sync::Arc};
 
 use thiserror::Error;
