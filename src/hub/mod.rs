@@ -43,9 +43,12 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::{
+    codegen::http,
+    service::interceptor::InterceptedService,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
 use tracing::info;
-
-use tonic::service::interceptor::InterceptedService;
 
 use crate::{
     ca::{CaError, CaSigner},
@@ -109,6 +112,24 @@ impl HubConfig {
     }
 }
 
+/// The span every request to the hub runs in (streams too: their tasks are
+/// spawned inside it): the RPC's full name and, when the caller presented
+/// a certificate (all but `Enrollment`), its name. The name is read here
+/// for the log only; `access` decides what the caller may do.
+fn request_span(request: &http::Request<()>) -> tracing::Span {
+    let rpc = request.uri().path().trim_start_matches('/');
+    let span = tracing::info_span!("rpc", rpc = %rpc, peer = tracing::field::Empty);
+    let peer = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())
+        .and_then(|certs| certs.first().and_then(crate::tls::common_name));
+    if let Some(name) = peer {
+        span.record("peer", tracing::field::display(name));
+    }
+    span
+}
+
 /// Runs the hub on `listener` until `shutdown` fires; in-flight commits
 /// finish and streams end cleanly before it returns.
 pub async fn run(
@@ -148,6 +169,7 @@ pub async fn run(
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
     Server::builder()
         .tls_config(tls)?
+        .trace_fn(request_span)
         .add_service(HubServer::new(service))
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(InterceptedService::new(

@@ -62,7 +62,7 @@ impl hub_server::Hub for HubService {
             .map_err(unavailable)?;
         let host = peer.name;
         let last_seq = self.store.last_seq(&host).await.map_err(unavailable)?;
-        let span = info_span!("publish", host = %host);
+        let span = info_span!("publish");
         let revoked = self.access.revoked(&host);
         let acks = publish::start(
             host,
@@ -94,7 +94,7 @@ impl hub_server::Hub for HubService {
         let host = peer.name;
         let after = request.get_ref().after_event_id;
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        let span = info_span!("subscribe", host = %host, after);
+        let span = info_span!("subscribe", after);
         info!(parent: &span, "subscribed");
         tokio::spawn(
             subscription::run(
