@@ -96,10 +96,12 @@ impl hub_server::Hub for HubService {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         let span = info_span!("subscribe", after);
         info!(parent: &span, "subscribed");
+        let guard = self.fanout.register(&host);
         tokio::spawn(
             subscription::run(
                 self.store.clone(),
                 self.fanout.clone(),
+                guard,
                 self.access.clone(),
                 host,
                 after,
@@ -262,7 +264,8 @@ impl hub_server::Hub for HubService {
         if !self.store.revoke(&name).await.map_err(unavailable)? {
             return Err(Status::not_found(format!("no host named {name:?}")));
         }
-        let streams = self.fanout.position(&name).map_or(0, |_| 1);
+        // Counted before revoking: revoking ends them.
+        let streams = self.fanout.streams(&name) as u32;
         self.access.revoke(&name);
         info!(host = %name, by = %admin, "host revoked");
         Ok(Response::new(proto::RevokeResponse {

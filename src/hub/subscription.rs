@@ -14,7 +14,11 @@ use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tonic::Status;
 use tracing::{debug, info};
 
-use super::{access::Access, fanout::Fanout, store::Store};
+use super::{
+    access::Access,
+    fanout::{Fanout, SubscriberGuard},
+    store::Store,
+};
 use crate::{
     ban::{Event, EventKind},
     proto,
@@ -30,11 +34,14 @@ fn visible(event: &Event, subscriber: &str) -> bool {
 }
 
 /// Feeds `tx` until the subscriber goes away, the store fails or the hub
-/// shuts down.
+/// shuts down. `guard` is the stream's registration with `fanout`, taken by
+/// the handler before it answers, so a stream the caller holds is already
+/// counted (by `Hosts` and `Revoke`); it unregisters when this returns.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
+    guard: SubscriberGuard,
     access: Access,
     host: String,
     last: u64,
@@ -43,7 +50,7 @@ pub async fn run(
 ) {
     let revoked = access.revoked(&host);
     tokio::select! {
-        _ = stream(store, fanout, host, last, tx.clone(), shutdown) => {}
+        _ = stream(store, fanout, guard, host, last, tx.clone(), shutdown) => {}
         _ = revoked => {
             info!("host revoked; ending its subscription");
             let denied = tx.send(Err(Status::permission_denied("this host has been revoked")));
@@ -71,12 +78,12 @@ async fn send(
 async fn stream(
     store: Arc<dyn Store>,
     fanout: Fanout,
+    guard: SubscriberGuard,
     host: String,
     mut last: u64,
     tx: mpsc::Sender<Result<proto::Event, Status>>,
     mut shutdown: Shutdown,
 ) {
-    let guard = fanout.register(&host);
     guard.passed(last);
     'replay: loop {
         let mut live = fanout.receiver();
