@@ -33,7 +33,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Status, Streaming};
-use tracing::{Instrument, Span, info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::{
     committer::Committer,
@@ -58,15 +58,16 @@ enum PendingAck {
 }
 
 /// Starts the reader and writer of one publish stream from `host` (the
-/// name in its certificate), both inside `span`; returns the acks.
+/// name in its certificate), in a `publish` span inside the current one
+/// (the request's); returns the acks.
 pub fn start(
     host: String,
     inbound: Streaming<proto::Report>,
     committer: Committer,
     revoked: impl Future<Output = ()> + Send + 'static,
     shutdown: Shutdown,
-    span: Span,
 ) -> Acks {
+    let span = info_span!("publish");
     let (pending_tx, pending_rx) = mpsc::channel::<PendingAck>(ACK_QUEUE);
     let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
     tokio::spawn(

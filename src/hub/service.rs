@@ -2,10 +2,9 @@
 //! committer, the store and the fan-out. No state of its own.
 use std::{pin::Pin, sync::Arc};
 
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span};
+use tracing::info;
 
 use super::{
     access::Access,
@@ -24,8 +23,6 @@ use crate::{
     shutdown::Shutdown,
 };
 
-/// Events buffered per subscriber between the replay/live task and gRPC.
-const SUBSCRIBER_QUEUE: usize = 256;
 /// Most statuses in one `ReportStatus` call.
 const MAX_STATUS_BATCH: usize = 10_000;
 
@@ -62,7 +59,6 @@ impl hub_server::Hub for HubService {
             .map_err(unavailable)?;
         let host = peer.name;
         let last_seq = self.store.last_seq(&host).await.map_err(unavailable)?;
-        let span = info_span!("publish");
         let revoked = self.access.revoked(&host);
         let acks = publish::start(
             host,
@@ -70,7 +66,6 @@ impl hub_server::Hub for HubService {
             self.committer.clone(),
             revoked,
             self.shutdown.clone(),
-            span,
         );
         let mut response: Response<Self::PublishStream> = Response::new(Box::pin(acks));
         if let Ok(v) = last_seq.to_string().parse() {
@@ -91,26 +86,15 @@ impl hub_server::Hub for HubService {
                 .await
                 .map_err(unavailable)?;
         }
-        let host = peer.name;
-        let after = request.get_ref().after_event_id;
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        let span = info_span!("subscribe", after);
-        info!(parent: &span, "subscribed");
-        let guard = self.fanout.register(&host);
-        tokio::spawn(
-            subscription::run(
-                self.store.clone(),
-                self.fanout.clone(),
-                guard,
-                self.access.clone(),
-                host,
-                after,
-                tx,
-                self.shutdown.clone(),
-            )
-            .instrument(span),
+        let events = subscription::start(
+            self.store.clone(),
+            self.fanout.clone(),
+            self.access.clone(),
+            peer.name,
+            request.get_ref().after_event_id,
+            self.shutdown.clone(),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn report_status(
