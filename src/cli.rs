@@ -2,10 +2,10 @@
 //! a thin call into the library; daemons run until SIGINT/SIGTERM.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::{ban::Ban, ca, hub, node, shutdown, tls::TlsFiles};
+use crate::{admin, ban::Ban, ca, hub, node, shutdown, tls::TlsFiles};
 
 /// Directory of the default certificate paths.
 pub const DEFAULT_CERT_DIR: &str = "/etc/banmesh";
@@ -426,17 +426,23 @@ pub fn main() -> std::process::ExitCode {
         Command::Unban(args) => {
             init_logging("warn");
             runtime().block_on(async {
-                let r = crate::admin::unban(&args.hub, &(&args.tls).into(), &args.ip).await?;
-                println!(
-                    "unbanned {} (event {}, {} ban(s) lifted)",
-                    args.ip, r.event_id, r.lifted
+                print!(
+                    "{}",
+                    admin::unban(&args.hub, &(&args.tls).into(), &args.ip).await?
                 );
                 Ok(())
             })
         }
         Command::Bans(args) => {
             init_logging("warn");
-            runtime().block_on(list_bans(args))
+            runtime().block_on(async {
+                let tls = (&args.tls).into();
+                print!(
+                    "{}",
+                    admin::bans::list(&args.hub, &tls, args.ip, args.limit).await?
+                );
+                Ok(())
+            })
         }
         Command::Demo(args) => {
             init_logging("warn");
@@ -543,84 +549,43 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
 }
 
 fn when(ms: i64) -> String {
-    crate::admin::utc(ms, false)
+    admin::utc(ms, false)
 }
 
+/// `banmesh hub ACTION`: the bodies are in [`admin`]; this prints them.
 async fn hub_action(action: HubAction) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let progress = std::io::stderr().is_terminal();
-    let admin_client = |a: &AdminArgs| {
-        let (hub, tls) = (a.hub.clone(), TlsFiles::from(&a.tls));
-        async move { crate::admin::client(&hub, &tls).await }
-    };
-    let copied = match action {
+    match action {
         HubAction::Token(TokenAction::Create {
             ttl,
             name,
             cert_ttl,
-            admin,
+            admin: a,
         }) => {
-            let r = admin_client(&admin)
-                .await?
-                .create_token(crate::proto::CreateTokenRequest {
-                    ttl_s: ttl.as_secs(),
-                    name: name.unwrap_or_default(),
-                    cert_ttl_s: cert_ttl.as_secs(),
-                })
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
-            println!("token:      {}", r.token);
-            println!("ca-sha256:  {}", r.ca_sha256);
-            println!("expires:    {} UTC", when(r.expires_ms));
-            let hub = admin.hub.trim_start_matches("https://");
-            println!(
-                "\nOn the new server:\n  banmesh enroll --hub {hub} --token {} --ca-sha256 {}",
-                r.token, r.ca_sha256
+            let tls = (&a.tls).into();
+            print!(
+                "{}",
+                admin::membership::create_token(&a.hub, &tls, ttl, name, cert_ttl).await?
             );
-            return Ok(());
         }
-        HubAction::Revoke { name, admin } => {
-            admin_client(&admin)
-                .await?
-                .revoke(crate::proto::RevokeRequest { name: name.clone() })
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-            println!("revoked {name}: the hub refuses it from now on");
-            return Ok(());
-        }
-        HubAction::Hosts { admin } => {
-            let r = admin_client(&admin)
-                .await?
-                .hosts(crate::proto::HostsRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                .into_inner();
-            println!(
-                "{:<24} {:<17} {:<17} {:<17} {:>10}  STATE",
-                "HOST", "ENROLLED", "LAST SEEN", "CERT EXPIRES", "LAG"
+        HubAction::Revoke { name, admin: a } => {
+            print!(
+                "{}",
+                admin::membership::revoke(&a.hub, &(&a.tls).into(), &name).await?
             );
-            for h in r.hosts {
-                let state = match (h.revoked, h.subscribed) {
-                    (true, _) => "revoked",
-                    (false, true) => "subscribed",
-                    (false, false) => "offline",
-                };
-                println!(
-                    "{:<24} {:<17} {:<17} {:<17} {:>10}  {state}",
-                    h.name,
-                    when(h.enrolled_ms),
-                    when(h.last_seen_ms),
-                    when(h.cert_expires_ms),
-                    h.lag_events
-                );
-            }
-            return Ok(());
+        }
+        HubAction::Hosts { admin: a } => {
+            print!(
+                "{}",
+                admin::membership::hosts(&a.hub, &(&a.tls).into()).await?
+            );
         }
         HubAction::Migrate { from, to, force } => {
-            let source = hub::store::open(&from).await?;
-            let target = hub::store::open(&to).await?;
-            hub::migrate::migrate(&*source, &*target, force, progress).await?
+            print!(
+                "{}",
+                admin::data::migrate(&from, &to, force, progress).await?
+            );
         }
         HubAction::ImportSeed {
             from,
@@ -628,22 +593,9 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
             data_dir,
             force,
         } => {
-            let to =
-                to.unwrap_or_else(|| format!("sqlite:{}", data_dir.join("banmesh.db").display()));
-            let target = hub::store::open(&to).await?;
-            hub::migrate::import_seed(&from, &*target, force, progress).await?
+            let report = admin::data::import_seed(&from, to, &data_dir, force, progress).await?;
+            print!("{report}");
         }
-    };
-    println!(
-        "copied {} hosts, {} events, {} statuses",
-        copied.hosts, copied.events, copied.statuses
-    );
-    if !copied.skipped.is_empty() {
-        println!(
-            "skipped {} seed rows that are not valid bans (ids {:?})",
-            copied.skipped.len(),
-            copied.skipped
-        );
     }
     Ok(())
 }
@@ -728,23 +680,5 @@ async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
         done.key.display(),
         done.ca.display()
     );
-    Ok(())
-}
-
-async fn list_bans(args: BansArgs) -> anyhow::Result<()> {
-    let mut c = crate::admin::client(&args.hub, &(&args.tls).into()).await?;
-    let r = c
-        .list_bans(crate::proto::ListBansRequest {
-            ip: args.ip.unwrap_or_default(),
-            limit: args.limit,
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner();
-    if r.bans.is_empty() {
-        bail!("no bans match");
-    }
-    print!("{}", crate::admin::seed_table(&r.bans));
     Ok(())
 }

@@ -228,8 +228,10 @@ async fn grpcurl_inspects_a_node() {
     let pki = Pki::new(root.path());
     let db = format!("sqlite:{}", root.path().join("hub.db").display());
     let hub = Hub::start(root.path(), &pki, &db).await;
-    let port = free_port();
-    let _a = Node::start_with(
+    // The kernel picks the inspection port; it is read back from the
+    // node's socket table (choosing a free port first and passing it in
+    // raced with other processes taking it).
+    let a = Node::start_with(
         root.path(),
         &pki,
         "node-a",
@@ -237,22 +239,24 @@ async fn grpcurl_inspects_a_node() {
         vec![
             "--no-fail2ban-socket".into(),
             "--listen".into(),
-            format!("127.0.0.1:{port}").into(),
+            "127.0.0.1:0".into(),
         ],
+    )
+    .await;
+    let pid = a.proc.as_ref().unwrap().child.id();
+    let mut port = 0;
+    wait_for(
+        "the node's inspection port",
+        Duration::from_secs(20),
+        || {
+            port = listening_ports(pid).first().copied().unwrap_or(0);
+            let up = port != 0;
+            async move { up }
+        },
     )
     .await;
     let admin = pki.admin("ops");
     let addr = format!("127.0.0.1:{port}");
-    wait_for(
-        "the node's inspection port",
-        Duration::from_secs(20),
-        || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
     let services = grpcurl(&admin, &addr, &["list"]);
     assert!(
         services.contains("banmesh.v1.Node") && services.contains("grpc.health.v1.Health"),

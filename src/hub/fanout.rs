@@ -75,6 +75,12 @@ impl Fanout {
         map.get(host).map(|s| s.position.load(Ordering::Relaxed))
     }
 
+    /// Open subscription streams of one host.
+    pub fn streams(&self, host: &str) -> usize {
+        let map = self.subscribed.lock().unwrap();
+        map.get(host).map_or(0, |s| s.streams)
+    }
+
     /// Open subscription streams, all hosts together.
     pub fn subscriber_count(&self) -> usize {
         self.subscribed

@@ -11,32 +11,44 @@
 //!   not grow with it.
 //!
 //! # Layout
-//! - [`store`]: the store interface and its MySQL and SQLite backends.
+//! - [`service`]: the `Hub` gRPC surface: thin handlers that check the
+//!   caller ([`access`]), convert protos at the edge and forward.
+//! - [`publish`]: one node's `Publish` stream and its ack contract (an ack
+//!   means durable; acks fold).
+//! - [`subscription`]: one subscriber's replay-then-live stream.
 //! - [`committer`]: the single writer, batching reports into transactions.
 //! - [`fanout`]: the shared ring of live events and the subscriber registry.
-//! - [`subscription`]: one subscriber's replay-then-live stream.
 //! - [`statuses`]: hosts' statuses, written in groups.
-//! - [`access`]: who may call what; [`enrollment`]: the token-for-certificate call.
-//! - [`service`]: the gRPC surface.
+//! - [`access`]: who may call what, and revocation.
+//! - [`enrollment`]: the token-for-certificate `Enrollment` service, and the
+//!   token and signing helpers `CreateToken` and `Renew` share.
+//! - [`store`]: the store interface and its MySQL and SQLite backends.
+//! - [`migrate`]: copying a hub's data between stores, and importing the
+//!   seed's `ip_table`.
+//! - [`run`] (here): wires them together behind one mTLS listener, with a
+//!   tracing span per request naming the RPC and the caller.
 pub mod access;
 pub mod committer;
 pub mod enrollment;
 pub mod fanout;
 pub mod migrate;
+pub mod publish;
 pub mod service;
 pub mod statuses;
 pub mod store;
 pub mod subscription;
-
 use std::{path::PathBuf, sync::Arc};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::{
+    codegen::http,
+    service::interceptor::InterceptedService,
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
 use tracing::info;
-
-use tonic::service::interceptor::InterceptedService;
 
 use crate::{
     ca::{CaError, CaSigner},
@@ -100,6 +112,24 @@ impl HubConfig {
     }
 }
 
+/// The span every request to the hub runs in (streams too: their tasks are
+/// spawned inside it): the RPC's full name and, when the caller presented
+/// a certificate (all but `Enrollment`), its name. The name is read here
+/// for the log only; `access` decides what the caller may do.
+fn request_span(request: &http::Request<()>) -> tracing::Span {
+    let rpc = request.uri().path().trim_start_matches('/');
+    let span = tracing::info_span!("rpc", rpc = %rpc, peer = tracing::field::Empty);
+    let peer = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())
+        .and_then(|certs| certs.first().and_then(crate::tls::common_name));
+    if let Some(name) = peer {
+        span.record("peer", tracing::field::display(name));
+    }
+    span
+}
+
 /// Runs the hub on `listener` until `shutdown` fires; in-flight commits
 /// finish and streams end cleanly before it returns.
 pub async fn run(
@@ -139,6 +169,7 @@ pub async fn run(
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
     Server::builder()
         .tls_config(tls)?
+        .trace_fn(request_span)
         .add_service(HubServer::new(service))
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(InterceptedService::new(

@@ -2,36 +2,33 @@
 //! committer, the store and the fan-out. No state of its own.
 use std::{pin::Pin, sync::Arc};
 
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::info;
 
 use super::{
     access::Access,
     committer::Committer,
+    enrollment,
     fanout::Fanout,
-    store::{BanFilter, Committed, NewReport, Store, StoreError},
+    publish,
+    statuses::StatusWriter,
+    store::{BanFilter, BanRow, Store},
     subscription,
 };
 use crate::{
-    ban::{Ban, Status as BanStatus},
-    ca::{CaSigner, HostCert},
-    proto::{self, hub_server},
+    ban::Status as BanStatus,
+    ca::CaSigner,
+    proto::{self, LAST_SEQ_HEADER, hub_server},
     shutdown::Shutdown,
 };
 
-use crate::proto::LAST_SEQ_HEADER;
-/// Acks that may wait for the node to read them.
-const ACK_QUEUE: usize = 1024;
-/// Events buffered per subscriber between the replay/live task and gRPC.
-const SUBSCRIBER_QUEUE: usize = 256;
 /// Most statuses in one `ReportStatus` call.
 const MAX_STATUS_BATCH: usize = 10_000;
 
 pub struct HubService {
     pub store: Arc<dyn Store>,
-    pub statuses: super::statuses::StatusWriter,
+    pub statuses: StatusWriter,
     pub committer: Committer,
     pub fanout: Fanout,
     pub access: Access,
@@ -40,80 +37,11 @@ pub struct HubService {
     pub shutdown: Shutdown,
 }
 
-/// Default lifetime of an enrolment token.
-pub const TOKEN_TTL_S: u64 = 3600;
-
-/// SHA-256 of a token, hex: what the store keeps.
-pub fn token_hash(token: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
-}
-
-/// Signs a CSR for `name`; the name and validity are the hub's, the CSR
-/// only contributes its public key.
-pub fn sign_csr(
-    signer: Option<&CaSigner>,
-    name: &str,
-    csr_pem: &str,
-    valid_for: std::time::Duration,
-) -> Result<proto::IssuedCertificate, Status> {
-    let signer = signer.ok_or_else(|| {
-        Status::failed_precondition(
-            "this hub has no CA key (--ca-key): it cannot sign certificates",
-        )
-    })?;
-    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-        .map_err(|e| Status::invalid_argument(format!("not a valid CSR: {e}")))?;
-    let req = HostCert {
-        name,
-        sans: &[],
-        valid_for,
-        admin: false,
-    };
-    let cert_pem = signer
-        .sign(&req, &csr.public_key)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(proto::IssuedCertificate {
-        name: name.to_string(),
-        cert_pem,
-        ca_pem: signer.cert_pem.clone(),
-        expires_ms: super::store::now_ms() + valid_for.as_millis() as i64,
-    })
-}
-
 fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(e.to_string())
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// Waits for one pending report's outcome.
-async fn resolve(p: PendingAck) -> Result<proto::Ack, Status> {
-    match p {
-        PendingAck::Ready(ack) => Ok(ack),
-        PendingAck::Failed(status) => Err(status),
-        PendingAck::Committing(seq, rx) => match rx.await {
-            Ok(Ok(c)) => Ok(proto::Ack {
-                seq,
-                event_id: c.event_id(),
-                duplicate: matches!(c, Committed::Duplicate(_)),
-                rejected: String::new(),
-                count: 1,
-            }),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(Status::unavailable("the hub is shutting down")),
-        },
-    }
-}
-
-/// An ack in the making: answered at once (a refused report) or when the
-/// committer has it durable. Kept in arrival order.
-enum PendingAck {
-    Ready(proto::Ack),
-    Committing(u64, oneshot::Receiver<Result<Committed, Arc<StoreError>>>),
-    /// Ends the stream with this status.
-    Failed(Status),
-}
 
 #[tonic::async_trait]
 impl hub_server::Hub for HubService {
@@ -131,126 +59,15 @@ impl hub_server::Hub for HubService {
             .map_err(unavailable)?;
         let host = peer.name;
         let last_seq = self.store.last_seq(&host).await.map_err(unavailable)?;
-        let span = info_span!("publish", host = %host);
-        let mut inbound = request.into_inner();
         let revoked = self.access.revoked(&host);
-        let (pending_tx, mut pending_rx) = mpsc::channel::<PendingAck>(ACK_QUEUE);
-        let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
-        let committer = self.committer.clone();
-        let mut shutdown = self.shutdown.clone();
-
-        // Reader: validate and queue each report with the committer, so many
-        // are in flight at once and share a transaction.
-        tokio::spawn(
-            async move {
-                tokio::pin!(revoked);
-                loop {
-                    let next = tokio::select! {
-                        m = inbound.next() => m,
-                        _ = shutdown.recv() => None,
-                        _ = &mut revoked => {
-                            info!("host revoked; ending its publish stream");
-                            let _ = pending_tx
-                                .send(PendingAck::Failed(Status::permission_denied("this host has been revoked")))
-                                .await;
-                            None
-                        }
-                    };
-                    let report = match next {
-                        Some(Ok(r)) => r,
-                        Some(Err(e)) => {
-                            info!(error = %e, "publish stream ended");
-                            break;
-                        }
-                        None => break,
-                    };
-                    let pending = match Ban::from_proto(report.ban.as_ref()) {
-                        Err(e) => {
-                            warn!(seq = report.seq, reason = %e, "report refused");
-                            PendingAck::Ready(proto::Ack {
-                                seq: report.seq,
-                                rejected: e.to_string(),
-                                count: 1,
-                                ..Default::default()
-                            })
-                        }
-                        Ok(ban) => {
-                            let new = NewReport {
-                                host: host.clone(),
-                                seq: report.seq,
-                                ban,
-                            };
-                            PendingAck::Committing(report.seq, committer.report(new).await)
-                        }
-                    };
-                    if pending_tx.send(pending).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            .instrument(span.clone()),
+        let acks = publish::start(
+            host,
+            request.into_inner(),
+            self.committer.clone(),
+            revoked,
+            self.shutdown.clone(),
         );
-
-        // Writer: answer in arrival order once each is durable. Reports
-        // already committed behind the first are folded into one cumulative
-        // ack (`count`), so a busy stream costs one ack per commit, not one
-        // per report. A failed commit ends the stream with UNAVAILABLE; the
-        // node keeps the report in its outbox and sends it again.
-        tokio::spawn(
-            async move {
-                let mut next = pending_rx.recv().await;
-                while let Some(p) = next.take() {
-                    let mut ack = match resolve(p).await {
-                        Ok(ack) => ack,
-                        Err(status) => {
-                            let _ = ack_tx.send(Err(status)).await;
-                            break;
-                        }
-                    };
-                    // Fold in accepted reports whose commit is already known.
-                    while ack.rejected.is_empty() {
-                        match pending_rx.try_recv() {
-                            Ok(PendingAck::Committing(seq, mut rx)) => match rx.try_recv() {
-                                Ok(Ok(c)) => {
-                                    ack.seq = seq;
-                                    ack.event_id = c.event_id();
-                                    ack.duplicate = matches!(c, Committed::Duplicate(_));
-                                    ack.count += 1;
-                                }
-                                Ok(Err(e)) => {
-                                    next = Some(PendingAck::Failed(unavailable(e)));
-                                    break;
-                                }
-                                Err(oneshot::error::TryRecvError::Empty) => {
-                                    next = Some(PendingAck::Committing(seq, rx));
-                                    break;
-                                }
-                                Err(oneshot::error::TryRecvError::Closed) => {
-                                    next = Some(PendingAck::Failed(Status::unavailable(
-                                        "the hub is shutting down",
-                                    )));
-                                    break;
-                                }
-                            },
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    if ack_tx.send(Ok(ack)).await.is_err() {
-                        break;
-                    }
-                    if next.is_none() {
-                        next = pending_rx.recv().await;
-                    }
-                }
-            }
-            .instrument(span),
-        );
-        let mut response: Response<Self::PublishStream> =
-            Response::new(Box::pin(ReceiverStream::new(ack_rx)));
+        let mut response: Response<Self::PublishStream> = Response::new(Box::pin(acks));
         if let Ok(v) = last_seq.to_string().parse() {
             response.metadata_mut().insert(LAST_SEQ_HEADER, v);
         }
@@ -269,24 +86,15 @@ impl hub_server::Hub for HubService {
                 .await
                 .map_err(unavailable)?;
         }
-        let host = peer.name;
-        let after = request.get_ref().after_event_id;
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        let span = info_span!("subscribe", host = %host, after);
-        info!(parent: &span, "subscribed");
-        tokio::spawn(
-            subscription::run(
-                self.store.clone(),
-                self.fanout.clone(),
-                self.access.clone(),
-                host,
-                after,
-                tx,
-                self.shutdown.clone(),
-            )
-            .instrument(span),
+        let events = subscription::start(
+            self.store.clone(),
+            self.fanout.clone(),
+            self.access.clone(),
+            peer.name,
+            request.get_ref().after_event_id,
+            self.shutdown.clone(),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn report_status(
@@ -419,28 +227,14 @@ impl hub_server::Hub for HubService {
                 r.name
             )));
         }
-        let token = hex::encode(rand::random::<[u8; 24]>());
-        let ttl = if r.ttl_s == 0 { TOKEN_TTL_S } else { r.ttl_s };
-        let cert_ttl = if r.cert_ttl_s == 0 {
-            crate::ca::HOST_VALIDITY.as_secs()
-        } else {
-            r.cert_ttl_s
-        };
-        let expires_ms = super::store::now_ms() + (ttl as i64) * 1000;
-        self.store
-            .create_token(&super::store::NewToken {
-                hash: token_hash(&token),
-                name: (!r.name.is_empty()).then_some(r.name.clone()),
-                expires_ms,
-                cert_ttl_s: cert_ttl as i64,
-            })
-            .await
-            .map_err(unavailable)?;
+        let name = (!r.name.is_empty()).then_some(r.name.clone());
+        let token =
+            enrollment::create_token(self.store.as_ref(), name, r.ttl_s, r.cert_ttl_s).await?;
         // The token itself never reaches a log line.
-        info!(by = %admin, name = %r.name, ttl_s = ttl, "enrolment token created");
+        info!(by = %admin, name = %r.name, ttl_s = token.ttl_s, "enrolment token created");
         Ok(Response::new(proto::CreateTokenResponse {
-            token,
-            expires_ms,
+            token: token.token,
+            expires_ms: token.expires_ms,
             ca_sha256: signer.sha256.clone(),
         }))
     }
@@ -454,7 +248,8 @@ impl hub_server::Hub for HubService {
         if !self.store.revoke(&name).await.map_err(unavailable)? {
             return Err(Status::not_found(format!("no host named {name:?}")));
         }
-        let streams = self.fanout.position(&name).map_or(0, |_| 1);
+        // Counted before revoking: revoking ends them.
+        let streams = self.fanout.streams(&name) as u32;
         self.access.revoke(&name);
         info!(host = %name, by = %admin, "host revoked");
         Ok(Response::new(proto::RevokeResponse {
@@ -467,7 +262,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::IssuedCertificate>, Status> {
         let peer = self.access.host(&request)?;
-        let issued = sign_csr(
+        let issued = enrollment::sign_csr(
             self.signer.as_deref(),
             &peer.name,
             &request.get_ref().csr_pem,
@@ -482,7 +277,7 @@ impl hub_server::Hub for HubService {
     }
 }
 
-fn ban_record(b: super::store::BanRow) -> proto::BanRecord {
+fn ban_record(b: BanRow) -> proto::BanRecord {
     proto::BanRecord {
         event: Some(b.event.to_proto()),
         lifted: b.lifted,

@@ -11,10 +11,15 @@
 use std::sync::Arc;
 
 use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use tracing::{debug, info};
+use tracing::{Instrument, debug, info, info_span};
 
-use super::{access::Access, fanout::Fanout, store::Store};
+use super::{
+    access::Access,
+    fanout::{Fanout, SubscriberGuard},
+    store::Store,
+};
 use crate::{
     ban::{Event, EventKind},
     proto,
@@ -23,6 +28,28 @@ use crate::{
 
 /// Events read from the store per replay query.
 pub const REPLAY_PAGE: usize = 5000;
+/// Events buffered per subscriber between the replay/live task and gRPC.
+pub const SUBSCRIBER_QUEUE: usize = 256;
+
+/// The events `host` receives after event `after`. The stream is
+/// registered with the fan-out before this returns, so a stream the caller
+/// holds is already counted (by `Hosts` and `Revoke`); its task runs in a
+/// `subscribe` span inside the current one (the request's).
+pub fn start(
+    store: Arc<dyn Store>,
+    fanout: Fanout,
+    access: Access,
+    host: String,
+    after: u64,
+    shutdown: Shutdown,
+) -> ReceiverStream<Result<proto::Event, Status>> {
+    let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+    let span = info_span!("subscribe", after);
+    info!(parent: &span, "subscribed");
+    let guard = fanout.register(&host);
+    tokio::spawn(run(store, fanout, guard, access, host, after, tx, shutdown).instrument(span));
+    ReceiverStream::new(rx)
+}
 
 /// Whether `subscriber` receives this event: not its own bans.
 fn visible(event: &Event, subscriber: &str) -> bool {
@@ -30,11 +57,12 @@ fn visible(event: &Event, subscriber: &str) -> bool {
 }
 
 /// Feeds `tx` until the subscriber goes away, the store fails or the hub
-/// shuts down.
+/// shuts down; `guard` unregisters the stream when it returns.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
+    guard: SubscriberGuard,
     access: Access,
     host: String,
     last: u64,
@@ -43,7 +71,7 @@ pub async fn run(
 ) {
     let revoked = access.revoked(&host);
     tokio::select! {
-        _ = stream(store, fanout, host, last, tx.clone(), shutdown) => {}
+        _ = stream(store, fanout, guard, host, last, tx.clone(), shutdown) => {}
         _ = revoked => {
             info!("host revoked; ending its subscription");
             let denied = tx.send(Err(Status::permission_denied("this host has been revoked")));
@@ -71,12 +99,12 @@ async fn send(
 async fn stream(
     store: Arc<dyn Store>,
     fanout: Fanout,
+    guard: SubscriberGuard,
     host: String,
     mut last: u64,
     tx: mpsc::Sender<Result<proto::Event, Status>>,
     mut shutdown: Shutdown,
 ) {
-    let guard = fanout.register(&host);
     guard.passed(last);
     'replay: loop {
         let mut live = fanout.receiver();

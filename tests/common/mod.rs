@@ -144,6 +144,52 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The TCP ports process `pid` listens on, read from `/proc`. For a
+/// process told to listen on port 0 whose log does not name the port it got
+/// (the node's inspection port logs the address it was given): the kernel's
+/// socket table is the authority, with no window for another process to
+/// take the port in between, as with [`free_port`].
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st ... inode (field 9); 0A is LISTEN.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            if *state != "0A" || !inodes.contains(*inode) {
+                continue;
+            }
+            ports.extend(
+                local
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok()),
+            );
+        }
+    }
+    ports
+}
+
 pub fn banmesh() -> Command {
     Command::new(env!("CARGO_BIN_EXE_banmesh"))
 }

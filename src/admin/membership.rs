@@ -1,0 +1,132 @@
+//! Who is in the fleet: `banmesh hub token create` (a one-time enrolment
+//! token), `banmesh hub revoke` and `banmesh hub hosts`.
+use std::{fmt, time::Duration};
+
+use super::{AdminError, client, utc};
+use crate::{proto, tls::TlsFiles};
+
+/// A time as the tables print it: minutes, UTC.
+fn when(ms: i64) -> String {
+    utc(ms, false)
+}
+
+/// Asks the hub for a token that enrols one server within `ttl` (only as
+/// `name`, when given) for a certificate valid `cert_ttl`.
+pub async fn create_token(
+    hub: &str,
+    tls: &TlsFiles,
+    ttl: Duration,
+    name: Option<String>,
+    cert_ttl: Duration,
+) -> Result<Token, AdminError> {
+    let r = client(hub, tls)
+        .await?
+        .create_token(proto::CreateTokenRequest {
+            ttl_s: ttl.as_secs(),
+            name: name.unwrap_or_default(),
+            cert_ttl_s: cert_ttl.as_secs(),
+        })
+        .await?
+        .into_inner();
+    Ok(Token {
+        hub: hub.trim_start_matches("https://").to_string(),
+        token: r.token,
+        ca_sha256: r.ca_sha256,
+        expires_ms: r.expires_ms,
+    })
+}
+
+/// A new token, shown with the `banmesh enroll` line to run on the server.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// The hub, HOST:PORT, as `banmesh enroll --hub` takes it.
+    pub hub: String,
+    pub token: String,
+    /// The CA's SHA-256, which `enroll` pins before sending the token.
+    pub ca_sha256: String,
+    pub expires_ms: i64,
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "token:      {}", self.token)?;
+        writeln!(f, "ca-sha256:  {}", self.ca_sha256)?;
+        writeln!(f, "expires:    {} UTC", when(self.expires_ms))?;
+        writeln!(
+            f,
+            "\nOn the new server:\n  banmesh enroll --hub {} --token {} --ca-sha256 {}",
+            self.hub, self.token, self.ca_sha256
+        )
+    }
+}
+
+/// Refuses host `name` from now on; the hub ends its open streams.
+pub async fn revoke(hub: &str, tls: &TlsFiles, name: &str) -> Result<Revoked, AdminError> {
+    let r = client(hub, tls)
+        .await?
+        .revoke(proto::RevokeRequest {
+            name: name.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(Revoked {
+        name: name.to_string(),
+        streams_closed: r.streams_closed,
+    })
+}
+
+/// A revoked host.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    pub name: String,
+    /// Its Subscribe streams the hub ended.
+    pub streams_closed: u32,
+}
+
+impl fmt::Display for Revoked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "revoked {}: the hub refuses it from now on", self.name)
+    }
+}
+
+/// Every host the hub knows, with its enrolment, last contact, certificate
+/// expiry and subscription lag.
+pub async fn hosts(hub: &str, tls: &TlsFiles) -> Result<Hosts, AdminError> {
+    let r = client(hub, tls)
+        .await?
+        .hosts(proto::HostsRequest {})
+        .await?
+        .into_inner();
+    Ok(Hosts(r.hosts))
+}
+
+/// The hosts list, shown as a table with one line per host.
+#[derive(Debug, Clone)]
+pub struct Hosts(pub Vec<proto::HostInfo>);
+
+impl fmt::Display for Hosts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<24} {:<17} {:<17} {:<17} {:>10}  STATE",
+            "HOST", "ENROLLED", "LAST SEEN", "CERT EXPIRES", "LAG"
+        )?;
+        for h in &self.0 {
+            let state = match (h.revoked, h.subscribed) {
+                (true, _) => "revoked",
+                (false, true) => "subscribed",
+                (false, false) => "offline",
+            };
+            writeln!(
+                f,
+                "{:<24} {:<17} {:<17} {:<17} {:>10}  {state}",
+                h.name,
+                when(h.enrolled_ms),
+                when(h.last_seen_ms),
+                when(h.cert_expires_ms),
+                h.lag_events
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,102 @@
+//! The operator's commands, run as the real binary with an admin
+//! certificate: `banmesh bans`, `banmesh hub hosts`, `banmesh unban`, and
+//! their errors (what they print and how they exit).
+mod common;
+
+use std::time::Duration;
+
+use banmesh::tls::TlsFiles;
+use common::*;
+
+/// Runs `banmesh ARGS --hub URL` with `tls`; returns (success, stdout, stderr).
+fn run(args: &[&str], hub: &Hub, tls: &TlsFiles) -> (bool, String, String) {
+    let out = banmesh()
+        .args(args)
+        .args(["--hub", &hub.url])
+        .args(tls_args(tls))
+        .output()
+        .expect("run banmesh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_lists_bans_and_hosts_and_lifts_a_ban() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let db = format!("sqlite:{}", root.path().join("hub.db").display());
+    let hub = Hub::start(root.path(), &pki, &db).await;
+    let a = Node::start(root.path(), &pki, "node-a", &hub.url).await;
+    let b = Node::start(root.path(), &pki, "node-b", &hub.url).await;
+    let ops = pki.admin("ops");
+    assert!(a.report("sshd", "tcp", "22", "198.51.100.40").0);
+    wait_for("the ban at B", Duration::from_secs(20), || async {
+        b.lines_for("198.51.100.40") == 1
+    })
+    .await;
+
+    let (ok, out, err) = run(&["bans", "--ip", "198.51.100.40"], &hub, &ops);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and one ban: {out}");
+    // The seed's columns, then one status column per host.
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "id",
+            "added_by",
+            "created",
+            "jailname",
+            "protocol",
+            "port",
+            "ip",
+            "host_nodea",
+            "host_nodeb"
+        ],
+        "{out}"
+    );
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row.len(), 10, "created is a date and a time: {out}");
+    assert_eq!(row[1], "node-a", "{out}");
+    assert_eq!(&row[4..8], ["sshd", "tcp", "22", "198.51.100.40"], "{out}");
+    assert_eq!(row[8], "1", "the reporter's own status is 1: {out}");
+
+    let (ok, out, err) = run(&["hub", "hosts"], &hub, &ops);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HOST "), "{out}");
+    for host in ["node-a", "node-b"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(host) && l.ends_with("  subscribed")),
+            "{host} subscribed: {out}"
+        );
+    }
+
+    let (ok, out, err) = run(&["unban", "198.51.100.40"], &hub, &ops);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("unbanned 198.51.100.40 (event ") && out.ends_with(", 1 ban(s) lifted)\n"),
+        "{out}"
+    );
+
+    // Errors: the hub's message, a non-zero exit, nothing on stdout.
+    let (ok, out, err) = run(&["unban", "198.51.100.40"], &hub, &ops);
+    assert!(!ok && out.is_empty());
+    assert!(
+        err.contains("banmesh: 198.51.100.40 has no active ban"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["bans", "--ip", "203.0.113.99"], &hub, &ops);
+    assert!(!ok);
+    assert!(err.contains("banmesh: no bans match"), "{err}");
+    let (ok, _, err) = run(&["hub", "revoke", "node-b"], &hub, &pki.host("node-a"));
+    assert!(!ok);
+    assert!(err.contains("not an admin"), "{err}");
+    let (ok, _, err) = run(&["unban", "not-an-ip"], &hub, &ops);
+    assert!(!ok);
+    assert!(err.contains("is not an IP address"), "{err}");
+}
