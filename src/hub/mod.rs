@@ -17,11 +17,13 @@
 //! - [`subscription`]: one subscriber's replay-then-live stream.
 //! - [`statuses`]: hosts' statuses, written in groups.
 //! - [`access`]: who may call what; [`enrollment`]: the token-for-certificate call.
+//! - [`listener`]: the accept loop, TLS handshakes and connection limits.
 //! - [`service`]: the gRPC surface.
 pub mod access;
 pub mod committer;
 pub mod enrollment;
 pub mod fanout;
+pub mod listener;
 pub mod migrate;
 pub mod service;
 pub mod statuses;
@@ -32,7 +34,6 @@ use std::{path::PathBuf, sync::Arc};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::info;
 
@@ -110,7 +111,9 @@ pub async fn run(
     // Clients without a certificate get through the handshake only to
     // reach `Enrollment`; every other service checks the certificate (see
     // `access`). A certificate from another CA still fails the handshake.
-    let tls = config.tls.server_with_chain()?.client_auth_optional(true);
+    // `listener` bounds what such clients can hold open.
+    let tls = config.tls.hub_server_config()?;
+    let limits = listener::Limits::for_nofile(listener::raise_nofile_limit());
     let signer = config.signer()?;
     if signer.is_none() {
         info!("no CA key: enrolment and renewal are off");
@@ -138,7 +141,8 @@ pub async fn run(
 
     info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
     Server::builder()
-        .tls_config(tls)?
+        .http2_keepalive_interval(Some(listener::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(listener::KEEPALIVE_TIMEOUT))
         .add_service(HubServer::new(service))
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(InterceptedService::new(
@@ -151,7 +155,7 @@ pub async fn run(
             access.interceptor(),
         ))
         .serve_with_incoming_shutdown(
-            crate::tls::nodelay(TcpListenerStream::new(listener)),
+            listener::incoming(listener, tls, limits, shutdown.clone()),
             shutdown.signalled(),
         )
         .await?;
