@@ -381,7 +381,7 @@ async fn accept_loop(
         let Some(slot) = tracker.admit(peer.ip()) else {
             shed += 1;
             if shed.is_power_of_two() {
-                warn!(%peer, shed, "too many connections without a certificate; closing new ones");
+                warn!(%peer, shed, "connection limit reached (in total or for this address); closing new connections");
             }
             continue;
         };

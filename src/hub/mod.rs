@@ -101,13 +101,9 @@ impl HubConfig {
     }
 }
 
-/// Runs the hub on `listener` until `shutdown` fires; in-flight commits
+/// Runs the hub on `tcp` until `shutdown` fires; in-flight commits
 /// finish and streams end cleanly before it returns.
-pub async fn run(
-    listener: TcpListener,
-    config: HubConfig,
-    shutdown: Shutdown,
-) -> Result<(), HubError> {
+pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Result<(), HubError> {
     // Clients without a certificate get through the handshake only to
     // reach `Enrollment`; every other service checks the certificate (see
     // `access`). A certificate from another CA still fails the handshake.
@@ -139,7 +135,7 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<HubServer<service::HubService>>().await;
 
-    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
+    info!(addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
     Server::builder()
         .http2_keepalive_interval(Some(listener::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(listener::KEEPALIVE_TIMEOUT))
@@ -155,7 +151,7 @@ pub async fn run(
             access.interceptor(),
         ))
         .serve_with_incoming_shutdown(
-            listener::incoming(listener, tls, limits, shutdown.clone()),
+            listener::incoming(tcp, tls, limits, shutdown.clone()),
             shutdown.signalled(),
         )
         .await?;
