@@ -22,6 +22,8 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("{path} holds no PEM private key")]
     NoKey { path: PathBuf },
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(String),
 }
 
 /// The three files a host needs to speak mTLS.
@@ -81,17 +83,46 @@ impl TlsFiles {
             .client_ca_root(self.ca()?))
     }
 
-    /// Server side, also presenting the CA certificate after our own, so a
-    /// new server enrolling can check it against the pinned CA hash.
-    pub fn server_with_chain(&self) -> Result<ServerTlsConfig, TlsError> {
-        let mut chain = read_cert(&self.cert)?;
-        if !chain.ends_with(b"\n") {
-            chain.push(b'\n');
-        }
-        chain.extend(read_cert(&self.ca)?);
-        Ok(ServerTlsConfig::new()
-            .identity(Identity::from_pem(chain, read_key(&self.key)?))
-            .client_ca_root(self.ca()?))
+    /// The hub's rustls configuration, for its own accept loop: presents
+    /// our certificate followed by the CA's (so a new server enrolling can
+    /// check it against the pinned CA hash), verifies any client
+    /// certificate against the CA, but lets a client present none (only
+    /// enrolment accepts that; see `hub::access`), and speaks HTTP/2.
+    pub fn hub_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        use std::sync::Arc;
+        let certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+            CertificateDer::pem_slice_iter(&read_cert(path)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| TlsError::NoCertificate {
+                    path: path.to_path_buf(),
+                })
+        };
+        let ca = certs(&self.ca)?;
+        let mut chain = certs(&self.cert)?;
+        chain.extend(ca.iter().cloned());
+        let key =
+            PrivateKeyDer::from_pem_slice(&read_key(&self.key)?).map_err(|_| TlsError::NoKey {
+                path: self.key.clone(),
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(ca);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| config(&e))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| config(&e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| config(&e))?;
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(server))
     }
 
     /// Client side: verify the server against the CA only (no system roots)
@@ -164,8 +195,10 @@ pub fn expiry_ms(der: &CertificateDer<'_>) -> Option<i64> {
 }
 
 /// The verified host name of the caller of an RPC. The handshake already
-/// checked the chain; a request without a certificate never reaches here
-/// over TCP, but the local unix socket has none, hence the `Status`.
+/// checked the chain; a client may present no certificate (for enrolment)
+/// and the local unix socket has none, hence the `Status`. The hub's
+/// connections (`hub::listener::Conn`) carry tonic's `TlsConnectInfo`, so
+/// `peer_certs` reads the handshake's certificates as with tonic's TLS.
 pub fn peer_name<T>(request: &tonic::Request<T>) -> Result<String, tonic::Status> {
     let certs = request
         .peer_certs()

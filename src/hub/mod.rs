@@ -27,10 +27,13 @@
 //!   seed's `ip_table`.
 //! - [`run`] (here): wires them together behind one mTLS listener, with a
 //!   tracing span per request naming the RPC and the caller.
+//! - [`listener`]: the accept loop: TLS handshakes with a deadline, and
+//!   limits on connections that carry no client certificate.
 pub mod access;
 pub mod committer;
 pub mod enrollment;
 pub mod fanout;
+pub mod listener;
 pub mod migrate;
 pub mod publish;
 pub mod service;
@@ -41,7 +44,6 @@ use std::{path::PathBuf, sync::Arc};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic::{
     codegen::http,
@@ -130,17 +132,15 @@ fn request_span(request: &http::Request<()>) -> tracing::Span {
     span
 }
 
-/// Runs the hub on `listener` until `shutdown` fires; in-flight commits
+/// Runs the hub on `tcp` until `shutdown` fires; in-flight commits
 /// finish and streams end cleanly before it returns.
-pub async fn run(
-    listener: TcpListener,
-    config: HubConfig,
-    shutdown: Shutdown,
-) -> Result<(), HubError> {
+pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Result<(), HubError> {
     // Clients without a certificate get through the handshake only to
     // reach `Enrollment`; every other service checks the certificate (see
     // `access`). A certificate from another CA still fails the handshake.
-    let tls = config.tls.server_with_chain()?.client_auth_optional(true);
+    // `listener` bounds what such clients can hold open.
+    let tls = config.tls.hub_server_config()?;
+    let limits = listener::Limits::for_nofile(listener::raise_nofile_limit());
     let signer = config.signer()?;
     if signer.is_none() {
         info!("no CA key: enrolment and renewal are off");
@@ -166,10 +166,11 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<HubServer<service::HubService>>().await;
 
-    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
+    info!(addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
     Server::builder()
-        .tls_config(tls)?
         .trace_fn(request_span)
+        .http2_keepalive_interval(Some(listener::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(listener::KEEPALIVE_TIMEOUT))
         .add_service(HubServer::new(service))
         .add_service(EnrollmentServer::new(enrollment))
         .add_service(InterceptedService::new(
@@ -182,7 +183,7 @@ pub async fn run(
             access.interceptor(),
         ))
         .serve_with_incoming_shutdown(
-            crate::tls::nodelay(TcpListenerStream::new(listener)),
+            listener::incoming(tcp, tls, limits, shutdown.clone()),
             shutdown.signalled(),
         )
         .await?;

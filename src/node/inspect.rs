@@ -55,7 +55,10 @@ pub async fn serve(
     health
         .set_serving::<node_server::NodeServer<Inspect>>()
         .await;
-    info!(%addr, "inspection port listening (mTLS)");
+    // The bound address, not the asked one: with port 0 the kernel picks
+    // it, and tests and operators read it from this line.
+    let bound = listener.local_addr().unwrap_or(addr);
+    info!(addr = %bound, "inspection port listening (mTLS)");
     // Requests run in the caller's span (the node's, naming its host).
     let span = tracing::Span::current();
     Server::builder()

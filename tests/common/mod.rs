@@ -265,12 +265,25 @@ impl Hub {
     }
 
     pub async fn start_listening(root: &Path, pki: &Pki, db: &str, ip: &str, port: u16) -> Hub {
+        Self::start_with(root, pki, db, ip, port, |_| {}).await
+    }
+
+    /// A hub whose command `tweak` adjusts before it is spawned.
+    pub async fn start_with(
+        root: &Path,
+        pki: &Pki,
+        db: &str,
+        ip: &str,
+        port: u16,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Hub {
         let tls = pki.host("hub");
         let mut cmd = banmesh();
         cmd.args(["hub", "--listen", &format!("{ip}:{port}"), "--db", db])
             .arg("--data-dir")
             .arg(root.join("hub"))
             .args(tls_args(&tls));
+        tweak(&mut cmd);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let proc = Proc::spawn(cmd, root.join(format!("hub-{n}.log")));
         let mut bound = 0u16;
