@@ -20,14 +20,18 @@ pub const MAX_PORT_LEN: usize = 32;
 /// Why a ban was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum InvalidBan {
+    /// The address does not parse as IPv4 or IPv6.
     #[error("ip {0:?} is not an IPv4 or IPv6 address")]
     Ip(String),
+    /// The jail name is empty, too long, or has characters fail2ban names do not use.
     #[error(
         "jail {0:?} must be 1-{MAX_JAIL_LEN} characters of letters, digits, '_', '-', '.', '@'"
     )]
     Jail(String),
+    /// The protocol is empty, too long, or not letters, digits and commas.
     #[error("protocol {0:?} must be 1-{MAX_PROTOCOL_LEN} characters of letters, digits, ','")]
     Protocol(String),
+    /// The port is not a number, range, service name or comma list of these, or is too long.
     #[error(
         "port {0:?} is not a port: use a number 0-65535, a range like 1000:2000, a service name like ssh, or a comma list of these (at most {MAX_PORT_LEN} characters)"
     )]
@@ -37,8 +41,11 @@ pub enum InvalidBan {
 /// A checked ban: what fail2ban banned, where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ban {
+    /// The fail2ban jail that banned the address (fail2ban's `<name>`).
     pub jail: String,
+    /// The jail's protocol (fail2ban's `<protocol>`), lowercased.
     pub protocol: String,
+    /// The jail's port or ports (fail2ban's `<port>`), lowercased, as fail2ban wrote them.
     pub port: String,
     /// Canonical text form of the address (`::ffff:1.2.3.4` stays IPv6).
     pub ip: String,
@@ -75,6 +82,7 @@ impl Ban {
         Ban::new(&b.jail, &b.protocol, &b.port, &b.ip)
     }
 
+    /// The wire form, as sent by `report`, the node and the hub.
     pub fn to_proto(&self) -> proto::Ban {
         proto::Ban {
             jail: self.jail.clone(),
@@ -123,18 +131,25 @@ fn valid_port(s: &str) -> bool {
 /// What an event does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
+    /// Ban the address on every other host.
     Ban,
+    /// Lift every active ban of the address, everywhere (an admin's `banmesh unban`).
     Unban,
 }
 
 /// A committed event: a ban, or the lifting of one, with its store id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
+    /// The hub's store id: the fleet-wide order, and the position a node
+    /// resumes its subscription after.
     pub id: u64,
+    /// Whether it bans or lifts.
     pub kind: EventKind,
+    /// The address and where it was banned (for an unban, copied from the latest ban it lifts).
     pub ban: Ban,
     /// The reporter's host name, from its certificate.
     pub added_by: String,
+    /// When the hub committed it, Unix ms.
     pub created_ms: i64,
     /// For an unban, the ban event it lifts (0 for all bans of the IP).
     pub lifts: u64,
@@ -147,6 +162,7 @@ pub enum InvalidEvent {
     /// could ban an address the fleet meant to release.
     #[error("event kind {0} is neither ban nor unban (is this node older than the hub?)")]
     Kind(i32),
+    /// The ban inside the event failed the same checks as a report.
     #[error(transparent)]
     Ban(#[from] InvalidBan),
 }
@@ -169,6 +185,7 @@ impl Event {
         })
     }
 
+    /// The wire form the hub streams to subscribers.
     pub fn to_proto(&self) -> proto::Event {
         proto::Event {
             id: self.id,
@@ -199,6 +216,7 @@ pub enum Status {
 }
 
 impl Status {
+    /// The status for a stored code; `None` for a code outside 0-3.
     pub fn from_code(code: i64) -> Option<Self> {
         Some(match code {
             0 => Status::NotAdded,

@@ -23,22 +23,35 @@ pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How long a host certificate is valid by default.
 pub const HOST_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 
+/// Why a CA command failed; each message says what to do next.
 #[derive(Debug, Error)]
 pub enum CaError {
+    /// A CA or host file is already there; nothing is ever overwritten, so an
+    /// existing CA key (and every certificate it signed) cannot be lost by
+    /// mistake.
     #[error("{0} already exists; refusing to overwrite it (remove it first if you mean to)")]
     Exists(PathBuf),
+    /// A key, certificate or the directory could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The file or directory being written.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The CA's certificate or key could not be read (usually: no `ca init` in this directory yet).
     #[error("cannot read {path}: {source} (run `banmesh ca init --dir ...` first)")]
     Read {
+        /// The file being read.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The host name is not usable as an identity (certificate common name and
+    /// `host_<name>` column).
     #[error("host name {0:?} must be 1-253 characters of letters, digits, '-', '.', '_'")]
     BadName(String),
+    /// Generating, parsing or signing a key or certificate failed.
     #[error("certificate error: {0}")]
     Cert(#[from] rcgen::Error),
 }
@@ -47,15 +60,19 @@ pub enum CaError {
 pub struct CaDir(pub PathBuf);
 
 impl CaDir {
+    /// The CA certificate, `DIR/ca.crt`: what every host verifies its peers against.
     pub fn cert(&self) -> PathBuf {
         self.0.join("ca.crt")
     }
+    /// The CA private key, `DIR/ca.key` (0600): whoever holds it can add hosts.
     pub fn key(&self) -> PathBuf {
         self.0.join("ca.key")
     }
+    /// A host certificate issued by `ca issue`, `DIR/NAME.crt`.
     pub fn host_cert(&self, name: &str) -> PathBuf {
         self.0.join(format!("{name}.crt"))
     }
+    /// A host private key written by `ca issue`, `DIR/NAME.key` (0600).
     pub fn host_key(&self, name: &str) -> PathBuf {
         self.0.join(format!("{name}.key"))
     }
@@ -132,8 +149,11 @@ pub fn init(dir: &Path) -> Result<(), CaError> {
 
 /// A host certificate request: who, reached how, for how long.
 pub struct HostCert<'a> {
+    /// The host's identity: the certificate's common name, and a DNS name.
     pub name: &'a str,
+    /// Extra DNS names or IP addresses the host is reached by (parsed as an IP when they are one).
     pub sans: &'a [String],
+    /// How long the certificate is valid from now.
     pub valid_for: Duration,
     /// Grants the admin role (unban and other fleet-wide calls).
     pub admin: bool,

@@ -10,6 +10,7 @@ use crate::{admin, ban::Ban, ca, hub, node, shutdown, tls::TlsFiles};
 /// Directory of the default certificate paths.
 pub const DEFAULT_CERT_DIR: &str = "/etc/banmesh";
 
+/// The `banmesh` command line, as parsed from `argv` (after [`seed_args`]).
 #[derive(Parser, Debug)]
 #[command(
     name = "banmesh",
@@ -17,10 +18,12 @@ pub const DEFAULT_CERT_DIR: &str = "/etc/banmesh";
     about = "Share fail2ban bans across a fleet in milliseconds"
 )]
 pub struct Cli {
+    /// What to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Every `banmesh` subcommand; each variant's doc is its line in `banmesh --help`.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Manage the fleet's private certificate authority.
@@ -44,6 +47,7 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
+/// Flags of `banmesh enroll`.
 #[derive(Args, Debug)]
 pub struct EnrollArgs {
     /// The hub, HOST:PORT.
@@ -69,10 +73,12 @@ pub struct AdminArgs {
     /// Hub address.
     #[arg(long, default_value = "https://127.0.0.1:7443")]
     pub hub: String,
+    /// The admin certificate, key and fleet CA.
     #[command(flatten)]
     pub tls: TlsArgs,
 }
 
+/// `banmesh hub token`: enrolment token management.
 #[derive(Subcommand, Debug)]
 pub enum TokenAction {
     /// Print a one-time enrolment token and the CA's SHA-256 (needs an admin certificate).
@@ -86,11 +92,13 @@ pub enum TokenAction {
         /// Validity of the certificate the token buys.
         #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
         cert_ttl: Duration,
+        /// The hub to ask, and the admin certificate to ask with.
         #[command(flatten)]
         admin: AdminArgs,
     },
 }
 
+/// `banmesh ca`: making the fleet CA and issuing certificates by hand.
 #[derive(Subcommand, Debug)]
 pub enum CaCommand {
     /// Create a new CA: DIR/ca.crt and DIR/ca.key (0600).
@@ -143,15 +151,19 @@ impl From<&TlsArgs> for TlsFiles {
     }
 }
 
+/// `banmesh hub`: run the hub (no subcommand) or one of its management actions.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct HubCommand {
+    /// A management action; `None` runs the hub daemon with [`HubArgs`].
     #[command(subcommand)]
     pub action: Option<HubAction>,
+    /// The daemon's flags, used when no action is given.
     #[command(flatten)]
     pub run: HubArgs,
 }
 
+/// `banmesh hub`'s management actions (against a running hub or its store).
 #[derive(Subcommand, Debug)]
 pub enum HubAction {
     /// Enrolment tokens.
@@ -161,11 +173,13 @@ pub enum HubAction {
     Revoke {
         /// The host's name.
         name: String,
+        /// The hub to ask, and the admin certificate to ask with.
         #[command(flatten)]
         admin: AdminArgs,
     },
     /// List hosts: enrolment, last seen, certificate expiry, subscription lag, revoked.
     Hosts {
+        /// The hub to ask, and the admin certificate to ask with.
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -198,6 +212,7 @@ pub enum HubAction {
     },
 }
 
+/// Flags of the hub daemon (`banmesh hub` with no action).
 #[derive(Args, Debug)]
 pub struct HubArgs {
     /// Address to listen on (mutual TLS).
@@ -209,6 +224,7 @@ pub struct HubArgs {
     /// Directory for the embedded store.
     #[arg(long, default_value = hub::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// The hub's own certificate and key, and the fleet CA it verifies clients against.
     #[command(flatten)]
     pub tls: TlsArgs,
     /// CA private key, to sign enrolments and renewals (default: ca.key beside --ca, if present).
@@ -216,21 +232,26 @@ pub struct HubArgs {
     pub ca_key: Option<PathBuf>,
 }
 
+/// `banmesh node`: run the node daemon (no subcommand) or set fail2ban up for it.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct NodeCommand {
+    /// `setup-fail2ban`; `None` runs the node daemon with [`NodeArgs`].
     #[command(subcommand)]
     pub action: Option<NodeAction>,
+    /// The daemon's flags, used when no action is given.
     #[command(flatten)]
     pub run: NodeArgs,
 }
 
+/// `banmesh node`'s one-shot actions.
 #[derive(Subcommand, Debug)]
 pub enum NodeAction {
     /// Write the `shared` jail, its filter, shared.log and the reporting ban action.
     SetupFail2ban(SetupArgs),
 }
 
+/// Flags of `banmesh node setup-fail2ban`.
 #[derive(Args, Debug)]
 pub struct SetupArgs {
     /// fail2ban's configuration directory.
@@ -267,13 +288,16 @@ pub struct NodePaths {
     pub data_dir: PathBuf,
 }
 
+/// Flags of the node daemon (`banmesh node` with no action).
 #[derive(Args, Debug)]
 pub struct NodeArgs {
     /// Hub address, https://HOST:PORT; repeat for failover across hubs.
     #[arg(long = "hub", default_value = "https://127.0.0.1:7443")]
     pub hubs: Vec<String>,
+    /// This host's certificate and key (its identity to the hub), and the fleet CA.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// The shared log, report socket and state directory.
     #[command(flatten)]
     pub paths: NodePaths,
     /// Most reports kept while the hub is unreachable.
@@ -326,6 +350,7 @@ pub struct ReportArgs {
     pub ip: String,
 }
 
+/// Flags of `banmesh unban`.
 #[derive(Args, Debug)]
 pub struct UnbanArgs {
     /// IP to lift everywhere.
@@ -333,15 +358,18 @@ pub struct UnbanArgs {
     /// Hub address.
     #[arg(long, default_value = "https://127.0.0.1:7443")]
     pub hub: String,
+    /// An admin certificate: only admins may lift bans fleet-wide.
     #[command(flatten)]
     pub tls: TlsArgs,
 }
 
+/// Flags of `banmesh bans`.
 #[derive(Args, Debug)]
 pub struct BansArgs {
     /// Hub address.
     #[arg(long, default_value = "https://127.0.0.1:7443")]
     pub hub: String,
+    /// This host's (or an admin's) certificate, key and the fleet CA.
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Only this IP.

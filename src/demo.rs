@@ -19,6 +19,7 @@ use tokio::{io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
 
 use crate::{ban::Ban, ca, hub, node, proto, shutdown, tls::TlsFiles};
 
+/// Flags of `banmesh demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Number of nodes.
@@ -51,6 +52,8 @@ fn issue(dir: &Path, name: &str, admin: bool) -> anyhow::Result<TlsFiles> {
     )?)
 }
 
+/// Runs the demo until its bans have crossed the fleet (or Ctrl-C), then
+/// removes its files unless `--keep`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let temp = tempfile::Builder::new().prefix("banmesh-demo-").tempdir()?;
     let root = args

@@ -31,30 +31,51 @@ use crate::{
 /// Why an enrolment failed; each says what the operator can do about it.
 #[derive(Debug, Error)]
 pub enum EnrollError {
+    /// `--ca-sha256` is not 64 hex digits (colons allowed); checked before
+    /// anything is sent.
     #[error("--ca-sha256 must be the 64 hex digits printed by `banmesh hub token create`")]
     BadPin,
+    /// The host name (given, or this machine's) is not one banmesh accepts as an identity.
     #[error("{0:?} is not a valid host name; pass --name")]
     BadName(String),
+    /// `host.key` already exists in the target directory; enrolling never
+    /// overwrites an identity.
     #[error("{0} already exists: this machine is enrolled (move it away to enrol again)")]
     AlreadyEnrolled(PathBuf),
+    /// `--hub` has no `:PORT` or is not a usable address.
     #[error("--hub {0:?} must be HOST:PORT")]
     BadHub(String),
+    /// The hub's host part is neither an IP address nor a valid DNS name for TLS.
     #[error("bad hub host name {0:?}: use a DNS name or an IP address")]
     BadHubName(String),
+    /// rustls refused the client configuration (no usable protocol version).
     #[error("cannot set up TLS to the hub: {0}")]
     Tls(#[from] rustls::Error),
+    /// No connection to the hub: refused, timed out, or a failed handshake.
     /// The TLS handshake failing on the pinned CA lands here too.
     #[error("cannot reach the hub at {hub}: {reason}")]
-    Unreachable { hub: String, reason: String },
+    Unreachable {
+        /// The hub as given with `--hub`.
+        hub: String,
+        /// The innermost error's message (the most specific cause).
+        reason: String,
+    },
+    /// Making this host's key or CSR failed.
     #[error("cannot make this host's key: {0}")]
     Key(#[from] ca::CaError),
+    /// The enrol call failed, usually the hub refusing: an unknown, used or
+    /// expired token, a name taken or revoked, or no CA key on the hub.
     #[error("the hub refused the enrolment: {0}")]
     Refused(String),
+    /// The hub's issued CA certificate does not hash to the pin; nothing is written.
     #[error("the hub returned a CA certificate that does not match --ca-sha256")]
     CaMismatch,
+    /// Writing the key, certificate or CA file (or making the directory) failed.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The file or directory being written.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
 }
@@ -133,18 +154,27 @@ impl ServerCertVerifier for PinnedCa {
 pub struct EnrollRequest {
     /// `HOST:PORT` (an `https://` prefix is accepted).
     pub hub: String,
+    /// The one-time token from `banmesh hub token create` (sent once, stored by
+    /// the hub only as a hash).
     pub token: String,
+    /// Hex SHA-256 of the fleet CA certificate: the hub's chain must carry it.
     pub ca_sha256: String,
+    /// The identity to enrol as: the new certificate's common name.
     pub name: String,
+    /// Where `host.key` (0600), `host.crt` and `ca.crt` are written.
     pub dir: PathBuf,
 }
 
 /// Files written by a successful enrolment.
 #[derive(Debug, Clone)]
 pub struct Enrolled {
+    /// The new host certificate (`DIR/host.crt`).
     pub cert: PathBuf,
+    /// The new private key (`DIR/host.key`, 0600), made here and never sent.
     pub key: PathBuf,
+    /// The fleet CA certificate (`DIR/ca.crt`), checked against the pin.
     pub ca: PathBuf,
+    /// When the issued certificate expires, Unix ms.
     pub expires_ms: i64,
 }
 

@@ -10,13 +10,21 @@
 //! - [`ban`]: domain types (ban, event, status) and input validation.
 //! - [`hub`]: the hub daemon: store, group committer, fan-out, subscriptions.
 //! - [`node`]: the node daemon: outbox, publisher, subscriber, apply.
-//! - [`report`]: the `banmesh report` client fail2ban runs.
-//! - [`admin`]: operator commands against the hub (unban, list, hosts).
-//! - [`tls`]: mTLS configuration and peer identity; [`ca`]: the fleet CA.
-//! - [`demo`]: a throwaway local fleet for a first look.
-//! - [`bench`]: the benchmark harness (`banmesh bench`).
+//! - [`report`]: the `banmesh report` client fail2ban's action runs.
+//! - [`admin`]: operator commands: unban, bans, hosts, tokens, revoke, migrate, import-seed.
+//! - [`enroll`]: `banmesh enroll`, a new server trading a token for its certificate.
+//! - [`fail2ban`]: fail2ban's control socket and the configuration banmesh installs.
+//! - [`tls`]: mTLS configuration and peer identity.
+//! - [`ca`]: the fleet CA: make it, sign hosts and admins.
+//! - [`clock`]: the fleet's clock (Unix milliseconds), shared by hub and node.
 //! - [`shutdown`]: graceful shutdown as a value.
+//! - [`cli`]: the `clap` definitions and dispatch behind the `banmesh` binary.
+//! - [`demo`]: a throwaway local fleet for a first look.
+//! - [`bench`](mod@bench): the benchmark harness (`banmesh bench`).
 //! - [`proto`]: generated gRPC code.
+
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod ban;
 pub mod bench;

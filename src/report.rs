@@ -17,14 +17,27 @@ use crate::{
     proto::{self, node_client::NodeClient},
 };
 
+/// Why `banmesh report` failed; fail2ban's action logs the message.
 #[derive(Debug, Error)]
 pub enum ReportError {
+    /// A field of the ban failed validation; nothing was stored.
     #[error("{0}")]
     Invalid(#[from] InvalidBan),
+    /// No connection to the node could be made, so it surely does not have
+    /// the ban; [`report_or_spool`] spools it then, and returns this only
+    /// when the spool cannot be written either.
     #[error(
         "cannot reach the banmesh node at {path}: {reason} (is `banmesh node` running with this --socket?)"
     )]
-    NodeDown { path: PathBuf, reason: String },
+    NodeDown {
+        /// The node's socket.
+        path: PathBuf,
+        /// Why the connection failed (and why spooling failed, if it did).
+        reason: String,
+    },
+    /// The request reached the node and failed: it refused the ban (outbox
+    /// full or unwritable) or failed to answer; never spooled, since the
+    /// node may have stored it.
     #[error("node refused the report: {0}")]
     Refused(String),
 }

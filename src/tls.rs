@@ -13,15 +13,28 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 /// What went wrong with a certificate or key file.
 #[derive(Debug, Error)]
 pub enum TlsError {
+    /// A certificate, key or CA file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file being read.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The certificate (or CA) file has no PEM certificate in it.
     #[error("{path} holds no PEM certificate (expected '-----BEGIN CERTIFICATE-----')")]
-    NoCertificate { path: PathBuf },
+    NoCertificate {
+        /// The file in question.
+        path: PathBuf,
+    },
+    /// The key file has no PEM private key in it.
     #[error("{path} holds no PEM private key")]
-    NoKey { path: PathBuf },
+    NoKey {
+        /// The file in question.
+        path: PathBuf,
+    },
+    /// The files were read but rustls or tonic refused them together (for
+    /// example a key that does not match the certificate).
     #[error("cannot build the TLS configuration: {0}")]
     Config(String),
 }
@@ -29,8 +42,11 @@ pub enum TlsError {
 /// The three files a host needs to speak mTLS.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// This host's certificate (PEM); its common name is the host's identity.
     pub cert: PathBuf,
+    /// This host's private key (PEM).
     pub key: PathBuf,
+    /// The fleet CA certificate (PEM) every peer is verified against.
     pub ca: PathBuf,
 }
 
@@ -171,8 +187,12 @@ pub fn is_admin(der: &CertificateDer<'_>) -> bool {
 /// Who is calling, from the verified client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
+    /// The caller's host name: its certificate's common name.
     pub name: String,
+    /// The certificate carries the admin role (OU `banmesh-admin`): it may
+    /// unban, issue tokens, revoke.
     pub admin: bool,
+    /// When the presented certificate expires, Unix ms; `None` if it could not be parsed.
     pub cert_expires_ms: Option<i64>,
 }
 

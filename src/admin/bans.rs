@@ -22,6 +22,7 @@ pub async fn unban(hub: &str, tls: &TlsFiles, ip: &str) -> Result<Unbanned, Admi
 /// An unban the hub committed.
 #[derive(Debug, Clone)]
 pub struct Unbanned {
+    /// The address lifted.
     pub ip: String,
     /// The unban's event, as every node receives it.
     pub event_id: u64,

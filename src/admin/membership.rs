@@ -41,9 +41,11 @@ pub async fn create_token(
 pub struct Token {
     /// The hub, HOST:PORT, as `banmesh enroll --hub` takes it.
     pub hub: String,
+    /// The one-time token, for `banmesh enroll --token`.
     pub token: String,
     /// The CA's SHA-256, which `enroll` pins before sending the token.
     pub ca_sha256: String,
+    /// When the token stops being accepted, Unix ms.
     pub expires_ms: i64,
 }
 
@@ -78,6 +80,7 @@ pub async fn revoke(hub: &str, tls: &TlsFiles, name: &str) -> Result<Revoked, Ad
 /// A revoked host.
 #[derive(Debug, Clone)]
 pub struct Revoked {
+    /// The host's name; its certificate is refused from now on.
     pub name: String,
     /// Its Subscribe streams the hub ended.
     pub streams_closed: u32,

@@ -39,13 +39,19 @@ pub enum AdminError {
     /// The hub answered with an error (unreachable, not an admin, not
     /// found, ...): its message is the one to show.
     #[error("{message}")]
-    Hub { code: tonic::Code, message: String },
+    Hub {
+        /// The gRPC status code the hub answered with.
+        code: tonic::Code,
+        /// The hub's message.
+        message: String,
+    },
     /// `banmesh bans` found nothing.
     #[error("no bans match")]
     NoBans,
     /// A store named by `--from`/`--to` cannot be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// `hub migrate` or `hub import-seed` failed.
     #[error(transparent)]
     Migrate(#[from] MigrateError),
 }

@@ -22,16 +22,19 @@ use crate::{
 
 /// A CA and the certificates of everything in the benchmark.
 pub struct Pki {
+    /// Directory holding `ca.crt`, `ca.key` and every issued pair.
     pub dir: PathBuf,
 }
 
 impl Pki {
+    /// Makes a new CA in `ROOT/pki`.
     pub fn new(root: &Path) -> anyhow::Result<Pki> {
         let dir = root.join("pki");
         ca::init(&dir)?;
         Ok(Pki { dir })
     }
 
+    /// Issues (or reuses) the certificate of host `name`, valid for `127.0.0.1`.
     pub fn host(&self, name: &str) -> anyhow::Result<TlsFiles> {
         let sans = ["127.0.0.1".to_string()];
         Ok(ca::issue_once(
@@ -49,6 +52,7 @@ impl Pki {
 /// The hub, as a child process.
 pub struct HubProc {
     child: Child,
+    /// The hub's address, `https://127.0.0.1:PORT`, for nodes to connect to.
     pub url: String,
 }
 
@@ -138,13 +142,17 @@ impl Drop for HubProc {
 /// Full nodes (outbox, publisher, subscriber, apply to shared.log), in
 /// this process, each telling `observer` what it applied.
 pub struct Nodes {
+    /// Each node's report socket, in node order.
     pub sockets: Vec<PathBuf>,
+    /// Each node's host name (`bench-I`), in node order.
     pub names: Vec<String>,
     trigger: ShutdownTrigger,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Nodes {
+    /// Starts `count` nodes under `root` against `hub` and waits until every
+    /// one is connected to it; `observer` gets (node index, IPs applied, when).
     pub async fn start(
         root: &Path,
         pki: &Pki,
@@ -201,6 +209,7 @@ impl Nodes {
         Ok(nodes)
     }
 
+    /// Stops every node and waits (up to 10 s each) for its tasks to finish.
     pub async fn stop(self) {
         self.trigger.trigger();
         for t in self.tasks {

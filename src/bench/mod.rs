@@ -14,6 +14,10 @@
 //! - `banmesh report`'s own wall time (what fail2ban's action waits).
 //!
 //! `--quick` keeps it under a minute for CI; the full run is the README's.
+//!
+//! # Layout
+//! - `mod.rs`: the flags, the scenarios and the report.
+//! - [`fleet`]: the PKI, the hub child process and the in-process nodes.
 pub mod fleet;
 
 use std::{
@@ -28,6 +32,7 @@ use tokio::sync::mpsc;
 
 use crate::{ban::Ban, shutdown};
 
+/// Flags of `banmesh bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Small sizes, under a minute (CI smoke).
@@ -66,6 +71,7 @@ fn round(x: f64) -> f64 {
 
 const DB: &str = "banmesh_bench";
 
+/// Runs every scenario and prints the table and the JSON line.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     raise_fd_limit();
     let temp = tempfile::Builder::new()

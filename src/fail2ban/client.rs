@@ -26,14 +26,30 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes accepted in one answer (a jail with 100,000 bans is ~6 MB).
 const MAX_ANSWER: usize = 64 << 20;
 
+/// Why a request to fail2ban's control socket failed.
 #[derive(Debug, Error)]
 pub enum Fail2banError {
+    /// The socket could not be connected to, written or read (fail2ban
+    /// not running, a wrong path, no permission, or no answer in time).
     #[error(
         "fail2ban is not reachable on {path}: {reason} (is fail2ban-server running with this socket?)"
     )]
-    Unreachable { path: PathBuf, reason: String },
+    Unreachable {
+        /// The control socket's path.
+        path: PathBuf,
+        /// The I/O error or timeout.
+        reason: String,
+    },
+    /// fail2ban answered with an error (an unknown jail, an invalid
+    /// address, a command its version does not know).
     #[error("fail2ban refused {command:?}: {reason}")]
-    Refused { command: String, reason: String },
+    Refused {
+        /// The command sent, as its words joined by spaces.
+        command: String,
+        /// fail2ban's exception, as it sent it.
+        reason: String,
+    },
+    /// The answer could not be decoded, or did not have the shape the command returns.
     #[error("fail2ban sent an answer banmesh cannot read: {0}")]
     Protocol(String),
 }
@@ -43,6 +59,7 @@ pub enum Fail2banError {
 pub struct BanTime {
     /// Seconds; negative means permanent.
     pub bantime: i64,
+    /// When the ban ends.
     pub end: SystemTime,
 }
 
@@ -87,6 +104,7 @@ pub struct Fail2ban {
 }
 
 impl Fail2ban {
+    /// A client of the server on the socket at `path`; it connects on the first request.
     pub fn new(path: &Path) -> Self {
         Fail2ban {
             path: path.to_path_buf(),
@@ -94,6 +112,7 @@ impl Fail2ban {
         }
     }
 
+    /// The control socket this client talks to.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -178,6 +197,7 @@ impl Fail2ban {
         }
     }
 
+    /// Checks that fail2ban answers at all (`ping`).
     pub async fn ping(&mut self) -> Result<(), Fail2banError> {
         self.request(&["ping"]).await.map(|_| ())
     }

@@ -10,14 +10,23 @@ use std::fmt;
 /// A decoded Python value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// Python's `None`.
     None,
+    /// A `bool` (`True`/`False`).
     Bool(bool),
+    /// An `int` that fits in 64 bits (larger ones are a decode error).
     Int(i64),
+    /// A `float`.
     Float(f64),
+    /// A `str` (UTF-8).
     Str(String),
+    /// A `bytes` object.
     Bytes(Vec<u8>),
+    /// A `list` (a `set` decodes as one too).
     List(Vec<Value>),
+    /// A `tuple`: fail2ban's answers are `(code, result)` tuples.
     Tuple(Vec<Value>),
+    /// A `dict`, as its (key, value) pairs in the order sent.
     Dict(Vec<(Value, Value)>),
     /// A class reference, `module.name`.
     Global(String),
@@ -26,6 +35,7 @@ pub enum Value {
 }
 
 impl Value {
+    /// The integer, or a bool as 0/1; `None` for anything else.
     pub fn as_int(&self) -> Option<i64> {
         match self {
             Value::Int(i) => Some(*i),
@@ -34,6 +44,7 @@ impl Value {
         }
     }
 
+    /// The string, if this is a `str` (not `bytes`).
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),
@@ -41,6 +52,7 @@ impl Value {
         }
     }
 
+    /// The items of a list or tuple.
     pub fn as_list(&self) -> Option<&[Value]> {
         match self {
             Value::List(v) | Value::Tuple(v) => Some(v),
@@ -95,6 +107,8 @@ pub fn encode_str_list(items: &[&str]) -> Vec<u8> {
     out
 }
 
+/// The answer is not a pickle this decoder understands (truncated, an unknown
+/// opcode, too deep); the text says where.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("cannot decode fail2ban's answer: {0}")]
 pub struct DecodeError(pub String);

@@ -25,13 +25,18 @@ use crate::node::shared_log;
 pub const MARKER: &str =
     "# Written by `banmesh node setup-fail2ban`; edits are replaced on the next run.";
 
+/// Why `setup-fail2ban` stopped.
 #[derive(Debug, Error)]
 pub enum SetupError {
+    /// A configuration file (or its directory, or `shared.log`) could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The file or directory being written.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file exists without banmesh's marker line: an operator's own file, never overwritten.
     #[error(
         "{0} exists and was not written by banmesh; left as it is (move it away to let banmesh write it)"
     )]
@@ -41,7 +46,9 @@ pub enum SetupError {
 /// What to write.
 #[derive(Debug, Clone)]
 pub struct Setup {
+    /// fail2ban's configuration directory (`/etc/fail2ban`).
     pub config_dir: PathBuf,
+    /// Log file of the `shared` jail, which the node appends bans from other hosts to.
     pub shared_log: PathBuf,
     /// The node's socket, carried into the `banmesh report` call.
     pub socket: PathBuf,
@@ -58,7 +65,9 @@ pub struct Setup {
 /// One file and what happened to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The file was created or its content replaced.
     Written(PathBuf),
+    /// The file already had this content; a second run changes nothing.
     Unchanged(PathBuf),
 }
 

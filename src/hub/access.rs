@@ -19,6 +19,7 @@ pub struct Access {
 }
 
 impl Access {
+    /// Starts with `revoked` (the store's revoked names, read at start).
     pub fn new(revoked: impl IntoIterator<Item = String>) -> Self {
         let set: HashSet<String> = revoked.into_iter().collect();
         Access {
@@ -64,6 +65,7 @@ impl Access {
         Ok(p)
     }
 
+    /// Whether `name` is revoked now, revocations since the hub started included.
     pub fn is_revoked(&self, name: &str) -> bool {
         self.revoked.borrow().contains(name)
     }

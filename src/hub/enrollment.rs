@@ -63,8 +63,11 @@ pub fn sign_csr(
 
 /// A new one-time token, its lifetime and when it expires (unix ms).
 pub struct Token {
+    /// The token to hand to `banmesh enroll --token`; the hub keeps only its hash.
     pub token: String,
+    /// How long it can be used, seconds.
     pub ttl_s: u64,
+    /// When it stops being accepted, Unix ms.
     pub expires_ms: i64,
 }
 
@@ -101,8 +104,11 @@ pub async fn create_token(
     })
 }
 
+/// The `Enrollment` gRPC service: the one call a client without a certificate may make.
 pub struct EnrollmentService {
+    /// Where tokens are checked and spent and the new host recorded.
     pub store: Arc<dyn Store>,
+    /// The CA; `None` when this hub has no CA key, so every enrolment is refused.
     pub signer: Option<Arc<CaSigner>>,
 }
 

@@ -30,6 +30,7 @@ struct Subscribed {
 
 type Registry = Arc<Mutex<HashMap<String, Subscribed>>>;
 
+/// The broadcast ring of committed events and the registry of subscribed hosts; cheap to clone.
 #[derive(Clone)]
 pub struct Fanout {
     tx: broadcast::Sender<Arc<Event>>,

@@ -65,6 +65,7 @@ pub const FD_RESERVE: u64 = 64;
 /// HTTP/2 ping interval on every connection, and how long an answer may
 /// take before the connection is closed.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a keepalive ping may go unanswered before the connection is closed.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest pause after an accept error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
@@ -114,9 +115,13 @@ pub fn raise_nofile_limit() -> u64 {
 /// The accept loop's limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// How long a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
+    /// How long a connection without a client certificate may stay open.
     pub unauthenticated_lifetime: Duration,
+    /// Certificate-less connections one source address may hold.
     pub max_unauthenticated_per_source: usize,
+    /// Open connections in all; beyond it new ones are closed at once.
     pub max_connections: usize,
 }
 

@@ -18,18 +18,27 @@ use crate::ban::{Ban, seed_column};
 
 const PAGE: usize = 5000;
 
+/// Why `hub migrate` or `hub import-seed` stopped.
 #[derive(Debug, Error)]
 pub enum MigrateError {
+    /// Reading the source store or writing the target failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The target store already holds data and `--force` was not given: copying
+    /// into it could mix two fleets' ids.
     #[error(
         "the target already holds {hosts} hosts, {events} events and {statuses} statuses; pass --force to add to it anyway"
     )]
     NotEmpty {
+        /// Host rows already in the target.
         hosts: u64,
+        /// Event rows already in the target.
         events: u64,
+        /// Status rows already in the target.
         statuses: u64,
     },
+    /// The seed's database could not be reached or its `ip_table` read (a bad
+    /// URL, no such table, a column of an unexpected type).
     #[error("cannot read the seed table: {0}")]
     Seed(String),
 }
@@ -37,8 +46,11 @@ pub enum MigrateError {
 /// What was copied.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Copied {
+    /// Host rows written.
     pub hosts: u64,
+    /// Event rows written (bans and unbans).
     pub events: u64,
+    /// Status rows written.
     pub statuses: u64,
     /// Seed rows refused (an invalid IP, port, ...), by id.
     pub skipped: Vec<u64>,

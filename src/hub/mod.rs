@@ -64,16 +64,23 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 /// Default data directory (the embedded store lives here).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/banmesh/hub";
 
+/// Why the hub could not start, or stopped with an error.
 #[derive(Debug, Error)]
 pub enum HubError {
+    /// The store could not be opened, migrated or read at start.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The hub's certificate, key or the CA could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The gRPC server failed while serving.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The reflection service (for grpcurl) could not be built.
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// `--ca-key` (or `ca.key` beside the CA) exists but could not be loaded,
+    /// so enrolment and renewal cannot be signed.
     #[error("cannot load the CA key for enrolment: {0}")]
     Ca(#[from] CaError),
 }
@@ -83,7 +90,9 @@ pub enum HubError {
 pub struct HubConfig {
     /// `mysql://...` or `sqlite:PATH`; `None` means SQLite under `data_dir`.
     pub db: Option<String>,
+    /// Directory of the embedded store (used when `db` is `None`).
     pub data_dir: PathBuf,
+    /// The hub's certificate and key, and the fleet CA every client is verified against.
     pub tls: TlsFiles,
     /// The CA key, for enrolment and renewal; `None` looks for `ca.key`
     /// beside the CA certificate and turns enrolment off if it is absent.

@@ -26,14 +26,21 @@ use crate::{
 /// Most statuses in one `ReportStatus` call.
 const MAX_STATUS_BATCH: usize = 10_000;
 
+/// The `Hub` gRPC service: publish, subscribe, statuses, bans, hosts, unban, tokens, revoke, renew.
 pub struct HubService {
+    /// The store: reads (bans, hosts, replay) go to it directly.
     pub store: Arc<dyn Store>,
+    /// Batches hosts' `ReportStatus` calls into one write.
     pub statuses: StatusWriter,
+    /// Group-commits published reports.
     pub committer: Committer,
+    /// Live subscribers, and the ring new events are broadcast on.
     pub fanout: Fanout,
+    /// Who may call what (admin role, revoked names).
     pub access: Access,
     /// The CA, when this hub signs enrolments and renewals.
     pub signer: Option<Arc<CaSigner>>,
+    /// Ends streams and refuses new work when the hub stops.
     pub shutdown: Shutdown,
 }
 

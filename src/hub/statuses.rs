@@ -18,6 +18,7 @@ type Job = (
     oneshot::Sender<Result<usize, Arc<StoreError>>>,
 );
 
+/// A handle to the status writer task; cloned into every `ReportStatus` handler.
 #[derive(Clone)]
 pub struct StatusWriter {
     tx: mpsc::Sender<Job>,

@@ -11,6 +11,7 @@ use std::{
 
 use crate::ban::{Ban, Event, EventKind};
 
+/// The deferred bans and their due times, mirrored to `DIR/deferred` on every change.
 pub struct Deferred {
     path: PathBuf,
     items: Vec<(Event, SystemTime)>,
@@ -37,6 +38,7 @@ fn parse(line: &str) -> Option<(Event, SystemTime)> {
 }
 
 impl Deferred {
+    /// Reads the file at `path`; a missing file or an unreadable line is no deferred ban.
     pub fn load(path: PathBuf) -> Self {
         let items = std::fs::read_to_string(&path)
             .unwrap_or_default()
@@ -46,14 +48,17 @@ impl Deferred {
         Deferred { path, items }
     }
 
+    /// How many bans are deferred.
     pub fn len(&self) -> usize {
         self.items.len()
     }
 
+    /// Whether no ban is deferred.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
 
+    /// Defers `event` until `due` (replacing an earlier deferral of the same event) and saves.
     pub fn push(&mut self, event: Event, due: SystemTime) {
         self.items.retain(|(e, _)| e.id != event.id);
         self.items.push((event, due));

@@ -10,10 +10,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between retries.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Why a channel to the hub could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    /// A `--hub` address is not `https://HOST:PORT`.
     #[error("bad hub address {0:?}: use https://HOST:PORT")]
     BadAddress(String),
+    /// This host's certificate, key or the CA could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
@@ -53,11 +56,13 @@ pub fn channel(hubs: &[String], tls: &TlsFiles) -> Result<Channel, LinkError> {
 pub struct Link(tokio::sync::watch::Receiver<Channel>);
 
 impl Link {
+    /// A link on `channel`, and the sender that replaces it (after a renewal).
     pub fn new(channel: Channel) -> (tokio::sync::watch::Sender<Channel>, Link) {
         let (tx, rx) = tokio::sync::watch::channel(channel);
         (tx, Link(rx))
     }
 
+    /// The channel to use for the next call or stream.
     pub fn current(&self) -> Channel {
         self.0.borrow().clone()
     }
@@ -82,6 +87,7 @@ impl Backoff {
         base.mul_f64(jitter)
     }
 
+    /// Back to the shortest delay, after a success.
     pub fn reset(&mut self) {
         self.failures = 0;
     }

@@ -21,11 +21,17 @@ use crate::{
     proto::{self, node_server},
 };
 
+/// The node's local `Node` gRPC service on the unix socket: `report` and `status`.
 pub struct LocalService {
+    /// This host's name (its certificate's common name), shown in `status`.
     pub name: String,
+    /// Where a reported ban is made durable before `report` is answered.
     pub outbox: Arc<Outbox>,
+    /// Whether the subscriber's stream to the hub is up now.
     pub connected: Arc<AtomicBool>,
+    /// The last event from the hub this node applied.
     pub position: Arc<Position>,
+    /// Whether the last ban through fail2ban's socket worked.
     pub fast_path: Arc<AtomicBool>,
 }
 

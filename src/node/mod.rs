@@ -75,38 +75,58 @@ pub const DEFAULT_SHARED_LOG: &str = "/var/log/shared.log";
 /// Default most reports held while the hub is unreachable.
 pub const DEFAULT_OUTBOX_LIMIT: usize = 1_000_000;
 
+/// Why the node daemon could not start or stopped with an error.
 #[derive(Debug, Error)]
 pub enum NodeError {
+    /// This host's certificate, key or the CA could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The outbox (reports not yet acknowledged by the hub) could not be opened or written.
     #[error(transparent)]
     Outbox(#[from] outbox::OutboxError),
+    /// A hub address is not `https://HOST:PORT`, or the TLS client could not be built.
     #[error(transparent)]
     Link(#[from] link::LinkError),
+    /// The report socket (or the inspection port) could not be bound.
     #[error("cannot listen on {path}: {source} (is another node running with this --socket?)")]
     Socket {
+        /// The socket path or address that could not be bound.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The data directory could not be made or its state files opened.
     #[error("cannot use data dir {path}: {source}")]
     DataDir {
+        /// The file or directory in question.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The local gRPC server (report socket or inspection port) failed while serving.
     #[error("local gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The inspection port's reflection service could not be built.
     #[error("inspection port setup failed: {0}")]
     Inspect(String),
 }
 
+/// Everything the node daemon needs; `banmesh node` builds it from its flags,
+/// the demo and the benchmark from [`NodeConfig::in_dir`].
 #[derive(Clone)]
 pub struct NodeConfig {
     /// Hub addresses, `https://HOST:PORT`; several for failover.
     pub hubs: Vec<String>,
+    /// This host's certificate and key (its identity: the name its bans are
+    /// reported under) and the fleet CA.
     pub tls: TlsFiles,
+    /// Log file of fail2ban's `shared` jail; bans from other hosts are appended here.
     pub shared_log: PathBuf,
+    /// Unix socket `banmesh report` hands bans to.
     pub socket: PathBuf,
+    /// State directory: outbox, spool, last applied event, status journal.
     pub data_dir: PathBuf,
+    /// Most reports kept while the hub is unreachable; beyond it new reports are refused.
     pub outbox_limit: usize,
     /// fail2ban's control socket; `None` to use the log path only.
     pub fail2ban_socket: Option<PathBuf>,

@@ -44,6 +44,7 @@ impl Position {
         }
     }
 
+    /// The last applied event id.
     pub fn get(&self) -> u64 {
         self.id.load(Ordering::Relaxed)
     }

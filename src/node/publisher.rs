@@ -30,6 +30,8 @@ const ACKED_FLUSH: Duration = Duration::from_millis(200);
 /// How long shutdown waits for acks of reports already sent.
 const DRAIN: Duration = Duration::from_secs(3);
 
+/// Streams the outbox to the hub until `shutdown`, reconnecting with backoff;
+/// `connected` tells whether a stream is up.
 pub async fn run(
     outbox: Arc<Outbox>,
     link: Link,

@@ -30,15 +30,21 @@ fn expires_ms(tls: &TlsFiles) -> Option<i64> {
 /// again after [`RETRY`].
 #[derive(Debug, Error)]
 pub enum RenewError {
+    /// Making the new key or its CSR failed.
     #[error("cannot make a new key: {0}")]
     Key(#[from] ca::CaError),
+    /// The `Renew` call failed: the hub unreachable, this host revoked, or the
+    /// hub without a CA key.
     #[error(
         "the hub did not renew the certificate: {0} (is the hub reachable, and this host not revoked?)"
     )]
     Refused(String),
+    /// The new key and certificate could not be written; the old pair stays in place.
     #[error("cannot write the renewed key and certificate to {cert}: {source}")]
     Write {
+        /// The certificate path being replaced.
         cert: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
 }

@@ -63,7 +63,9 @@ pub fn line(event: &Event, at: OffsetDateTime) -> String {
 /// What a line says: the event id and the banned IP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Logged<'a> {
+    /// The hub's event id the line was written for.
     pub id: u64,
+    /// The banned address, as written.
     pub ip: &'a str,
 }
 
@@ -112,6 +114,7 @@ pub struct SharedLog {
 }
 
 impl SharedLog {
+    /// The log at `path`; it is opened (and created) on the first write.
     pub fn new(path: PathBuf) -> Self {
         SharedLog {
             path,
@@ -120,6 +123,7 @@ impl SharedLog {
         }
     }
 
+    /// The log's path, as configured.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -29,6 +29,7 @@ struct Inner {
     acked: u64,
 }
 
+/// The journal of statuses not yet stored by the hub (`DIR/statuses.log` and its acked offset).
 pub struct StatusJournal {
     path: PathBuf,
     acked_path: PathBuf,
@@ -38,6 +39,7 @@ pub struct StatusJournal {
 }
 
 impl StatusJournal {
+    /// Opens (or creates) the journal in `dir`.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         let path = dir.join("statuses.log");
         let acked_path = dir.join("statuses.acked");

@@ -60,7 +60,9 @@ pub enum StoreError {
     /// SQLite file's path.
     #[error("cannot reach the database at {at}: {source}")]
     Unreachable {
+        /// `host:port` or the SQLite path.
         at: String,
+        /// The driver's error.
         #[source]
         source: Source,
     },
@@ -75,7 +77,10 @@ pub enum StoreError {
     #[error(
         "the database holds banmesh schema version {found}, newer than this build's {SCHEMA_VERSION}: upgrade banmesh before starting the hub"
     )]
-    NewerSchema { found: i64 },
+    NewerSchema {
+        /// The schema version the store records.
+        found: i64,
+    },
     /// `--db` names no backend, or a MySQL URL that cannot be used (shown
     /// with its password replaced).
     #[error("unsupported --db {0:?}: use mysql://user:pass@host:port/db or sqlite:PATH")]
@@ -96,6 +101,7 @@ pub struct NewReport {
     pub host: String,
     /// The node's sequence number for this report (its re-send key).
     pub seq: u64,
+    /// The ban as the node reported it, already validated.
     pub ban: Ban,
 }
 
@@ -121,9 +127,13 @@ impl Committed {
 /// Filters for `list_bans`; `None` is any.
 #[derive(Debug, Clone, Default)]
 pub struct BanFilter {
+    /// Only bans of this address.
     pub ip: Option<String>,
+    /// Only bans reported by this host.
     pub added_by: Option<String>,
+    /// Only bans from this fail2ban jail.
     pub jail: Option<String>,
+    /// Only bans created at or after this time (Unix ms).
     pub since_ms: Option<i64>,
     /// Only bans with ids above this (paging).
     pub after_id: u64,
@@ -134,6 +144,7 @@ pub struct BanFilter {
 /// A stored ban with every known host's status.
 #[derive(Debug, Clone)]
 pub struct BanRow {
+    /// The ban event: its id, address, jail and reporter.
     pub event: Event,
     /// An unban lifted it.
     pub lifted: bool,
@@ -144,11 +155,18 @@ pub struct BanRow {
 /// A host the hub has seen.
 #[derive(Debug, Clone)]
 pub struct HostRow {
+    /// The host's name, from its certificate's common name; the identity every
+    /// status is stored under.
     pub name: String,
+    /// When the hub first stored this host (enrolment or first connection), Unix ms.
     pub first_seen_ms: i64,
+    /// When the host last connected, Unix ms: a stale value means a silent node.
     pub last_seen_ms: i64,
+    /// When it enrolled with a token; `None` for a host issued by `ca issue` or imported.
     pub enrolled_ms: Option<i64>,
+    /// When its certificate (as last presented) expires, Unix ms; `None` until it connects.
     pub cert_expires_ms: Option<i64>,
+    /// Revoked hosts are refused at connect and their name cannot be enrolled again.
     pub revoked: bool,
 }
 
@@ -159,6 +177,7 @@ pub struct NewToken {
     pub hash: String,
     /// The only host name it may enrol, if bound.
     pub name: Option<String>,
+    /// When the token stops being accepted, Unix ms.
     pub expires_ms: i64,
     /// Validity of the certificate it buys, seconds.
     pub cert_ttl_s: i64,
@@ -167,22 +186,29 @@ pub struct NewToken {
 /// A successful enrolment: how long the certificate may be valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enrolled {
+    /// Validity of the certificate the host is issued, seconds.
     pub cert_ttl_s: i64,
 }
 
 /// Why an enrolment was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnrollRefused {
+    /// No stored token has this hash: mistyped, or never created on this hub.
     #[error("unknown enrolment token")]
     UnknownToken,
+    /// The token enrolled a host already; tokens are one-time.
     #[error("this enrolment token was already used")]
     UsedToken,
+    /// The token's expiry has passed.
     #[error("this enrolment token has expired; create a new one with `banmesh hub token create`")]
     ExpiredToken,
+    /// The token is bound to another host name (the one given).
     #[error("this enrolment token is for host {0:?} only")]
     OtherName(String),
+    /// A live host already holds the name; revoke it first to replace it.
     #[error("the name {0:?} is held by another host (revoke it first to replace that host)")]
     NameTaken(String),
+    /// The name was revoked; a revoked name is never reused.
     #[error("the name {0:?} was revoked and cannot be enrolled again")]
     NameRevoked(String),
 }
@@ -291,36 +317,53 @@ pub trait Store: Send + Sync + 'static {
 /// A host row as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawHost {
+    /// The host's row id, which status rows refer to.
     pub id: u64,
+    /// The host's name (its certificate's common name).
     pub name: String,
+    /// When the hub first stored this host, Unix ms.
     pub first_seen_ms: i64,
+    /// When the host last connected, Unix ms.
     pub last_seen_ms: i64,
 }
 
 /// An event row as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawEvent {
+    /// The event id: the fleet-wide order in which nodes replay.
     pub id: u64,
     /// 1 a ban, 2 an unban.
     pub kind: i64,
     /// The reporting host's id; 0 for an admin's unban.
     pub reporter_id: u64,
+    /// The reporting node's sequence number (its re-send key); `None` for unbans and imported rows.
     pub node_seq: Option<u64>,
+    /// The reporter's host name (or the admin's, for an unban).
     pub added_by: String,
+    /// When the hub committed it, Unix ms.
     pub created_ms: i64,
+    /// The fail2ban jail the ban came from.
     pub jail: String,
+    /// The protocol from the jail's action (`tcp`, `udp`, ...).
     pub protocol: String,
+    /// The port (or ports) from the jail's action, as fail2ban wrote it.
     pub port: String,
+    /// The banned address.
     pub ip: String,
+    /// For a ban, the id of the unban event that lifted it; `None` while active.
     pub lifted_by: Option<u64>,
+    /// For an unban, the id of the latest ban event it lifted.
     pub lifts: Option<u64>,
 }
 
 /// A status row as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawStatus {
+    /// The event the status is for.
     pub event_id: u64,
+    /// The host (row id) the status is from.
     pub host_id: u64,
+    /// The status code, in the seed's numbers (see [`Status`]).
     pub status: i64,
 }
 

@@ -50,11 +50,18 @@ pub struct Facts<'a> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Decision {
     /// Write its line; with `fast_path`, ban it through the socket too.
-    Add { fast_path: bool },
+    Add {
+        /// Young enough (for its bantime) to ban at once through the socket,
+        /// ahead of fail2ban's log polling.
+        fast_path: bool,
+    },
     /// Status 2: already banned here recently enough.
     AlreadyBanned,
     /// Status stays 0; apply it again at `at`, when the existing ban is over.
-    Defer { at: SystemTime },
+    Defer {
+        /// Shortly after the existing ban ends.
+        at: SystemTime,
+    },
     /// Over by its own time: not applied, no status.
     Expired,
 }

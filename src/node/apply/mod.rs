@@ -52,10 +52,14 @@ const POSITION_TICK: Duration = Duration::from_secs(1);
 /// How this host applies events.
 #[derive(Debug, Clone)]
 pub struct ApplyConfig {
+    /// Log file of fail2ban's `shared` jail that ban lines are appended to.
     pub shared_log: PathBuf,
     /// fail2ban's control socket; `None` for the log path only.
     pub fail2ban_socket: Option<PathBuf>,
+    /// Share of an existing ban's time left above which an incoming ban is
+    /// status 2 (already banned recently).
     pub recent_ratio: f64,
+    /// State directory: the position, deferred bans and status journal live here.
     pub data_dir: PathBuf,
     /// Also ban fresh bans at once through the socket (the fast path).
     pub fast_path: bool,
@@ -80,6 +84,7 @@ pub struct Applier {
 }
 
 impl Applier {
+    /// An applier with `config`, journaling every status it decides in `journal`.
     pub fn new(config: ApplyConfig, journal: Arc<StatusJournal>) -> Self {
         Applier {
             log: SharedLog::new(config.shared_log.clone()),

@@ -44,17 +44,28 @@ pub mod record;
 /// Truncate the log once it is all acknowledged and at least this big.
 const COMPACT_AT: u64 = 1 << 20;
 
+/// Why the outbox refused a report or could not be opened.
 #[derive(Debug, Error)]
 pub enum OutboxError {
+    /// Reading or writing the outbox's log failed: the report is not durable and was not accepted.
     #[error("outbox {path}: {source}")]
     Io {
+        /// The outbox file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// As many reports as `--outbox-limit` wait for the hub (unreachable
+    /// for long); new reports are refused until it acknowledges some.
     #[error(
         "outbox is full ({pending} reports waiting for the hub, limit {limit}); is the hub reachable?"
     )]
-    Full { pending: usize, limit: usize },
+    Full {
+        /// Reports waiting for the hub's acknowledgement.
+        pending: usize,
+        /// The configured limit.
+        limit: usize,
+    },
 }
 
 /// What opening the outbox found.
