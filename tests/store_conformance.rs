@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use banmesh::{
     ban::{Ban, EventKind, Status},
-    hub::store::{self, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken, Store},
+    hub::store::{
+        self, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken, Revocation, Store,
+    },
 };
 
 /// A store plus whatever keeps it alive (temp dir or test database).
@@ -369,13 +371,21 @@ async fn enrolment_refuses_what_it_must_and_revocation_sticks(b: Backend) {
     );
 
     assert!(s.revoked().await.unwrap().is_empty());
-    assert!(s.revoke("mail").await.unwrap());
-    assert!(
-        s.revoke("mail").await.unwrap(),
-        "revoking twice still finds it"
+    let mail = Revocation {
+        host: Some("mail".into()),
+        admin: false,
+    };
+    assert_eq!(s.revoke("mail", "ops").await.unwrap(), mail);
+    assert_eq!(
+        s.revoke("MAIL", "ops").await.unwrap(),
+        mail,
+        "revoking twice, in another case, still finds it"
     );
-    assert!(!s.revoke("nobody").await.unwrap());
-    assert_eq!(s.revoked().await.unwrap(), ["mail"]);
+    assert_eq!(
+        s.revoke("nobody", "ops").await.unwrap(),
+        Revocation::default()
+    );
+    assert_eq!(s.revoked().await.unwrap(), ["mail", "nobody"]);
     assert_eq!(
         s.enroll(&hash("5"), "mail").await.unwrap(),
         Err(EnrollRefused::NameRevoked("mail".into()))
@@ -386,10 +396,17 @@ async fn enrolment_refuses_what_it_must_and_revocation_sticks(b: Backend) {
         Ok(Enrolled { cert_ttl_s: 60 })
     );
 
+    // A name revoked before anything connected under it cannot enrol.
+    s.create_token(&token("6", None, later, 60)).await.unwrap();
+    assert_eq!(
+        s.enroll(&hash("6"), "Nobody").await.unwrap(),
+        Err(EnrollRefused::NameRevoked("Nobody".into()))
+    );
+
     // Revocation and enrolment survive a reopen.
     drop(s);
     let s = b.open().await;
-    assert_eq!(s.revoked().await.unwrap(), ["mail"]);
+    assert_eq!(s.revoked().await.unwrap(), ["mail", "nobody"]);
     let hosts = s.hosts().await.unwrap();
     let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
     assert_eq!(names, ["cache", "db", "mail", "web-1"], "sorted by name");
@@ -424,6 +441,124 @@ async fn enrolment_refuses_what_it_must_and_revocation_sticks(b: Backend) {
         .unwrap();
     assert_eq!(db.cert_expires_ms, Some(later + 1));
     assert_eq!(s.counts().await.unwrap().0, 4);
+
+    // The lifetime each host enrolled with, for `Renew`; none for a host
+    // that only connected.
+    assert_eq!(s.cert_ttl("web-1").await.unwrap(), Some(3_600));
+    assert_eq!(s.cert_ttl("CACHE").await.unwrap(), Some(60));
+    assert_eq!(s.cert_ttl("db").await.unwrap(), None);
+}
+
+/// Hosts and admins are one namespace, compared case-insensitively on
+/// both backends (MySQL's collation and SQLite's alike).
+async fn names_are_one_case_insensitive_namespace(b: Backend) {
+    let s = b.open().await;
+    let later = store::now_ms() + 3_600_000;
+    for t in ["1", "2", "3", "4"] {
+        s.create_token(&token(t, None, later, 600)).await.unwrap();
+    }
+    let hash = |h: &str| format!("{h:0>64}");
+    // An admin's name, once it has called, is refused to hosts in any case.
+    s.record_admin("Ops").await.unwrap();
+    s.record_admin("ops").await.unwrap();
+    for name in ["ops", "OPS"] {
+        assert_eq!(
+            s.enroll(&hash("1"), name).await.unwrap(),
+            Err(EnrollRefused::AdminName(name.into()))
+        );
+    }
+    // A host is the same host in any case: one row, one id.
+    s.touch_host("web-1", None).await.unwrap();
+    s.touch_host("WEB-1", None).await.unwrap();
+    let c = s
+        .commit(&[
+            report("web-1", 1, "192.0.2.1"),
+            report("Web-1", 1, "192.0.2.1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(c[1], Committed::Duplicate(c[0].event_id()), "one reporter");
+    assert_eq!(s.last_seq("WEB-1").await.unwrap(), 1);
+    assert_eq!(
+        s.enroll(&hash("1"), "Web-1").await.unwrap(),
+        Err(EnrollRefused::NameTaken("Web-1".into()))
+    );
+    let hosts = s.hosts().await.unwrap();
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].name, "web-1", "stored as it first connected");
+    // Revoking in another case finds the host, and says whose name it was.
+    assert_eq!(
+        s.revoke("WEB-1", "ops").await.unwrap(),
+        Revocation {
+            host: Some("web-1".into()),
+            admin: false
+        }
+    );
+    assert!(s.hosts().await.unwrap()[0].revoked);
+    assert_eq!(
+        s.revoke("OPS", "root").await.unwrap(),
+        Revocation {
+            host: None,
+            admin: true
+        }
+    );
+    assert_eq!(s.revoked().await.unwrap(), ["ops", "web-1"]);
+    // The tokens were spent on none of the refusals.
+    assert_eq!(
+        s.enroll(&hash("1"), "mail").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 600 })
+    );
+    // A token bound to a name takes it in any case.
+    s.create_token(&token("5", Some("db-1"), later, 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.enroll(&hash("5"), "DB-1").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 60 })
+    );
+}
+
+/// MySQL limits a column name to 64 characters and compares column names
+/// case-insensitively: the view's columns obey both, and a view that
+/// cannot be rebuilt fails nothing.
+async fn the_view_takes_any_host_names(b: Backend) {
+    let s = b.open().await;
+    let long = format!("{}.example", "x".repeat(70));
+    for h in ["web-1", "WEB1", long.as_str(), "db"] {
+        s.touch_host(h, None).await.unwrap();
+    }
+    let (cols, _) = b.ip_table().await;
+    assert_eq!(cols.len(), 7 + 4, "{cols:?}");
+    assert_eq!(cols[7], "host_web1");
+    assert_eq!(cols[10], "host_db");
+    assert!(cols.iter().all(|c| c.len() <= 64), "{cols:?}");
+    let mut lower: Vec<String> = cols.iter().map(|c| c.to_lowercase()).collect();
+    lower.sort();
+    lower.dedup();
+    assert_eq!(lower.len(), cols.len(), "{cols:?}");
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(
+        b.ip_table().await.0,
+        cols,
+        "the same columns after a reopen"
+    );
+    drop(s);
+
+    // A table squatting on the view's name: open, enrol and first calls
+    // all still work; the view is simply not rebuilt.
+    b.sql("DROP VIEW ip_table").await;
+    b.sql("CREATE TABLE ip_table (id INTEGER)").await;
+    let s = b.open().await;
+    s.touch_host("new-1", None).await.unwrap();
+    s.create_token(&token("1", None, store::now_ms() + 60_000, 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.enroll(&format!("{:0>64}", "1"), "new-2").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 60 })
+    );
+    assert_eq!(s.hosts().await.unwrap().len(), 6);
 }
 
 async fn list_bans_filters_and_the_ip_table_view(b: Backend) {
@@ -709,4 +844,6 @@ conformance!(
     list_bans_filters_and_the_ip_table_view,
     a_newer_schema_is_refused_and_the_same_one_reopens,
     the_view_stops_at_its_host_limit,
+    names_are_one_case_insensitive_namespace,
+    the_view_takes_any_host_names,
 );

@@ -1,0 +1,115 @@
+//! The namespace hosts and admins share: revoked names, admin names and
+//! the certificate lifetimes hosts enrolled with.
+//!
+//! Every table here is keyed by the name in lower case, so `NODE-B` and
+//! `node-b` are one name on both backends, whatever the collation. A name
+//! needs no host row to be revoked or to be an admin's: an admin is never a
+//! host, and a hand-issued certificate can be revoked before its first call.
+use super::super::{
+    Revocation, StoreError,
+    executor::{Backend, params},
+    now_ms,
+};
+
+/// `Store::revoke` for any backend.
+pub async fn revoke<B: Backend + ?Sized>(
+    b: &B,
+    name: &str,
+    by: &str,
+) -> Result<Revocation, StoreError> {
+    let d = b.dialect();
+    let key = name.to_ascii_lowercase();
+    let now = now_ms();
+    let mut ex = b.session().await?;
+    ex.begin().await?;
+    // The first revocation's time and author stay.
+    ex.exec(
+        &format!(
+            "{} INTO revoked_names (name_key, name, revoked_ms, revoked_by) VALUES (?, ?, ?, ?)",
+            d.insert_ignore()
+        ),
+        params![&key, name, now, by],
+    )
+    .await?;
+    // The host row keeps its flag too: `hosts` shows it, and stores read
+    // by earlier builds still refuse it.
+    ex.exec(
+        &format!(
+            "UPDATE hosts SET revoked_ms = COALESCE(revoked_ms, ?) WHERE {}",
+            d.name_is("name")
+        ),
+        params![now, name],
+    )
+    .await?;
+    let host = ex
+        .query(
+            &format!(
+                "SELECT name FROM hosts WHERE {} ORDER BY id LIMIT 1",
+                d.name_is("name")
+            ),
+            params![name],
+        )
+        .await?
+        .first()
+        .map(|r| r.text(0))
+        .transpose()?;
+    let admin = ex
+        .query(
+            "SELECT COUNT(*) FROM admin_names WHERE name_key = ?",
+            params![&key],
+        )
+        .await?
+        .first()
+        .map(|r| r.i64(0))
+        .transpose()?
+        .unwrap_or(0)
+        > 0;
+    ex.commit().await?;
+    Ok(Revocation { host, admin })
+}
+
+/// `Store::revoked` for any backend: the names revoked here, and hosts
+/// revoked by earlier builds (which flagged the host row only).
+pub async fn revoked<B: Backend + ?Sized>(b: &B) -> Result<Vec<String>, StoreError> {
+    let mut ex = b.session().await?;
+    let mut names = ex
+        .query(
+            "SELECT name_key FROM revoked_names \
+             UNION SELECT LOWER(name) FROM hosts WHERE revoked_ms IS NOT NULL",
+            vec![],
+        )
+        .await?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// `Store::record_admin` for any backend.
+pub async fn record_admin<B: Backend + ?Sized>(b: &B, name: &str) -> Result<(), StoreError> {
+    let mut ex = b.session().await?;
+    ex.exec(
+        &format!(
+            "{} INTO admin_names (name_key, name, first_seen_ms) VALUES (?, ?, ?)",
+            b.dialect().insert_ignore()
+        ),
+        params![name.to_ascii_lowercase(), name, now_ms()],
+    )
+    .await
+    .map(drop)
+}
+
+/// `Store::cert_ttl` for any backend.
+pub async fn cert_ttl<B: Backend + ?Sized>(b: &B, name: &str) -> Result<Option<i64>, StoreError> {
+    let mut ex = b.session().await?;
+    ex.query(
+        "SELECT cert_ttl_s FROM host_lifetimes WHERE name_key = ?",
+        params![name.to_ascii_lowercase()],
+    )
+    .await?
+    .first()
+    .map(|r| r.i64(0))
+    .transpose()
+}
