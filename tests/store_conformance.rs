@@ -762,11 +762,29 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
         .await
         .unwrap();
     src.unban("192.0.2.2", "admin").await.unwrap().unwrap();
+    src.revoke("B", "ops").await.unwrap();
+    src.revoke("never-seen", "ops").await.unwrap();
+    src.record_admin("ops").await.unwrap();
+    src.create_token(&token("1", None, store::now_ms() + 60_000, 3_600))
+        .await
+        .unwrap();
+    src.enroll(&format!("{:0>64}", "1"), "c")
+        .await
+        .unwrap()
+        .unwrap();
+    // A host revoked by an earlier build: only its row is flagged.
+    src.touch_host("old", None).await.unwrap();
+    from.sql("UPDATE hosts SET revoked_ms = 5 WHERE name = 'old'")
+        .await;
+    let names = src.dump_names().await.unwrap();
+    assert_eq!(names.revoked.len(), 4, "{names:?}");
+    assert_eq!(names.admins, [("ops".to_string(), names.admins[0].1)]);
+    assert_eq!(names.lifetimes, [("c".to_string(), 3_600)]);
 
     let hosts = src.dump_hosts().await.unwrap();
     let events = src.dump_events(0, 100).await.unwrap();
     let statuses = src.dump_statuses(0, 100).await.unwrap();
-    assert_eq!(hosts.len(), 2);
+    assert_eq!(hosts.len(), 4);
     assert_eq!(events.len(), 3);
     assert_eq!(statuses.len(), 1);
     assert_eq!(events[1].node_seq, Some(7));
@@ -789,10 +807,23 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
     let dst = to.open().await;
     dst.load(&hosts, &events, &statuses).await.unwrap();
     dst.load(&hosts, &events, &statuses).await.unwrap();
+    dst.load_names(&names).await.unwrap();
+    dst.load_names(&names).await.unwrap();
+    assert_eq!(
+        dst.revoked().await.unwrap(),
+        ["b", "never-seen", "old"],
+        "no revocation is lost"
+    );
+    let carried = dst.dump_names().await.unwrap();
+    assert_eq!(
+        (carried.admins, carried.lifetimes),
+        (names.admins, names.lifetimes)
+    );
+    assert_eq!(dst.cert_ttl("C").await.unwrap(), Some(3_600));
     assert_eq!(dst.dump_hosts().await.unwrap(), hosts);
     assert_eq!(dst.dump_events(0, 100).await.unwrap(), events);
     assert_eq!(dst.dump_statuses(0, 100).await.unwrap(), statuses);
-    assert_eq!(dst.counts().await.unwrap(), (2, 3, 1));
+    assert_eq!(dst.counts().await.unwrap(), (4, 3, 1));
     assert_eq!(dst.last_event_id().await.unwrap(), events[2].id);
     assert_eq!(dst.last_seq("b").await.unwrap(), 7);
     assert_eq!(
@@ -808,8 +839,8 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
     assert_eq!(again[0], Committed::Duplicate(events[0].id));
     assert!(again[1].event_id() > events[2].id);
     let (cols, rows) = to.ip_table().await;
-    assert_eq!(&cols[7..], ["host_a", "host_b"]);
-    assert_eq!(&rows[0][7..], ["1", "2"]);
+    assert_eq!(&cols[7..], ["host_a", "host_b", "host_c", "host_old"]);
+    assert_eq!(&rows[0][7..], ["1", "2", "0", "0"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -327,6 +327,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Counts of (hosts, events, statuses).
     async fn counts(&self) -> Result<(u64, u64, u64), StoreError>;
+    /// The namespace's rows: revoked names (hosts revoked by earlier builds
+    /// included), admin names, enrolled lifetimes.
+    async fn dump_names(&self) -> Result<RawNames, StoreError>;
+    /// Inserts namespace rows, skipping names already present, and flags
+    /// the hosts (loaded before) whose names are revoked.
+    async fn load_names(&self, names: &RawNames) -> Result<(), StoreError>;
+}
+
+/// The namespace tables as stored: what `hub migrate` carries besides
+/// hosts, events and statuses, so that no revocation is lost on the way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawNames {
+    /// `(name, revoked_ms, revoked_by)` of every revoked name.
+    pub revoked: Vec<(String, i64, String)>,
+    /// `(name, first_seen_ms)` of every admin name.
+    pub admins: Vec<(String, i64)>,
+    /// `(name in lower case, cert_ttl_s)` of every enrolled host.
+    pub lifetimes: Vec<(String, i64)>,
 }
 
 /// A host row as stored.

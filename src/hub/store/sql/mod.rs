@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use super::{
     BanFilter, BanRow, Committed, EnrollRefused, Enrolled, HostRow, NewReport, NewToken, RawEvent,
-    RawHost, RawStatus, Revocation, Store, StoreError,
+    RawHost, RawNames, RawStatus, Revocation, Store, StoreError,
     executor::{Backend, Executor, params},
     schema::{self, MAX_VIEW_HOSTS},
 };
@@ -183,5 +183,13 @@ impl<B: Backend> Store for B {
 
     async fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
         raw::counts(self).await
+    }
+
+    async fn dump_names(&self) -> Result<RawNames, StoreError> {
+        names::dump(self).await
+    }
+
+    async fn load_names(&self, n: &RawNames) -> Result<(), StoreError> {
+        names::load(self, n).await
     }
 }

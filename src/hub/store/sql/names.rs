@@ -6,7 +6,7 @@
 //! needs no host row to be revoked or to be an admin's: an admin is never a
 //! host, and a hand-issued certificate can be revoked before its first call.
 use super::super::{
-    Revocation, StoreError,
+    RawNames, Revocation, StoreError,
     executor::{Backend, params},
     now_ms,
 };
@@ -112,4 +112,85 @@ pub async fn cert_ttl<B: Backend + ?Sized>(b: &B, name: &str) -> Result<Option<i
     .first()
     .map(|r| r.i64(0))
     .transpose()
+}
+
+/// `Store::dump_names` for any backend.
+pub async fn dump<B: Backend + ?Sized>(b: &B) -> Result<RawNames, StoreError> {
+    let mut ex = b.session().await?;
+    let revoked = ex
+        .query(
+            "SELECT name, revoked_ms, revoked_by FROM revoked_names \
+             UNION ALL SELECT name, revoked_ms, '' FROM hosts WHERE revoked_ms IS NOT NULL \
+             ORDER BY 2",
+            vec![],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.i64(1)?, r.text(2)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let admins = ex
+        .query(
+            "SELECT name, first_seen_ms FROM admin_names ORDER BY name_key",
+            vec![],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.i64(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    let lifetimes = ex
+        .query(
+            "SELECT name_key, cert_ttl_s FROM host_lifetimes ORDER BY name_key",
+            vec![],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.i64(1)?)))
+        .collect::<Result<_, StoreError>>()?;
+    Ok(RawNames {
+        revoked,
+        admins,
+        lifetimes,
+    })
+}
+
+/// `Store::load_names` for any backend. A name revoked twice in the dump
+/// (in `revoked_names` and on its host row) keeps its earliest time.
+pub async fn load<B: Backend + ?Sized>(b: &B, n: &RawNames) -> Result<(), StoreError> {
+    let d = b.dialect();
+    let ignore = d.insert_ignore();
+    let mut ex = b.session().await?;
+    ex.begin().await?;
+    for (name, ms, by) in &n.revoked {
+        ex.exec(
+            &format!(
+                "{ignore} INTO revoked_names (name_key, name, revoked_ms, revoked_by) \
+                 VALUES (?, ?, ?, ?)"
+            ),
+            params![name.to_ascii_lowercase(), name, *ms, by],
+        )
+        .await?;
+        ex.exec(
+            &format!(
+                "UPDATE hosts SET revoked_ms = COALESCE(revoked_ms, ?) WHERE {}",
+                d.name_is("name")
+            ),
+            params![*ms, name],
+        )
+        .await?;
+    }
+    for (name, ms) in &n.admins {
+        ex.exec(
+            &format!("{ignore} INTO admin_names (name_key, name, first_seen_ms) VALUES (?, ?, ?)"),
+            params![name.to_ascii_lowercase(), name, *ms],
+        )
+        .await?;
+    }
+    for (key, ttl) in &n.lifetimes {
+        ex.exec(
+            &format!("{ignore} INTO host_lifetimes (name_key, cert_ttl_s) VALUES (?, ?)"),
+            params![key.to_ascii_lowercase(), *ttl],
+        )
+        .await?;
+    }
+    ex.commit().await
 }
