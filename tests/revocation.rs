@@ -45,8 +45,13 @@ async fn an_admin_certificate_can_be_revoked_and_stays_revoked_after_a_restart()
     let mut c = hub_client(&hub.url, client_tls(&lost)).await;
     hosts(&mut c).await.expect("the admin works before");
 
+    // An admin cannot lock itself out by a slip.
+    let (ok, _, err) = revoke(&hub, &ops, "OPS");
+    assert!(!ok && err.contains("another admin"), "{err}");
+
     let (ok, out, err) = revoke(&hub, &ops, "laptop-admin");
     assert!(ok, "{out}{err}");
+    assert!(out.contains("revoked admin laptop-admin"), "{out}");
     let status = hosts(&mut c).await.unwrap_err();
     assert!(refused(&status), "{status:?}");
     // Another letter case is the same name.
