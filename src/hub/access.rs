@@ -15,7 +15,8 @@
 //!
 //! What stays open: the hub learns an admin's name only when it first
 //! calls (admin certificates are issued offline by `banmesh ca issue
-//! --admin`), so a host may still enrol under the name of an admin that
+//! --admin`; the name is written a few milliseconds after that call, off
+//! its path), so a host may still enrol under the name of an admin that
 //! has never called, and an admin certificate may be issued under an
 //! enrolled host's name. Either way the two share the name, and revoking
 //! it refuses both: issue admin names that no host will take (`ops-…`).

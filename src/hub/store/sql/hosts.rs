@@ -117,8 +117,13 @@ pub async fn enroll<B: Backend + ?Sized>(
         .await?;
     }
     ex.commit().await?;
-    if verdict.is_ok() {
-        refresh_hosts(b, &mut *ex).await?;
+    // The token is spent and the host recorded: an error now would burn
+    // the name (a retry finds it taken). The cache and view catch up on
+    // the host's first call (`host_id`), so a failure here is only logged.
+    if verdict.is_ok()
+        && let Err(e) = refresh_hosts(b, &mut *ex).await
+    {
+        tracing::warn!(host = %name, error = %e, "enrolled; the host cache is refreshed on its first call");
     }
     Ok(verdict)
 }
