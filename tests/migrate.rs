@@ -225,3 +225,45 @@ async fn the_seed_table_imports_with_its_statuses() {
         .unwrap();
     assert_eq!(rows[0].event.created_ms, created.unwrap());
 }
+
+/// A revoked certificate stays revoked when the hub moves to MariaDB: a
+/// stolen host key or a lost admin laptop must not come back to life.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_keeps_every_revocation() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let from_url = format!("sqlite:{}", root.path().join("hub.db").display());
+    let db = TestDb::new().await;
+    let (host, admin) = (pki.host("node-x"), pki.admin("laptop-admin"));
+    let hub = Hub::start(root.path(), &pki, &from_url).await;
+    let mut c = hub_client(&hub.url, client_tls(&host)).await;
+    c.subscribe(banmesh::proto::SubscribeRequest { after_event_id: 0 })
+        .await
+        .expect("node-x connects once");
+    let ops = pki.admin("ops");
+    for name in ["node-x", "laptop-admin"] {
+        let out = banmesh()
+            .args(["hub", "revoke", name, "--hub", &hub.url])
+            .args(tls_args(&ops))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    drop(c);
+    drop(hub);
+
+    let out = banmesh()
+        .args(["hub", "migrate", "--from", &from_url, "--to", &db.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let hub = Hub::start(root.path(), &pki, &db.url).await;
+    for (name, tls) in [("node-x", &host), ("laptop-admin", &admin)] {
+        let mut c = hub_client(&hub.url, client_tls(tls)).await;
+        let status = c
+            .hosts(banmesh::proto::HostsRequest {})
+            .await
+            .expect_err(name);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{name}");
+    }
+}

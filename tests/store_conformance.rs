@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use banmesh::{
     ban::{Ban, EventKind, Status},
-    hub::store::{self, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken, Store},
+    hub::store::{
+        self, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken, Revocation, Store,
+    },
 };
 
 /// A store plus whatever keeps it alive (temp dir or test database).
@@ -369,13 +371,21 @@ async fn enrolment_refuses_what_it_must_and_revocation_sticks(b: Backend) {
     );
 
     assert!(s.revoked().await.unwrap().is_empty());
-    assert!(s.revoke("mail").await.unwrap());
-    assert!(
-        s.revoke("mail").await.unwrap(),
-        "revoking twice still finds it"
+    let mail = Revocation {
+        host: Some("mail".into()),
+        admin: false,
+    };
+    assert_eq!(s.revoke("mail", "ops").await.unwrap(), mail);
+    assert_eq!(
+        s.revoke("MAIL", "ops").await.unwrap(),
+        mail,
+        "revoking twice, in another case, still finds it"
     );
-    assert!(!s.revoke("nobody").await.unwrap());
-    assert_eq!(s.revoked().await.unwrap(), ["mail"]);
+    assert_eq!(
+        s.revoke("nobody", "ops").await.unwrap(),
+        Revocation::default()
+    );
+    assert_eq!(s.revoked().await.unwrap(), ["mail", "nobody"]);
     assert_eq!(
         s.enroll(&hash("5"), "mail").await.unwrap(),
         Err(EnrollRefused::NameRevoked("mail".into()))
@@ -386,10 +396,17 @@ async fn enrolment_refuses_what_it_must_and_revocation_sticks(b: Backend) {
         Ok(Enrolled { cert_ttl_s: 60 })
     );
 
+    // A name revoked before anything connected under it cannot enrol.
+    s.create_token(&token("6", None, later, 60)).await.unwrap();
+    assert_eq!(
+        s.enroll(&hash("6"), "Nobody").await.unwrap(),
+        Err(EnrollRefused::NameRevoked("Nobody".into()))
+    );
+
     // Revocation and enrolment survive a reopen.
     drop(s);
     let s = b.open().await;
-    assert_eq!(s.revoked().await.unwrap(), ["mail"]);
+    assert_eq!(s.revoked().await.unwrap(), ["mail", "nobody"]);
     let hosts = s.hosts().await.unwrap();
     let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
     assert_eq!(names, ["cache", "db", "mail", "web-1"], "sorted by name");
@@ -424,6 +441,124 @@ async fn enrolment_refuses_what_it_must_and_revocation_sticks(b: Backend) {
         .unwrap();
     assert_eq!(db.cert_expires_ms, Some(later + 1));
     assert_eq!(s.counts().await.unwrap().0, 4);
+
+    // The lifetime each host enrolled with, for `Renew`; none for a host
+    // that only connected.
+    assert_eq!(s.cert_ttl("web-1").await.unwrap(), Some(3_600));
+    assert_eq!(s.cert_ttl("CACHE").await.unwrap(), Some(60));
+    assert_eq!(s.cert_ttl("db").await.unwrap(), None);
+}
+
+/// Hosts and admins are one namespace, compared case-insensitively on
+/// both backends (MySQL's collation and SQLite's alike).
+async fn names_are_one_case_insensitive_namespace(b: Backend) {
+    let s = b.open().await;
+    let later = store::now_ms() + 3_600_000;
+    for t in ["1", "2", "3", "4"] {
+        s.create_token(&token(t, None, later, 600)).await.unwrap();
+    }
+    let hash = |h: &str| format!("{h:0>64}");
+    // An admin's name, once it has called, is refused to hosts in any case.
+    s.record_admin("Ops").await.unwrap();
+    s.record_admin("ops").await.unwrap();
+    for name in ["ops", "OPS"] {
+        assert_eq!(
+            s.enroll(&hash("1"), name).await.unwrap(),
+            Err(EnrollRefused::AdminName(name.into()))
+        );
+    }
+    // A host is the same host in any case: one row, one id.
+    s.touch_host("web-1", None).await.unwrap();
+    s.touch_host("WEB-1", None).await.unwrap();
+    let c = s
+        .commit(&[
+            report("web-1", 1, "192.0.2.1"),
+            report("Web-1", 1, "192.0.2.1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(c[1], Committed::Duplicate(c[0].event_id()), "one reporter");
+    assert_eq!(s.last_seq("WEB-1").await.unwrap(), 1);
+    assert_eq!(
+        s.enroll(&hash("1"), "Web-1").await.unwrap(),
+        Err(EnrollRefused::NameTaken("Web-1".into()))
+    );
+    let hosts = s.hosts().await.unwrap();
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(hosts[0].name, "web-1", "stored as it first connected");
+    // Revoking in another case finds the host, and says whose name it was.
+    assert_eq!(
+        s.revoke("WEB-1", "ops").await.unwrap(),
+        Revocation {
+            host: Some("web-1".into()),
+            admin: false
+        }
+    );
+    assert!(s.hosts().await.unwrap()[0].revoked);
+    assert_eq!(
+        s.revoke("OPS", "root").await.unwrap(),
+        Revocation {
+            host: None,
+            admin: true
+        }
+    );
+    assert_eq!(s.revoked().await.unwrap(), ["ops", "web-1"]);
+    // The tokens were spent on none of the refusals.
+    assert_eq!(
+        s.enroll(&hash("1"), "mail").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 600 })
+    );
+    // A token bound to a name takes it in any case.
+    s.create_token(&token("5", Some("db-1"), later, 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.enroll(&hash("5"), "DB-1").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 60 })
+    );
+}
+
+/// MySQL limits a column name to 64 characters and compares column names
+/// case-insensitively: the view's columns obey both, and a view that
+/// cannot be rebuilt fails nothing.
+async fn the_view_takes_any_host_names(b: Backend) {
+    let s = b.open().await;
+    let long = format!("{}.example", "x".repeat(70));
+    for h in ["web-1", "WEB1", long.as_str(), "db"] {
+        s.touch_host(h, None).await.unwrap();
+    }
+    let (cols, _) = b.ip_table().await;
+    assert_eq!(cols.len(), 7 + 4, "{cols:?}");
+    assert_eq!(cols[7], "host_web1");
+    assert_eq!(cols[10], "host_db");
+    assert!(cols.iter().all(|c| c.len() <= 64), "{cols:?}");
+    let mut lower: Vec<String> = cols.iter().map(|c| c.to_lowercase()).collect();
+    lower.sort();
+    lower.dedup();
+    assert_eq!(lower.len(), cols.len(), "{cols:?}");
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(
+        b.ip_table().await.0,
+        cols,
+        "the same columns after a reopen"
+    );
+    drop(s);
+
+    // A table squatting on the view's name: open, enrol and first calls
+    // all still work; the view is simply not rebuilt.
+    b.sql("DROP VIEW ip_table").await;
+    b.sql("CREATE TABLE ip_table (id INTEGER)").await;
+    let s = b.open().await;
+    s.touch_host("new-1", None).await.unwrap();
+    s.create_token(&token("1", None, store::now_ms() + 60_000, 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.enroll(&format!("{:0>64}", "1"), "new-2").await.unwrap(),
+        Ok(Enrolled { cert_ttl_s: 60 })
+    );
+    assert_eq!(s.hosts().await.unwrap().len(), 6);
 }
 
 async fn list_bans_filters_and_the_ip_table_view(b: Backend) {
@@ -627,11 +762,29 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
         .await
         .unwrap();
     src.unban("192.0.2.2", "admin").await.unwrap().unwrap();
+    src.revoke("B", "ops").await.unwrap();
+    src.revoke("never-seen", "ops").await.unwrap();
+    src.record_admin("ops").await.unwrap();
+    src.create_token(&token("1", None, store::now_ms() + 60_000, 3_600))
+        .await
+        .unwrap();
+    src.enroll(&format!("{:0>64}", "1"), "c")
+        .await
+        .unwrap()
+        .unwrap();
+    // A host revoked by an earlier build: only its row is flagged.
+    src.touch_host("old", None).await.unwrap();
+    from.sql("UPDATE hosts SET revoked_ms = 5 WHERE name = 'old'")
+        .await;
+    let names = src.dump_names().await.unwrap();
+    assert_eq!(names.revoked.len(), 4, "{names:?}");
+    assert_eq!(names.admins, [("ops".to_string(), names.admins[0].1)]);
+    assert_eq!(names.lifetimes, [("c".to_string(), 3_600)]);
 
     let hosts = src.dump_hosts().await.unwrap();
     let events = src.dump_events(0, 100).await.unwrap();
     let statuses = src.dump_statuses(0, 100).await.unwrap();
-    assert_eq!(hosts.len(), 2);
+    assert_eq!(hosts.len(), 4);
     assert_eq!(events.len(), 3);
     assert_eq!(statuses.len(), 1);
     assert_eq!(events[1].node_seq, Some(7));
@@ -654,10 +807,23 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
     let dst = to.open().await;
     dst.load(&hosts, &events, &statuses).await.unwrap();
     dst.load(&hosts, &events, &statuses).await.unwrap();
+    dst.load_names(&names).await.unwrap();
+    dst.load_names(&names).await.unwrap();
+    assert_eq!(
+        dst.revoked().await.unwrap(),
+        ["b", "never-seen", "old"],
+        "no revocation is lost"
+    );
+    let carried = dst.dump_names().await.unwrap();
+    assert_eq!(
+        (carried.admins, carried.lifetimes),
+        (names.admins, names.lifetimes)
+    );
+    assert_eq!(dst.cert_ttl("C").await.unwrap(), Some(3_600));
     assert_eq!(dst.dump_hosts().await.unwrap(), hosts);
     assert_eq!(dst.dump_events(0, 100).await.unwrap(), events);
     assert_eq!(dst.dump_statuses(0, 100).await.unwrap(), statuses);
-    assert_eq!(dst.counts().await.unwrap(), (2, 3, 1));
+    assert_eq!(dst.counts().await.unwrap(), (4, 3, 1));
     assert_eq!(dst.last_event_id().await.unwrap(), events[2].id);
     assert_eq!(dst.last_seq("b").await.unwrap(), 7);
     assert_eq!(
@@ -673,8 +839,8 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
     assert_eq!(again[0], Committed::Duplicate(events[0].id));
     assert!(again[1].event_id() > events[2].id);
     let (cols, rows) = to.ip_table().await;
-    assert_eq!(&cols[7..], ["host_a", "host_b"]);
-    assert_eq!(&rows[0][7..], ["1", "2"]);
+    assert_eq!(&cols[7..], ["host_a", "host_b", "host_c", "host_old"]);
+    assert_eq!(&rows[0][7..], ["1", "2", "0", "0"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -709,4 +875,6 @@ conformance!(
     list_bans_filters_and_the_ip_table_view,
     a_newer_schema_is_refused_and_the_same_one_reopens,
     the_view_stops_at_its_host_limit,
+    names_are_one_case_insensitive_namespace,
+    the_view_takes_any_host_names,
 );

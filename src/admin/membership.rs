@@ -62,7 +62,9 @@ impl fmt::Display for Token {
     }
 }
 
-/// Refuses host `name` from now on; the hub ends its open streams.
+/// Refuses the certificates of `name` (a host's or an admin's, in any
+/// letter case, connected yet or not) from now on; the hub ends its open
+/// streams.
 pub async fn revoke(hub: &str, tls: &TlsFiles, name: &str) -> Result<Revoked, AdminError> {
     let r = client(hub, tls)
         .await?
@@ -74,21 +76,39 @@ pub async fn revoke(hub: &str, tls: &TlsFiles, name: &str) -> Result<Revoked, Ad
     Ok(Revoked {
         name: name.to_string(),
         streams_closed: r.streams_closed,
+        unknown_name: r.unknown_name,
+        admin: r.admin,
     })
 }
 
-/// A revoked host.
+/// A revoked name.
 #[derive(Debug, Clone)]
 pub struct Revoked {
-    /// The host's name; its certificate is refused from now on.
+    /// The name as given.
     pub name: String,
     /// Its Subscribe streams the hub ended.
     pub streams_closed: u32,
+    /// Nothing had connected under the name yet.
+    pub unknown_name: bool,
+    /// An admin certificate had called under the name.
+    pub admin: bool,
 }
 
 impl fmt::Display for Revoked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "revoked {}: the hub refuses it from now on", self.name)
+        if self.unknown_name {
+            return writeln!(
+                f,
+                "revoked {}: no host had connected under that name; its certificates are refused from now on",
+                self.name
+            );
+        }
+        let what = if self.admin { "admin " } else { "" };
+        writeln!(
+            f,
+            "revoked {what}{}: the hub refuses it from now on",
+            self.name
+        )
     }
 }
 

@@ -93,6 +93,9 @@ pub async fn migrate(
     let (_, total_events, total_statuses) = from.counts().await?;
     let hosts = from.dump_hosts().await?;
     to.load(&hosts, &[], &[]).await?;
+    // Revocations and admin names too: a migration must not readmit a
+    // revoked certificate.
+    to.load_names(&from.dump_names().await?).await?;
     let mut copied = Copied {
         hosts: hosts.len() as u64,
         ..Default::default()

@@ -155,7 +155,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         info!("no CA key: enrolment and renewal are off");
     }
     let store = store::open(&config.db_url()).await?;
-    let access = access::Access::new(store.revoked().await?);
+    let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     let fanout = fanout::Fanout::default();
     let committer = committer::Committer::spawn(store.clone(), fanout.clone(), shutdown.clone());
     let enrollment = enrollment::EnrollmentService {

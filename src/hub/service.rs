@@ -12,7 +12,7 @@ use super::{
     enrollment,
     fanout::Fanout,
     publish,
-    statuses::StatusWriter,
+    statuses::{StatusWriter, WriteError},
     store::{BanFilter, BanRow, Store},
     subscription,
 };
@@ -123,7 +123,10 @@ impl hub_server::Hub for HubService {
                     .ok_or_else(|| Status::invalid_argument(format!("unknown status {}", u.status)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let stored = self.statuses.write(updates).await.map_err(unavailable)?;
+        let stored = self.statuses.write(updates).await.map_err(|e| match e {
+            WriteError::NoSuchEvent { .. } => Status::invalid_argument(e.to_string()),
+            WriteError::Store(e) => unavailable(e),
+        })?;
         Ok(Response::new(proto::StatusBatchAck {
             stored: stored as u32,
         }))
@@ -252,15 +255,45 @@ impl hub_server::Hub for HubService {
     ) -> Result<Response<proto::RevokeResponse>, Status> {
         let admin = self.access.admin(&request)?.name;
         let name = request.into_inner().name;
-        if !self.store.revoke(&name).await.map_err(unavailable)? {
-            return Err(Status::not_found(format!("no host named {name:?}")));
+        if !crate::ban::valid_host_name(&name) {
+            return Err(Status::invalid_argument(format!(
+                "{name:?} is not a valid certificate name"
+            )));
         }
-        // Counted before revoking: revoking ends them.
-        let streams = self.fanout.streams(&name) as u32;
+        // An admin locking itself out is a slip, not a policy: another
+        // admin can revoke this one.
+        if name.eq_ignore_ascii_case(&admin) {
+            return Err(Status::failed_precondition(format!(
+                "{admin} is the certificate making this call; revoke it with another admin's certificate"
+            )));
+        }
+        let known = self
+            .store
+            .revoke(&name, &admin)
+            .await
+            .map_err(unavailable)?;
+        // Counted before revoking: revoking ends them. Streams are
+        // registered under their certificate's name, which may differ in
+        // case from the name asked for and from the stored host.
+        let mut streams = self.fanout.streams(&name);
+        if let Some(host) = known.host.as_deref().filter(|h| *h != name) {
+            streams += self.fanout.streams(host);
+        }
         self.access.revoke(&name);
-        info!(host = %name, by = %admin, "host revoked");
+        if known.admin {
+            info!(name = %name, by = %admin, "admin revoked");
+        }
+        match &known.host {
+            Some(host) => info!(host = %host, by = %admin, "host revoked"),
+            None if !known.admin => {
+                info!(name = %name, by = %admin, "name revoked before any connection")
+            }
+            None => {}
+        }
         Ok(Response::new(proto::RevokeResponse {
-            streams_closed: streams,
+            streams_closed: streams as u32,
+            unknown_name: known.host.is_none() && !known.admin,
+            admin: known.admin,
         }))
     }
 
@@ -269,11 +302,12 @@ impl hub_server::Hub for HubService {
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::IssuedCertificate>, Status> {
         let peer = self.access.host(&request)?;
+        let valid_for = self.renewal_lifetime(&request, &peer.name).await?;
         let issued = enrollment::sign_csr(
             self.signer.as_deref(),
             &peer.name,
             &request.get_ref().csr_pem,
-            crate::ca::HOST_VALIDITY,
+            valid_for,
         )?;
         self.store
             .touch_host(&peer.name, Some(issued.expires_ms))
@@ -281,6 +315,35 @@ impl hub_server::Hub for HubService {
             .map_err(unavailable)?;
         info!(host = %peer.name, expires_ms = issued.expires_ms, "certificate renewed");
         Ok(Response::new(issued))
+    }
+}
+
+impl HubService {
+    /// How long a renewed certificate is valid: what the host enrolled
+    /// with (its token's `--cert-ttl`), so a short-lived certificate stays
+    /// short. A host issued by hand (`ca issue`) keeps the lifetime of the
+    /// certificate it presents, at most the default.
+    async fn renewal_lifetime<T>(
+        &self,
+        request: &Request<T>,
+        name: &str,
+    ) -> Result<std::time::Duration, Status> {
+        use std::time::Duration;
+        if let Some(s) = self.store.cert_ttl(name).await.map_err(unavailable)? {
+            // As at enrolment: never below a minute.
+            return Ok(Duration::from_secs(s.max(60) as u64));
+        }
+        let presented = request.peer_certs().and_then(|certs| {
+            let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+            let v = cert.validity();
+            // `ca` backdates by a minute for clock skew; that is not lifetime.
+            let secs = v.not_after.timestamp() - v.not_before.timestamp() - 60;
+            u64::try_from(secs).ok()
+        });
+        Ok(presented
+            .map(Duration::from_secs)
+            .unwrap_or(crate::ca::HOST_VALIDITY)
+            .clamp(Duration::from_secs(60), crate::ca::HOST_VALIDITY))
     }
 }
 

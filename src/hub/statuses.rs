@@ -3,7 +3,16 @@
 //! task takes whatever calls have queued up and writes them as one
 //! statement, so the database sees one commit where it would see hundreds.
 //! A call is answered once its statuses are stored.
-use std::sync::Arc;
+//!
+//! A status answers an event that exists: a call naming an id above the
+//! last event (or 0) is refused whole before anything is queued, so no one
+//! can pre-set statuses for bans not yet made. The last id is cached and
+//! read again from the store only when a call names a newer one (once per
+//! new event at most, by the first host to answer it).
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,32 +27,79 @@ type Job = (
     oneshot::Sender<Result<usize, Arc<StoreError>>>,
 );
 
-/// A handle to the status writer task; cloned into every `ReportStatus` handler.
+/// Why statuses were not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The call named an event that does not exist; nothing was stored.
+    #[error(
+        "no event has id {id} (the last is {last}): a status answers an event that exists; nothing was stored"
+    )]
+    NoSuchEvent {
+        /// The first id in the call that has no event.
+        id: u64,
+        /// The highest event id the store holds.
+        last: u64,
+    },
+    /// The store failed (or the hub is stopping).
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+}
+
+/// A handle on the status writer task.
 #[derive(Clone)]
 pub struct StatusWriter {
     tx: mpsc::Sender<Job>,
+    store: Arc<dyn Store>,
+    /// The highest event id known to exist.
+    last: Arc<AtomicU64>,
 }
 
 impl StatusWriter {
     /// Starts the writer; it stops when every handle is dropped.
     pub fn spawn(store: Arc<dyn Store>) -> Self {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(run(store, rx));
-        StatusWriter { tx }
+        tokio::spawn(run(store.clone(), rx));
+        StatusWriter {
+            tx,
+            store,
+            last: Arc::default(),
+        }
+    }
+
+    /// Refuses ids of events that do not exist (see the module doc).
+    async fn check_ids(&self, updates: &[(String, u64, Status)]) -> Result<(), WriteError> {
+        if updates.iter().any(|u| u.1 == 0) {
+            let last = self.last.load(Ordering::Relaxed);
+            return Err(WriteError::NoSuchEvent { id: 0, last });
+        }
+        let Some(id) = updates.iter().map(|u| u.1).max() else {
+            return Ok(());
+        };
+        if id <= self.last.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let last = self
+            .store
+            .last_event_id()
+            .await
+            .map_err(|e| WriteError::Store(Arc::new(e)))?;
+        self.last.fetch_max(last, Ordering::Relaxed);
+        if id > last {
+            return Err(WriteError::NoSuchEvent { id, last });
+        }
+        Ok(())
     }
 
     /// Stores statuses; resolves once they are written.
-    pub async fn write(
-        &self,
-        updates: Vec<(String, u64, Status)>,
-    ) -> Result<usize, Arc<StoreError>> {
+    pub async fn write(&self, updates: Vec<(String, u64, Status)>) -> Result<usize, WriteError> {
+        self.check_ids(&updates).await?;
         let (reply, rx) = oneshot::channel();
-        let stopped = || Arc::new(StoreError::Stopped);
+        let stopped = || WriteError::Store(Arc::new(StoreError::Stopped));
         self.tx
             .send((updates, reply))
             .await
             .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        rx.await.map_err(|_| stopped())?.map_err(WriteError::Store)
     }
 }
 

@@ -43,6 +43,12 @@ impl From<&str> for Value {
     }
 }
 
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+
 impl From<&String> for Value {
     fn from(v: &String) -> Self {
         Value::Text(v.clone())
@@ -145,20 +151,30 @@ pub trait Backend: Send + Sync + 'static {
     async fn write_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError>;
 }
 
-/// Host name -> id. Hosts are never renamed or deleted, so an entry never
-/// goes stale; a miss is looked up (or created) in the database.
+/// Host name -> id, by the name in lower case (hosts are one
+/// case-insensitive namespace). Hosts are never renamed or deleted, so an
+/// entry never goes stale; a miss is looked up (or created) in the database.
 #[derive(Debug, Default)]
 pub struct HostIds(Mutex<HashMap<String, u64>>);
 
 impl HostIds {
+    /// The id of host `name`, in any letter case, if cached.
     pub fn get(&self, name: &str) -> Option<u64> {
-        self.0.lock().unwrap().get(name).copied()
+        self.0
+            .lock()
+            .unwrap()
+            .get(&name.to_ascii_lowercase())
+            .copied()
     }
 
-    /// Adds entries; returns how many hosts are now known.
+    /// Adds entries; returns how many hosts are now known. Of two stored
+    /// names that differ only in case (possible in SQLite stores of
+    /// earlier builds), the first (lowest id, as given in order) wins.
     pub fn extend(&self, hosts: impl IntoIterator<Item = (u64, String)>) -> usize {
         let mut ids = self.0.lock().unwrap();
-        ids.extend(hosts.into_iter().map(|(id, n)| (n, id)));
+        for (id, n) in hosts {
+            ids.entry(n.to_ascii_lowercase()).or_insert(id);
+        }
         ids.len()
     }
 }

@@ -14,7 +14,11 @@
 //!   order, without bans the subscriber reported itself and without bans
 //!   already lifted.
 //! - The view `ip_table` shows bans in the seed's shape, one `host_<name>`
-//!   column per known host, rebuilt when a host first appears.
+//!   column per known host, rebuilt when a host first appears. A failed
+//!   rebuild is logged, never an error: no call fails for the view's sake.
+//! - Host and admin names are one namespace, compared case-insensitively:
+//!   `WEB-1` is host `web-1`, a revoked name is refused in any case, and no
+//!   host can enrol under a name an admin certificate has called with.
 //!
 //! # Layout
 //!
@@ -211,6 +215,32 @@ pub enum EnrollRefused {
     /// The name was revoked; a revoked name is never reused.
     #[error("the name {0:?} was revoked and cannot be enrolled again")]
     NameRevoked(String),
+    /// The name is an admin's (admins and hosts share one namespace).
+    #[error(
+        "the name {0:?} belongs to an admin certificate; hosts and admins share one namespace, so choose another name"
+    )]
+    AdminName(String),
+}
+
+/// What the hub knew of a name it was told to revoke.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Revocation {
+    /// The host the name belongs to, as stored (its first connection's
+    /// letter case), if a host ever connected or enrolled under it.
+    pub host: Option<String>,
+    /// An admin certificate has called the hub under this name.
+    pub admin: bool,
+}
+
+/// What the store knows of a name an enrolment asks for.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct NameState {
+    /// A host holds it: `Some(revoked)`.
+    pub host: Option<bool>,
+    /// It is in `revoked_names`.
+    pub revoked: bool,
+    /// An admin certificate has called under it.
+    pub admin: bool,
 }
 
 /// A token row as read inside the enrolment transaction.
@@ -221,12 +251,12 @@ pub(crate) struct TokenRow {
     pub cert_ttl_s: i64,
 }
 
-/// The enrolment rules, shared by both backends: `host` is the existing
-/// host row's revoked flag, if any.
+/// The enrolment rules, shared by both backends: `known` is what the
+/// store holds under the name, in any letter case.
 pub(crate) fn check_enrolment(
     token: Option<TokenRow>,
     name: &str,
-    host: Option<bool>,
+    known: NameState,
     now_ms: i64,
 ) -> Result<Enrolled, EnrollRefused> {
     let t = token.ok_or(EnrollRefused::UnknownToken)?;
@@ -236,13 +266,16 @@ pub(crate) fn check_enrolment(
     if t.expires_ms <= now_ms {
         return Err(EnrollRefused::ExpiredToken);
     }
-    if let Some(bound) = t.name.filter(|b| b != name) {
+    if let Some(bound) = t.name.filter(|b| !b.eq_ignore_ascii_case(name)) {
         return Err(EnrollRefused::OtherName(bound));
     }
-    match host {
-        Some(true) => Err(EnrollRefused::NameRevoked(name.to_string())),
-        Some(false) => Err(EnrollRefused::NameTaken(name.to_string())),
-        None => Ok(Enrolled {
+    if known.admin {
+        return Err(EnrollRefused::AdminName(name.to_string()));
+    }
+    match (known.revoked, known.host) {
+        (true, _) | (_, Some(true)) => Err(EnrollRefused::NameRevoked(name.to_string())),
+        (false, Some(false)) => Err(EnrollRefused::NameTaken(name.to_string())),
+        (false, None) => Ok(Enrolled {
             cert_ttl_s: t.cert_ttl_s,
         }),
     }
@@ -256,18 +289,27 @@ pub trait Store: Send + Sync + 'static {
     async fn touch_host(&self, name: &str, cert_expires_ms: Option<i64>) -> Result<(), StoreError>;
     /// Stores a one-time enrolment token (its SHA-256, never the token).
     async fn create_token(&self, token: &NewToken) -> Result<(), StoreError>;
-    /// Spends a token for `name` and records the host, in one transaction;
-    /// refuses an unknown, used or expired token, a token bound to another
-    /// name, and a name held by a live (or revoked) host.
+    /// Spends a token for `name` and records the host and the certificate
+    /// lifetime it enrolled with, in one transaction; refuses an unknown,
+    /// used or expired token, a token bound to another name, and a name
+    /// (in any letter case) held by a host, revoked, or an admin's.
     async fn enroll(
         &self,
         token_hash: &str,
         name: &str,
     ) -> Result<Result<Enrolled, EnrollRefused>, StoreError>;
-    /// Marks a host revoked; false if no such host.
-    async fn revoke(&self, name: &str) -> Result<bool, StoreError>;
-    /// Names of revoked hosts.
+    /// Revokes a name (in any letter case) for good: a host's, an admin's,
+    /// or one nothing has connected under yet. `by` is the revoking admin.
+    /// Revoking twice is not an error.
+    async fn revoke(&self, name: &str, by: &str) -> Result<Revocation, StoreError>;
+    /// Every revoked name, in lower case, sorted.
     async fn revoked(&self) -> Result<Vec<String>, StoreError>;
+    /// Records that an admin certificate called under `name`, so that no
+    /// host can enrol as it. Idempotent.
+    async fn record_admin(&self, name: &str) -> Result<(), StoreError>;
+    /// The certificate lifetime host `name` enrolled with, seconds; `None`
+    /// for a host that did not enrol with a token.
+    async fn cert_ttl(&self, name: &str) -> Result<Option<i64>, StoreError>;
     /// Commits a batch of reports in one transaction (see the module doc).
     async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError>;
     /// Replay: up to `limit` events after `after`, as seen by `subscriber`.
@@ -312,6 +354,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Counts of (hosts, events, statuses).
     async fn counts(&self) -> Result<(u64, u64, u64), StoreError>;
+    /// The namespace's rows: revoked names (hosts revoked by earlier builds
+    /// included), admin names, enrolled lifetimes.
+    async fn dump_names(&self) -> Result<RawNames, StoreError>;
+    /// Inserts namespace rows, skipping names already present, and flags
+    /// the hosts (loaded before) whose names are revoked.
+    async fn load_names(&self, names: &RawNames) -> Result<(), StoreError>;
+}
+
+/// The namespace tables as stored: what `hub migrate` carries besides
+/// hosts, events and statuses, so that no revocation is lost on the way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawNames {
+    /// `(name, revoked_ms, revoked_by)` of every revoked name.
+    pub revoked: Vec<(String, i64, String)>,
+    /// `(name, first_seen_ms)` of every admin name.
+    pub admins: Vec<(String, i64)>,
+    /// `(name in lower case, cert_ttl_s)` of every enrolled host.
+    pub lifetimes: Vec<(String, i64)>,
 }
 
 /// A host row as stored.

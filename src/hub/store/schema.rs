@@ -16,6 +16,7 @@
 //! | lock rows read      | `FOR UPDATE`                      | nothing (one writer connection)     |
 //! | ms to datetime      | `FROM_UNIXTIME(ms / 1000)`        | `datetime(ms / 1000, 'unixepoch')`  |
 //! | replace a view      | `CREATE OR REPLACE VIEW`          | `DROP VIEW` then `CREATE VIEW`      |
+//! | a host name equals  | `name = ?` (the column is `_ci`)  | `name = ? COLLATE NOCASE`           |
 //!
 //! Placeholders are `?` in both (SQLite numbers bare `?` in order).
 use super::{SCHEMA_VERSION, StoreError, executor::Executor};
@@ -143,6 +144,53 @@ pub const TABLES: &[Table] = &[
         indexes: &[],
         clustered: true,
     },
+    // The tables below are keyed by `name_key`, the name in lower case:
+    // hosts and admins are one namespace, compared case-insensitively.
+    // Each is its own table (not a column of `hosts`) because a name can
+    // be revoked, or belong to an admin, without ever being a host; and
+    // stores of earlier builds gain them by `CREATE TABLE IF NOT EXISTS`.
+    Table {
+        // Names refused from now on: a host's, an admin's, or one no
+        // certificate has connected under yet.
+        name: "revoked_names",
+        columns: &[
+            ("name_key", Ty::Str(253), NOT_NULL),
+            ("name", Ty::Str(253), NOT_NULL),
+            ("revoked_ms", Ty::I64, NOT_NULL),
+            ("revoked_by", Ty::Str(253), NOT_NULL),
+        ],
+        primary: &["name_key"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
+    Table {
+        // Names an admin certificate has called the hub under: no host
+        // may enrol as one.
+        name: "admin_names",
+        columns: &[
+            ("name_key", Ty::Str(253), NOT_NULL),
+            ("name", Ty::Str(253), NOT_NULL),
+            ("first_seen_ms", Ty::I64, NOT_NULL),
+        ],
+        primary: &["name_key"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
+    Table {
+        // The certificate lifetime a host enrolled with, which `Renew`
+        // keeps.
+        name: "host_lifetimes",
+        columns: &[
+            ("name_key", Ty::Str(253), NOT_NULL),
+            ("cert_ttl_s", Ty::I64, NOT_NULL),
+        ],
+        primary: &["name_key"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
 ];
 
 impl Dialect {
@@ -255,6 +303,19 @@ impl Dialect {
         }
     }
 
+    /// A condition matching `col` to a `?` host name case-insensitively:
+    /// hosts and admins are one namespace where `web-1` and `WEB-1` are the
+    /// same name. MySQL's `hosts.name` has utf8mb4's default collation,
+    /// which is case-insensitive (its unique key already treats the two as
+    /// one), so the index still serves it; SQLite's `NOCASE` folds ASCII,
+    /// all a valid name holds.
+    pub fn name_is(self, col: &str) -> String {
+        match self {
+            Dialect::MySql => format!("{col} = ?"),
+            Dialect::Sqlite => format!("{col} = ? COLLATE NOCASE"),
+        }
+    }
+
     /// An expression turning milliseconds since the epoch into a datetime.
     fn datetime(self, ms: &str) -> String {
         match self {
@@ -307,19 +368,38 @@ pub async fn migrate(ex: &mut dyn Executor, d: Dialect) -> Result<(), StoreError
 /// the seed's shape stops here; the `statuses` rows hold every host.
 pub const MAX_VIEW_HOSTS: usize = 1000;
 
-/// The `ip_table` view's host columns: `host_<name>` per host, made unique
-/// when two names differ only in dots and hyphens.
+/// MySQL's longest identifier: a column name is at most this many characters.
+pub const MAX_COLUMN: usize = 64;
+
+/// The `ip_table` view's host columns: `host_<name>` per host, as the seed
+/// named them where that is a valid, distinct column. Column names are
+/// compared case-insensitively by MySQL and limited to [`MAX_COLUMN`]
+/// characters, so a name that is too long, or that collides with an
+/// earlier host's column in any letter case (`web-1` and `WEB1`), is
+/// truncated and given a suffix from a hash of the host's name: stable
+/// across restarts whatever other hosts appear later.
 pub fn view_columns(hosts: &[(u64, String)]) -> Vec<(u64, String)> {
     let mut seen = std::collections::HashSet::new();
     hosts
         .iter()
         .take(MAX_VIEW_HOSTS)
         .map(|(id, name)| {
-            let mut col = crate::ban::seed_column(name);
-            if !seen.insert(col.clone()) {
-                col = format!("{col}_{id}");
-                seen.insert(col.clone());
+            let seed = crate::ban::seed_column(name);
+            let mut col = seed.clone();
+            if col.len() > MAX_COLUMN || seen.contains(&col.to_ascii_lowercase()) {
+                use sha2::Digest;
+                let hash = hex::encode(&sha2::Sha256::digest(name.as_bytes())[..4]);
+                // `seed` is ASCII: any byte index is a character boundary.
+                let keep = seed.len().min(MAX_COLUMN - hash.len() - 1);
+                col = format!("{}_{hash}", &seed[..keep]);
+                if seen.contains(&col.to_ascii_lowercase()) {
+                    // Two names with one hash prefix: the id settles it.
+                    let id = id.to_string();
+                    let keep = seed.len().min(MAX_COLUMN - hash.len() - id.len() - 2);
+                    col = format!("{}_{hash}_{id}", &seed[..keep]);
+                }
             }
+            seen.insert(col.to_ascii_lowercase());
             (*id, col)
         })
         .collect()
@@ -413,7 +493,39 @@ mod tests {
         let hosts = [(1, "web-1".to_string()), (2, "web1".to_string())];
         let cols = view_columns(&hosts);
         assert_eq!(cols[0].1, "host_web1");
-        assert_eq!(cols[1].1, "host_web1_2", "made unique");
+        assert!(cols[1].1.starts_with("host_web1_"), "made unique");
         assert!(view_sql(&hosts, m).contains("FROM_UNIXTIME(e.created_ms / 1000) AS created"));
+        assert_eq!(m.name_is("name"), "name = ?");
+        assert_eq!(s.name_is("name"), "name = ? COLLATE NOCASE");
+    }
+
+    /// MySQL refuses a column name over 64 characters (ERROR 1166) and two
+    /// that differ only in case (ERROR 1060): either stopped a hub from
+    /// starting, since the view is rebuilt at every start.
+    #[test]
+    fn view_columns_fit_mysql_and_are_unique_in_any_case() {
+        let long = "a".repeat(70) + ".example";
+        let hosts: Vec<(u64, String)> = [
+            "web-1",
+            "WEB1",
+            "Web1",
+            long.as_str(),
+            &long.to_uppercase(),
+            "db",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1, n.to_string()))
+        .collect();
+        let cols = view_columns(&hosts);
+        assert_eq!(cols[0].1, "host_web1", "the seed's name where it fits");
+        assert_eq!(cols[5].1, "host_db");
+        let mut lower: Vec<String> = cols.iter().map(|c| c.1.to_ascii_lowercase()).collect();
+        assert!(cols.iter().all(|c| c.1.len() <= MAX_COLUMN), "{cols:?}");
+        lower.sort();
+        lower.dedup();
+        assert_eq!(lower.len(), cols.len(), "{cols:?}");
+        // Stable: the same hosts give the same columns.
+        assert_eq!(view_columns(&hosts), cols);
     }
 }

@@ -1,7 +1,8 @@
-//! Hosts, enrolment and revocation.
+//! Hosts and enrolment.
 use super::{
     super::{
-        EnrollRefused, Enrolled, HostRow, NewToken, StoreError, TokenRow, check_enrolment,
+        EnrollRefused, Enrolled, HostRow, NameState, NewToken, StoreError, TokenRow,
+        check_enrolment,
         executor::{Backend, params},
         now_ms,
     },
@@ -70,17 +71,29 @@ pub async fn enroll<B: Backend + ?Sized>(
     };
     let host = ex
         .query(
-            &format!("SELECT revoked_ms FROM hosts WHERE name = ?{lock}"),
+            &format!(
+                "SELECT revoked_ms FROM hosts WHERE {} ORDER BY id LIMIT 1{lock}",
+                b.dialect().name_is("name")
+            ),
             params![name],
         )
         .await?;
-    let host = match host.first() {
-        Some(r) => Some(r.opt_i64(0)?.is_some()),
-        None => None,
+    let key = name.to_ascii_lowercase();
+    let listed = |table: &str| format!("SELECT COUNT(*) FROM {table} WHERE name_key = ?");
+    let count = |rows: Vec<super::super::executor::Row>| -> Result<bool, StoreError> {
+        Ok(rows.first().map(|r| r.i64(0)).transpose()?.unwrap_or(0) > 0)
+    };
+    let known = NameState {
+        host: match host.first() {
+            Some(r) => Some(r.opt_i64(0)?.is_some()),
+            None => None,
+        },
+        revoked: count(ex.query(&listed("revoked_names"), params![&key]).await?)?,
+        admin: count(ex.query(&listed("admin_names"), params![&key]).await?)?,
     };
     let now = now_ms();
-    let verdict = check_enrolment(token, name, host, now);
-    if verdict.is_ok() {
+    let verdict = check_enrolment(token, name, known, now);
+    if let Ok(enrolled) = &verdict {
         ex.exec(
             "UPDATE enrol_tokens SET used_ms = ? WHERE hash = ?",
             params![now, token_hash],
@@ -91,44 +104,28 @@ pub async fn enroll<B: Backend + ?Sized>(
             params![name, now, now, now],
         )
         .await?;
-    }
-    ex.commit().await?;
-    if verdict.is_ok() {
-        refresh_hosts(b, &mut *ex).await?;
-    }
-    Ok(verdict)
-}
-
-/// `Store::revoke` for any backend.
-pub async fn revoke<B: Backend + ?Sized>(b: &B, name: &str) -> Result<bool, StoreError> {
-    let mut ex = b.session().await?;
-    let done = ex
-        .exec(
-            "UPDATE hosts SET revoked_ms = COALESCE(revoked_ms, ?) WHERE name = ?",
-            params![now_ms(), name],
+        // What `Renew` will keep. A row left by an earlier host of this
+        // name cannot exist (the name would be taken), but replace it
+        // rather than fail if one does.
+        ex.exec(
+            &format!(
+                "INSERT INTO host_lifetimes (name_key, cert_ttl_s) VALUES (?, ?){}",
+                b.dialect().upsert(&["name_key"], &["cert_ttl_s"])
+            ),
+            params![&key, enrolled.cert_ttl_s],
         )
         .await?;
-    // MySQL counts changed rows: a host revoked before changes none.
-    if done.affected > 0 {
-        return Ok(true);
     }
-    let n = ex
-        .query("SELECT COUNT(*) FROM hosts WHERE name = ?", params![name])
-        .await?;
-    Ok(n.first().map(|r| r.i64(0)).transpose()?.unwrap_or(0) > 0)
-}
-
-/// `Store::revoked` for any backend.
-pub async fn revoked<B: Backend + ?Sized>(b: &B) -> Result<Vec<String>, StoreError> {
-    let mut ex = b.session().await?;
-    ex.query(
-        "SELECT name FROM hosts WHERE revoked_ms IS NOT NULL",
-        vec![],
-    )
-    .await?
-    .iter()
-    .map(|r| r.text(0))
-    .collect()
+    ex.commit().await?;
+    // The token is spent and the host recorded: an error now would burn
+    // the name (a retry finds it taken). The cache and view catch up on
+    // the host's first call (`host_id`), so a failure here is only logged.
+    if verdict.is_ok()
+        && let Err(e) = refresh_hosts(b, &mut *ex).await
+    {
+        tracing::warn!(host = %name, error = %e, "enrolled; the host cache is refreshed on its first call");
+    }
+    Ok(verdict)
 }
 
 /// `Store::hosts` for any backend.

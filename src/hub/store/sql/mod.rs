@@ -1,7 +1,8 @@
 //! Every `Store` method but the two tuned write paths, written once against
 //! [`Executor`]: any [`Backend`] is a `Store`. The bodies live by subject:
-//! `hosts.rs` (hosts, enrolment, revocation), `events.rs` (replay, unban,
-//! listing), `raw.rs` (rows as stored, for `hub migrate`).
+//! `hosts.rs` (hosts and enrolment), `names.rs` (the namespace shared with
+//! admins: revocation, admin names, enrolled lifetimes), `events.rs`
+//! (replay, unban, listing), `raw.rs` (rows as stored, for `hub migrate`).
 //!
 //! What must stay true here, for both databases:
 //! - a host's id comes from [`host_id`], which also keeps the `ip_table`
@@ -14,7 +15,7 @@ use async_trait::async_trait;
 
 use super::{
     BanFilter, BanRow, Committed, EnrollRefused, Enrolled, HostRow, NewReport, NewToken, RawEvent,
-    RawHost, RawStatus, Store, StoreError,
+    RawHost, RawNames, RawStatus, Revocation, Store, StoreError,
     executor::{Backend, Executor, params},
     schema::{self, MAX_VIEW_HOSTS},
 };
@@ -22,27 +23,35 @@ use crate::ban::{Event, Status};
 
 mod events;
 mod hosts;
+mod names;
 mod raw;
 
 /// The id of host `name`, creating its row (and view column) when new.
+/// Names match case-insensitively (see `Dialect::name_is`): `WEB-1` is
+/// host `web-1`, under the name it first connected with.
 pub async fn host_id<B: Backend + ?Sized>(b: &B, name: &str) -> Result<u64, StoreError> {
     if let Some(id) = b.host_ids().get(name) {
         return Ok(id);
     }
     let mut ex = b.session().await?;
     let d = b.dialect();
-    let now = super::now_ms();
-    ex.exec(
-        &format!(
-            "INSERT INTO hosts (name, first_seen_ms, last_seen_ms) VALUES (?, ?, ?){}",
-            d.upsert(&["name"], &["last_seen_ms"])
-        ),
-        params![name, now, now],
-    )
-    .await?;
-    let rows = ex
-        .query("SELECT id FROM hosts WHERE name = ?", params![name])
+    let find = format!(
+        "SELECT id FROM hosts WHERE {} ORDER BY id LIMIT 1",
+        d.name_is("name")
+    );
+    let mut rows = ex.query(&find, params![name]).await?;
+    if rows.is_empty() {
+        let now = super::now_ms();
+        ex.exec(
+            &format!(
+                "INSERT INTO hosts (name, first_seen_ms, last_seen_ms) VALUES (?, ?, ?){}",
+                d.upsert(&["name"], &["last_seen_ms"])
+            ),
+            params![name, now, now],
+        )
         .await?;
+        rows = ex.query(&find, params![name]).await?;
+    }
     let id = match rows.first() {
         Some(r) => r.u64(0)?,
         None => return Err(StoreError::query(format!("host {name} vanished"))),
@@ -55,12 +64,19 @@ pub async fn host_id<B: Backend + ?Sized>(b: &B, name: &str) -> Result<u64, Stor
 }
 
 /// Reloads every host into the cache and rebuilds the `ip_table` view.
+///
+/// The view is the seed's shape for operators' SQL, not something the hub
+/// reads: a failure to rebuild it is logged and the view stays as it was,
+/// so it can never fail a start, an enrolment (after its token is spent)
+/// or a host's first call.
 pub async fn refresh_hosts<B: Backend + ?Sized>(
     b: &B,
     ex: &mut dyn Executor,
 ) -> Result<(), StoreError> {
     let hosts = hosts_by_id(ex).await?;
-    schema::rebuild_view(ex, b.dialect(), &hosts).await?;
+    if let Err(e) = schema::rebuild_view(ex, b.dialect(), &hosts).await {
+        tracing::warn!(error = %e, hosts = hosts.len(), "cannot rebuild the ip_table view; it stays as it was (the hub reads no view: serving continues)");
+    }
     b.host_ids().extend(hosts);
     Ok(())
 }
@@ -91,12 +107,20 @@ impl<B: Backend> Store for B {
         hosts::enroll(self, token_hash, name).await
     }
 
-    async fn revoke(&self, name: &str) -> Result<bool, StoreError> {
-        hosts::revoke(self, name).await
+    async fn revoke(&self, name: &str, by: &str) -> Result<Revocation, StoreError> {
+        names::revoke(self, name, by).await
     }
 
     async fn revoked(&self) -> Result<Vec<String>, StoreError> {
-        hosts::revoked(self).await
+        names::revoked(self).await
+    }
+
+    async fn record_admin(&self, name: &str) -> Result<(), StoreError> {
+        names::record_admin(self, name).await
+    }
+
+    async fn cert_ttl(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        names::cert_ttl(self, name).await
     }
 
     async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
@@ -159,5 +183,13 @@ impl<B: Backend> Store for B {
 
     async fn counts(&self) -> Result<(u64, u64, u64), StoreError> {
         raw::counts(self).await
+    }
+
+    async fn dump_names(&self) -> Result<RawNames, StoreError> {
+        names::dump(self).await
+    }
+
+    async fn load_names(&self, n: &RawNames) -> Result<(), StoreError> {
+        names::load(self, n).await
     }
 }

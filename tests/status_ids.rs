@@ -1,0 +1,70 @@
+//! Statuses are answers about bans that exist: an id above the last event
+//! is refused whole, so nobody can pre-set statuses for bans not yet made.
+mod common;
+
+use banmesh::proto;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statuses_for_events_that_do_not_exist_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let dbfile = root.path().join("hub.db");
+    let db = format!("sqlite:{}", dbfile.display());
+    let hub = Hub::start(root.path(), &pki, &db).await;
+    let a = Node::start(root.path(), &pki, "node-a", &hub.url).await;
+    assert!(a.report("sshd", "tcp", "22", "192.0.2.5").0);
+    let mut b = hub_client(&hub.url, client_tls(&pki.host("node-b"))).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let last = loop {
+        let bans = b
+            .list_bans(proto::ListBansRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .bans;
+        if let Some(e) = bans.first().and_then(|r| r.event.as_ref()) {
+            break e.id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ban never committed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+
+    let update = |event_id| proto::StatusUpdate {
+        event_id,
+        status: proto::Status::Added as i32,
+    };
+    // One real id beside future ones: the whole call is refused.
+    let status = b
+        .report_status(proto::StatusBatch {
+            updates: vec![update(last), update(last + 1), update(last + 500_000)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = b
+        .report_status(proto::StatusBatch {
+            updates: vec![update(0)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let store = banmesh::hub::store::open(&db).await.unwrap();
+    assert!(
+        store.dump_statuses(0, 10).await.unwrap().is_empty(),
+        "nothing stored"
+    );
+
+    // The ban that exists takes its status.
+    let ack = b
+        .report_status(proto::StatusBatch {
+            updates: vec![update(last)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.stored, 1);
+}
