@@ -1,0 +1,133 @@
+//! Issue 13, node side: what an attacker's review found, each driven
+//! through the real binary (and real fail2ban, MariaDB where they matter).
+mod common;
+
+use std::{os::unix::fs::PermissionsExt, process::Command};
+
+use common::*;
+
+/// Item 11: paths with a blank, `;` and `%` reach `banmesh report` as one
+/// argument each, through fail2ban's own config reader and `sh -c`.
+#[test]
+fn setup_fail2ban_paths_reach_the_action_as_one_argument_each() {
+    let root = tempfile::tempdir().unwrap();
+    let conf = root.path().join("fail2ban");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg("/etc/fail2ban")
+        .arg(&conf)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "fail2ban's config is not installed");
+    for entry in std::fs::read_dir(conf.join("jail.d")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let odd = root.path().join("my dir;touch PWNED;100%x");
+    let bin = root.path().join("bin dir;touch PWNED").join("banmesh");
+    let args_file = root.path().join("args");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::write(
+        &bin,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done > '{}'\n",
+            args_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = odd.join("node.sock");
+    let out = banmesh()
+        .args(["node", "setup-fail2ban", "--config-dir"])
+        .arg(&conf)
+        .arg("--shared-log")
+        .arg(root.path().join("shared.log"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(&odd)
+        .arg("--banmesh")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        conf.join("jail.d/login.local"),
+        "[login]\nenabled = true\nfilter =\nfailregex = ^x <HOST>\nlogpath = /dev/null\nbanaction = ipset-allports-banmesh\n",
+    )
+    .unwrap();
+    // fail2ban's reading of the action, as it would run it.
+    let dump = Command::new("fail2ban-client")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-d")
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    let start = dump
+        .find("if [ '<restored>'")
+        .unwrap_or_else(|| panic!("no report call in fail2ban's reading:\n{dump}"));
+    let end = start + dump[start..].find("; fi").unwrap() + "; fi".len();
+    let command = dump[start..end]
+        .replace("<restored>", "0")
+        .replace("<ip>", "192.0.2.1");
+    let ran = Command::new("sh")
+        .args(["-c", &command])
+        .current_dir(root.path())
+        .status()
+        .unwrap();
+    assert!(ran.success(), "{command}");
+    let args = std::fs::read_to_string(&args_file).unwrap();
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(
+        args,
+        [
+            "report",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--data-dir",
+            odd.to_str().unwrap(),
+            "-j",
+            "login",
+            "-pr",
+            "tcp",
+            "-p",
+            "0:65535",
+            "-i",
+            "192.0.2.1"
+        ]
+    );
+    assert!(!root.path().join("PWNED").exists(), "a `;` ran a command");
+}
+
+/// Item 11: a bantime carrying a newline (which would add `ignoreip`) is
+/// refused with a clear error, and nothing is written.
+#[test]
+fn setup_fail2ban_refuses_a_bantime_or_interface_that_adds_keys() {
+    let root = tempfile::tempdir().unwrap();
+    let conf = root.path().join("fail2ban");
+    for (flag, value) in [
+        ("--bantime", "1d\nignoreip = 0.0.0.0/0"),
+        ("--nat-forward", "ppp+\nignoreip = 0.0.0.0/0"),
+    ] {
+        let out = banmesh()
+            .args(["node", "setup-fail2ban", "--config-dir"])
+            .arg(&conf)
+            .arg("--shared-log")
+            .arg(root.path().join("shared.log"))
+            .args([flag, value])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} accepted");
+        assert!(
+            stderr.contains(flag) && stderr.contains("nothing was written"),
+            "{stderr}"
+        );
+        assert!(!conf.exists(), "{flag}: files written");
+        assert!(!root.path().join("shared.log").exists());
+    }
+}
