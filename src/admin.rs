@@ -13,10 +13,13 @@ pub async fn client(hub: &str, tls: &TlsFiles) -> anyhow::Result<HubClient<Chann
     Ok(HubClient::new(channel))
 }
 
-/// `banmesh unban IP`.
+/// `banmesh unban IP`. The address goes in the fleet's spelling
+/// ([`crate::ban::parse_ip`]: `::ffff:1.2.3.4` is `1.2.3.4`), so either
+/// spelling lifts the ban; anything else goes as given, for the hub to refuse.
 pub async fn unban(hub: &str, tls: &TlsFiles, ip: &str) -> anyhow::Result<proto::UnbanResponse> {
     let mut c = client(hub, tls).await?;
-    Ok(c.unban(proto::UnbanRequest { ip: ip.to_string() })
+    let ip = crate::ban::parse_ip(ip).map_or_else(|| ip.to_string(), |a| a.to_string());
+    Ok(c.unban(proto::UnbanRequest { ip })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner())

@@ -2,9 +2,67 @@
 //! through the real binary (and real fail2ban, MariaDB where they matter).
 mod common;
 
-use std::{os::unix::fs::PermissionsExt, process::Command};
+use std::{os::unix::fs::PermissionsExt, process::Command, time::Duration};
 
-use common::*;
+use banmesh::hub::store::{self, BanFilter};
+use common::{fail2ban::F2bHost, *};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Item 8: a ban of `::ffff:a.b.c.d` is the IPv4 address everywhere (store,
+/// fail2ban), and an unban in either spelling lifts it on the hosts.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ipv4_mapped_ban_is_ipv4_and_either_spelling_unbans_it() {
+    let root = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let pki = Pki::new(root.path());
+    let hub = Hub::start(root.path(), &pki, &db.url).await;
+    let h1 = F2bHost::start(root.path(), &pki, "host-1", &hub.url).await;
+    let h2 = F2bHost::start(root.path(), &pki, "host-2", &hub.url).await;
+    let admin = pki.admin("ops");
+    let v4 = "203.0.113.9";
+
+    for unban_as in ["::ffff:203.0.113.9", v4] {
+        let (ok, err) = h1.node.report("login", "tcp", "22", "::ffff:203.0.113.9");
+        assert!(ok, "{err}");
+        wait_for("the ban in host 2's ipset", DEADLINE, || async {
+            h2.in_ipset("f2b-shared", v4)
+        })
+        .await;
+        let s = store::open(&db.url).await.unwrap();
+        let stored: Vec<String> = s
+            .list_bans(&BanFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.event.ban.ip)
+            .collect();
+        assert!(
+            stored.iter().all(|ip| ip == v4) && !stored.is_empty(),
+            "{stored:?}"
+        );
+
+        let out = banmesh()
+            .args(["unban", unban_as, "--hub", &hub.url])
+            .args(tls_args(&admin))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "unban {unban_as}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for(
+            &format!("unban {unban_as} to lift it on host 2"),
+            DEADLINE,
+            || async { !h2.in_ipset("f2b-shared", v4) },
+        )
+        .await;
+    }
+}
 
 /// Item 11: paths with a blank, `;` and `%` reach `banmesh report` as one
 /// argument each, through fail2ban's own config reader and `sh -c`.
