@@ -180,6 +180,10 @@ pub enum InvalidEvent {
     Kind(i32),
     #[error(transparent)]
     Ban(#[from] InvalidBan),
+    /// The reporter's name reaches `shared.log` and the host table: a name
+    /// outside [`valid_host_name`] (a newline could forge a line) is refused.
+    #[error("added_by {0:?} is not a host name (letters, digits, '-', '.', '_')")]
+    AddedBy(String),
 }
 
 impl Event {
@@ -190,6 +194,9 @@ impl Event {
             Ok(proto::EventKind::Unban) => EventKind::Unban,
             Ok(proto::EventKind::Unspecified) | Err(_) => return Err(InvalidEvent::Kind(e.kind)),
         };
+        if !valid_host_name(&e.added_by) {
+            return Err(InvalidEvent::AddedBy(e.added_by.clone()));
+        }
         Ok(Event {
             id: e.id,
             kind,
@@ -361,6 +368,32 @@ mod tests {
             Ban::new("sshd", "tcp", "22", "203.0.113.9").unwrap()
         );
         assert_eq!(parse_ip("1.2.3"), None);
+    }
+
+    #[test]
+    fn an_event_whose_reporter_is_not_a_host_name_is_refused() {
+        let ban = Ban::new("sshd", "tcp", "22", "192.0.2.1").unwrap();
+        let mut wire = Event {
+            id: 3,
+            kind: EventKind::Ban,
+            ban,
+            added_by: "web-1".into(),
+            created_ms: 1,
+            lifts: 0,
+        }
+        .to_proto();
+        for forged in [
+            "x\n2026-11-25 12:26:09 +0000 banmesh[999999]: 198.51.100.66: reported by y",
+            "a\rb",
+            "web 1",
+            "",
+        ] {
+            wire.added_by = forged.into();
+            assert_eq!(
+                Event::from_proto(&wire),
+                Err(InvalidEvent::AddedBy(forged.into()))
+            );
+        }
     }
 
     #[test]

@@ -6,8 +6,82 @@ use std::{os::unix::fs::PermissionsExt, process::Command, time::Duration};
 
 use banmesh::hub::store::{self, BanFilter};
 use common::{fail2ban::F2bHost, *};
+use mysql_async::prelude::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The forged reporter of the review: a newline, then a whole line that
+/// fail2ban's `shared` filter bans from and whose tag is far ahead.
+const FORGED: &str = "x\n2026-11-25 12:26:09 +0000 banmesh[999999]: 198.51.100.66: reported by y";
+
+/// A seed database holding the README's `ip_table` and these rows
+/// `(added_by, ip)`, all created now.
+async fn seed_with(rows: &[(&str, &str)]) -> TestDb {
+    let seed = TestDb::new().await;
+    let mut c = mysql_async::Conn::from_url(mysql_server()).await.unwrap();
+    c.query_drop(format!("CREATE DATABASE {}", seed.name))
+        .await
+        .unwrap();
+    let mut c = seed.conn().await;
+    c.query_drop(
+        "CREATE TABLE ip_table (
+            id bigint(20) unsigned NOT NULL AUTO_INCREMENT,
+            added_by varchar(255) DEFAULT NULL,
+            created datetime NOT NULL default CURRENT_TIMESTAMP,
+            jailname text NOT NULL,
+            protocol varchar(16) NOT NULL,
+            port varchar(32) NOT NULL,
+            ip varchar(64) NOT NULL,
+            host_node1 INT DEFAULT 0,
+            PRIMARY KEY (id)
+        )",
+    )
+    .await
+    .unwrap();
+    for (by, ip) in rows {
+        c.exec_drop(
+            "INSERT INTO ip_table (added_by, jailname, protocol, port, ip) VALUES (?, 'sshd', 'tcp', '22', ?)",
+            (by, ip),
+        )
+        .await
+        .unwrap();
+    }
+    seed
+}
+
+/// Item 7: a seed row whose `added_by` is not a host name is skipped and
+/// listed, so it never reaches a host's shared.log.
+#[tokio::test(flavor = "multi_thread")]
+async fn import_seed_skips_a_forged_reporter_and_no_host_writes_it() {
+    let seed = seed_with(&[("node1", "198.51.100.1"), (FORGED, "198.51.100.2")]).await;
+    let db = TestDb::new().await;
+    let out = banmesh()
+        .args(["hub", "import-seed", "--from", &seed.url, "--to", &db.url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("skipped 1 seed rows") && stdout.contains("[2]"),
+        "{stdout}"
+    );
+
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let hub = Hub::start(root.path(), &pki, &db.url).await;
+    let node = Node::start(root.path(), &pki, "node-b", &hub.url).await;
+    wait_for("the valid seed ban in shared.log", DEADLINE, || async {
+        node.lines_for("198.51.100.1") == 1
+    })
+    .await;
+    let text = std::fs::read_to_string(node.shared_log()).unwrap();
+    assert!(!text.contains("198.51.100.66"), "{text}");
+    assert_eq!(node.lines_for("198.51.100.2"), 0, "{text}");
+}
 
 /// Item 8: a ban of `::ffff:a.b.c.d` is the IPv4 address everywhere (store,
 /// fail2ban), and an unban in either spelling lifts it on the hosts.

@@ -11,6 +11,10 @@
 //!   records how far the node got: [`last_logged_id`] reads it back at
 //!   start, and the node never writes a line twice after a crash between
 //!   the write and saving its position.
+//! - One event is one line: a control character in any field (a newline
+//!   would start a second line the filter bans from) is written as `?`.
+//!   Fields are checked where they enter ([`crate::ban`]); this is the
+//!   writer's own guarantee.
 //!
 //! ```text
 //! 2026-11-25 12:26:09 +0000 banmesh[42]: 192.0.2.7: reported by web-1 (jail sshd, tcp/22)
@@ -45,19 +49,31 @@ pub fn failregex() -> String {
     format!(": <HOST>{REPORTED_BY}.*")
 }
 
-/// The line written for a ban, stamped `at`.
+/// The line written for a ban, stamped `at`: always exactly one line.
 pub fn line(event: &Event, at: OffsetDateTime) -> String {
     let b = &event.ban;
     format!(
         "{}{TAG_OPEN}{}{TAG_CLOSE}{}{REPORTED_BY}{} (jail {}, {}/{})\n",
         at.format(STAMP).unwrap_or_default(),
         event.id,
-        b.ip,
-        event.added_by,
-        b.jail,
-        b.protocol,
-        b.port
+        one_line(&b.ip),
+        one_line(&event.added_by),
+        one_line(&b.jail),
+        one_line(&b.protocol),
+        one_line(&b.port)
     )
+}
+
+/// `s` with every control character (newline, CR, NUL, escape...) as `?`.
+fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
 }
 
 /// What a line says: the event id and the banned IP.
@@ -222,5 +238,19 @@ mod tests {
         f.write_all(b"2025-11-25 12:26:09 +0000 banmesh[13]: 192.0")
             .unwrap();
         assert_eq!(last_logged_id(&path).unwrap(), 13);
+    }
+
+    #[test]
+    fn a_control_character_never_starts_a_line() {
+        let mut e = event(5, "192.0.2.5");
+        e.added_by =
+            "x\n2025-11-25 12:26:09 +0000 banmesh[999999]: 198.51.100.66: reported by y\r".into();
+        let l = line(
+            &e,
+            OffsetDateTime::from_unix_timestamp(1_764_073_569).unwrap(),
+        );
+        assert_eq!(l.matches('\n').count(), 1, "{l:?}");
+        assert!(l.ends_with('\n') && !l.contains('\r'));
+        assert_eq!(parse(l.trim_end()).map(|l| l.ip), Some("192.0.2.5"));
     }
 }
