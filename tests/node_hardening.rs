@@ -2,7 +2,12 @@
 //! through the real binary (and real fail2ban, MariaDB where they matter).
 mod common;
 
-use std::{os::unix::fs::PermissionsExt, process::Command, time::Duration};
+use std::{
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use banmesh::hub::store::{self, BanFilter};
 use common::{fail2ban::F2bHost, *};
@@ -81,6 +86,44 @@ async fn import_seed_skips_a_forged_reporter_and_no_host_writes_it() {
     let text = std::fs::read_to_string(node.shared_log()).unwrap();
     assert!(!text.contains("198.51.100.66"), "{text}");
     assert_eq!(node.lines_for("198.51.100.2"), 0, "{text}");
+}
+
+/// Item 7: a tag far ahead of the hub, already in shared.log (written
+/// before this fix, or by anyone who can write the log), does not make the
+/// node skip the events that follow a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_tag_in_shared_log_does_not_stop_the_node_applying() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let hub = Hub::start_embedded(root.path(), &pki).await;
+    let a = Node::start(root.path(), &pki, "node-a", &hub.url).await;
+    let mut b = Node::start(root.path(), &pki, "node-b", &hub.url).await;
+    let (ok, err) = a.report("sshd", "tcp", "22", "198.51.100.5");
+    assert!(ok, "{err}");
+    wait_for("the first ban on node b", DEADLINE, || async {
+        b.lines_for("198.51.100.5") == 1
+    })
+    .await;
+
+    b.stop();
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(b.shared_log())
+        .unwrap();
+    std::io::Write::write_all(
+        &mut log,
+        format!("{}\n", FORGED.split_once('\n').unwrap().1).as_bytes(),
+    )
+    .unwrap();
+    b.restart().await;
+
+    let (ok, err) = a.report("sshd", "tcp", "22", "198.51.100.7");
+    assert!(ok, "{err}");
+    wait_for("a ban after the restart on node b", DEADLINE, || async {
+        b.lines_for("198.51.100.7") == 1
+    })
+    .await;
+    assert_eq!(b.lines_for("198.51.100.5"), 1, "nothing written twice");
 }
 
 /// Item 8: a ban of `::ffff:a.b.c.d` is the IPv4 address everywhere (store,
@@ -262,4 +305,127 @@ fn setup_fail2ban_refuses_a_bantime_or_interface_that_adds_keys() {
         assert!(!conf.exists(), "{flag}: files written");
         assert!(!root.path().join("shared.log").exists());
     }
+}
+
+/// Item 13: a symbolic link at shared.log stops the node with a clear
+/// error, and the file it points at is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlink_at_shared_log_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let hub = Hub::start_embedded(root.path(), &pki).await;
+    let dir = root.path().join("node-b");
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = root.path().join("root-owned.conf");
+    std::fs::write(&target, "keep me\n").unwrap();
+    let log = dir.join("shared.log");
+    std::os::unix::fs::symlink(&target, &log).unwrap();
+    let tls = pki.host("node-b");
+    let mut cmd = banmesh();
+    cmd.args(["node", "--hub", &hub.url, "--no-fail2ban-socket"])
+        .args(tls_args(&tls))
+        .arg("--shared-log")
+        .arg(&log)
+        .arg("--socket")
+        .arg(dir.join("node.sock"))
+        .arg("--data-dir")
+        .arg(&dir);
+    let mut node = Proc::spawn(cmd, root.path().join("node-b.log"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = node.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the node runs with a link at shared.log:\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let text = node.log_text();
+    assert!(
+        text.contains(&log.display().to_string()) && text.contains("symbolic link"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me\n");
+}
+
+/// Every file under `dir` that is not a socket or one of `except`, with
+/// its mode.
+fn files_under(dir: &Path, except: &[&str]) -> Vec<(PathBuf, u32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if meta.is_dir() {
+            out.extend(files_under(&path, except));
+        } else if !meta.file_type().is_socket() && !except.contains(&name.as_str()) {
+            out.push((path, meta.permissions().mode() & 0o777));
+        }
+    }
+    out
+}
+
+/// Item 14: what a node and a hub keep under their data dirs (outbox,
+/// journal, position, spool, shared.log; the SQLite store and its -wal and
+/// -shm) is readable by its owner only, and a loose existing file is
+/// tightened.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_files_are_private() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let hub = Hub::start_embedded(root.path(), &pki).await;
+    let a = Node::start(root.path(), &pki, "node-a", &hub.url).await;
+    let b_dir = root.path().join("node-b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let loose = b_dir.join("outbox.log");
+    std::fs::write(&loose, "").unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut b = Node::start(root.path(), &pki, "node-b", &hub.url).await;
+
+    let (ok, err) = a.report("sshd", "tcp", "22", "198.51.100.9");
+    assert!(ok, "{err}");
+    wait_for("the ban on node b", DEADLINE, || async {
+        b.lines_for("198.51.100.9") == 1
+    })
+    .await;
+    // A report while node b is down waits in its spool.
+    b.stop();
+    let (ok, err) = b.report("sshd", "tcp", "22", "198.51.100.10");
+    assert!(ok, "{err}");
+    let spooled = files_under(&b_dir.join("spool"), &[]);
+    assert_eq!(spooled.len(), 1, "{spooled:?}");
+    b.restart().await;
+    wait_for("the spooled ban on node a", DEADLINE, || async {
+        a.lines_for("198.51.100.10") == 1
+    })
+    .await;
+
+    let mut files = spooled;
+    for dir in [root.path().join("hub"), a.dir.clone(), b_dir] {
+        // node.log is the test's capture of the node's output.
+        files.extend(files_under(&dir, &["node.log"]));
+    }
+    let names: Vec<String> = files
+        .iter()
+        .filter_map(|(p, _)| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    for expected in [
+        "banmesh.db",
+        "banmesh.db-wal",
+        "outbox.log",
+        "statuses.log",
+        "shared.log",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected}: {names:?}");
+    }
+    let open: Vec<_> = files.iter().filter(|(_, mode)| mode & 0o077 != 0).collect();
+    assert!(open.is_empty(), "readable by others: {open:?}");
+    let hub_dir = std::fs::metadata(root.path().join("hub")).unwrap();
+    assert_eq!(hub_dir.permissions().mode() & 0o777, 0o700);
+    drop(hub);
 }

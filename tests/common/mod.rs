@@ -219,10 +219,22 @@ impl Hub {
     }
 
     pub async fn start_listening(root: &Path, pki: &Pki, db: &str, ip: &str, port: u16) -> Hub {
+        Self::spawn(root, pki, &format!("{ip}:{port}"), Some(db)).await
+    }
+
+    /// A hub on its default embedded store, under `root/hub`.
+    pub async fn start_embedded(root: &Path, pki: &Pki) -> Hub {
+        Self::spawn(root, pki, "127.0.0.1:0", None).await
+    }
+
+    async fn spawn(root: &Path, pki: &Pki, listen: &str, db: Option<&str>) -> Hub {
         let tls = pki.host("hub");
         let mut cmd = banmesh();
-        cmd.args(["hub", "--listen", &format!("{ip}:{port}"), "--db", db])
-            .arg("--data-dir")
+        cmd.args(["hub", "--listen", listen]);
+        if let Some(db) = db {
+            cmd.args(["--db", db]);
+        }
+        cmd.arg("--data-dir")
             .arg(root.join("hub"))
             .args(tls_args(&tls));
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
