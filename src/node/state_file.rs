@@ -40,7 +40,7 @@ pub fn open_shared(path: &Path, options: &mut OpenOptions) -> std::io::Result<Fi
 
 fn open_nofollow(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
     options
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(MODE)
         .open(path)
         .map_err(|e| refused_link(path, e))
