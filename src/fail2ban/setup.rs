@@ -44,10 +44,14 @@ pub enum SetupError {
         "{0} exists and was not written by banmesh; left as it is (move it away to let banmesh write it)"
     )]
     NotOurs(PathBuf),
+    /// A value fail2ban could not carry intact ([`Setup::check`]).
     #[error("{what} {value:?} refused: {rule}; nothing was written")]
     Invalid {
+        /// The flag it came from.
         what: &'static str,
+        /// The value as given.
         value: String,
+        /// What it must be instead.
         rule: &'static str,
     },
 }

@@ -62,9 +62,12 @@ pub enum HubError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("cannot load the CA key for enrolment: {0}")]
     Ca(#[from] CaError),
+    /// The embedded store's directory or file could not be made private.
     #[error("cannot make the embedded store {path} private: {source}")]
     StoreFile {
+        /// The SQLite database file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
 }

@@ -96,9 +96,12 @@ pub enum NodeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// `shared.log` could not be read back at start (or is a link).
     #[error("cannot use shared.log {path}: {source}")]
     SharedLog {
+        /// The `--shared-log` path.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     #[error("local gRPC server failed: {0}")]
