@@ -4,7 +4,7 @@
 //! message from a node) becomes a [`Ban`] through [`Ban::new`]; the rest of
 //! the code never sees an unchecked string. A refused field names itself and
 //! the rule it broke, and nothing is stored.
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use thiserror::Error;
 
@@ -47,7 +47,8 @@ pub struct Ban {
     pub protocol: String,
     /// The jail's port or ports (fail2ban's `<port>`), lowercased, as fail2ban wrote them.
     pub port: String,
-    /// Canonical text form of the address (`::ffff:1.2.3.4` stays IPv6).
+    /// Canonical text form of the address ([`parse_ip`]: `::ffff:1.2.3.4`
+    /// is `1.2.3.4`, as fail2ban bans it).
     pub ip: String,
 }
 
@@ -55,10 +56,7 @@ impl Ban {
     /// Checks every field; the IP is normalised to its canonical form so the
     /// same address always compares equal.
     pub fn new(jail: &str, protocol: &str, port: &str, ip: &str) -> Result<Self, InvalidBan> {
-        let addr: IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| InvalidBan::Ip(ip.to_string()))?;
+        let addr = parse_ip(ip).ok_or_else(|| InvalidBan::Ip(ip.to_string()))?;
         if !valid_jail(jail) {
             return Err(InvalidBan::Jail(jail.to_string()));
         }
@@ -91,6 +89,39 @@ impl Ban {
             ip: self.ip.clone(),
         }
     }
+}
+
+/// Parses an address as the fleet names it: an IPv4 address carried in
+/// IPv6 (mapped `::ffff:a.b.c.d` or the old compatible `::a.b.c.d`) is the
+/// IPv4 address, because fail2ban and the kernel set ban it as IPv4; the
+/// same address in two spellings would otherwise be two bans, and an unban
+/// of either spelling would lift nothing on the hosts. `::` and `::1` stay
+/// IPv6 (they are not IPv4 addresses).
+pub fn parse_ip(s: &str) -> Option<IpAddr> {
+    Some(canonical_ip(s.trim().parse().ok()?))
+}
+
+/// [`parse_ip`] for an address already parsed.
+pub fn canonical_ip(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None if is_ipv4_compatible(&v6) => {
+                let [.., a, b] = v6.segments();
+                IpAddr::V4(std::net::Ipv4Addr::from(
+                    (u32::from(a) << 16) | u32::from(b),
+                ))
+            }
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// `::a.b.c.d`: the first 96 bits zero, and not `::` or `::1`.
+fn is_ipv4_compatible(v6: &Ipv6Addr) -> bool {
+    let s = v6.segments();
+    s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1)
 }
 
 fn valid_jail(s: &str) -> bool {
@@ -165,6 +196,10 @@ pub enum InvalidEvent {
     /// The ban inside the event failed the same checks as a report.
     #[error(transparent)]
     Ban(#[from] InvalidBan),
+    /// The reporter's name reaches `shared.log` and the host table: a name
+    /// outside [`valid_host_name`] (a newline could forge a line) is refused.
+    #[error("added_by {0:?} is not a host name (letters, digits, '-', '.', '_')")]
+    AddedBy(String),
 }
 
 impl Event {
@@ -175,6 +210,9 @@ impl Event {
             Ok(proto::EventKind::Unban) => EventKind::Unban,
             Ok(proto::EventKind::Unspecified) | Err(_) => return Err(InvalidEvent::Kind(e.kind)),
         };
+        if !valid_host_name(&e.added_by) {
+            return Err(InvalidEvent::AddedBy(e.added_by.clone()));
+        }
         Ok(Event {
             id: e.id,
             kind,
@@ -324,6 +362,56 @@ mod tests {
             Event::from_proto(&wire),
             Err(InvalidEvent::Ban(InvalidBan::Ip(_)))
         ));
+    }
+
+    #[test]
+    fn ipv4_in_ipv6_is_ipv4() {
+        for (given, canonical) in [
+            ("::ffff:203.0.113.9", "203.0.113.9"),
+            ("::FFFF:cb00:7109", "203.0.113.9"),
+            (" ::203.0.113.9 ", "203.0.113.9"),
+            ("::0.0.0.2", "0.0.0.2"),
+            ("::", "::"),
+            ("::1", "::1"),
+            ("::ffff:0:1.2.3.4", "::ffff:0:102:304"),
+            ("2001:db8::1", "2001:db8::1"),
+            ("64:ff9b::1.2.3.4", "64:ff9b::102:304"),
+        ] {
+            assert_eq!(parse_ip(given).unwrap().to_string(), canonical, "{given}");
+        }
+        let b = Ban::new("sshd", "tcp", "22", "::ffff:203.0.113.9").unwrap();
+        assert_eq!(b.ip, "203.0.113.9");
+        assert_eq!(
+            Ban::new("sshd", "tcp", "22", "::203.0.113.9").unwrap(),
+            Ban::new("sshd", "tcp", "22", "203.0.113.9").unwrap()
+        );
+        assert_eq!(parse_ip("1.2.3"), None);
+    }
+
+    #[test]
+    fn an_event_whose_reporter_is_not_a_host_name_is_refused() {
+        let ban = Ban::new("sshd", "tcp", "22", "192.0.2.1").unwrap();
+        let mut wire = Event {
+            id: 3,
+            kind: EventKind::Ban,
+            ban,
+            added_by: "web-1".into(),
+            created_ms: 1,
+            lifts: 0,
+        }
+        .to_proto();
+        for forged in [
+            "x\n2026-11-25 12:26:09 +0000 banmesh[999999]: 198.51.100.66: reported by y",
+            "a\rb",
+            "web 1",
+            "",
+        ] {
+            wire.added_by = forged.into();
+            assert_eq!(
+                Event::from_proto(&wire),
+                Err(InvalidEvent::AddedBy(forged.into()))
+            );
+        }
     }
 
     #[test]

@@ -562,6 +562,8 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
         bantime: args.bantime,
         nat_forward: args.nat_forward,
     };
+    // A refused value fails the command (exit 2 path), --dry-run included.
+    setup.check()?;
     if args.dry_run {
         print!("{}", setup.dry_run());
         return Ok(());

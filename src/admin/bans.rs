@@ -6,14 +6,19 @@ use super::{AdminError, client, utc};
 use crate::{proto, tls::TlsFiles};
 
 /// `banmesh unban IP`: the hub's answer.
+///
+/// The address goes in the fleet's spelling ([`crate::ban::parse_ip`]:
+/// `::ffff:1.2.3.4` is `1.2.3.4`), so either spelling lifts the ban;
+/// anything else goes as given, for the hub to refuse.
 pub async fn unban(hub: &str, tls: &TlsFiles, ip: &str) -> Result<Unbanned, AdminError> {
+    let ip = crate::ban::parse_ip(ip).map_or_else(|| ip.to_string(), |a| a.to_string());
     let mut c = client(hub, tls).await?;
     let r = c
-        .unban(proto::UnbanRequest { ip: ip.to_string() })
+        .unban(proto::UnbanRequest { ip: ip.clone() })
         .await?
         .into_inner();
     Ok(Unbanned {
-        ip: ip.to_string(),
+        ip,
         event_id: r.event_id,
         lifted: r.lifted,
     })

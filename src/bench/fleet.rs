@@ -281,7 +281,7 @@ pub async fn subscribers(
         let tls = pki.host(&name)?;
         let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<crate::ban::Event>>(64);
-        let position = Arc::new(node::position::Position::load(
+        let position = Arc::new(node::position::Position::at(
             PathBuf::from("/dev/null/none"),
             0,
         ));

@@ -12,6 +12,14 @@
 //! - `shared.log` itself (fail2ban refuses to start a jail whose log is
 //!   missing).
 //!
+//! What goes into these files is run by fail2ban as root, so every value
+//! is checked or quoted for each reader on its way ([`Setup::check`]):
+//! paths are single-quoted for the shell and `%` doubled for fail2ban's INI
+//! interpolation; what neither can carry (control characters, fail2ban's
+//! `<tag>` brackets, `;` after a blank, which starts an INI comment) is
+//! refused, as are a `bantime` that is not a duration and a `nat_forward`
+//! that is not an interface name. A refusal writes nothing.
+//!
 //! Every file carries a marker line. A file without it was not written by
 //! banmesh and is never overwritten; one with it is rewritten only when its
 //! content would change, so a second run changes nothing.
@@ -41,6 +49,16 @@ pub enum SetupError {
         "{0} exists and was not written by banmesh; left as it is (move it away to let banmesh write it)"
     )]
     NotOurs(PathBuf),
+    /// A value fail2ban could not carry intact ([`Setup::check`]).
+    #[error("{what} {value:?} refused: {rule}; nothing was written")]
+    Invalid {
+        /// The flag it came from.
+        what: &'static str,
+        /// The value as given.
+        value: String,
+        /// What it must be instead.
+        rule: &'static str,
+    },
 }
 
 /// What to write.
@@ -72,7 +90,37 @@ pub enum Outcome {
 }
 
 impl Setup {
-    /// The files, as (path, content).
+    /// Refuses any value that could not reach fail2ban intact: see the
+    /// module doc.
+    pub fn check(&self) -> Result<(), SetupError> {
+        for (what, path) in [
+            ("--socket", &self.socket),
+            ("--data-dir", &self.data_dir),
+            ("the banmesh binary's path (--banmesh)", &self.banmesh),
+        ] {
+            check_path(what, path, false)?;
+        }
+        check_path("--shared-log", &self.shared_log, true)?;
+        if !valid_bantime(&self.bantime) {
+            return Err(invalid(
+                "--bantime",
+                &self.bantime,
+                "use seconds (86400), -1 for ever, or fail2ban's units (10m, 1h30m, 1d, 2w, 1mo, 1y)",
+            ));
+        }
+        if let Some(iface) = &self.nat_forward
+            && !valid_interface(iface)
+        {
+            return Err(invalid(
+                "--nat-forward",
+                iface,
+                "use an interface name (1-15 letters, digits, '_', '-', '.', optionally ending in '+')",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The files, as (path, content). Call [`Setup::check`] first.
     pub fn files(&self) -> Vec<(PathBuf, String)> {
         let dir = &self.config_dir;
         let forward = |verb: &str| {
@@ -110,16 +158,16 @@ impl Setup {
                 dir.join("action.d/ipset-allports-banmesh.local"),
                 format!(
                     "{action_head}actionban = %(known/actionban)s\n            if [ '<restored>' = '0' ]; then {} report --socket {} --data-dir {} -j '<name>' -pr '<protocol>' -p '<port>' -i '<ip>'; fi\n",
-                    self.banmesh.display(),
-                    self.socket.display(),
-                    self.data_dir.display()
+                    shell_arg(&self.banmesh),
+                    shell_arg(&self.socket),
+                    shell_arg(&self.data_dir)
                 ),
             ),
             (
                 dir.join("jail.d/shared.local"),
                 format!(
                     "{MARKER}\n# Bans from the rest of the fleet, written to shared.log by the banmesh node.\n[shared]\nenabled = true\nfilter = shared\nlogpath = {}\nbanaction = ipset-allports-shared\nprotocol = all\nmaxretry = 1\nfindtime = 1d\nbantime = {}\n",
-                    self.shared_log.display(),
+                    ini(&self.shared_log.to_string_lossy()),
                     self.bantime
                 ),
             ),
@@ -129,6 +177,7 @@ impl Setup {
     /// Writes what is missing or changed; never touches a file without the
     /// marker. Returns what it did, or the first refusal.
     pub fn apply(&self) -> Result<Vec<Outcome>, SetupError> {
+        self.check()?;
         let files = self.files();
         // Refuse before writing anything, so a refusal changes nothing.
         for (path, _) in &files {
@@ -154,7 +203,11 @@ impl Setup {
     }
 
     /// Everything `apply` would write, as text.
+    /// A refused value is printed instead.
     pub fn dry_run(&self) -> String {
+        if let Err(e) = self.check() {
+            return format!("{e}\n");
+        }
         let mut s = String::new();
         for (path, content) in self.files() {
             s.push_str(&format!("==> {} <==\n{content}\n", path.display()));
@@ -165,6 +218,94 @@ impl Setup {
         ));
         s
     }
+}
+
+fn invalid(what: &'static str, value: &str, rule: &'static str) -> SetupError {
+    SetupError::Invalid {
+        what,
+        value: value.to_string(),
+        rule,
+    }
+}
+
+/// A path fail2ban can carry: UTF-8, no control character, no `<`/`>`
+/// (fail2ban would substitute a `<tag>`), no `;` after a blank (an INI
+/// comment). `logpath` (`log`) also splits on blanks and expands globs.
+fn check_path(what: &'static str, path: &Path, log: bool) -> Result<(), SetupError> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| invalid(what, &path.to_string_lossy(), "the path is not UTF-8"))?;
+    let refuse = |rule| Err(invalid(what, text, rule));
+    if text.is_empty() {
+        return refuse("the path is empty");
+    }
+    if text.chars().any(char::is_control) {
+        return refuse("the path holds a control character (newline, tab, ...)");
+    }
+    if text.contains(['<', '>']) {
+        return refuse("fail2ban would read <...> in the path as one of its tags");
+    }
+    if text
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0].is_ascii_whitespace() && w[1] == b';')
+    {
+        return refuse("fail2ban's config reader takes ' ;' as the start of a comment");
+    }
+    if log && text.contains([' ', '*', '?', '[', ']']) {
+        return refuse("fail2ban's logpath splits at blanks and expands *, ?, [ ]");
+    }
+    Ok(())
+}
+
+/// A path as one shell word, single-quoted, ready for fail2ban's INI
+/// reader (`%` doubled).
+fn shell_arg(path: &Path) -> String {
+    let quoted = format!("'{}'", path.to_string_lossy().replace('\'', r"'\''"));
+    ini(&quoted)
+}
+
+/// Text as fail2ban's INI reader gives it back: `%` is interpolation.
+fn ini(s: &str) -> String {
+    s.replace('%', "%%")
+}
+
+/// fail2ban's `bantime`: seconds, -1 (for ever), or number+unit groups
+/// (`1d`, `1h30m`; units y, mo, w, d, h, m, s).
+fn valid_bantime(s: &str) -> bool {
+    if s == "-1" || (!s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit())) {
+        return true;
+    }
+    let mut rest = s;
+    if rest.is_empty() || s.len() > 32 {
+        return false;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 9 {
+            return false;
+        }
+        rest = &rest[digits..];
+        let Some(unit) = ["mo", "y", "w", "d", "h", "m", "s"]
+            .into_iter()
+            .find(|u| rest.starts_with(u))
+        else {
+            return false;
+        };
+        rest = &rest[unit.len()..];
+    }
+    true
+}
+
+/// A Linux interface name as iptables `-i` takes it: at most 15 bytes,
+/// `+` at the end matches every name with that prefix.
+fn valid_interface(s: &str) -> bool {
+    let name = s.strip_suffix('+').unwrap_or(s);
+    (1..=15).contains(&s.len())
+        && !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
 }
 
 fn write_file(path: &Path, content: &str) -> Result<(), SetupError> {
@@ -225,7 +366,7 @@ mod tests {
                 .join("fail2ban/action.d/ipset-allports-banmesh.local"),
         )
         .unwrap();
-        assert!(action.contains("if [ '<restored>' = '0' ]; then /usr/local/bin/banmesh report --socket /run/banmesh/node.sock"));
+        assert!(action.contains("if [ '<restored>' = '0' ]; then '/usr/local/bin/banmesh' report --socket '/run/banmesh/node.sock' --data-dir '/var/lib/banmesh/node' -j"));
         assert!(
             action.contains("-I FORWARD -i ppp+ -m set --match-set <ipmset> src -j <blocktype>")
         );
@@ -245,5 +386,64 @@ mod tests {
             "[Definition]\nfailregex = mine\n"
         );
         assert!(!jail.exists(), "a refusal writes nothing");
+    }
+
+    #[test]
+    fn paths_are_one_shell_word_through_the_ini_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = setup(dir.path());
+        s.banmesh = "/opt/it's 100%;x/banmesh".into();
+        s.shared_log = dir.path().join("100%.log");
+        s.check().unwrap();
+        let files = s.files();
+        let action = &files[2].1;
+        assert!(
+            action.contains(r"then '/opt/it'\''s 100%%;x/banmesh' report"),
+            "{action}"
+        );
+        assert!(files[3].1.contains("100%%.log\n"), "{}", files[3].1);
+    }
+
+    #[test]
+    fn values_fail2ban_cannot_carry_are_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |change: &dyn Fn(&mut Setup), what: &str| {
+            let mut s = setup(dir.path());
+            change(&mut s);
+            match s.apply() {
+                Err(SetupError::Invalid { what: w, .. }) => assert!(w.contains(what), "{w}"),
+                other => panic!("{what}: {other:?}"),
+            }
+            assert!(!dir.path().join("fail2ban").exists(), "nothing written");
+        };
+        refused(
+            &|s| s.bantime = "1d\nignoreip = 0.0.0.0/0".into(),
+            "--bantime",
+        );
+        refused(&|s| s.bantime = "1 day".into(), "--bantime");
+        refused(&|s| s.bantime = "".into(), "--bantime");
+        refused(
+            &|s| s.nat_forward = Some("ppp+ -j ACCEPT".into()),
+            "--nat-forward",
+        );
+        refused(&|s| s.nat_forward = Some("eth0\n".into()), "--nat-forward");
+        refused(
+            &|s| s.nat_forward = Some("a-very-long-interface".into()),
+            "--nat-forward",
+        );
+        refused(&|s| s.socket = "/run/a\nb.sock".into(), "--socket");
+        refused(&|s| s.data_dir = "/var/<ip>".into(), "--data-dir");
+        refused(&|s| s.banmesh = "/opt/x ;y".into(), "--banmesh");
+        refused(
+            &|s| s.shared_log = "/var/log/a b.log".into(),
+            "--shared-log",
+        );
+        refused(&|s| s.shared_log = "/var/log/*.log".into(), "--shared-log");
+        for ok in ["1d", "25d", "86400", "-1", "1h30m", "2w", "1mo", "1y"] {
+            assert!(valid_bantime(ok), "{ok}");
+        }
+        for ok in ["eth0", "ppp+", "br-lan.10", "wg_0"] {
+            assert!(valid_interface(ok), "{ok}");
+        }
     }
 }

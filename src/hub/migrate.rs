@@ -14,7 +14,7 @@ use mysql_async::prelude::*;
 use thiserror::Error;
 
 use super::store::{RawEvent, RawHost, RawStatus, Store, StoreError};
-use crate::ban::{Ban, seed_column};
+use crate::ban::{Ban, seed_column, valid_host_name};
 
 const PAGE: usize = 5000;
 
@@ -52,7 +52,7 @@ pub struct Copied {
     pub events: u64,
     /// Status rows written.
     pub statuses: u64,
-    /// Seed rows refused (an invalid IP, port, ...), by id.
+    /// Seed rows refused (an invalid IP, port, reporter name ...), by id.
     pub skipped: Vec<u64>,
 }
 
@@ -154,10 +154,21 @@ pub async fn import_seed(
         .query("SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ip_table' AND COLUMN_NAME LIKE 'host\\\\_%' ORDER BY ORDINAL_POSITION")
         .await
         .map_err(seed_err)?;
+    // A column name goes into SQL below and becomes a host name: one that
+    // is not a host name after its prefix is left out (its statuses with it).
+    let columns: Vec<String> = columns
+        .into_iter()
+        .filter(|c| valid_host_name(&c["host_".len().min(c.len())..]))
+        .collect();
+    // Reporter names reach every host's shared.log: only host names are
+    // taken (rows of any other reporter are skipped below).
     let reporters: Vec<Option<String>> = c
-        .query("SELECT DISTINCT added_by FROM ip_table")
+        .query::<Option<String>, _>("SELECT DISTINCT added_by FROM ip_table")
         .await
-        .map_err(seed_err)?;
+        .map_err(seed_err)?
+        .into_iter()
+        .filter(|r| r.as_deref().is_none_or(valid_host_name))
+        .collect();
     let total: Option<u64> = c
         .query_first("SELECT COUNT(*) FROM ip_table")
         .await
@@ -248,6 +259,10 @@ pub async fn import_seed(
                 copied.skipped.push(id);
                 continue;
             };
+            if !valid_host_name(&added_by) {
+                copied.skipped.push(id);
+                continue;
+            }
             events.push(RawEvent {
                 id,
                 kind: 1,

@@ -83,6 +83,14 @@ pub enum HubError {
     /// so enrolment and renewal cannot be signed.
     #[error("cannot load the CA key for enrolment: {0}")]
     Ca(#[from] CaError),
+    /// The embedded store's directory or file could not be made private.
+    #[error("cannot make the embedded store {path} private: {source}")]
+    StoreFile {
+        /// The SQLite database file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// Everything the hub needs besides its listener.
@@ -123,6 +131,48 @@ impl HubConfig {
     }
 }
 
+/// The embedded store holds token hashes and the fleet's names: before
+/// SQLite opens it, a missing directory is created 0700 and the database
+/// file 0600 (without following a link), and existing files are tightened.
+/// SQLite gives the `-wal`, `-shm` and `-journal` files it creates the
+/// database file's mode, so this covers them too; no process-wide umask,
+/// which would reach every other file of a process (the demo's nodes).
+fn keep_private(url: &str) -> Result<(), HubError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(path) = url.strip_prefix("sqlite:") else {
+        return Ok(());
+    };
+    let path = path.trim_start_matches("//");
+    if path.is_empty() || path.starts_with(":memory:") {
+        return Ok(());
+    }
+    let path = std::path::Path::new(path);
+    let err = |source| HubError::StoreFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(suffix.is_empty());
+        match crate::node::state_file::open(std::path::Path::new(&name), &mut options) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The span every request to the hub runs in (streams too: their tasks are
 /// spawned inside it): the RPC's full name and, when the caller presented
 /// a certificate (all but `Enrollment`), its name. The name is read here
@@ -154,6 +204,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     if signer.is_none() {
         info!("no CA key: enrolment and renewal are off");
     }
+    keep_private(&config.db_url())?;
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     let fanout = fanout::Fanout::default();

@@ -188,7 +188,9 @@ impl hub_server::Hub for HubService {
         request: Request<proto::UnbanRequest>,
     ) -> Result<Response<proto::UnbanResponse>, Status> {
         let admin = self.access.admin(&request)?.name;
-        let ip: std::net::IpAddr = request.get_ref().ip.trim().parse().map_err(|_| {
+        // The fleet's spelling: `::ffff:a.b.c.d` is the IPv4 address that
+        // every ban of it was stored (and banned by fail2ban) as.
+        let ip = crate::ban::parse_ip(&request.get_ref().ip).ok_or_else(|| {
             Status::invalid_argument(format!("{:?} is not an IP address", request.get_ref().ip))
         })?;
         match self.committer.unban(ip.to_string(), admin.clone()).await {

@@ -40,8 +40,11 @@ fn parse(line: &str) -> Option<(Event, SystemTime)> {
 impl Deferred {
     /// Reads the file at `path`; a missing file or an unreadable line is no deferred ban.
     pub fn load(path: PathBuf) -> Self {
-        let items = std::fs::read_to_string(&path)
-            .unwrap_or_default()
+        let bytes = super::state_file::read(&path).unwrap_or_else(|e| {
+            tracing::error!(path = %path.display(), error = %e, "cannot read deferred bans");
+            None
+        });
+        let items = String::from_utf8_lossy(&bytes.unwrap_or_default())
             .lines()
             .filter_map(parse)
             .collect();
@@ -113,8 +116,7 @@ impl Deferred {
                 )
             })
             .collect();
-        let tmp = self.path.with_extension("tmp");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &self.path)) {
+        if let Err(e) = super::state_file::replace(&self.path, text.as_bytes(), false) {
             tracing::error!(path = %self.path.display(), error = %e, "cannot save deferred bans");
         }
     }

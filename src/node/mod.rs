@@ -36,6 +36,8 @@
 //! - [`link`]: TLS channel to the hub and reconnect backoff.
 //! - [`renewal`]: renews the node's certificate before it expires.
 //! - [`inspect`]: the optional mTLS port for grpcurl (status, health, reflection).
+//! - [`state_file`]: how every file above is opened: never through a
+//!   symbolic link, readable by its owner only.
 pub mod apply;
 pub mod deferred;
 pub mod inspect;
@@ -47,6 +49,7 @@ pub mod publisher;
 pub mod renewal;
 pub mod shared_log;
 pub mod spool;
+pub mod state_file;
 pub mod status_journal;
 pub mod status_reporter;
 pub mod subscriber;
@@ -99,6 +102,14 @@ pub enum NodeError {
     #[error("cannot use data dir {path}: {source}")]
     DataDir {
         /// The file or directory in question.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `shared.log` could not be read back at start (or is a link).
+    #[error("cannot use shared.log {path}: {source}")]
+    SharedLog {
+        /// The `--shared-log` path.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
@@ -217,11 +228,15 @@ async fn serve(
         );
     }
     let outbox = Arc::new(outbox);
-    let logged = shared_log::last_logged_id(&config.shared_log).map_err(data_err)?;
-    let position = Arc::new(position::Position::load(
-        config.data_dir.join("applied"),
-        logged,
-    ));
+    let applied = config.data_dir.join("applied");
+    let saved = position::Position::saved(&applied).map_err(data_err)?;
+    let logged = shared_log::written_tail(&config.shared_log, saved).map_err(|source| {
+        NodeError::SharedLog {
+            path: config.shared_log.clone(),
+            source,
+        }
+    })?;
+    let position = Arc::new(position::Position::load(applied, saved, logged));
     let journal =
         Arc::new(status_journal::StatusJournal::open(&config.data_dir).map_err(data_err)?);
     let applier = apply::Applier::new(

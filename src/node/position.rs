@@ -1,14 +1,25 @@
 //! How far this node has applied the hub's events: the last applied event
 //! id, kept in `DATA_DIR/applied`.
 //!
-//! Contract: at start the position is the larger of the file and the
-//! highest id in `shared.log`'s tail ([`super::shared_log::last_logged_id`]),
-//! so a crash between writing a line and saving the position never writes
-//! the line twice. The file is saved at most every [`POSITION_SAVE`] (and
-//! at shutdown): the lines in `shared.log` are the authority for bans, so a
-//! position a moment stale only re-applies a few unbans or already-held
-//! bans, which is harmless.
+//! Contract: at start the position is the file's, and nothing else. The
+//! file is saved at most every [`POSITION_SAVE`] (and at shutdown), so
+//! after a crash it may be a moment behind `shared.log`: the bans written
+//! in that moment are recognised by their lines ([`Position::written`]:
+//! the same event id *and* the same IP in `shared.log`'s tail,
+//! [`super::shared_log::written_tail`]) and are not written twice; the
+//! other events of that moment (unbans, already-held bans) are applied
+//! again, which is harmless.
+//!
+//! Why the log's tags are not a position: `shared.log` is a text file other
+//! writers reach (a forged line once came in through a reporter's name),
+//! and a tag such as `banmesh[999999]` taken as the position made the node
+//! subscribe after every event the hub would ever have, skipping them all.
+//! Bounding that tag by the hub's last event id would need the hub to say
+//! it, and would still skip the events below a forged tag. Matching id and
+//! IP instead trusts a line only for the one event it names: a forged line
+//! can at worst stand in for the line it forges, which bans the same IP.
 use std::{
+    collections::HashMap,
     path::PathBuf,
     sync::{
         Mutex,
@@ -16,6 +27,8 @@ use std::{
     },
     time::{Duration, Instant},
 };
+
+use crate::ban::{Event, EventKind};
 
 /// How often the position file is rewritten while events flow.
 const POSITION_SAVE: Duration = Duration::from_millis(500);
@@ -27,26 +40,53 @@ pub struct Position {
     id: AtomicU64,
     /// The id last written to the file, and when.
     saved: Mutex<(u64, Instant)>,
+    /// Lines of `shared.log` after the saved position: event id -> IP.
+    logged: Mutex<HashMap<u64, String>>,
 }
 
 impl Position {
-    /// Reads the saved position; `logged` is the highest id in `shared.log`.
-    pub fn load(path: PathBuf, logged: u64) -> Self {
-        let saved: u64 = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-        let id = saved.max(logged);
+    /// The saved position (0 if none; a link at `path` is an error).
+    pub fn saved(path: &std::path::Path) -> std::io::Result<u64> {
+        Ok(super::state_file::read(path)?
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The position `saved` in `path`; `logged` is what `shared.log` holds
+    /// after it ([`super::shared_log::written_tail`]), event id -> IP.
+    pub fn load(path: PathBuf, saved: u64, mut logged: HashMap<u64, String>) -> Self {
+        logged.retain(|logged_id, _| *logged_id > saved);
+        let position = Position::at(path, saved);
+        *position.logged.lock().unwrap() = logged;
+        position
+    }
+
+    /// A position at `id`, saved to `path` when it moves (the benchmark's
+    /// subscribe-only nodes start at 0 and never save).
+    pub fn at(path: PathBuf, id: u64) -> Self {
         Position {
             path,
             id: AtomicU64::new(id),
             saved: Mutex::new((id, Instant::now())),
+            logged: Mutex::default(),
         }
     }
 
     /// The last applied event id.
     pub fn get(&self) -> u64 {
         self.id.load(Ordering::Relaxed)
+    }
+
+    /// Whether `shared.log` already holds this ban's line (written before
+    /// a crash that left the position file behind). Each line answers once.
+    pub fn written(&self, event: &Event) -> bool {
+        let mut logged = self.logged.lock().unwrap();
+        if logged.is_empty() || event.kind != EventKind::Ban {
+            return false;
+        }
+        logged
+            .remove(&event.id)
+            .is_some_and(|ip| ip == event.ban.ip)
     }
 
     /// Moves the position; saves it if the last save is old enough.
@@ -64,9 +104,7 @@ impl Position {
             saved.1 = Instant::now();
             return Ok(());
         }
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, id.to_string())?;
-        std::fs::rename(&tmp, &self.path)?;
+        super::state_file::replace(&self.path, id.to_string().as_bytes(), false)?;
         *saved = (id, Instant::now());
         Ok(())
     }
@@ -75,16 +113,51 @@ impl Position {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ban::Ban;
+
+    fn ban(id: u64, ip: &str) -> Event {
+        Event {
+            id,
+            kind: EventKind::Ban,
+            ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
+            added_by: "web-1".into(),
+            created_ms: 1,
+            lifts: 0,
+        }
+    }
 
     #[test]
-    fn the_log_wins_over_a_stale_file_and_a_flush_persists() {
+    fn the_file_is_the_position_and_a_flush_persists() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("applied");
         std::fs::write(&path, "5").unwrap();
-        let p = Position::load(path.clone(), 9);
-        assert_eq!(p.get(), 9);
+        let p = Position::load(
+            path.clone(),
+            Position::saved(&path).unwrap(),
+            HashMap::new(),
+        );
+        assert_eq!(p.get(), 5);
         p.set(11).unwrap();
         p.flush().unwrap();
-        assert_eq!(Position::load(path, 0).get(), 11);
+        assert_eq!(Position::saved(&path).unwrap(), 11);
+    }
+
+    #[test]
+    fn a_logged_line_stands_only_for_its_own_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("applied");
+        std::fs::write(&path, "5").unwrap();
+        let logged = HashMap::from([
+            (4, "192.0.2.4".to_string()),
+            (7, "192.0.2.7".to_string()),
+            (999_999, "198.51.100.66".to_string()),
+        ]);
+        let p = Position::load(path.clone(), Position::saved(&path).unwrap(), logged);
+        // A forged high tag moves nothing.
+        assert_eq!(p.get(), 5);
+        assert!(p.written(&ban(7, "192.0.2.7")));
+        assert!(!p.written(&ban(7, "192.0.2.7")), "each line answers once");
+        assert!(!p.written(&ban(999_999, "192.0.2.8")), "another IP");
+        assert!(!p.written(&ban(8, "192.0.2.8")));
     }
 }

@@ -7,15 +7,22 @@
 //! - Every line matches [`failregex`], the `shared` filter that
 //!   `banmesh node setup-fail2ban` writes: both come from the constants
 //!   below, so the writer and the filter cannot drift apart.
-//! - Every line carries its event id (`banmesh[ID]`), so the log itself
-//!   records how far the node got: [`last_logged_id`] reads it back at
-//!   start, and the node never writes a line twice after a crash between
-//!   the write and saving its position.
+//! - Every line carries its event id (`banmesh[ID]`): [`written_tail`]
+//!   reads the ids and IPs back at start, so the node never writes a line
+//!   twice after a crash between the write and saving its position (see
+//!   [`super::position`] for why a tag is never taken as the position).
+//! - One event is one line: a control character in any field (a newline
+//!   would start a second line the filter bans from) is written as `?`.
+//!   Fields are checked where they enter ([`crate::ban`]); this is the
+//!   writer's own guarantee.
+//! - The file is opened without following a symbolic link, and created
+//!   readable by root only ([`super::state_file`]).
 //!
 //! ```text
 //! 2026-11-25 12:26:09 +0000 banmesh[42]: 192.0.2.7: reported by web-1 (jail sshd, tcp/22)
 //! ```
 use std::{
+    collections::HashMap,
     fs::OpenOptions,
     io::{Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
@@ -24,6 +31,7 @@ use std::{
 
 use time::{OffsetDateTime, format_description::FormatItem, macros::format_description};
 
+use super::state_file;
 use crate::ban::Event;
 
 /// A timestamp fail2ban's date detector reads (UTC, offset written out).
@@ -35,8 +43,13 @@ const TAG_OPEN: &str = " banmesh[";
 const TAG_CLOSE: &str = "]: ";
 /// Between the IP and the reporter: what the filter keys on.
 const REPORTED_BY: &str = ": reported by ";
-/// How much of the log's end is read to find the last applied id.
+/// How much of the log's end is read first to find the lines written
+/// after the saved position; doubled until it reaches a line at or below
+/// it, up to [`MAX_TAIL`].
 const TAIL: u64 = 64 * 1024;
+/// Most of the log read back at start (~180,000 lines: far more than the
+/// events applied between two saves of the position).
+const MAX_TAIL: u64 = 16 * 1024 * 1024;
 /// How often the path is checked for a rotated file.
 const ROTATION_CHECK: Duration = Duration::from_secs(1);
 
@@ -45,19 +58,31 @@ pub fn failregex() -> String {
     format!(": <HOST>{REPORTED_BY}.*")
 }
 
-/// The line written for a ban, stamped `at`.
+/// The line written for a ban, stamped `at`: always exactly one line.
 pub fn line(event: &Event, at: OffsetDateTime) -> String {
     let b = &event.ban;
     format!(
         "{}{TAG_OPEN}{}{TAG_CLOSE}{}{REPORTED_BY}{} (jail {}, {}/{})\n",
         at.format(STAMP).unwrap_or_default(),
         event.id,
-        b.ip,
-        event.added_by,
-        b.jail,
-        b.protocol,
-        b.port
+        one_line(&b.ip),
+        one_line(&event.added_by),
+        one_line(&b.jail),
+        one_line(&b.protocol),
+        one_line(&b.port)
     )
+}
+
+/// `s` with every control character (newline, CR, NUL, escape...) as `?`.
+fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
 }
 
 /// What a line says: the event id and the banned IP.
@@ -80,29 +105,36 @@ pub fn parse(line: &str) -> Option<Logged<'_>> {
     })
 }
 
-/// The id in a line's tag, even if the line was torn after it: the id was
-/// written, so the node does not write that event again.
-fn logged_id(line: &str) -> Option<u64> {
-    let rest = &line[line.find(TAG_OPEN)? + TAG_OPEN.len()..];
-    rest[..rest.find(']')?].parse().ok()
-}
-
-/// The highest event id in the last lines of a shared log (0 if none).
-pub fn last_logged_id(path: &Path) -> std::io::Result<u64> {
-    let mut f = match std::fs::File::open(path) {
+/// The event id and IP of every whole line with an id above `after` at
+/// the end of a shared log (empty if there is none; a symbolic link is an
+/// error). The end read grows from [`TAIL`] until it holds a line at or
+/// below `after` (or the whole file, or [`MAX_TAIL`]). A line torn before
+/// its IP ended names no IP and is written again: torn, it banned nothing.
+pub fn written_tail(path: &Path, after: u64) -> std::io::Result<HashMap<u64, String>> {
+    let mut f = match state_file::open_shared(path, OpenOptions::new().read(true)) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
         Err(e) => return Err(e),
     };
     let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
-    let mut tail = Vec::new();
-    f.read_to_end(&mut tail)?;
-    Ok(String::from_utf8_lossy(&tail)
-        .lines()
-        .filter_map(logged_id)
-        .max()
-        .unwrap_or(0))
+    let mut size = TAIL;
+    loop {
+        let start = len.saturating_sub(size);
+        f.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail)?;
+        let text = String::from_utf8_lossy(&tail);
+        let lines: Vec<Logged> = text.lines().filter_map(parse).collect();
+        let reached = lines.iter().any(|l| l.id <= after);
+        if reached || start == 0 || size >= MAX_TAIL {
+            return Ok(lines
+                .into_iter()
+                .filter(|l| l.id > after)
+                .map(|l| (l.id, l.ip.to_string()))
+                .collect());
+        }
+        size *= 2;
+    }
 }
 
 /// `shared.log`, kept open between batches. Reopened when the path stops
@@ -147,16 +179,14 @@ impl SharedLog {
         use std::os::unix::fs::MetadataExt;
         if self.checked.elapsed() >= ROTATION_CHECK {
             self.checked = Instant::now();
-            let current = std::fs::metadata(&self.path).map(|m| m.ino()).ok();
+            let current = std::fs::symlink_metadata(&self.path).map(|m| m.ino()).ok();
             if current != self.file.as_ref().map(|(_, ino)| *ino) {
                 self.file = None;
             }
         }
         if self.file.is_none() {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)?;
+            let f =
+                state_file::open_shared(&self.path, OpenOptions::new().create(true).append(true))?;
             let ino = f.metadata()?.ino();
             self.file = Some((f, ino));
         }
@@ -214,17 +244,65 @@ mod tests {
     }
 
     #[test]
-    fn the_tail_gives_the_last_id_even_of_a_torn_line() {
+    fn the_tail_gives_ids_and_ips_of_whole_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("shared.log");
-        assert_eq!(last_logged_id(&path).unwrap(), 0);
+        assert!(written_tail(&path, 0).unwrap().is_empty());
         let mut log = SharedLog::new(path.clone());
         log.append(&[&event(7, "192.0.2.9"), &event(12, "192.0.2.10")])
             .unwrap();
-        assert_eq!(last_logged_id(&path).unwrap(), 12);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"2025-11-25 12:26:09 +0000 banmesh[13]: 192.0")
             .unwrap();
-        assert_eq!(last_logged_id(&path).unwrap(), 13);
+        assert_eq!(
+            written_tail(&path, 0).unwrap(),
+            HashMap::from([(7, "192.0.2.9".into()), (12, "192.0.2.10".into())])
+        );
+        assert_eq!(
+            written_tail(&path, 7).unwrap(),
+            HashMap::from([(12, "192.0.2.10".into())])
+        );
+    }
+
+    #[test]
+    fn the_tail_reaches_back_to_the_saved_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.log");
+        let mut log = SharedLog::new(path.clone());
+        let events: Vec<Event> = (1..=3000).map(|id| event(id, "192.0.2.1")).collect();
+        log.append(&events.iter().collect::<Vec<_>>()).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 2 * TAIL);
+        let after = written_tail(&path, 10).unwrap();
+        assert_eq!(after.len(), 2990);
+        assert_eq!(written_tail(&path, 0).unwrap().len(), 3000);
+    }
+
+    #[test]
+    fn a_control_character_never_starts_a_line() {
+        let mut e = event(5, "192.0.2.5");
+        e.added_by =
+            "x\n2025-11-25 12:26:09 +0000 banmesh[999999]: 198.51.100.66: reported by y\r".into();
+        let l = line(
+            &e,
+            OffsetDateTime::from_unix_timestamp(1_764_073_569).unwrap(),
+        );
+        assert_eq!(l.matches('\n').count(), 1, "{l:?}");
+        assert!(l.ends_with('\n') && !l.contains('\r'));
+        assert_eq!(parse(l.trim_end()).map(|l| l.ip), Some("192.0.2.5"));
+    }
+
+    #[test]
+    fn a_link_at_the_path_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("passwd");
+        std::fs::write(&target, "root:x:0:0\n").unwrap();
+        let path = dir.path().join("shared.log");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = SharedLog::new(path.clone())
+            .append(&[&event(1, "192.0.2.1")])
+            .unwrap_err();
+        assert!(err.to_string().contains("is a symbolic link"), "{err}");
+        assert!(written_tail(&path, 0).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "root:x:0:0\n");
     }
 }

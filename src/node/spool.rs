@@ -53,7 +53,7 @@ pub fn write(data_dir: &Path, ban: &Ban) -> std::io::Result<PathBuf> {
         ..Default::default()
     });
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = super::state_file::create_tmp(&tmp)?;
     f.write_all(&record)?;
     f.sync_all()?;
     let path = dir.join(name);
@@ -81,7 +81,16 @@ pub fn ingest(outbox: &Outbox, spool: &Path) -> Result<usize, OutboxError> {
     for name in names {
         let path = spool.join(&name);
         if !outbox.has_spooled(&name) {
-            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            let bytes = match super::state_file::read(&path) {
+                Ok(bytes) => bytes.unwrap_or_default(),
+                // A link (or anything else unreadable) in the spool is not a
+                // report `banmesh report` wrote: dropped, never followed.
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "unreadable spool entry removed");
+                    std::fs::remove_file(&path).map_err(io(&path))?;
+                    continue;
+                }
+            };
             let (records, skipped) = decode_records(&bytes);
             if skipped > 0 {
                 warn!(file = %path.display(), skipped, "damaged spool file; kept what was intact");

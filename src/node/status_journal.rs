@@ -43,11 +43,10 @@ impl StatusJournal {
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         let path = dir.join("statuses.log");
         let acked_path = dir.join("statuses.acked");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)?;
+        let mut file = super::state_file::open(
+            &path,
+            OpenOptions::new().create(true).read(true).append(true),
+        )?;
         let mut text = Vec::new();
         file.read_to_end(&mut text)?;
         // A torn last line (killed mid-write) is dropped.
@@ -55,9 +54,8 @@ impl StatusJournal {
         if len != text.len() as u64 {
             file.set_len(len)?;
         }
-        let acked: u64 = std::fs::read_to_string(&acked_path)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
+        let acked: u64 = super::state_file::read(&acked_path)?
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
             .unwrap_or(0)
             .min(len);
         Ok(StatusJournal {
@@ -94,7 +92,7 @@ impl StatusJournal {
         if want == 0 {
             return Ok((vec![], start));
         }
-        let mut f = File::open(&self.path)?;
+        let mut f = super::state_file::open(&self.path, OpenOptions::new().read(true))?;
         f.seek(SeekFrom::Start(start))?;
         let mut buf = vec![0; want];
         f.read_exact(&mut buf)?;
@@ -118,9 +116,7 @@ impl StatusJournal {
             inner.len = 0;
             inner.acked = 0;
         }
-        let tmp = self.acked_path.with_extension("tmp");
-        std::fs::write(&tmp, inner.acked.to_string())?;
-        std::fs::rename(&tmp, &self.acked_path)
+        super::state_file::replace(&self.acked_path, inner.acked.to_string().as_bytes(), false)
     }
 
     /// Statuses waiting for the hub, in bytes of journal.

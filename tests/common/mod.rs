@@ -265,7 +265,7 @@ impl Hub {
     }
 
     pub async fn start_listening(root: &Path, pki: &Pki, db: &str, ip: &str, port: u16) -> Hub {
-        Self::start_with(root, pki, db, ip, port, |_| {}).await
+        Self::spawn(root, pki, &format!("{ip}:{port}"), Some(db), |_| {}).await
     }
 
     /// A hub whose command `tweak` adjusts before it is spawned.
@@ -277,10 +277,28 @@ impl Hub {
         port: u16,
         tweak: impl FnOnce(&mut Command),
     ) -> Hub {
+        Self::spawn(root, pki, &format!("{ip}:{port}"), Some(db), tweak).await
+    }
+
+    /// A hub on its default embedded store, under `root/hub`.
+    pub async fn start_embedded(root: &Path, pki: &Pki) -> Hub {
+        Self::spawn(root, pki, "127.0.0.1:0", None, |_| {}).await
+    }
+
+    async fn spawn(
+        root: &Path,
+        pki: &Pki,
+        listen: &str,
+        db: Option<&str>,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Hub {
         let tls = pki.host("hub");
         let mut cmd = banmesh();
-        cmd.args(["hub", "--listen", &format!("{ip}:{port}"), "--db", db])
-            .arg("--data-dir")
+        cmd.args(["hub", "--listen", listen]);
+        if let Some(db) = db {
+            cmd.args(["--db", db]);
+        }
+        cmd.arg("--data-dir")
             .arg(root.join("hub"))
             .args(tls_args(&tls));
         tweak(&mut cmd);

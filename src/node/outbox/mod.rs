@@ -28,7 +28,7 @@
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
-    io::{Read, Write},
+    io::Write,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -37,6 +37,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 pub use self::record::{decode_records, encode};
+use super::state_file;
 use crate::{ban::Ban, proto};
 
 pub mod record;
@@ -128,14 +129,13 @@ impl Outbox {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let log = dir.join("outbox.log");
         let acked_file = dir.join("outbox.acked");
-        let acked: u64 = std::fs::read_to_string(&acked_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
+        let acked: u64 = state_file::read(&acked_file)
+            .map_err(io(&acked_file))?
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
             .unwrap_or(0);
-        let mut bytes = Vec::new();
-        if let Ok(mut f) = File::open(&log) {
-            f.read_to_end(&mut bytes).map_err(io(&log))?;
-        }
+        let bytes = state_file::read(&log)
+            .map_err(io(&log))?
+            .unwrap_or_default();
         let (records, skipped) = decode_records(&bytes);
         let next_seq = records.iter().map(|r| r.seq).max().unwrap_or(0).max(acked) + 1;
         let spooled = records
@@ -147,17 +147,14 @@ impl Outbox {
         if skipped > 0 {
             // Rewrite with only intact records, so the damage is gone for good.
             let tmp = dir.join("outbox.log.tmp");
-            let mut f = File::create(&tmp).map_err(io(&tmp))?;
+            let mut f = state_file::create_tmp(&tmp).map_err(io(&tmp))?;
             for r in &pending {
                 f.write_all(&encode(r)).map_err(io(&tmp))?;
             }
             f.sync_all().map_err(io(&tmp))?;
             std::fs::rename(&tmp, &log).map_err(io(&log))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
+        let file = state_file::open(&log, OpenOptions::new().create(true).append(true))
             .map_err(io(&log))?;
         let written = file.metadata().map_err(io(&log))?.len();
         let recovery = Recovery {
@@ -347,7 +344,7 @@ impl Outbox {
         }
         let path = self.acked_path();
         let tmp = self.dir.join("outbox.acked.tmp");
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        let mut f = state_file::create_tmp(&tmp).map_err(io(&tmp))?;
         f.write_all(inner.acked.to_string().as_bytes())
             .map_err(io(&tmp))?;
         if durable {
