@@ -251,16 +251,22 @@ pub enum Status {
     AlreadyBanned = 2,
     /// 3: adding it failed on that host.
     Error = 3,
+    /// 4: that host refused it: the address is on its allow-list
+    /// (fail2ban's `ignoreip` for the `shared` jail, or the fleet
+    /// allow-list). Nothing was banned there and no line written. Beside
+    /// the seed's 0-3, which keep their meanings.
+    Refused = 4,
 }
 
 impl Status {
-    /// The status for a stored code; `None` for a code outside 0-3.
+    /// The status for a stored code; `None` for a code outside 0-4.
     pub fn from_code(code: i64) -> Option<Self> {
         Some(match code {
             0 => Status::NotAdded,
             1 => Status::Added,
             2 => Status::AlreadyBanned,
             3 => Status::Error,
+            4 => Status::Refused,
             _ => return None,
         })
     }
