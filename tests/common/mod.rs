@@ -95,14 +95,20 @@ impl Pki {
 
     /// Issues (once) and returns the TLS files of host `name`.
     pub fn host(&self, name: &str) -> TlsFiles {
-        self.issue(name, false)
+        self.issue(name, ca::Role::Host)
     }
 
     pub fn admin(&self, name: &str) -> TlsFiles {
-        self.issue(name, true)
+        self.issue(name, ca::Role::Admin)
     }
 
-    fn issue(&self, name: &str, admin: bool) -> TlsFiles {
+    /// The hub's certificate (named `hub`, with the hub mark), as `banmesh
+    /// ca issue --hub` makes it.
+    pub fn hub(&self) -> TlsFiles {
+        self.issue("hub", ca::Role::Hub)
+    }
+
+    fn issue(&self, name: &str, role: ca::Role) -> TlsFiles {
         let sans = [
             "localhost".to_string(),
             "127.0.0.1".to_string(),
@@ -113,7 +119,7 @@ impl Pki {
             name,
             sans: &sans,
             valid_for: ca::HOST_VALIDITY,
-            admin,
+            role,
         };
         ca::issue_once(&self.dir, &req).expect("issue certificate")
     }
@@ -277,12 +283,24 @@ impl Hub {
         port: u16,
         tweak: impl FnOnce(&mut Command),
     ) -> Hub {
-        let tls = pki.host("hub");
+        Self::start_presenting(root, &pki.hub(), db, ip, port, tweak).await
+    }
+
+    /// A hub presenting `tls` (the fleet's hub certificate, or in attack
+    /// tests another one).
+    pub async fn start_presenting(
+        root: &Path,
+        tls: &TlsFiles,
+        db: &str,
+        ip: &str,
+        port: u16,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Hub {
         let mut cmd = banmesh();
         cmd.args(["hub", "--listen", &format!("{ip}:{port}"), "--db", db])
             .arg("--data-dir")
             .arg(root.join("hub"))
-            .args(tls_args(&tls));
+            .args(tls_args(tls));
         tweak(&mut cmd);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let proc = Proc::spawn(cmd, root.join(format!("hub-{n}.log")));
