@@ -117,31 +117,24 @@ async fn a_token_cannot_buy_the_hubs_names_or_an_ip_address() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_node_refuses_a_hub_presenting_a_host_certificate() {
-    let root = tempfile::tempdir().unwrap();
-    let pki = Pki::new(root.path());
-    // A host certificate that names 127.0.0.1, as every test node's does
-    // (and as enrolment under `--name 127.0.0.1` gave before): right CA,
-    // right address, server-auth usage, but no hub mark.
-    let stolen = pki.host("node-x");
-    let db = format!("sqlite:{}", root.path().join("rogue.db").display());
-    let rogue = Hub::start_presenting(root.path(), &stolen, &db, "127.0.0.1", 0, |_| {}).await;
-
-    // A node pointed at it never takes its events.
+/// A node pointed at `rogue` (a real hub presenting a certificate without
+/// the hub mark, dialled as `url`) never applies the ban it holds and logs
+/// why; an enrolling server sends it nothing.
+async fn refused_as_hub(root: &std::path::Path, pki: &Pki, rogue: &Hub, url: &str) {
+    assert!(rogue.proc.log_text().contains("lacks the hub mark"));
     let mut victim = Node {
         name: "victim".into(),
-        dir: root.path().join("victim"),
+        dir: root.join("victim"),
         proc: None,
-        hub_url: rogue.url.clone(),
+        hub_url: url.to_string(),
         tls: pki.host("victim"),
         extra: vec!["--no-fail2ban-socket".into()],
         netns: None,
     };
     victim.launch(false).await;
     // The rogue hub holds a ban, published by a client that does not
-    // check the hub (this test's own).
-    let mut accomplice = hub_client(&rogue.url, client_tls(&pki.host("node-y"))).await;
+    // check the hub's mark (this test's own).
+    let mut accomplice = hub_client(url, client_tls(&pki.host("node-y"))).await;
     let report = proto::Report {
         seq: 1,
         ban: Some(proto::Ban {
@@ -182,19 +175,77 @@ async fn a_node_refuses_a_hub_presenting_a_host_certificate() {
         text.contains("re-issue it with `banmesh ca issue --hub`"),
         "{text}"
     );
+    victim.stop();
 
     // A server enrolling with the right CA pin sends it nothing either.
     let hash = banmesh::ca::fingerprint(&std::fs::read_to_string(pki.dir.join("ca.crt")).unwrap())
         .unwrap();
-    let dir = root.path().join("new-etc");
-    let (ok, err) = enroll(&rogue, "a-token", &hash, "new-1", &dir);
-    assert!(!ok);
+    let host = url.trim_start_matches("https://");
+    let out = banmesh()
+        .args(["enroll", "--hub", host, "--token", "a-token", "--ca-sha256"])
+        .args([hash.as_str(), "--name", "new-1", "--dir"])
+        .arg(root.join("new-etc"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
     assert!(err.contains("lacks the hub mark"), "{err}");
     let log = rogue.proc.log_text();
     assert!(
         !log.contains("host enrolled") && !log.contains("enrolment refused"),
         "the rogue hub received an enrolment"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_refuses_a_hub_presenting_a_host_certificate() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    // A host certificate that names 127.0.0.1, as every test node's does
+    // (for its inspection port) and as enrolment under `--name 127.0.0.1`
+    // gave before: right CA, right address, server-auth usage, no mark.
+    let stolen = pki.host("node-x");
+    let db = format!("sqlite:{}", root.path().join("rogue.db").display());
+    let rogue = Hub::start_presenting(root.path(), &stolen, &db, "127.0.0.1", 0, |_| {}).await;
+    refused_as_hub(root.path(), &pki, &rogue, &rogue.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_refuses_a_hub_presenting_an_enrolled_certificate() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    // A hub reached as 127.0.0.1 only, so `localhost` is not one of its
+    // names: a token-holder may enrol it, and the certificate bought then
+    // names what a node dialling https://localhost:PORT checks.
+    let hub_tls = banmesh::ca::issue_once(
+        &pki.dir,
+        &banmesh::ca::HostCert {
+            name: "hub-main",
+            sans: &["127.0.0.1".to_string()],
+            valid_for: banmesh::ca::HOST_VALIDITY,
+            role: banmesh::ca::Role::Hub,
+        },
+    )
+    .unwrap();
+    let db = format!("sqlite:{}", root.path().join("hub.db").display());
+    let hub = Hub::start_presenting(root.path(), &hub_tls, &db, "127.0.0.1", 0, |_| {}).await;
+    let (token, hash) = create_token(&hub, &pki.admin("ops"), ANY_NAME);
+    let dir = root.path().join("localhost-etc");
+    let (ok, err) = enroll(&hub, &token, &hash, "localhost", &dir);
+    assert!(ok, "{err}");
+
+    let db = format!("sqlite:{}", root.path().join("rogue.db").display());
+    let rogue = Hub::start_presenting(
+        root.path(),
+        &enrolled_files(&dir),
+        &db,
+        "127.0.0.1",
+        0,
+        |_| {},
+    )
+    .await;
+    let url = format!("https://localhost:{}", rogue.port);
+    refused_as_hub(root.path(), &pki, &rogue, &url).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
