@@ -4,6 +4,13 @@
 //! so it is written 0600 and never leaves the machine it was made on. Host
 //! certificates carry the host's name as common name (its identity) and as
 //! a DNS name, plus any extra names or addresses the host is reached by.
+//!
+//! Each certificate has one [`Role`]. Only the hub's carries the hub mark
+//! (organizational unit [`crate::tls::HUB_ROLE`]), and nodes, admins and
+//! enrolling servers accept no other certificate as the hub: a host
+//! certificate, enrolled or issued by hand, never passes as the hub even
+//! when it names the hub's address. Only `banmesh ca issue --hub` makes
+//! one; enrolment and renewal sign host certificates only.
 use std::{
     io::Write,
     os::unix::fs::OpenOptionsExt,
@@ -22,6 +29,9 @@ use time::OffsetDateTime;
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How long a host certificate is valid by default.
 pub const HOST_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// The longest validity this CA signs (the CA/Browser Forum's old cap);
+/// beyond it a lifetime is a typo, and far beyond it, a date overflow.
+pub const MAX_VALIDITY: Duration = Duration::from_secs(825 * 24 * 3600);
 
 /// Why a CA command failed; each message says what to do next.
 #[derive(Debug, Error)]
@@ -47,10 +57,15 @@ pub enum CaError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The host name is not usable as an identity (certificate common name and
-    /// `host_<name>` column).
-    #[error("host name {0:?} must be 1-253 characters of letters, digits, '-', '.', '_'")]
-    BadName(String),
+    /// The host name is not usable as an identity (see [`crate::hostname`]).
+    #[error(transparent)]
+    BadName(#[from] crate::hostname::BadHostName),
+    /// A `--san` is neither an IP address nor a valid DNS name.
+    #[error("{0:?} is neither an IP address nor a valid DNS name for --san")]
+    BadSan(String),
+    /// A validity beyond [`MAX_VALIDITY`] (or one that would overflow a date).
+    #[error("a validity of {0:?} is out of range (at most 825 days)")]
+    BadValidity(Duration),
     /// Generating, parsing or signing a key or certificate failed.
     #[error("certificate error: {0}")]
     Cert(#[from] rcgen::Error),
@@ -106,11 +121,15 @@ pub fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), CaErr
     f.sync_all().map_err(err)
 }
 
-fn validity(params: &mut CertificateParams, valid_for: Duration) {
+fn validity(params: &mut CertificateParams, valid_for: Duration) -> Result<(), CaError> {
     let now = OffsetDateTime::now_utc();
     // A minute of slack for clocks that are slightly apart across the fleet.
     params.not_before = now - time::Duration::minutes(1);
-    params.not_after = now + valid_for;
+    params.not_after = time::Duration::try_from(valid_for)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .ok_or(CaError::BadValidity(valid_for))?;
+    Ok(())
 }
 
 fn ca_params() -> CertificateParams {
@@ -141,22 +160,38 @@ pub fn init(dir: &Path) -> Result<(), CaError> {
     }
     let key = KeyPair::generate()?;
     let mut params = ca_params();
-    validity(&mut params, CA_VALIDITY);
+    validity(&mut params, CA_VALIDITY)?;
     let cert = params.self_signed(&key)?;
     write_new(&paths.key(), &key.serialize_pem(), true)?;
     write_new(&paths.cert(), &cert.pem(), false)
 }
 
-/// A host certificate request: who, reached how, for how long.
+/// What a certificate is for; exactly one per certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// A server in the fleet: a client of the hub (publish, subscribe) and
+    /// the server of its own inspection port. What enrolment and renewal
+    /// sign.
+    #[default]
+    Host,
+    /// An operator: unban, revoke, token create (OU
+    /// [`crate::tls::ADMIN_ROLE`]).
+    Admin,
+    /// The hub: server authentication only, with the hub mark (OU
+    /// [`crate::tls::HUB_ROLE`]) that nodes require. `ca issue --hub` only.
+    Hub,
+}
+
+/// A certificate request: who, reached how, for how long, in which role.
 pub struct HostCert<'a> {
-    /// The host's identity: the certificate's common name, and a DNS name.
+    /// The identity: common name and first DNS name (see [`crate::hostname`]).
     pub name: &'a str,
-    /// Extra DNS names or IP addresses the host is reached by (parsed as an IP when they are one).
+    /// Extra DNS names or IP addresses the holder is reached by.
     pub sans: &'a [String],
-    /// How long the certificate is valid from now.
+    /// Validity from now, at most [`MAX_VALIDITY`].
     pub valid_for: Duration,
-    /// Grants the admin role (unban and other fleet-wide calls).
-    pub admin: bool,
+    /// Host, admin or hub.
+    pub role: Role,
 }
 
 /// A loaded CA, ready to sign host certificates (the CLI's `ca issue`, and
@@ -216,30 +251,42 @@ impl CaSigner {
         req: &HostCert<'_>,
         public_key: &impl rcgen::PublicKeyData,
     ) -> Result<String, CaError> {
-        if !crate::ban::valid_host_name(req.name) {
-            return Err(CaError::BadName(req.name.to_string()));
+        crate::hostname::validate(req.name)?;
+        if req.valid_for > MAX_VALIDITY {
+            return Err(CaError::BadValidity(req.valid_for));
         }
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, req.name);
-        if req.admin {
-            dn.push(DnType::OrganizationalUnitName, crate::tls::ADMIN_ROLE);
+        match req.role {
+            Role::Host => {}
+            Role::Admin => dn.push(DnType::OrganizationalUnitName, crate::tls::ADMIN_ROLE),
+            Role::Hub => dn.push(DnType::OrganizationalUnitName, crate::tls::HUB_ROLE),
         }
         params.distinguished_name = dn;
-        let mut names = vec![req.name.to_string()];
-        names.extend(req.sans.iter().cloned());
-        for n in names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(req.name.try_into()?));
+        for n in req.sans {
             params.subject_alt_names.push(match n.parse() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(n.try_into()?),
+                Err(_) if crate::hostname::validate(n).is_ok() => {
+                    SanType::DnsName(n.as_str().try_into()?)
+                }
+                Err(_) => return Err(CaError::BadSan(crate::hostname::shown(n))),
             });
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        validity(&mut params, req.valid_for);
+        // The hub is never a client: its certificate cannot call the hub
+        // (the handshake requires client authentication usage).
+        params.extended_key_usages = match req.role {
+            Role::Hub => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Role::Host | Role::Admin => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
+        validity(&mut params, req.valid_for)?;
         Ok(params.signed_by(public_key, &self.issuer)?.pem())
     }
 }
@@ -279,4 +326,74 @@ pub fn issue(dir: &Path, req: &HostCert<'_>) -> Result<(PathBuf, PathBuf), CaErr
     write_new(&key_path, &key.serialize_pem(), true)?;
     write_new(&crt, &pem, false)?;
     Ok((crt, key_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+
+    fn signed(dir: &Path, name: &str, sans: &[String], role: Role) -> Result<String, CaError> {
+        let signer = CaSigner::load(&CaDir(dir.into()).cert(), &CaDir(dir.into()).key())?;
+        let key = KeyPair::generate()?;
+        let req = HostCert {
+            name,
+            sans,
+            valid_for: HOST_VALIDITY,
+            role,
+        };
+        signer.sign(&req, &key)
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn only_the_hub_role_carries_the_hub_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        let ip = ["127.0.0.1".to_string()];
+        let hub = der(&signed(dir.path(), "hub", &ip, Role::Hub).unwrap());
+        assert!(crate::tls::is_hub(&hub) && !crate::tls::is_admin(&hub));
+        assert_eq!(
+            crate::tls::certificate_names(&hub),
+            ["hub", "hub", "127.0.0.1"]
+        );
+        for role in [Role::Host, Role::Admin] {
+            let c = der(&signed(dir.path(), "web-1", &ip, role).unwrap());
+            assert!(!crate::tls::is_hub(&c), "{role:?}");
+        }
+    }
+
+    #[test]
+    fn names_dots_and_lifetimes_out_of_range_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        for name in [".", "..", "127.0.0.1", "a_b"] {
+            assert!(matches!(
+                signed(dir.path(), name, &[], Role::Host),
+                Err(CaError::BadName(_))
+            ));
+        }
+        assert!(matches!(
+            signed(dir.path(), "web-1", &["a b".into()], Role::Host),
+            Err(CaError::BadSan(_))
+        ));
+        let signer =
+            CaSigner::load(&dir.path().join("ca.crt"), &dir.path().join("ca.key")).unwrap();
+        let key = KeyPair::generate().unwrap();
+        for valid_for in [MAX_VALIDITY + Duration::from_secs(1), Duration::MAX] {
+            let req = HostCert {
+                name: "web-1",
+                sans: &[],
+                valid_for,
+                role: Role::Host,
+            };
+            assert!(matches!(
+                signer.sign(&req, &key),
+                Err(CaError::BadValidity(_))
+            ));
+        }
+    }
 }

@@ -86,9 +86,13 @@ pub enum TokenAction {
         /// How long the token can be used.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
-        /// The only host name the token may enrol.
-        #[arg(long)]
+        /// The only host name the token may enrol (required unless --any-name).
+        #[arg(long, required_unless_present = "any_name")]
         name: Option<String>,
+        /// Let the token's holder pick any free host name instead (never an
+        /// IP address or one of the hub's names).
+        #[arg(long, conflicts_with = "name")]
+        any_name: bool,
         /// Validity of the certificate the token buys.
         #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
         cert_ttl: Duration,
@@ -119,8 +123,12 @@ pub enum CaCommand {
         #[arg(long = "san")]
         sans: Vec<String>,
         /// Grant the admin role (unban and other fleet-wide calls).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "hub")]
         admin: bool,
+        /// The hub's certificate: carries the hub mark nodes require, and
+        /// the hub's DNS names and addresses (--san). Never a host's.
+        #[arg(long)]
+        hub: bool,
         /// Validity, e.g. 90d.
         #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
         valid_for: Duration,
@@ -516,15 +524,21 @@ fn ca_command(cmd: CaCommand) -> anyhow::Result<()> {
             name,
             sans,
             admin,
+            hub,
             valid_for,
         } => {
+            let role = match (admin, hub) {
+                (true, _) => ca::Role::Admin,
+                (_, true) => ca::Role::Hub,
+                _ => ca::Role::Host,
+            };
             let (crt, key) = ca::issue(
                 &dir,
                 &ca::HostCert {
                     name: &name,
                     sans: &sans,
                     valid_for,
-                    admin,
+                    role,
                 },
             )?;
             println!("issued {} and {}", crt.display(), key.display());
@@ -590,6 +604,7 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
         HubAction::Token(TokenAction::Create {
             ttl,
             name,
+            any_name: _,
             cert_ttl,
             admin: a,
         }) => {

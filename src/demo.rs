@@ -39,7 +39,7 @@ pub struct DemoArgs {
 /// When each IP was reported, for the latency column.
 type Sent = Arc<Mutex<HashMap<String, (String, Instant)>>>;
 
-fn issue(dir: &Path, name: &str, admin: bool) -> anyhow::Result<TlsFiles> {
+fn issue(dir: &Path, name: &str, role: ca::Role) -> anyhow::Result<TlsFiles> {
     let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
     Ok(ca::issue_once(
         dir,
@@ -47,7 +47,7 @@ fn issue(dir: &Path, name: &str, admin: bool) -> anyhow::Result<TlsFiles> {
             name,
             sans: &sans,
             valid_for: ca::HOST_VALIDITY,
-            admin,
+            role,
         },
     )?)
 }
@@ -88,7 +88,7 @@ async fn fleet(
     let hub_config = hub::HubConfig {
         db: None,
         data_dir: root.join("hub"),
-        tls: issue(&pki, "hub", false)?,
+        tls: issue(&pki, "hub", ca::Role::Hub)?,
         ca_key: None,
     };
     println!("banmesh demo: a throwaway fleet in {}", root.display());
@@ -111,7 +111,8 @@ async fn fleet(
     let mut sockets = Vec::new();
     for name in &names {
         let dir = root.join(name);
-        let config = node::NodeConfig::in_dir(&dir, &hub_url, issue(&pki, name, false)?, None);
+        let config =
+            node::NodeConfig::in_dir(&dir, &hub_url, issue(&pki, name, ca::Role::Host)?, None);
         println!(
             "  {name:<6} socket {}, log {}",
             config.socket.display(),
@@ -173,7 +174,7 @@ async fn fleet(
     }
 
     // Statuses travel back to the hub a moment after the lines are written.
-    let admin = issue(&pki, "demo-admin", true)?;
+    let admin = issue(&pki, "demo-admin", ca::Role::Admin)?;
     let mut client = crate::admin::client(&hub_url, &admin).await?;
     let bans = loop {
         let r = client

@@ -3,8 +3,10 @@
 //! It makes its private key here (written 0600; the key never leaves the
 //! machine), connects to the hub over TLS that must verify against the CA
 //! whose SHA-256 the operator pinned (the way `kubeadm join` pins its CA),
-//! and trades a one-time token and a CSR for its certificate. A wrong hash
-//! fails the TLS handshake, so nothing (not even the token) is sent.
+//! and trades a one-time token and a CSR for its certificate. A wrong hash,
+//! or a certificate without the hub mark (a host's, even one naming the
+//! hub's address), fails the TLS handshake, so nothing (not even the
+//! token) is sent.
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -36,8 +38,8 @@ pub enum EnrollError {
     #[error("--ca-sha256 must be the 64 hex digits printed by `banmesh hub token create`")]
     BadPin,
     /// The host name (given, or this machine's) is not one banmesh accepts as an identity.
-    #[error("{0:?} is not a valid host name; pass --name")]
-    BadName(String),
+    #[error("{0}; pass --name")]
+    BadName(crate::hostname::BadHostName),
     /// `host.key` already exists in the target directory; enrolling never
     /// overwrites an identity.
     #[error("{0} already exists: this machine is enrolled (move it away to enrol again)")]
@@ -80,8 +82,8 @@ pub enum EnrollError {
     },
 }
 
-/// Accepts the hub only if its chain carries the pinned CA and the hub's
-/// certificate verifies against it.
+/// Accepts the hub only if its chain carries the pinned CA, the hub's
+/// certificate verifies against it, and it carries the hub mark.
 #[derive(Debug)]
 struct PinnedCa {
     sha256: String,
@@ -111,7 +113,14 @@ impl ServerCertVerifier for PinnedCa {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+        let verified = verifier.verify_server_cert(end_entity, &[], server_name, ocsp, now)?;
+        if !crate::tls::is_hub(end_entity) {
+            return Err(rustls::Error::General(format!(
+                "{}; nothing was sent",
+                crate::tls::NOT_A_HUB
+            )));
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -224,9 +233,7 @@ pub async fn enroll(req: &EnrollRequest) -> Result<Enrolled, EnrollError> {
     if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(EnrollError::BadPin);
     }
-    if !crate::ban::valid_host_name(&req.name) {
-        return Err(EnrollError::BadName(req.name.clone()));
-    }
+    crate::hostname::validate(&req.name).map_err(EnrollError::BadName)?;
     let files = Enrolled {
         cert: req.dir.join("host.crt"),
         key: req.dir.join("host.key"),

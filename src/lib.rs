@@ -34,6 +34,7 @@ pub mod clock;
 pub mod demo;
 pub mod enroll;
 pub mod fail2ban;
+pub mod hostname;
 pub mod hub;
 pub mod node;
 pub mod proto;

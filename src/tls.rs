@@ -4,6 +4,13 @@
 //! A host's identity is the common name of the client certificate it
 //! presented, verified against the fleet CA during the handshake. No message
 //! field can claim another name.
+//!
+//! The other way round, a client (node, admin command, benchmark) accepts
+//! the hub only if its certificate chains to the fleet CA, names the
+//! address dialled, *and* carries the hub mark ([`HUB_ROLE`]), which only
+//! `banmesh ca issue --hub` puts in a certificate ([`HubVerifier`]). Host
+//! certificates often name addresses too (for the inspection port); the
+//! mark is what keeps one from serving as the hub.
 use std::path::{Path, PathBuf};
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -141,12 +148,37 @@ impl TlsFiles {
         Ok(Arc::new(server))
     }
 
-    /// Client side: verify the server against the CA only (no system roots)
-    /// and present our certificate.
-    pub fn client(&self) -> Result<ClientTlsConfig, TlsError> {
-        Ok(ClientTlsConfig::new()
-            .ca_certificate(self.ca()?)
-            .identity(self.identity()?))
+    /// Client side: present our certificate, and accept the server only
+    /// through [`HubVerifier`] (the fleet CA, no system roots, and the hub
+    /// mark). Give both to `Endpoint::tls_config_with_verifier`.
+    pub fn client(&self) -> Result<(ClientTlsConfig, std::sync::Arc<HubVerifier>), TlsError> {
+        let verifier = HubVerifier::new(&self.ca)?;
+        Ok((
+            ClientTlsConfig::new().identity(self.identity()?),
+            std::sync::Arc::new(verifier),
+        ))
+    }
+
+    /// Every name in our own certificate (common name, DNS names and IP
+    /// addresses), as written there.
+    pub fn own_names(&self) -> Result<Vec<String>, TlsError> {
+        let pem = read_cert(&self.cert)?;
+        let der = CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| TlsError::NoCertificate {
+                path: self.cert.clone(),
+            })?;
+        Ok(certificate_names(&der))
+    }
+
+    /// Whether our own certificate carries the hub mark.
+    pub fn own_is_hub(&self) -> Result<bool, TlsError> {
+        let pem = read_cert(&self.cert)?;
+        Ok(CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .and_then(Result::ok)
+            .is_some_and(|der| is_hub(&der)))
     }
 
     /// The identity in our own certificate.
@@ -177,11 +209,131 @@ pub const ADMIN_ROLE: &str = "banmesh-admin";
 
 /// Whether a DER certificate carries the admin role.
 pub fn is_admin(der: &CertificateDer<'_>) -> bool {
+    has_unit(der, ADMIN_ROLE)
+}
+
+/// The hub mark in a certificate's subject (organizational unit): set by
+/// `banmesh ca issue --hub` and by nothing else; clients require it of the
+/// hub.
+pub const HUB_ROLE: &str = "banmesh-hub";
+
+/// Whether a DER certificate carries the hub mark.
+pub fn is_hub(der: &CertificateDer<'_>) -> bool {
+    has_unit(der, HUB_ROLE)
+}
+
+fn has_unit(der: &CertificateDer<'_>, unit: &str) -> bool {
     x509_parser::parse_x509_certificate(der).is_ok_and(|(_, cert)| {
         cert.subject()
             .iter_organizational_unit()
-            .any(|ou| ou.as_str() == Ok(ADMIN_ROLE))
+            .any(|ou| ou.as_str() == Ok(unit))
     })
+}
+
+/// A certificate's common name, DNS names and IP addresses.
+pub fn certificate_names(der: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = common_name(der).into_iter().collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                        _ => None,
+                    };
+                    names.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
+/// Why a client refuses a hub whose certificate chains to the fleet CA
+/// but lacks the hub mark.
+pub const NOT_A_HUB: &str = "the hub's certificate lacks the hub mark; re-issue it with \
+     `banmesh ca issue --hub` (a host certificate never serves as the hub)";
+
+/// Verifies the hub: WebPKI against the fleet CA (chain, validity, the
+/// name dialled), then the hub mark. Without the mark, the handshake fails
+/// and the reason is logged here, since the transport error that reaches
+/// the caller does not carry it.
+#[derive(Debug)]
+pub struct HubVerifier {
+    inner: std::sync::Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl HubVerifier {
+    /// A verifier trusting the CA certificate(s) in `ca`.
+    pub fn new(ca: &Path) -> Result<Self, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&read_cert(ca)?) {
+            let cert = cert.map_err(|_| TlsError::NoCertificate {
+                path: ca.to_path_buf(),
+            })?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider,
+        )
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(HubVerifier { inner })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for HubVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified =
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        if !is_hub(end_entity) {
+            let name = common_name(end_entity).unwrap_or_default();
+            tracing::warn!(certificate = ?name, server = ?server_name, "{NOT_A_HUB}");
+            return Err(rustls::Error::General(NOT_A_HUB.into()));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Who is calling, from the verified client certificate.

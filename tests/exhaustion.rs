@@ -61,7 +61,7 @@ async fn tls_without_certificate(
     count: usize,
 ) -> Vec<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
-    let ca = pki.host("hub").ca;
+    let ca = pki.hub().ca;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();

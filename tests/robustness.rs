@@ -170,7 +170,7 @@ async fn the_hub_refuses_a_store_from_a_newer_version() {
     )
     .unwrap();
     drop(c);
-    let tls = pki.host("hub");
+    let tls = pki.hub();
     let out = banmesh()
         .args([
             "hub",

@@ -79,7 +79,7 @@ async fn expired_certificates_are_refused() {
         name: "old",
         sans: &[],
         valid_for: Duration::ZERO,
-        admin: false,
+        role: banmesh::ca::Role::Host,
     };
     let pem = signer.sign(&req, &key).unwrap();
     let files = banmesh::tls::TlsFiles {

@@ -11,7 +11,8 @@ fn when(ms: i64) -> String {
 }
 
 /// Asks the hub for a token that enrols one server within `ttl` (only as
-/// `name`, when given) for a certificate valid `cert_ttl`.
+/// `name`; `None` lets its holder pick any free name, which the CLI asks
+/// for explicitly with `--any-name`) for a certificate valid `cert_ttl`.
 pub async fn create_token(
     hub: &str,
     tls: &TlsFiles,
@@ -23,6 +24,7 @@ pub async fn create_token(
         .await?
         .create_token(proto::CreateTokenRequest {
             ttl_s: ttl.as_secs(),
+            any_name: name.is_none(),
             name: name.unwrap_or_default(),
             cert_ttl_s: cert_ttl.as_secs(),
         })

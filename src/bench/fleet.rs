@@ -36,6 +36,15 @@ impl Pki {
 
     /// Issues (or reuses) the certificate of host `name`, valid for `127.0.0.1`.
     pub fn host(&self, name: &str) -> anyhow::Result<TlsFiles> {
+        self.issue(name, ca::Role::Host)
+    }
+
+    /// The hub's certificate, with the hub mark nodes require.
+    pub fn hub(&self) -> anyhow::Result<TlsFiles> {
+        self.issue("hub", ca::Role::Hub)
+    }
+
+    fn issue(&self, name: &str, role: ca::Role) -> anyhow::Result<TlsFiles> {
         let sans = ["127.0.0.1".to_string()];
         Ok(ca::issue_once(
             &self.dir,
@@ -43,7 +52,7 @@ impl Pki {
                 name,
                 sans: &sans,
                 valid_for: ca::HOST_VALIDITY,
-                admin: false,
+                role,
             },
         )?)
     }
@@ -66,7 +75,7 @@ impl HubProc {
             .await?;
         c.disconnect().await?;
         std::fs::create_dir_all(root)?;
-        let tls = pki.host("hub")?;
+        let tls = pki.hub()?;
         // The kernel picks the port and the hub's log says which: choosing
         // a free port first races with every connection this process opens.
         let log_path = root.join("hub.log");

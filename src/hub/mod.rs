@@ -21,7 +21,8 @@
 //! - [`statuses`]: hosts' statuses, written in groups.
 //! - [`access`]: who may call what, and revocation.
 //! - [`enrollment`]: the token-for-certificate `Enrollment` service, and the
-//!   token and signing helpers `CreateToken` and `Renew` share.
+//!   token and signing helpers `CreateToken` and `Renew` share;
+//!   [`throttle`]: its per-source rate limit.
 //! - [`store`]: the store interface and its MySQL and SQLite backends.
 //! - [`migrate`]: copying a hub's data between stores, and importing the
 //!   seed's `ip_table`.
@@ -40,6 +41,7 @@ pub mod service;
 pub mod statuses;
 pub mod store;
 pub mod subscription;
+pub mod throttle;
 use std::{path::PathBuf, sync::Arc};
 
 use thiserror::Error;
@@ -205,6 +207,11 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         info!("no CA key: enrolment and renewal are off");
     }
     keep_private(&config.db_url())?;
+    if !config.tls.own_is_hub()? {
+        // Nodes refuse this hub; say why where the operator looks first.
+        tracing::error!(cert = %config.tls.cert.display(), "{}", crate::tls::NOT_A_HUB);
+    }
+    let hub_names = Arc::new(enrollment::HubNames::new(config.tls.own_names()?));
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     let fanout = fanout::Fanout::default();
@@ -212,6 +219,8 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let enrollment = enrollment::EnrollmentService {
         store: Arc::clone(&store),
         signer: signer.clone(),
+        hub_names: hub_names.clone(),
+        throttle: Arc::default(),
     };
     let service = service::HubService {
         statuses: statuses::StatusWriter::spawn(Arc::clone(&store)),
@@ -220,6 +229,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         fanout,
         access: access.clone(),
         signer,
+        hub_names,
         shutdown: shutdown.clone(),
     };
     let (reflection, reflection_alpha) = crate::proto::reflection()?;

@@ -40,6 +40,8 @@ pub struct HubService {
     pub access: Access,
     /// The CA, when this hub signs enrolments and renewals.
     pub signer: Option<Arc<CaSigner>>,
+    /// The names in the hub's certificate, which no token may be bound to.
+    pub hub_names: Arc<enrollment::HubNames>,
     /// Ends streams and refuses new work when the hub stops.
     pub shutdown: Shutdown,
 }
@@ -233,17 +235,12 @@ impl hub_server::Hub for HubService {
         let signer = self.signer.as_ref().ok_or_else(|| {
             Status::failed_precondition("this hub has no CA key (--ca-key): enrolment is off")
         })?;
-        if !r.name.is_empty() && !crate::ban::valid_host_name(&r.name) {
-            return Err(Status::invalid_argument(format!(
-                "{:?} is not a valid host name",
-                r.name
-            )));
-        }
-        let name = (!r.name.is_empty()).then_some(r.name.clone());
+        let name = enrollment::token_name(&r.name, r.any_name, &self.hub_names)?;
         let token =
             enrollment::create_token(self.store.as_ref(), name, r.ttl_s, r.cert_ttl_s).await?;
-        // The token itself never reaches a log line.
-        info!(by = %admin, name = %r.name, ttl_s = token.ttl_s, "enrolment token created");
+        // The token itself never reaches a log line; the name is checked.
+        info!(by = %admin, name = %r.name, any_name = r.any_name, ttl_s = token.ttl_s,
+            "enrolment token created");
         Ok(Response::new(proto::CreateTokenResponse {
             token: token.token,
             expires_ms: token.expires_ms,

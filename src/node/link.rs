@@ -25,7 +25,9 @@ pub enum LinkError {
 /// balances over those that answer, so losing one hub moves traffic to the
 /// others.
 pub fn channel(hubs: &[String], tls: &TlsFiles) -> Result<Channel, LinkError> {
-    let config = tls.client()?;
+    // The verifier requires the hub mark as well as the fleet CA: a host
+    // certificate naming the hub's address is still not the hub.
+    let (config, verifier) = tls.client()?;
     let endpoints = hubs
         .iter()
         .map(|h| {
@@ -33,7 +35,7 @@ pub fn channel(hubs: &[String], tls: &TlsFiles) -> Result<Channel, LinkError> {
                 .ok()
                 .filter(|_| h.starts_with("https://"))
                 .ok_or_else(|| LinkError::BadAddress(h.clone()))?
-                .tls_config(config.clone())
+                .tls_config_with_verifier(config.clone(), verifier.clone())
                 .map_err(|_| LinkError::BadAddress(h.clone()))
                 .map(|e| {
                     e.connect_timeout(Duration::from_secs(5))

@@ -95,14 +95,20 @@ impl Pki {
 
     /// Issues (once) and returns the TLS files of host `name`.
     pub fn host(&self, name: &str) -> TlsFiles {
-        self.issue(name, false)
+        self.issue(name, ca::Role::Host)
     }
 
     pub fn admin(&self, name: &str) -> TlsFiles {
-        self.issue(name, true)
+        self.issue(name, ca::Role::Admin)
     }
 
-    fn issue(&self, name: &str, admin: bool) -> TlsFiles {
+    /// The hub's certificate (named `hub`, with the hub mark), as `banmesh
+    /// ca issue --hub` makes it.
+    pub fn hub(&self) -> TlsFiles {
+        self.issue("hub", ca::Role::Hub)
+    }
+
+    fn issue(&self, name: &str, role: ca::Role) -> TlsFiles {
         let sans = [
             "localhost".to_string(),
             "127.0.0.1".to_string(),
@@ -113,7 +119,7 @@ impl Pki {
             name,
             sans: &sans,
             valid_for: ca::HOST_VALIDITY,
-            admin,
+            role,
         };
         ca::issue_once(&self.dir, &req).expect("issue certificate")
     }
@@ -265,7 +271,7 @@ impl Hub {
     }
 
     pub async fn start_listening(root: &Path, pki: &Pki, db: &str, ip: &str, port: u16) -> Hub {
-        Self::spawn(root, pki, &format!("{ip}:{port}"), Some(db), |_| {}).await
+        Self::spawn(root, &pki.hub(), &format!("{ip}:{port}"), Some(db), |_| {}).await
     }
 
     /// A hub whose command `tweak` adjusts before it is spawned.
@@ -277,22 +283,34 @@ impl Hub {
         port: u16,
         tweak: impl FnOnce(&mut Command),
     ) -> Hub {
-        Self::spawn(root, pki, &format!("{ip}:{port}"), Some(db), tweak).await
+        Self::spawn(root, &pki.hub(), &format!("{ip}:{port}"), Some(db), tweak).await
+    }
+
+    /// A hub presenting `tls` (the fleet's hub certificate, or in attack
+    /// tests another one).
+    pub async fn start_presenting(
+        root: &Path,
+        tls: &TlsFiles,
+        db: &str,
+        ip: &str,
+        port: u16,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Hub {
+        Self::spawn(root, tls, &format!("{ip}:{port}"), Some(db), tweak).await
     }
 
     /// A hub on its default embedded store, under `root/hub`.
     pub async fn start_embedded(root: &Path, pki: &Pki) -> Hub {
-        Self::spawn(root, pki, "127.0.0.1:0", None, |_| {}).await
+        Self::spawn(root, &pki.hub(), "127.0.0.1:0", None, |_| {}).await
     }
 
     async fn spawn(
         root: &Path,
-        pki: &Pki,
+        tls: &TlsFiles,
         listen: &str,
         db: Option<&str>,
         tweak: impl FnOnce(&mut Command),
     ) -> Hub {
-        let tls = pki.host("hub");
         let mut cmd = banmesh();
         cmd.args(["hub", "--listen", listen]);
         if let Some(db) = db {
@@ -300,7 +318,7 @@ impl Hub {
         }
         cmd.arg("--data-dir")
             .arg(root.join("hub"))
-            .args(tls_args(&tls));
+            .args(tls_args(tls));
         tweak(&mut cmd);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let proc = Proc::spawn(cmd, root.join(format!("hub-{n}.log")));
