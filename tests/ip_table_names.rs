@@ -84,7 +84,7 @@ async fn long_and_case_colliding_host_names_keep_a_mysql_hub_running() {
     subscribe(&hub, &pki.host("db-2"))
         .await
         .expect("a new host's first call");
-    let (token, hash) = create_token(&hub, &ops, &[]);
+    let (token, hash) = create_token(&hub, &ops, &["--any-name"]);
     let (ok, err) = enroll(&hub, &token, &hash, "new-3", &root.path().join("n3"));
     assert!(ok, "{err}");
     assert!(
