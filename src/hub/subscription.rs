@@ -59,7 +59,7 @@ struct Queue {
 }
 
 /// The response stream of one subscription: its queue, shared with the
-/// task that feeds it so that the task can end it at once (see [`close`]).
+/// task that feeds it so that the task can end it at once (see `close`).
 /// The task holds it weakly: when gRPC drops the stream (the subscriber
 /// went away), the queue goes with it and the task sees its sender closed.
 pub struct Events(Arc<Mutex<Queue>>);
