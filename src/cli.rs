@@ -53,9 +53,21 @@ pub struct EnrollArgs {
     /// The hub, HOST:PORT.
     #[arg(long)]
     pub hub: String,
-    /// One-time token from `banmesh hub token create`.
-    #[arg(long, env = "BANMESH_TOKEN")]
-    pub token: String,
+    /// One-time token from `banmesh hub token create`. The command line is
+    /// visible to every user of the machine: prefer --token-file or the
+    /// environment.
+    #[arg(
+        long,
+        env = "BANMESH_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file",
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// Read the token from the first line of this file (not readable by
+    /// other users).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     /// SHA-256 of the fleet CA, as printed with the token; the hub must prove it holds this CA.
     #[arg(long)]
     pub ca_sha256: String,
@@ -227,8 +239,19 @@ pub struct HubArgs {
     #[arg(long, default_value = hub::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// Store: mysql://user:pass@host:port/db or sqlite:PATH (default: SQLite in --data-dir).
-    #[arg(long, env = "BANMESH_DB")]
+    /// A password here is visible to every user of the machine: prefer
+    /// --db-file or the environment.
+    #[arg(
+        long,
+        env = "BANMESH_DB",
+        hide_env_values = true,
+        conflicts_with = "db_file"
+    )]
     pub db: Option<String>,
+    /// Read the store URL from the first line of this file (not readable
+    /// by other users).
+    #[arg(long, value_name = "PATH")]
+    pub db_file: Option<PathBuf>,
     /// Directory for the embedded store.
     #[arg(long, default_value = hub::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
@@ -547,12 +570,43 @@ fn ca_command(cmd: CaCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first line of a file holding a secret (`what`), trimmed. A file
+/// that every user may read is refused: the point of the file form is to
+/// keep the secret from other users, as the command line cannot. A group-
+/// readable file is accepted (0640, root-owned, the service's group).
+fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {what} from {shown}"))?
+        .permissions()
+        .mode();
+    if mode & 0o004 != 0 {
+        anyhow::bail!(
+            "{shown} holds {what} but every user can read it (mode {:o}): \
+             run `chmod o-rwx {shown}` (0600, or 0640 for a service group)",
+            mode & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {what} from {shown}"))?;
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        anyhow::bail!("{shown} should hold {what} on its first line, and it is empty");
+    }
+    Ok(line.to_string())
+}
+
 async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
+    let db = match (args.db, args.db_file) {
+        (None, Some(file)) => Some(read_secret(&file, "the store URL")?),
+        (db, _) => db,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let config = hub::HubConfig {
-        db: args.db,
+        db,
         data_dir: args.data_dir,
         tls: (&args.tls).into(),
         ca_key: args.ca_key,
@@ -700,9 +754,14 @@ fn report(args: ReportArgs) -> std::process::ExitCode {
 
 async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
     let name = args.name.unwrap_or_else(crate::enroll::host_name);
+    let token = match (args.token, args.token_file) {
+        (_, Some(file)) => read_secret(&file, "an enrolment token")?,
+        (Some(token), None) => token,
+        (None, None) => anyhow::bail!("pass --token-file PATH, BANMESH_TOKEN or --token"),
+    };
     let done = crate::enroll::enroll(&crate::enroll::EnrollRequest {
         hub: args.hub.clone(),
-        token: args.token,
+        token,
         ca_sha256: args.ca_sha256,
         name: name.clone(),
         dir: args.dir,

@@ -45,8 +45,10 @@ impl fmt::Display for Unbanned {
     }
 }
 
-/// `banmesh bans`: at most `limit` bans, of `ip` only when given; none is
-/// an error (the command exits non-zero).
+/// `banmesh bans`: at most `limit` bans (0: the hub's default), of `ip`
+/// only when given; none is an error (the command exits non-zero). The hub
+/// answers a large fleet a few bans at a time; this follows its cursor
+/// until `limit` bans are in.
 pub async fn list(
     hub: &str,
     tls: &TlsFiles,
@@ -54,18 +56,28 @@ pub async fn list(
     limit: u32,
 ) -> Result<Bans, AdminError> {
     let mut c = client(hub, tls).await?;
-    let r = c
-        .list_bans(proto::ListBansRequest {
-            ip: ip.unwrap_or_default(),
-            limit,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    if r.bans.is_empty() {
+    let mut bans = Vec::new();
+    let mut after = 0;
+    loop {
+        let r = c
+            .list_bans(proto::ListBansRequest {
+                ip: ip.clone().unwrap_or_default(),
+                limit: limit.saturating_sub(bans.len() as u32),
+                after_event_id: after,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        bans.extend(r.bans);
+        if r.next_after_event_id == 0 || limit == 0 || bans.len() >= limit as usize {
+            break;
+        }
+        after = r.next_after_event_id;
+    }
+    if bans.is_empty() {
         return Err(AdminError::NoBans);
     }
-    Ok(Bans(r.bans))
+    Ok(Bans(bans))
 }
 
 /// Bans, shown as the seed's table ([`seed_table`]).
@@ -74,7 +86,12 @@ pub struct Bans(pub Vec<proto::BanRecord>);
 
 impl fmt::Display for Bans {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&seed_table(&self.0))
+        f.write_str(&seed_table(&self.0))?;
+        let omitted = self.0.iter().map(|b| b.statuses_omitted).max().unwrap_or(0);
+        if omitted > 0 {
+            writeln!(f, "(the statuses of {omitted} more hosts are not shown)")?;
+        }
+        Ok(())
     }
 }
 

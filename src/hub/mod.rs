@@ -63,6 +63,9 @@ use crate::{
 
 /// Default address the hub listens on.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Most concurrent HTTP/2 streams on one connection (RFC 9113 suggests
+/// no fewer than 100).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 /// Default data directory (the embedded store lives here).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/banmesh/hub";
 
@@ -239,6 +242,10 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     info!(addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
     Server::builder()
         .trace_fn(request_span)
+        // A node needs a handful of streams per connection (Publish,
+        // Subscribe, statuses, a unary call); without a cap one certificate
+        // could open thousands and hyper keeps ~17 kB for each.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(listener::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(listener::KEEPALIVE_TIMEOUT))
         .add_service(HubServer::new(service))

@@ -26,6 +26,27 @@ use crate::{
 /// Most statuses in one `ReportStatus` call.
 const MAX_STATUS_BATCH: usize = 10_000;
 
+/// Bans in a `ListBans` answer when the request names no limit.
+pub const DEFAULT_LIST_BANS: usize = 100;
+/// Most bans in one `ListBans` answer, whatever `limit` asks for.
+pub const MAX_LIST_BANS: usize = 1_000;
+/// Most host statuses in one `ListBans` answer, all its bans together: the
+/// answer (and what the hub builds for it) grows with bans x hosts. At
+/// 1,000 hosts a `limit` of 10,000 built a 200 MB answer (the hub peaked
+/// at 0.8 GB per call); 10,000 statuses are ~200 kB.
+pub const MAX_ANSWER_STATUSES: usize = 10_000;
+
+/// Bans in one `ListBans` page when the fleet has `hosts` hosts: the
+/// caller's `limit` (0 for the default), within [`MAX_LIST_BANS`] and the
+/// bans whose statuses fit [`MAX_ANSWER_STATUSES`], and at least one.
+pub fn list_page(limit: u32, hosts: usize) -> usize {
+    let asked = match limit {
+        0 => DEFAULT_LIST_BANS,
+        n => (n as usize).min(MAX_LIST_BANS),
+    };
+    asked.min(MAX_ANSWER_STATUSES / hosts.max(1)).max(1)
+}
+
 /// The `Hub` gRPC service: publish, subscribe, statuses, bans, hosts, unban, tokens, revoke, renew.
 pub struct HubService {
     /// The store: reads (bans, hosts, replay) go to it directly.
@@ -140,6 +161,8 @@ impl hub_server::Hub for HubService {
     ) -> Result<Response<proto::ListBansResponse>, Status> {
         self.access.member(&request)?;
         let r = request.into_inner();
+        let hosts = self.store.hosts().await.map_err(unavailable)?.len();
+        let page = list_page(r.limit, hosts);
         let some = |s: String| (!s.is_empty()).then_some(s);
         let filter = BanFilter {
             ip: some(r.ip),
@@ -147,14 +170,27 @@ impl hub_server::Hub for HubService {
             jail: some(r.jail),
             since_ms: (r.since_ms > 0).then_some(r.since_ms),
             after_id: r.after_event_id,
-            limit: match r.limit {
-                0 => 100,
-                n => n.min(10_000) as usize,
-            },
+            limit: page,
         };
         let bans = self.store.list_bans(&filter).await.map_err(unavailable)?;
+        let next_after_event_id = match bans.last() {
+            Some(last) if bans.len() >= page => last.event.id,
+            _ => 0,
+        };
         Ok(Response::new(proto::ListBansResponse {
-            bans: bans.into_iter().map(ban_record).collect(),
+            bans: bans
+                .into_iter()
+                .map(|mut b| {
+                    // More hosts than fit one answer: the first ones only.
+                    let omitted = b.statuses.len().saturating_sub(MAX_ANSWER_STATUSES);
+                    b.statuses.truncate(MAX_ANSWER_STATUSES);
+                    proto::BanRecord {
+                        statuses_omitted: omitted as u32,
+                        ..ban_record(b)
+                    }
+                })
+                .collect(),
+            next_after_event_id,
         }))
     }
 
@@ -350,6 +386,7 @@ fn ban_record(b: BanRow) -> proto::BanRecord {
     proto::BanRecord {
         event: Some(b.event.to_proto()),
         lifted: b.lifted,
+        statuses_omitted: 0,
         statuses: b
             .statuses
             .into_iter()
@@ -358,5 +395,21 @@ fn ban_record(b: BanRow) -> proto::BanRecord {
                 status: s as i32,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_page_fits_the_answer_bounds() {
+        assert_eq!(list_page(0, 3), DEFAULT_LIST_BANS);
+        assert_eq!(list_page(u32::MAX, 3), MAX_LIST_BANS);
+        assert_eq!(list_page(10_000, 1_000), 10);
+        assert_eq!(list_page(5, 1_000), 5);
+        assert_eq!(list_page(10_000, 0), MAX_LIST_BANS);
+        // One ban even when its statuses alone exceed the budget.
+        assert_eq!(list_page(100, 50_000), 1);
     }
 }

@@ -320,6 +320,11 @@ impl Hub {
             .arg(root.join("hub"))
             .args(tls_args(tls));
         tweak(&mut cmd);
+        Self::launch(root, cmd).await
+    }
+
+    /// Spawns a prepared `banmesh hub` command and waits until it listens.
+    pub async fn launch(root: &Path, cmd: Command) -> Hub {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let proc = Proc::spawn(cmd, root.join(format!("hub-{n}.log")));
         let mut bound = 0u16;

@@ -86,7 +86,7 @@ pub enum StoreError {
         found: i64,
     },
     /// `--db` names no backend, or a MySQL URL that cannot be used (shown
-    /// with its password replaced).
+    /// with its password replaced: build it with [`redact`]).
     #[error("unsupported --db {0:?}: use mysql://user:pass@host:port/db or sqlite:PATH")]
     BadUrl(String),
 }
@@ -436,8 +436,36 @@ pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
             sqlite::SqliteStore::open(path.trim_start_matches("//")).await?,
         ))
     } else {
-        Err(StoreError::BadUrl(url.to_string()))
+        Err(StoreError::BadUrl(redact(url)))
     }
+}
+
+/// `url` with its password replaced by `***`: the one form in which a
+/// database URL may appear in an error or a log line. It holds for URLs
+/// that do not parse (a mistyped scheme such as `mysq://` or `mariadb://`,
+/// no scheme at all): the credentials are whatever precedes the last `@`,
+/// and the password is everything after the user's name there. A
+/// `password=` query parameter is hidden too.
+pub fn redact(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let mut out = match url[start..].rfind('@').map(|at| start + at) {
+        Some(at) => match url[start..at].find(':') {
+            Some(colon) => format!("{}:***{}", &url[..start + colon], &url[at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    };
+    if let Some(q) = out.find('?') {
+        let query: Vec<String> = out[q + 1..]
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().contains("pass") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{}?{}", &out[..q], query.join("&"));
+    }
+    out
 }
 
 pub use crate::clock::now_ms;
@@ -471,4 +499,27 @@ pub(crate) fn assemble_bans(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_the_password_of_any_url() {
+        for (url, shown) in [
+            ("mysql://u:p4ss@db:3306/x", "mysql://u:***@db:3306/x"),
+            ("mysq://u:p4ss@db/x", "mysq://u:***@db/x"),
+            ("mariadb://u:p:4@ss@db/x", "mariadb://u:***@db/x"),
+            ("u:p4ss@db/x", "u:***@db/x"),
+            ("mysql://u@db/x", "mysql://u@db/x"),
+            ("sqlite:/var/lib/x.db", "sqlite:/var/lib/x.db"),
+            (
+                "mysql://db/x?user=u&password=p4ss",
+                "mysql://db/x?user=u&password=***",
+            ),
+        ] {
+            assert_eq!(redact(url), shown);
+        }
+    }
 }

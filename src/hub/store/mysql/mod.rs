@@ -11,6 +11,7 @@ use mysql_async::{Conn, Opts, OptsBuilder, Pool, Transaction, TxOpts, Value, pre
 use super::{
     Committed, NewReport, StoreError,
     executor::{self, Backend, Done, Executor, HostIds, Row},
+    redact,
     schema::{self, Dialect},
     sql,
 };
@@ -210,18 +211,6 @@ impl Executor for MysqlSession<'_> {
     }
 }
 
-/// The URL with its password replaced, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[async_trait]
 impl Backend for MysqlStore {
     fn dialect(&self) -> Dialect {
@@ -282,13 +271,5 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("s3cret"), "{msg}");
-    }
-
-    #[test]
-    fn redact_hides_the_password() {
-        assert_eq!(
-            redact("mysql://u:p4ss@db:3306/x"),
-            "mysql://u:***@db:3306/x"
-        );
     }
 }
