@@ -46,7 +46,7 @@ fn help_never_shows_secret_environment_values() {
 fn a_mistyped_database_url_is_shown_without_its_password() {
     let root = tempfile::tempdir().unwrap();
     let pki = Pki::new(root.path());
-    let tls = pki.host("hub");
+    let tls = pki.hub();
     for url in [
         format!("mysq://u:{SECRET}@127.0.0.1/db"),
         format!("mariadb://u:{SECRET}@127.0.0.1:3306/db"),
@@ -112,7 +112,7 @@ async fn the_hub_reads_its_database_url_from_a_file() {
     let db = TestDb::new().await;
     let user = DbUser::create(&db).await;
     let pki = Pki::new(root.path());
-    let tls = pki.host("hub");
+    let tls = pki.hub();
     let server = mysql_server();
     let at = server.rsplit('@').next().unwrap();
     let url = format!("mysql://{}:{SECRET}@{at}/{}", user.name, db.name);
