@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use banmesh::{ban::Ban, report};
+use banmesh::{ban::Ban, proto::node_client::NodeClient, report};
 use common::*;
 use mysql_async::prelude::*;
 
@@ -77,9 +77,10 @@ fn watch(
     })
 }
 
-/// Reports one IP every `every` from `node` (each in its own task, so a
-/// slow report does not slow the pace) until `stop` or `until`; returns
-/// each accepted IP with when it was handed over.
+/// Reports one IP every `every` to `node`'s local socket, as fail2ban's
+/// action does (each in its own task, so a slow report does not slow the
+/// pace; one connection, so this process's own load stays small) until
+/// `stop` or `until`; returns each accepted IP with when it was handed over.
 fn drive(
     node: &Node,
     prefix: &'static str,
@@ -89,6 +90,7 @@ fn drive(
 ) -> tokio::task::JoinHandle<Vec<(String, Instant)>> {
     let socket = node.socket();
     tokio::spawn(async move {
+        let channel = report::connect(&socket).await.expect("the node's socket");
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut tasks = Vec::new();
@@ -97,11 +99,11 @@ fn drive(
             tick.tick().await;
             let ip = format!("{prefix}.{}.{}", i / 250, i % 250);
             i += 1;
-            let socket = socket.clone();
+            let mut client = NodeClient::new(channel.clone());
             tasks.push(tokio::spawn(async move {
                 let at = Instant::now();
                 let ban = Ban::new("sshd", "tcp", "22", &ip).unwrap();
-                report::report(&socket, ban).await.ok().map(|_| (ip, at))
+                client.report(ban.to_proto()).await.ok().map(|_| (ip, at))
             }));
         }
         let mut accepted = Vec::new();

@@ -199,12 +199,7 @@ async fn nothing_is_lost_or_duplicated_through_faults() {
     let mut db = PrivateMariaDb::start(root.path()).await;
     let db_url = db.url("banmesh");
     let pki = Pki::new(root.path());
-    // Each node reports ~50/s for over a minute, past the default report
-    // limit's burst: this suite is about faults, `containment` about the limit.
-    let no_limit = |c: &mut Command| {
-        c.args(["--report-rate", "off"]);
-    };
-    let mut hub = Hub::start_with(root.path(), &pki, &db_url, "0.0.0.0", 0, no_limit).await;
+    let mut hub = Hub::start_listening(root.path(), &pki, &db_url, "0.0.0.0", 0).await;
     let port = hub.port;
     let net = Netns::create();
 
@@ -254,7 +249,7 @@ async fn nothing_is_lost_or_duplicated_through_faults() {
     hub.proc.kill();
     let at = started.elapsed();
     settle(&accepted).await; // reports keep being accepted into outboxes
-    let _hub = Hub::start_with(root.path(), &pki, &db_url, "0.0.0.0", port, no_limit).await;
+    let _hub = Hub::start_listening(root.path(), &pki, &db_url, "0.0.0.0", port).await;
     faults.push(("hub SIGKILL, restarted", at, recovered(&accepted).await));
     settle(&accepted).await;
 

@@ -26,8 +26,9 @@
 //!   refusal asked for, with its backlog: the outbox depth the node gave in
 //!   [`BACKLOG_HEADER`] when its stream opened, less the reports taken since.
 //!
-//! One entry per host that has published (about 100 bytes): hosts are
-//! enrolled names, so the table is as big as the fleet.
+//! Buckets live in the hub's memory, one entry per host that has published
+//! (about 100 bytes; hosts are enrolled names, so the table is as big as
+//! the fleet). A restarted hub gives every host a full burst again.
 use std::{
     collections::HashMap,
     fmt,
@@ -146,9 +147,10 @@ impl Throttling {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct HostState {
-    bucket: Bucket,
+    /// Made full at the host's first report.
+    bucket: Option<Bucket>,
     backlog: u64,
     throttling: Option<Throttling>,
 }
@@ -178,24 +180,10 @@ impl ReportLimits {
         }
     }
 
-    fn state(&self, host: &str, now: Instant) -> Arc<Mutex<HostState>> {
-        let full = self.rate.as_ref().map(|r| Bucket::full(r, now));
-        lock(&self.hosts)
-            .entry(key(host))
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(HostState {
-                    bucket: full.unwrap_or_else(|| Bucket::full(&Rate::new(1, 1.0), now)),
-                    backlog: 0,
-                    throttling: None,
-                }))
-            })
-            .clone()
-    }
-
     /// The gate of one `Publish` stream from `host`, whose outbox held
     /// `backlog` reports when it opened (if it said).
     pub fn gate(&self, host: &str, backlog: Option<u64>) -> HostGate {
-        let state = self.state(host, Instant::now());
+        let state = lock(&self.hosts).entry(key(host)).or_default().clone();
         if let Some(b) = backlog {
             lock(&state).backlog = b;
         }
@@ -247,7 +235,8 @@ impl HostGate {
             return Ok(());
         };
         let mut s = lock(&self.state);
-        if s.bucket.take(rate, now) {
+        let bucket = s.bucket.get_or_insert_with(|| Bucket::full(rate, now));
+        if bucket.take(rate, now) {
             s.backlog = s.backlog.saturating_sub(1);
             match &mut s.throttling {
                 Some(t) if t.over(now) => {
@@ -263,7 +252,7 @@ impl HostGate {
         // A second's worth of reports, so a throttled host comes back
         // about once a second with a batch rather than once per token.
         let batch = rate.per_second().clamp(1.0, f64::from(rate.burst()));
-        let wait = s.bucket.time_until(rate, batch, now).max(MIN_RETRY);
+        let wait = bucket.time_until(rate, batch, now).max(MIN_RETRY);
         let backlog = s.backlog;
         match &mut s.throttling {
             Some(t) if !t.over(now) => {
