@@ -235,3 +235,39 @@ async fn stream_once(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exhausted(ms: &str) -> Status {
+        let mut s = Status::resource_exhausted("past the limit");
+        s.metadata_mut()
+            .insert(RETRY_AFTER_HEADER, ms.parse().unwrap());
+        s
+    }
+
+    #[test]
+    fn only_the_rate_limits_answer_is_a_wait() {
+        assert_eq!(
+            retry_after(&exhausted("950")),
+            Some(Duration::from_millis(950))
+        );
+        assert_eq!(retry_after(&exhausted("99999999")), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&exhausted("soon")), None);
+        // Without the trailer (a message too big, say) it is a failure.
+        assert_eq!(retry_after(&Status::resource_exhausted("big")), None);
+        assert_eq!(retry_after(&Status::unavailable("down")), None);
+    }
+
+    #[test]
+    fn a_throttled_stream_starts_small() {
+        let mut t = Throttled::default();
+        assert_eq!(t.window(), MAX_IN_FLIGHT);
+        t.refused(&exhausted("950"), Duration::from_millis(950), 10);
+        t.refused(&exhausted("950"), Duration::from_millis(950), 10);
+        assert_eq!(t.window(), THROTTLED_WINDOW);
+        t.drained();
+        assert_eq!(t.window(), MAX_IN_FLIGHT);
+    }
+}
