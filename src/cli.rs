@@ -261,6 +261,14 @@ pub struct HubArgs {
     /// CA private key, to sign enrolments and renewals (default: ca.key beside --ca, if present).
     #[arg(long)]
     pub ca_key: Option<PathBuf>,
+    /// Reports one host may send: N/s, N/min or N/h, or off. Past it (and
+    /// the burst) the hub takes no more from that host for now; its reports
+    /// wait in its outbox and go out at this pace.
+    #[arg(long, value_name = "RATE", default_value = hub::rate_limit::DEFAULT_RATE)]
+    pub report_rate: hub::rate_limit::ReportRate,
+    /// Reports one host may send at once, above --report-rate.
+    #[arg(long, value_name = "N", default_value_t = hub::rate_limit::DEFAULT_BURST)]
+    pub report_burst: u32,
 }
 
 /// `banmesh node`: run the node daemon (no subcommand) or set fail2ban up for it.
@@ -610,6 +618,10 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         tls: (&args.tls).into(),
         ca_key: args.ca_key,
+        report_limit: hub::rate_limit::ReportLimit {
+            rate: args.report_rate,
+            burst: args.report_burst,
+        },
     };
     until_signal(|stop| hub::run(listener, config, stop)).await
 }

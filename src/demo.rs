@@ -90,6 +90,7 @@ async fn fleet(
         data_dir: root.join("hub"),
         tls: issue(&pki, "hub", ca::Role::Hub)?,
         ca_key: None,
+        report_limit: Default::default(),
     };
     println!("banmesh demo: a throwaway fleet in {}", root.display());
     println!(

@@ -8,6 +8,14 @@ tonic::include_proto!("banmesh.v1");
 /// the calling host, so a node whose outbox was reset numbers on from there.
 pub const LAST_SEQ_HEADER: &str = "banmesh-last-seq";
 
+/// Publish request header: how many reports the node's outbox held when
+/// it opened the stream, for `hub hosts` to show a throttled host's backlog.
+pub const BACKLOG_HEADER: &str = "banmesh-backlog";
+
+/// Publish trailer beside RESOURCE_EXHAUSTED: milliseconds the node waits
+/// before it opens a new stream (the hub's per-host report limit).
+pub const RETRY_AFTER_HEADER: &str = "banmesh-retry-after-ms";
+
 /// Encoded `FileDescriptorSet` of the banmesh protocol, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("banmesh_descriptor");
 

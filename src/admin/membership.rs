@@ -115,7 +115,8 @@ impl fmt::Display for Revoked {
 }
 
 /// Every host the hub knows, with its enrolment, last contact, certificate
-/// expiry and subscription lag.
+/// expiry, subscription lag, and whether its report rate limit holds it
+/// back (with its backlog).
 pub async fn hosts(hub: &str, tls: &TlsFiles) -> Result<Hosts, AdminError> {
     let r = client(hub, tls)
         .await?
@@ -137,11 +138,20 @@ impl fmt::Display for Hosts {
             "HOST", "ENROLLED", "LAST SEEN", "CERT EXPIRES", "LAG"
         )?;
         for h in &self.0 {
-            let state = match (h.revoked, h.subscribed) {
+            let mut state = match (h.revoked, h.subscribed) {
                 (true, _) => "revoked",
                 (false, true) => "subscribed",
                 (false, false) => "offline",
-            };
+            }
+            .to_string();
+            if h.throttled {
+                // Past --report-rate: its reports wait in its outbox.
+                state += &format!(
+                    ", throttled since {} (backlog {})",
+                    utc(h.throttled_since_ms, true),
+                    h.backlog
+                );
+            }
             writeln!(
                 f,
                 "{:<24} {:<17} {:<17} {:<17} {:>10}  {state}",

@@ -18,6 +18,8 @@
 //! - [`subscription`]: one subscriber's replay-then-live stream.
 //! - [`committer`]: the single writer, batching reports into transactions.
 //! - [`fanout`]: the shared ring of live events and the subscriber registry.
+//! - [`rate_limit`]: the per-host report limit that contains a flooding
+//!   host (its reports wait in its outbox), on [`throttle`]'s buckets.
 //! - [`statuses`]: hosts' statuses, written in groups.
 //! - [`access`]: who may call what, and revocation.
 //! - [`enrollment`]: the token-for-certificate `Enrollment` service, and the
@@ -37,6 +39,7 @@ pub mod fanout;
 pub mod listener;
 pub mod migrate;
 pub mod publish;
+pub mod rate_limit;
 pub mod service;
 pub mod statuses;
 pub mod store;
@@ -110,6 +113,8 @@ pub struct HubConfig {
     /// The CA key, for enrolment and renewal; `None` looks for `ca.key`
     /// beside the CA certificate and turns enrolment off if it is absent.
     pub ca_key: Option<PathBuf>,
+    /// The per-host report limit (`--report-rate`, `--report-burst`).
+    pub report_limit: rate_limit::ReportLimit,
 }
 
 impl HubConfig {
@@ -225,7 +230,9 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         hub_names: hub_names.clone(),
         throttle: Arc::default(),
     };
+    info!(rate = %config.report_limit.rate, burst = config.report_limit.burst, "per-host report limit");
     let service = service::HubService {
+        limits: Arc::new(rate_limit::ReportLimits::new(config.report_limit)),
         statuses: statuses::StatusWriter::spawn(Arc::clone(&store)),
         store: Arc::clone(&store),
         committer,

@@ -19,6 +19,10 @@
 //!   stream; `(host, seq)` makes the replay idempotent.
 //! - Revoking the host ends the stream with PERMISSION_DENIED after the
 //!   acks of the reports already read.
+//! - A report past the host's rate limit (see `rate_limit`) is not taken:
+//!   the stream ends with RESOURCE_EXHAUSTED and the wait in a trailer,
+//!   after the acks of the reports before it. That report and those after
+//!   it stay in the node's outbox, for a new stream after the wait.
 //!
 //! Why it holds: one reader task validates each report and queues it with
 //! the committer, then puts its pending ack on a bounded channel in arrival
@@ -37,6 +41,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::{
     committer::Committer,
+    rate_limit::HostGate,
     store::{Committed, NewReport, StoreError},
 };
 use crate::{ban::Ban, proto, shutdown::Shutdown};
@@ -57,22 +62,29 @@ enum PendingAck {
     Failed(Status),
 }
 
+/// Where one publish stream's reports go: the committer, past the host's
+/// rate limit.
+pub struct Sink {
+    /// Group-commits the reports.
+    pub committer: Committer,
+    /// Admits each report under the host's rate limit.
+    pub gate: HostGate,
+}
+
 /// Starts the reader and writer of one publish stream from `host` (the
 /// name in its certificate), in a `publish` span inside the current one
 /// (the request's); returns the acks.
 pub fn start(
     host: String,
     inbound: Streaming<proto::Report>,
-    committer: Committer,
+    sink: Sink,
     revoked: impl Future<Output = ()> + Send + 'static,
     shutdown: Shutdown,
 ) -> Acks {
     let span = info_span!("publish");
     let (pending_tx, pending_rx) = mpsc::channel::<PendingAck>(ACK_QUEUE);
     let (ack_tx, ack_rx) = mpsc::channel(ACK_QUEUE);
-    tokio::spawn(
-        read(host, inbound, committer, revoked, shutdown, pending_tx).instrument(span.clone()),
-    );
+    tokio::spawn(read(host, inbound, sink, revoked, shutdown, pending_tx).instrument(span.clone()));
     tokio::spawn(write(pending_rx, ack_tx).instrument(span));
     ReceiverStream::new(ack_rx)
 }
@@ -82,7 +94,7 @@ pub fn start(
 async fn read(
     host: String,
     mut inbound: Streaming<proto::Report>,
-    committer: Committer,
+    Sink { committer, gate }: Sink,
     revoked: impl Future<Output = ()>,
     mut shutdown: Shutdown,
     pending_tx: mpsc::Sender<PendingAck>,
@@ -107,6 +119,13 @@ async fn read(
             }
             None => break,
         };
+        if let Err(wait) = gate.admit() {
+            // Not taken: it and all sent after it stay in the outbox.
+            let _ = pending_tx
+                .send(PendingAck::Failed(gate.exhausted(wait)))
+                .await;
+            break;
+        }
         let pending = match Ban::from_proto(report.ban.as_ref()) {
             Err(e) => {
                 warn!(seq = report.seq, reason = %e, "report refused");

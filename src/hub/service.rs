@@ -12,6 +12,7 @@ use super::{
     enrollment,
     fanout::Fanout,
     publish,
+    rate_limit::{BACKLOG_HEADER, ReportLimits},
     statuses::{StatusWriter, WriteError},
     store::{BanFilter, BanRow, Store},
     subscription,
@@ -55,6 +56,8 @@ pub struct HubService {
     pub statuses: StatusWriter,
     /// Group-commits published reports.
     pub committer: Committer,
+    /// Each host's report rate limit.
+    pub limits: Arc<ReportLimits>,
     /// Live subscribers, and the ring new events are broadcast on.
     pub fanout: Fanout,
     /// Who may call what (admin role, revoked names).
@@ -90,10 +93,18 @@ impl hub_server::Hub for HubService {
         let host = peer.name;
         let last_seq = self.store.last_seq(&host).await.map_err(unavailable)?;
         let revoked = self.access.revoked(&host);
+        let backlog = request
+            .metadata()
+            .get(BACKLOG_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let sink = publish::Sink {
+            committer: self.committer.clone(),
+            gate: self.limits.gate(&host, backlog),
+        };
         let acks = publish::start(
             host,
             request.into_inner(),
-            self.committer.clone(),
+            sink,
             revoked,
             self.shutdown.clone(),
         );
@@ -206,7 +217,11 @@ impl hub_server::Hub for HubService {
                 .into_iter()
                 .map(|h| {
                     let position = self.fanout.position(&h.name);
+                    let limit = self.limits.status(&h.name);
                     proto::HostInfo {
+                        throttled: limit.throttled,
+                        throttled_since_ms: limit.throttled_since_ms,
+                        backlog: limit.backlog,
                         subscribed: position.is_some(),
                         lag_events: position.map_or(0, |p| last.saturating_sub(p)),
                         first_seen_ms: h.first_seen_ms,

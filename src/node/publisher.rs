@@ -5,6 +5,16 @@
 //! unacknowledged report is sent again; the hub recognises re-sends by
 //! (host, seq). In flight per stream is bounded, so neither side's queues
 //! can fill while the other waits.
+//!
+//! The hub's per-host rate limit ends a stream with RESOURCE_EXHAUSTED
+//! and a wait (`banmesh-retry-after-ms`) after acking what it took. The
+//! publisher then keeps every unacked report in the outbox, waits exactly
+//! that long (no backoff, no busy retry: the hub is up, it asked for time),
+//! and opens a new stream that starts with a small window
+//! ([`THROTTLED_WINDOW`], doubling with each ack), so it does not push a
+//! thousand reports the hub will not read. It logs being throttled once,
+//! and once more when the held-back reports have all gone out. Each stream
+//! tells the hub the outbox's depth (`banmesh-backlog`) for `hub hosts`.
 use std::{
     sync::{
         Arc,
@@ -15,16 +25,23 @@ use std::{
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tonic::{Code, Status, transport::Channel};
 
 use super::link::Link;
 use tracing::{debug, info, warn};
 
 use super::{link::Backoff, outbox::Outbox};
-use crate::{proto::hub_client::HubClient, shutdown::Shutdown};
+use crate::{
+    proto::{BACKLOG_HEADER, RETRY_AFTER_HEADER, hub_client::HubClient},
+    shutdown::Shutdown,
+};
 
 /// Reports sent but not yet acknowledged, per stream.
 const MAX_IN_FLIGHT: u64 = 1000;
+/// Reports in flight when a stream opens after the hub throttled us.
+const THROTTLED_WINDOW: u64 = 8;
+/// The longest wait a hub may ask for; a longer one is taken as this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// How often the acked mark is written while acks flow.
 const ACKED_FLUSH: Duration = Duration::from_millis(200);
 /// How long shutdown waits for acks of reports already sent.
@@ -39,21 +56,32 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) {
     let mut backoff = Backoff::default();
+    let mut throttled = Throttled::default();
     while !shutdown.is_shutdown() {
         match stream_once(
             &outbox,
             link.current(),
             &connected,
-            &mut backoff,
+            (&mut backoff, &mut throttled),
             &mut shutdown,
         )
         .await
         {
             Ok(()) => break,
             Err(e) => {
-                connected.store(false, Ordering::Relaxed);
-                let delay = backoff.next_delay();
-                warn!(error = %e, pending = outbox.pending(), retry_in = ?delay, "publish to hub failed; reports stay queued in the outbox");
+                let delay = match retry_after(&e) {
+                    // Throttled: still connected, and the wait is the hub's.
+                    Some(wait) => {
+                        throttled.refused(&e, wait, outbox.pending());
+                        wait
+                    }
+                    None => {
+                        connected.store(false, Ordering::Relaxed);
+                        let delay = backoff.next_delay();
+                        warn!(error = %e, pending = outbox.pending(), retry_in = ?delay, "publish to hub failed; reports stay queued in the outbox");
+                        delay
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.recv() => {}
@@ -68,18 +96,73 @@ pub async fn run(
     debug!("publisher stopped");
 }
 
+/// The wait a RESOURCE_EXHAUSTED from the hub's rate limit asks for.
+fn retry_after(status: &Status) -> Option<Duration> {
+    if status.code() != Code::ResourceExhausted {
+        return None;
+    }
+    let ms: u64 = status
+        .metadata()
+        .get(RETRY_AFTER_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms).min(MAX_RETRY_AFTER))
+}
+
+/// Whether the hub is holding our reports back, for logging it once (not
+/// per report or per stream) and for the window of the next stream.
+#[derive(Debug, Default)]
+struct Throttled {
+    since: Option<Instant>,
+}
+
+impl Throttled {
+    /// The hub refused a report and asked us to wait `wait`.
+    fn refused(&mut self, status: &Status, wait: Duration, pending: usize) {
+        if self.since.is_some() {
+            debug!(pending, retry_in = ?wait, "still throttled by the hub");
+            return;
+        }
+        self.since = Some(Instant::now());
+        warn!(pending, retry_in = ?wait, hub = %status.message(),
+            "the hub is throttling this host (its per-host report rate limit): reports stay in the outbox and go out as the limit allows");
+    }
+
+    /// The outbox is empty: whatever was held back has gone out.
+    fn drained(&mut self) {
+        if let Some(since) = self.since.take() {
+            info!(throttled_for = ?since.elapsed(), "the reports the hub held back have all been sent");
+        }
+    }
+
+    /// Reports in flight when a stream opens.
+    fn window(&self) -> u64 {
+        if self.since.is_some() {
+            THROTTLED_WINDOW
+        } else {
+            MAX_IN_FLIGHT
+        }
+    }
+}
+
 /// One `Publish` stream; `Ok` only when shutting down.
 async fn stream_once(
     outbox: &Outbox,
     channel: Channel,
     connected: &AtomicBool,
-    backoff: &mut Backoff,
+    (backoff, throttled): (&mut Backoff, &mut Throttled),
     shutdown: &mut Shutdown,
 ) -> Result<(), tonic::Status> {
     let mut client = HubClient::new(channel);
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT as usize);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Ok(v) = outbox.pending().to_string().parse() {
+        request.metadata_mut().insert(BACKLOG_HEADER, v);
+    }
     let response = tokio::select! {
-        r = client.publish(ReceiverStream::new(rx)) => r?,
+        r = client.publish(request) => r?,
         _ = shutdown.recv() => return Ok(()),
     };
     // Number new reports above anything the hub holds from us (our
@@ -95,21 +178,26 @@ async fn stream_once(
     connected.store(true, Ordering::Relaxed);
     info!(pending = outbox.pending(), "publishing to hub");
     // Highest seq sent on this stream, and how many await their ack (the
-    // hub answers every report, in order).
+    // hub answers every report, in order), of at most `window`.
     let (mut sent, mut in_flight) = (0u64, 0u64);
+    let mut window = throttled.window();
+    // The hub stopped reading (it ends the stream, maybe throttled): send
+    // nothing more, and read on for the acks and the status that says why.
+    let mut closed = false;
     let mut last_flush = Instant::now();
     loop {
         let appended = outbox.appended.notified();
         tokio::pin!(appended);
         appended.as_mut().enable();
-        if in_flight < MAX_IN_FLIGHT {
-            for mut report in outbox.pending_after(sent, (MAX_IN_FLIGHT - in_flight) as usize) {
+        if in_flight < window && !closed {
+            for mut report in outbox.pending_after(sent, (window - in_flight) as usize) {
                 sent = report.seq;
                 super::spool::strip(&mut report);
                 in_flight += 1;
-                tx.send(report)
-                    .await
-                    .map_err(|_| tonic::Status::unavailable("stream closed"))?;
+                if tx.send(report).await.is_err() {
+                    closed = true;
+                    break;
+                }
             }
         }
         tokio::select! {
@@ -123,7 +211,11 @@ async fn stream_once(
                     warn!(seq = ack.seq, reason = %ack.rejected, "hub refused a report; dropping it");
                 }
                 in_flight = in_flight.saturating_sub(u64::from(ack.count.max(1)));
+                window = (window * 2).min(MAX_IN_FLIGHT);
                 outbox.ack(ack.seq).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                if throttled.since.is_some() && outbox.pending() == 0 {
+                    throttled.drained();
+                }
                 if last_flush.elapsed() >= ACKED_FLUSH {
                     outbox.flush_acked().map_err(|e| tonic::Status::internal(e.to_string()))?;
                     last_flush = Instant::now();
@@ -141,5 +233,41 @@ async fn stream_once(
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exhausted(ms: &str) -> Status {
+        let mut s = Status::resource_exhausted("past the limit");
+        s.metadata_mut()
+            .insert(RETRY_AFTER_HEADER, ms.parse().unwrap());
+        s
+    }
+
+    #[test]
+    fn only_the_rate_limits_answer_is_a_wait() {
+        assert_eq!(
+            retry_after(&exhausted("950")),
+            Some(Duration::from_millis(950))
+        );
+        assert_eq!(retry_after(&exhausted("99999999")), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&exhausted("soon")), None);
+        // Without the trailer (a message too big, say) it is a failure.
+        assert_eq!(retry_after(&Status::resource_exhausted("big")), None);
+        assert_eq!(retry_after(&Status::unavailable("down")), None);
+    }
+
+    #[test]
+    fn a_throttled_stream_starts_small() {
+        let mut t = Throttled::default();
+        assert_eq!(t.window(), MAX_IN_FLIGHT);
+        t.refused(&exhausted("950"), Duration::from_millis(950), 10);
+        t.refused(&exhausted("950"), Duration::from_millis(950), 10);
+        assert_eq!(t.window(), THROTTLED_WINDOW);
+        t.drained();
+        assert_eq!(t.window(), MAX_IN_FLIGHT);
     }
 }
