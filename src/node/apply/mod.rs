@@ -9,9 +9,10 @@
 //!   deferred, expired, or added through the log and perhaps the fast
 //!   path), after fail2ban's ignore list for the shared jail
 //!   ([`super::ignore`], looked up in memory): an address it covers is
-//!   status 4 with no line and no `banip`. The applier carries it out. An added ban is status 1 once its
-//!   line is in `shared.log` ([`super::shared_log`]); a failed write is 3,
-//!   unless the fast path banned the IP all the same.
+//!   status 4 with no line and no `banip`. The applier carries it out. An
+//!   added ban is status 1 once its line is in `shared.log`
+//!   ([`super::shared_log`]); a failed write is 3, unless the fast path
+//!   banned the IP all the same.
 //! - For an unban, the IP is lifted in every jail through the socket:
 //!   status 1 if a ban was lifted, 2 if none was held here, 3 on failure.
 //! - Without a reachable control socket the node still writes lines (the

@@ -148,21 +148,26 @@ impl Refresher {
             own,
             command: !command.is_empty(),
         };
-        let list = match (&self.last, tx.borrow().as_ref()) {
-            (Some(last), Some(snap)) if *last == sources => snap.list.clone(),
-            _ => {
-                info!(
-                    entries = ?sources.entries,
-                    ignoreself = sources.ignore_self,
-                    own = ?sources.own,
-                    "shared jail's ignore list: these are never banned here"
-                );
-                if sources.command {
-                    warn!(%command, "the shared jail has an ignorecommand, which banmesh does not run: bans it does not list go through shared.log only, where fail2ban runs the command");
-                }
-                Arc::new(IgnoreList::build(&sources))
-            }
+        // Rebuilt only when something changed; the snapshot is renewed
+        // either way, since its time says the list is current.
+        let unchanged = self.last.as_ref() == Some(&sources);
+        let kept = if unchanged {
+            tx.borrow().as_ref().map(|s| s.list.clone())
+        } else {
+            None
         };
+        let list = kept.unwrap_or_else(|| {
+            info!(
+                entries = ?sources.entries,
+                ignoreself = sources.ignore_self,
+                own = ?sources.own,
+                "shared jail's ignore list: these are never banned here"
+            );
+            if sources.command {
+                warn!(%command, "the shared jail has an ignorecommand, which banmesh does not run: bans it does not list go through shared.log only, where fail2ban runs the command");
+            }
+            Arc::new(IgnoreList::build(&sources))
+        });
         self.last = Some(sources);
         tx.send_replace(Some(Snapshot {
             list,
