@@ -97,6 +97,29 @@ pub fn parse_ban_line(line: &str) -> Option<(String, BanTime)> {
     ))
 }
 
+/// A string in an answer: fail2ban 1.0.2 pickles its address objects
+/// (`IPAddr`) as `builtins.str(TEXT)`, plain strings as themselves.
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::Str(s) => Some(s),
+        Value::Object(class, args) if class == "builtins.str" => match args.as_slice() {
+            [Value::Str(s)] => Some(s),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The entries of a `get JAIL ignoreip` answer.
+fn ignore_entries(v: &Value) -> Result<Vec<String>, Fail2banError> {
+    let bad = || Fail2banError::Protocol(v.to_string());
+    v.as_list()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|e| text(e).map(str::to_string).ok_or_else(bad))
+        .collect()
+}
+
 /// A client of one fail2ban server.
 pub struct Fail2ban {
     path: PathBuf,
@@ -255,6 +278,32 @@ impl Fail2ban {
             .ok_or_else(|| Fail2banError::Protocol(v.to_string()))
     }
 
+    /// A jail's ignore list (`get JAIL ignoreip`), each entry as fail2ban
+    /// prints it: an address (`203.0.113.9`, `2001:db8::7`), a network with
+    /// its host bits cleared (`198.51.100.0/24`, a mask already turned into
+    /// a prefix length), or a DNS name it resolves when it checks.
+    pub async fn ignore_ip(&mut self, jail: &str) -> Result<Vec<String>, Fail2banError> {
+        let v = self.request(&["get", jail, "ignoreip"]).await?;
+        ignore_entries(&v)
+    }
+
+    /// Whether a jail ignores the host's own addresses (`get JAIL ignoreself`).
+    pub async fn ignore_self(&mut self, jail: &str) -> Result<bool, Fail2banError> {
+        let v = self.request(&["get", jail, "ignoreself"]).await?;
+        match v {
+            Value::Bool(b) => Ok(b),
+            other => Err(Fail2banError::Protocol(other.to_string())),
+        }
+    }
+
+    /// A jail's `ignorecommand`; empty when it has none.
+    pub async fn ignore_command(&mut self, jail: &str) -> Result<String, Fail2banError> {
+        let v = self.request(&["get", jail, "ignorecommand"]).await?;
+        text(&v)
+            .map(str::to_string)
+            .ok_or_else(|| Fail2banError::Protocol(v.to_string()))
+    }
+
     /// Bans IPs in a jail at once; returns how many were newly banned.
     pub async fn ban(&mut self, jail: &str, ips: &[&str]) -> Result<i64, Fail2banError> {
         let mut cmd = vec!["set", jail, "banip"];
@@ -284,5 +333,27 @@ mod tests {
         assert!((t.fraction_left(half) - 0.5).abs() < 1e-9);
         assert_eq!(t.fraction_left(t.end + Duration::from_secs(5)), 0.0);
         assert!(parse_ban_line("garbage").is_none());
+    }
+
+    #[test]
+    fn reads_ignore_lists_as_fail2ban_pickles_them() {
+        // `get shared ignoreip` as fail2ban 1.0.2 answers it: each entry an
+        // `IPAddr` reduced to `builtins.str(TEXT)`, the class memoized.
+        let answer = b"\x80\x05\x95[\x00\x00\x00\x00\x00\x00\x00K\x00]\x94(\x8c\x08builtins\x94\x8c\x03str\x94\x93\x94\x8c\x0f198.51.100.0/24\x94\x85\x94R\x94h\x03\x8c\x0chost.example\x94\x85\x94R\x94h\x03\x8c\x0b2001:db8::7\x94\x85\x94R\x94e\x86\x94.";
+        let v = pickle::decode(answer).unwrap();
+        let [code, result] = v.as_list().unwrap() else {
+            panic!("{v}")
+        };
+        assert_eq!(code.as_int(), Some(0));
+        assert_eq!(
+            ignore_entries(result).unwrap(),
+            ["198.51.100.0/24", "host.example", "2001:db8::7"]
+        );
+        assert_eq!(
+            ignore_entries(&Value::List(vec![])).unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(ignore_entries(&Value::List(vec![Value::Int(1)])).is_err());
+        assert!(ignore_entries(&Value::Int(1)).is_err());
     }
 }

@@ -12,6 +12,16 @@
 //! - `shared.log` itself (fail2ban refuses to start a jail whose log is
 //!   missing).
 //!
+//! IPv6 needs nothing more: both actions include fail2ban's own
+//! `iptables-ipset.conf`, whose `[Init?family=inet6]` section puts an IPv6
+//! ban in a set of its own (`f2b-shared6`, `hash:ip family inet6`) behind
+//! an `ip6tables` rule, created at the first IPv6 ban and removed at stop.
+//! The NAT FORWARD rule is written with the action's `<iptables>` and
+//! `<ipmset>` tags, so it exists once per family too (checked with fail2ban
+//! 1.0.2; `tests/fail2ban_ipv6.rs` bans through both paths). Nothing here
+//! may name `iptables` or `f2b-shared` literally: that would leave IPv6
+//! out.
+//!
 //! What goes into these files is run by fail2ban as root, so every value
 //! is checked or quoted for each reader on its way ([`Setup::check`]):
 //! paths are single-quoted for the shell and `%` doubled for fail2ban's INI
@@ -386,6 +396,24 @@ mod tests {
             "[Definition]\nfailregex = mine\n"
         );
         assert!(!jail.exists(), "a refusal writes nothing");
+    }
+
+    #[test]
+    fn both_address_families_come_from_fail2ban_s_own_action() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = setup(dir.path()).files();
+        for (path, text) in &files[1..3] {
+            assert!(
+                text.contains("[INCLUDES]\nbefore = iptables-ipset.conf\n"),
+                "{}: {text}",
+                path.display()
+            );
+            // Tags, never names, so fail2ban's inet6 section applies.
+            for literal in ["iptables ", "ip6tables", "f2b-"] {
+                assert!(!text.contains(literal), "{literal:?} in {text}");
+            }
+            assert!(text.contains("<iptables> -I FORWARD -i ppp+ -m set --match-set <ipmset> src"));
+        }
     }
 
     #[test]

@@ -28,6 +28,8 @@
 //!   fail2ban's socket and `shared.log`.
 //! - [`shared_log`]: the line format, its writer and tail reader, and the
 //!   `failregex` that matches it.
+//! - [`ignore`]: fail2ban's ignore list for the shared jail, kept current
+//!   by a background task, looked up before a ban is applied.
 //! - [`deferred`]: bans put off until an older ban ends.
 //! - [`status_journal`]: every status decided, on disk until the hub has it.
 //! - [`status_reporter`]: status journal -> hub.
@@ -40,6 +42,7 @@
 //!   symbolic link, readable by its owner only.
 pub mod apply;
 pub mod deferred;
+pub mod ignore;
 pub mod inspect;
 pub mod link;
 pub mod local;
@@ -239,6 +242,7 @@ async fn serve(
     let position = Arc::new(position::Position::load(applied, saved, logged));
     let journal =
         Arc::new(status_journal::StatusJournal::open(&config.data_dir).map_err(data_err)?);
+    let (ignore_tx, ignore) = ignore::channel();
     let applier = apply::Applier::new(
         apply::ApplyConfig {
             shared_log: config.shared_log.clone(),
@@ -248,7 +252,16 @@ async fn serve(
             fast_path: config.fast_path,
         },
         journal.clone(),
+        ignore,
     );
+    // Without a control socket there is no list to read: every ban goes
+    // through shared.log, where fail2ban's filter checks it.
+    let ignore_refresh = config.fail2ban_socket.clone().map(|socket| {
+        spawn_in(
+            &span,
+            ignore::refresh::run(socket, ignore_tx, shutdown.clone()),
+        )
+    });
     let fast_path = applier.fast_path_up.clone();
     let (channels, link) = link::Link::new(link::channel(&config.hubs, &config.tls)?);
     let connected = Arc::new(AtomicBool::new(false));
@@ -336,7 +349,7 @@ async fn serve(
             Ok(Ok(())) => {}
         }
     }
-    for t in tasks {
+    for t in tasks.into_iter().chain(ignore_refresh) {
         if tokio::time::timeout(Duration::from_secs(5), t)
             .await
             .is_err()

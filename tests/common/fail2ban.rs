@@ -10,7 +10,7 @@ use std::{
 
 use banmesh::fail2ban::Fail2ban;
 
-use super::{Node, Pki, wait_for};
+use super::{Node, Pki, TestDb, wait_for};
 
 /// Fails the test with a clear reason when the real tools are missing.
 pub fn require_tools() {
@@ -51,6 +51,19 @@ pub struct F2bHost {
 
 impl F2bHost {
     pub async fn start(root: &Path, pki: &Pki, name: &str, hub_url: &str) -> F2bHost {
+        Self::start_with(root, pki, name, hub_url, "").await
+    }
+
+    /// [`F2bHost::start`], with `shared_jail` (lines such as `ignoreip =
+    /// ...`) added to the `shared` jail's configuration before fail2ban
+    /// starts, in a file of the test's own beside setup-fail2ban's.
+    pub async fn start_with(
+        root: &Path,
+        pki: &Pki,
+        name: &str,
+        hub_url: &str,
+        shared_jail: &str,
+    ) -> F2bHost {
         require_tools();
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -91,6 +104,13 @@ impl F2bHost {
         )
         .unwrap();
         std::fs::write(dir.join("auth.log"), "").unwrap();
+        if !shared_jail.is_empty() {
+            std::fs::write(
+                conf.join("jail.d/zz-test.local"),
+                format!("[shared]\n{shared_jail}\n"),
+            )
+            .unwrap();
+        }
         let mut host = F2bHost {
             name: name.to_string(),
             ns,
@@ -190,6 +210,11 @@ impl F2bHost {
             .is_ok_and(|o| o.status.success())
     }
 
+    /// The node's own log (`node.log` in its data dir).
+    pub fn node_log(&self) -> String {
+        std::fs::read_to_string(self.node.dir.join("node.log")).unwrap_or_default()
+    }
+
     pub fn fail2ban_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("f2b.log")).unwrap_or_default()
     }
@@ -210,4 +235,19 @@ impl Drop for F2bHost {
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
+}
+
+/// `host`'s status for the latest ban of `ip`, from the seed-shaped
+/// `ip_table` view; `None` while there is no such ban (or column).
+pub async fn view_status(db: &TestDb, ip: &str, host: &str) -> Option<i64> {
+    use mysql_async::prelude::*;
+    let col = banmesh::ban::seed_column(host);
+    let mut c = db.conn().await;
+    c.exec_first(
+        format!("SELECT {col} FROM ip_table WHERE ip = ? ORDER BY id DESC LIMIT 1"),
+        (ip,),
+    )
+    .await
+    .ok()
+    .flatten()
 }

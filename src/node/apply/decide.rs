@@ -1,11 +1,16 @@
 //! The seed's rules for one incoming ban (`readdb.py`'s), as a pure
 //! function: no fail2ban, no files, no clock of its own. [`decide`] takes
-//! the event, what this host already knows about its IP ([`Facts`]: the
-//! bans fail2ban holds on it, with their times; whether the node itself
-//! just wrote it; the shared jail's bantime), the time, and the ratio, and
+//! the event, what this host already knows about its IP ([`Facts`]: what
+//! the shared jail's ignore list says of it; the bans fail2ban holds on it,
+//! with their times; whether the node itself just wrote it; the shared
+//! jail's bantime), the time, and the ratio, and
 //! returns a [`Decision`] that the applier ([`super::Applier`]) carries out.
 //!
 //! The rules, in the order they apply:
+//! 0. fail2ban's ignore list for the shared jail covers the IP
+//!    ([`crate::node::ignore`]): refused, status 4, nothing applied.
+//!    fail2ban's `banip` would ban it all the same, and its filter would
+//!    drop the line, so the refusal is banmesh's to make and to report.
 //! 1. The node wrote a line for this IP moments ago (two hosts reported
 //!    it, and fail2ban may not have read the line yet): status 2.
 //! 2. fail2ban bans the IP (in any jail) with more than `ratio` (default
@@ -17,13 +22,15 @@
 //!    bantime): not applied, no status.
 //! 5. Otherwise it is added (status 1 once its line is written, 3 if that
 //!    fails), and also banned through fail2ban's socket at once when it is
-//!    young (less than [`FRESH`] of the bantime old); an older one, replayed
-//!    after an outage, goes through the log only, whose line carries the
-//!    ban's own time so that fail2ban ends it when it would have ended
-//!    anyway.
+//!    young (less than [`FRESH`] of the bantime old) and the ignore list
+//!    is known not to cover it; an older one, replayed after an outage,
+//!    goes through the log only, whose line carries the ban's own time so
+//!    that fail2ban ends it when it would have ended anyway. So does one
+//!    the ignore list cannot vouch for ([`Verdict::Unknown`]): fail2ban's
+//!    filter checks the line against its whole list.
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{ban::Event, fail2ban::BanTime};
+use crate::{ban::Event, fail2ban::BanTime, node::ignore::Verdict};
 
 /// Default share of a ban's time left above which a new ban is status 2.
 pub const DEFAULT_RECENT_RATIO: f64 = 0.4;
@@ -34,8 +41,10 @@ pub const FRESH: f64 = 0.1;
 const AFTER_END: Duration = Duration::from_secs(1);
 
 /// What this host knows about an event's IP when the event arrives.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Facts<'a> {
+    /// What the shared jail's ignore list says of the IP.
+    pub ignore: Verdict<'a>,
     /// One entry per jail in which fail2ban bans the IP: that ban's times,
     /// or `None` when fail2ban listed none. Empty: not banned here.
     pub held: &'a [Option<BanTime>],
@@ -64,10 +73,15 @@ pub enum Decision {
     },
     /// Over by its own time: not applied, no status.
     Expired,
+    /// Status 4: the shared jail's ignore list covers it; not applied.
+    Ignored,
 }
 
 /// Applies the seed's rules (see the module doc) to one ban event.
 pub fn decide(event: &Event, facts: &Facts<'_>, now: SystemTime, ratio: f64) -> Decision {
+    if let Verdict::Ignored(_) = facts.ignore {
+        return Decision::Ignored;
+    }
     if facts.just_added {
         return Decision::AlreadyBanned;
     }
@@ -92,12 +106,13 @@ pub fn decide(event: &Event, facts: &Facts<'_>, now: SystemTime, ratio: f64) -> 
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
     let age = (now_ms - event.created_ms).max(0) as f64 / 1000.0;
+    let vouched = facts.ignore == Verdict::NotIgnored;
     match facts.bantime.filter(|b| *b > 0) {
         Some(b) if age >= b as f64 => Decision::Expired,
         Some(b) => Decision::Add {
-            fast_path: age < FRESH * b as f64,
+            fast_path: vouched && age < FRESH * b as f64,
         },
-        None => Decision::Add { fast_path: true },
+        None => Decision::Add { fast_path: vouched },
     }
 }
 
@@ -134,6 +149,7 @@ mod tests {
 
     fn decide_with(held: &[Option<BanTime>], bantime: Option<i64>, age: i64) -> Decision {
         let facts = Facts {
+            ignore: Verdict::NotIgnored,
             held,
             just_added: false,
             bantime,
@@ -195,6 +211,7 @@ mod tests {
     #[test]
     fn just_added_is_already_banned_whatever_fail2ban_says() {
         let facts = Facts {
+            ignore: Verdict::NotIgnored,
             held: &[],
             just_added: true,
             bantime: Some(DAY),
@@ -237,5 +254,37 @@ mod tests {
             decide_with(&[], Some(DAY), -60),
             Decision::Add { fast_path: true }
         );
+    }
+
+    #[test]
+    fn an_ignored_ip_is_refused_before_any_other_rule() {
+        for (held, just_added) in [(&[][..], false), (&[held(DAY)][..], true)] {
+            let facts = Facts {
+                ignore: Verdict::Ignored("ignoreip 192.0.2.0/24"),
+                held,
+                just_added,
+                bantime: Some(DAY),
+            };
+            assert_eq!(
+                decide(&event(0), &facts, now(), DEFAULT_RECENT_RATIO),
+                Decision::Ignored
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_ignore_list_leaves_the_ban_to_fail2ban_s_filter() {
+        for bantime in [Some(DAY), None] {
+            let facts = Facts {
+                ignore: Verdict::Unknown,
+                held: &[],
+                just_added: false,
+                bantime,
+            };
+            assert_eq!(
+                decide(&event(0), &facts, now(), DEFAULT_RECENT_RATIO),
+                Decision::Add { fast_path: false }
+            );
+        }
     }
 }

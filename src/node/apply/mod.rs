@@ -7,9 +7,12 @@
 //!   status is journaled before the line it describes is written.
 //! - For each ban, [`decide`] says what the seed's rules want (status 2,
 //!   deferred, expired, or added through the log and perhaps the fast
-//!   path); the applier carries it out. An added ban is status 1 once its
-//!   line is in `shared.log` ([`super::shared_log`]); a failed write is 3,
-//!   unless the fast path banned the IP all the same.
+//!   path), after fail2ban's ignore list for the shared jail
+//!   ([`super::ignore`], looked up in memory): an address it covers is
+//!   status 4 with no line and no `banip`. The applier carries it out. An
+//!   added ban is status 1 once its line is in `shared.log`
+//!   ([`super::shared_log`]); a failed write is 3, unless the fast path
+//!   banned the IP all the same.
 //! - For an unban, the IP is lifted in every jail through the socket:
 //!   status 1 if a ban was lifted, 2 if none was held here, 3 on failure.
 //! - Without a reachable control socket the node still writes lines (the
@@ -34,7 +37,11 @@ use tracing::{info, warn};
 
 pub use self::decide::{DEFAULT_RECENT_RATIO, Decision, Facts, decide};
 use super::{
-    deferred::Deferred, position::Position, shared_log::SharedLog, status_journal::StatusJournal,
+    deferred::Deferred,
+    ignore::{IgnoreWatch, Verdict},
+    position::Position,
+    shared_log::SharedLog,
+    status_journal::StatusJournal,
 };
 use crate::{
     ban::{Event, EventKind, Status},
@@ -48,6 +55,9 @@ const RECENT: Duration = Duration::from_secs(120);
 const DEFERRED_TICK: Duration = Duration::from_secs(1);
 /// How often the position is saved while no events come.
 const POSITION_TICK: Duration = Duration::from_secs(1);
+/// How long the apply task waits at start for the ignore list's first read
+/// (~1 ms when fail2ban is up), so the first bans can take the fast path.
+const FIRST_IGNORE_READ: Duration = Duration::from_secs(2);
 
 /// How this host applies events.
 #[derive(Debug, Clone)]
@@ -81,11 +91,14 @@ pub struct Applier {
     fail2ban_up: Option<bool>,
     recent: HashMap<String, Instant>,
     deferred: Deferred,
+    ignore: IgnoreWatch,
 }
 
 impl Applier {
-    /// An applier with `config`, journaling every status it decides in `journal`.
-    pub fn new(config: ApplyConfig, journal: Arc<StatusJournal>) -> Self {
+    /// An applier with `config`, journaling every status it decides in
+    /// `journal`, checking bans against the shared jail's ignore list as
+    /// `ignore` sees it.
+    pub fn new(config: ApplyConfig, journal: Arc<StatusJournal>, ignore: IgnoreWatch) -> Self {
         Applier {
             log: SharedLog::new(config.shared_log.clone()),
             fast_path_up: Arc::default(),
@@ -95,6 +108,7 @@ impl Applier {
             fail2ban_up: None,
             recent: HashMap::new(),
             deferred: Deferred::load(config.data_dir.join("deferred")),
+            ignore,
             config,
         }
     }
@@ -142,18 +156,32 @@ impl Applier {
         let held = self.held(events).await;
         let bantime = self.shared_bantime().await;
         let wall = SystemTime::now();
+        let ignore = self.ignore.current();
         let mut statuses = Vec::with_capacity(events.len());
         let mut write: Vec<&Event> = Vec::new();
         let mut fresh: Vec<&str> = Vec::new();
         let mut written_now = HashSet::new();
         for e in events {
             let ip = e.ban.ip.as_str();
+            let verdict = ignore.check(ip);
             let facts = Facts {
+                ignore: verdict,
                 held: held.get(ip).map_or(&[], Vec::as_slice),
                 just_added: self.recent.contains_key(ip) || written_now.contains(ip),
                 bantime,
             };
             match decide(e, &facts, wall, self.config.recent_ratio) {
+                Decision::Ignored => {
+                    let by = match verdict {
+                        Verdict::Ignored(by) => by,
+                        _ => "",
+                    };
+                    info!(
+                        id = e.id,
+                        ip, by, "ban refused: the shared jail's ignore list covers it (status 4)"
+                    );
+                    statuses.push((e.id, Status::Refused));
+                }
                 Decision::AlreadyBanned => statuses.push((e.id, Status::AlreadyBanned)),
                 Decision::Defer { at } => {
                     info!(
@@ -238,6 +266,7 @@ pub async fn run(
     observer: Option<Observer>,
     mut shutdown: Shutdown,
 ) {
+    applier.ignore.first_read(FIRST_IGNORE_READ).await;
     let mut tick = tokio::time::interval(DEFERRED_TICK);
     let mut save = tokio::time::interval(POSITION_TICK);
     loop {
@@ -299,6 +328,7 @@ mod tests {
                 fast_path: true,
             },
             journal.clone(),
+            crate::node::ignore::channel().1,
         );
         let ev = |id, ip: &str| Event {
             id,
