@@ -68,3 +68,53 @@ async fn statuses_for_events_that_do_not_exist_are_refused() {
         .into_inner();
     assert_eq!(ack.stored, 1);
 }
+
+/// A node whose journal holds a status the hub will never take (its store
+/// was restored from an older backup, say) drops that batch and goes on:
+/// later statuses still arrive.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_status_batch_does_not_block_later_statuses() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let db = format!("sqlite:{}", root.path().join("hub.db").display());
+    let hub = Hub::start(root.path(), &pki, &db).await;
+    let a = Node::start(root.path(), &pki, "node-a", &hub.url).await;
+    // B's journal already holds a status for an event the hub never had.
+    let b_dir = root.path().join("node-b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    std::fs::write(b_dir.join("statuses.log"), "900000 1\n").unwrap();
+    let b = Node::start(root.path(), &pki, "node-b", &hub.url).await;
+
+    assert!(a.report("sshd", "tcp", "22", "192.0.2.77").0);
+    wait_for(
+        "the ban at B",
+        std::time::Duration::from_secs(20),
+        || async { b.lines_for("192.0.2.77") == 1 },
+    )
+    .await;
+    let store = banmesh::hub::store::open(&db).await.unwrap();
+    wait_for(
+        "B's status for the new ban at the hub",
+        std::time::Duration::from_secs(20),
+        || {
+            let store = store.clone();
+            async move {
+                store
+                    .dump_statuses(0, 10)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .any(|s| s.status == 1)
+            }
+        },
+    )
+    .await;
+    assert!(
+        b.proc
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("the hub refused this batch of statuses"),
+        "the node says why it dropped the batch"
+    );
+}

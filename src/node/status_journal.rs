@@ -4,7 +4,10 @@
 //! `DIR/statuses.log` holds lines `EVENT_ID STATUS`; `DIR/statuses.acked`
 //! the byte offset up to which the hub has them. A node killed at any point
 //! re-sends from that offset (the hub's upsert makes that harmless), so a
-//! status is never lost to a crash. A later line for the same event wins
+//! status is never lost to a crash of the process (lines are written, not
+//! fsynced: a power loss can take the last ones, and the hub then shows
+//! those bans as 0 until they are next applied; an fsync per status would
+//! cost more than the ban's whole path). A later line for the same event wins
 //! (a failed write is journaled as 3 after the 1 journaled before it).
 //! [`super::status_reporter`] sends it to the hub.
 use std::{
@@ -22,6 +25,9 @@ use crate::ban::Status;
 const COMPACT_AT: u64 = 1 << 20;
 /// Most bytes read per batch (about 4,000 statuses).
 const READ_CHUNK: usize = 64 * 1024;
+/// Most statuses per batch: below the hub's 10,000 per call, whatever the
+/// line length (short ids make 4-byte lines, 16,000 to a chunk).
+pub const MAX_BATCH: usize = 4_000;
 
 struct Inner {
     file: File,
@@ -83,28 +89,41 @@ impl StatusJournal {
         Ok(())
     }
 
-    /// Statuses not yet acknowledged (up to a chunk), and the offset to
-    /// acknowledge once the hub has them.
+    /// Statuses not yet acknowledged (at most [`MAX_BATCH`] of them, from
+    /// up to a chunk of the file), and the offset to acknowledge once the
+    /// hub has them. Lines that do not parse (a torn write) are passed over
+    /// and count as read, so they can never hold the reporter up.
     pub fn unsent(&self) -> std::io::Result<(Vec<(u64, Status)>, u64)> {
-        let inner = self.inner.lock().unwrap();
-        let start = inner.acked;
-        let want = ((inner.len - start) as usize).min(READ_CHUNK);
-        if want == 0 {
-            return Ok((vec![], start));
+        let (items, start, end) = {
+            let inner = self.inner.lock().unwrap();
+            let start = inner.acked;
+            let want = ((inner.len - start) as usize).min(READ_CHUNK);
+            if want == 0 {
+                return Ok((vec![], start));
+            }
+            let mut f = super::state_file::open(&self.path, OpenOptions::new().read(true))?;
+            f.seek(SeekFrom::Start(start))?;
+            let mut buf = vec![0; want];
+            f.read_exact(&mut buf)?;
+            let mut items = Vec::new();
+            let mut end = start;
+            for line in buf.split_inclusive(|b| *b == b'\n') {
+                if !line.ends_with(b"\n") || items.len() == MAX_BATCH {
+                    break;
+                }
+                end += line.len() as u64;
+                let parsed = std::str::from_utf8(line).ok().and_then(|l| {
+                    let (id, st) = l.trim_end().split_once(' ')?;
+                    Some((id.parse().ok()?, Status::from_code(st.parse().ok()?)?))
+                });
+                items.extend(parsed);
+            }
+            (items, start, end)
+        };
+        if items.is_empty() && end > start {
+            self.ack(end)?;
         }
-        let mut f = super::state_file::open(&self.path, OpenOptions::new().read(true))?;
-        f.seek(SeekFrom::Start(start))?;
-        let mut buf = vec![0; want];
-        f.read_exact(&mut buf)?;
-        let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        let items = String::from_utf8_lossy(&buf[..whole])
-            .lines()
-            .filter_map(|l| {
-                let (id, st) = l.split_once(' ')?;
-                Some((id.parse().ok()?, Status::from_code(st.parse().ok()?)?))
-            })
-            .collect();
-        Ok((items, start + whole as u64))
+        Ok((items, end))
     }
 
     /// The hub stored everything before `offset`.
@@ -149,5 +168,27 @@ mod tests {
         f.write_all(b"4 ").unwrap();
         let j = StatusJournal::open(dir.path()).unwrap();
         assert_eq!(j.unsent().unwrap().0, vec![(3, Status::Error)]);
+    }
+
+    #[test]
+    fn batches_stay_under_the_hubs_limit_and_skip_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = StatusJournal::open(dir.path()).unwrap();
+        let many: Vec<_> = (1..=MAX_BATCH as u64 + 10)
+            .map(|id| (id, Status::Added))
+            .collect();
+        j.append(&many).unwrap();
+        let (items, end) = j.unsent().unwrap();
+        assert_eq!(items.len(), MAX_BATCH);
+        j.ack(end).unwrap();
+        assert_eq!(j.unsent().unwrap().0.len(), 10);
+        drop(j);
+
+        // A chunk of lines that do not parse is passed over, not resent forever.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("statuses.log"), "x y\n7 9\n").unwrap();
+        let j = StatusJournal::open(dir.path()).unwrap();
+        assert_eq!(j.unsent().unwrap().0, vec![]);
+        assert_eq!(j.backlog(), 0);
     }
 }

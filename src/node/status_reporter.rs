@@ -4,8 +4,11 @@
 //!
 //! Contract: a status reaches the hub at least once (the journal keeps it
 //! across crashes until acknowledged, and the hub's upsert makes a re-send
-//! harmless); bursts gather for [`STATUS_LINGER`] into one call; a failed
-//! call is retried with backoff, the statuses waiting in the journal.
+//! harmless); bursts gather for [`STATUS_LINGER`] into one call; a call
+//! that failed (hub unreachable, store down) is retried with backoff, the
+//! statuses waiting in the journal; a batch the hub refuses as invalid
+//! (INVALID_ARGUMENT: it will never take it) is logged and dropped, so it
+//! cannot hold up every later status.
 use std::{sync::Arc, time::Duration};
 
 use tracing::warn;
@@ -62,6 +65,24 @@ pub async fn run(link: Link, journal: Arc<StatusJournal>, mut shutdown: Shutdown
         };
         match sent {
             Ok(_) => {
+                if let Err(e) = journal.ack(end) {
+                    warn!(error = %e, "cannot save the status journal's mark");
+                }
+                backoff.reset();
+            }
+            // The hub refuses a batch it can never take (a status for an
+            // event it does not hold, after its store was restored from a
+            // backup, say, or a status code an older hub does not know):
+            // sending it again would block every later status for good, so
+            // it is logged and dropped.
+            Err(e) if e.code() == tonic::Code::InvalidArgument => {
+                warn!(
+                    error = %e,
+                    count = batch.len(),
+                    first = batch.first().map(|s| s.0),
+                    last = batch.last().map(|s| s.0),
+                    "the hub refused this batch of statuses; dropping it"
+                );
                 if let Err(e) = journal.ack(end) {
                     warn!(error = %e, "cannot save the status journal's mark");
                 }
