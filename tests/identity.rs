@@ -265,9 +265,16 @@ async fn enrolment_names_are_checked_before_they_are_logged_and_attempts_are_rat
     let forged = "web-1\n2030-01-01T00:00:00.000000Z  INFO banmesh::hub: forged line";
     let status = c.enroll(attempt(forged.into(), "x")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // A name the handler sees (the request is under the enrolment size
+    // limit) is refused without being echoed.
+    let long = "a".repeat(16 << 10);
+    let status = c.enroll(attempt(long, "x")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{:?}", status.code());
+    assert!(status.message().len() < 1024, "the answer echoes the name");
+    // A 1 MiB request is refused before the hub even buffers it.
     let huge = "a".repeat(1 << 20);
     let status = c.enroll(attempt(huge, "x")).await.unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{:?}", status.code());
+    assert_eq!(status.code(), Code::OutOfRange, "{:?}", status.code());
     assert!(status.message().len() < 1024, "the answer echoes the name");
 
     let text = hub.proc.log_text();

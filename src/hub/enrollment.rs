@@ -267,10 +267,16 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
             (enrolled.cert_ttl_s.max(0) as u64).clamp(CERT_TTL_MIN_S, CERT_TTL_MAX_S),
         );
         let issued = sign_parsed(signer, &r.name, &csr, valid_for)?;
-        self.store
+        // The enrolment has committed (token spent, host recorded): failing
+        // now would throw the signed certificate away and burn the name.
+        // The expiry is recorded again on the host's first call anyway.
+        if let Err(e) = self
+            .store
             .touch_host(&r.name, Some(issued.expires_ms))
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        {
+            warn!(name = %r.name, error = %e, "cannot record the new host's certificate expiry; it is recorded on its first call");
+        }
         info!(source = ?source, name = %r.name, expires_ms = issued.expires_ms, "host enrolled");
         Ok(Response::new(issued))
     }

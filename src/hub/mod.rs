@@ -69,6 +69,11 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 /// Most concurrent HTTP/2 streams on one connection (RFC 9113 suggests
 /// no fewer than 100).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Largest message a fleet member may send the hub (a batch of 10,000
+/// statuses is ~60 kB; tonic's default is 4 MiB).
+pub const MAX_HUB_MESSAGE: usize = 1 << 20;
+/// Largest enrolment request (token, name and CSR are well under 4 kB).
+pub const MAX_ENROLL_MESSAGE: usize = 32 * 1024;
 /// Default data directory (the embedded store lives here).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/banmesh/hub";
 
@@ -255,8 +260,20 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(listener::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(listener::KEEPALIVE_TIMEOUT))
-        .add_service(HubServer::new(service))
-        .add_service(EnrollmentServer::new(enrollment))
+        // Interceptors run on the headers, before tonic reads a body: a
+        // client without a fleet certificate (or a revoked one) is turned
+        // away before it can make the hub buffer a message. Handlers still
+        // check the role each call needs.
+        .add_service(InterceptedService::new(
+            HubServer::new(service).max_decoding_message_size(MAX_HUB_MESSAGE),
+            access.interceptor(),
+        ))
+        // Open to clients without a certificate: its messages (a token, a
+        // CSR, a name) are small, so the buffer tonic fills before the
+        // handler's checks is too.
+        .add_service(
+            EnrollmentServer::new(enrollment).max_decoding_message_size(MAX_ENROLL_MESSAGE),
+        )
         .add_service(InterceptedService::new(
             health_service,
             access.interceptor(),
