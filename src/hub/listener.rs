@@ -383,7 +383,9 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(slot) = tracker.admit(peer.ip()) else {
+        // Counted per IPv4 address or IPv6 /64: one host holds a whole
+        // /64 and could otherwise take a slot per address.
+        let Some(slot) = tracker.admit(super::throttle::key(peer.ip())) else {
             shed += 1;
             if shed.is_power_of_two() {
                 warn!(%peer, shed, "connection limit reached (in total or for this address); closing new connections");

@@ -134,8 +134,9 @@ impl Throttle {
     }
 }
 
-/// The address a bucket is kept for.
-fn key(ip: IpAddr) -> IpAddr {
+/// The address a bucket is kept for, and the unit one source is counted by: an IPv4 address, or an IPv6 /64
+/// (what one host or one customer usually holds), IPv4-mapped as IPv4.
+pub(crate) fn key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
         v4 => v4,
