@@ -18,6 +18,7 @@
 //! - [`subscription`]: one subscriber's replay-then-live stream.
 //! - [`committer`]: the single writer, batching reports into transactions.
 //! - [`fanout`]: the shared ring of live events and the subscriber registry.
+//! - [`fleet`]: the fleet's own addresses, which the allow-list always holds.
 //! - [`statuses`]: hosts' statuses, written in groups.
 //! - [`access`]: who may call what, and revocation.
 //! - [`enrollment`]: the token-for-certificate `Enrollment` service, and the
@@ -34,6 +35,7 @@ pub mod access;
 pub mod committer;
 pub mod enrollment;
 pub mod fanout;
+pub mod fleet;
 pub mod listener;
 pub mod migrate;
 pub mod publish;
@@ -215,7 +217,18 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     let fanout = fanout::Fanout::default();
-    let committer = committer::Committer::spawn(store.clone(), fanout.clone(), shutdown.clone());
+    let fleet = fleet::FleetAddrs::default();
+    if let Ok(addr) = tcp.local_addr().map(|a| a.ip())
+        && !addr.is_unspecified()
+    {
+        fleet.note(addr, "hub");
+    }
+    let committer = committer::Committer::spawn(
+        store.clone(),
+        fanout.clone(),
+        fleet.clone(),
+        shutdown.clone(),
+    );
     let enrollment = enrollment::EnrollmentService {
         store: Arc::clone(&store),
         signer: signer.clone(),
@@ -227,6 +240,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         store: Arc::clone(&store),
         committer,
         fanout,
+        fleet,
         access: access.clone(),
         signer,
         hub_names,

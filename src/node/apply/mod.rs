@@ -12,6 +12,10 @@
 //!   unless the fast path banned the IP all the same.
 //! - For an unban, the IP is lifted in every jail through the socket:
 //!   status 1 if a ban was lifted, 2 if none was held here, 3 on failure.
+//! - A ban whose address is on the fleet allow-list (this host's saved
+//!   copy, [`super::allow_list`], or a built-in) is refused: status 4, no
+//!   line, no fast path. Allow-list events update that copy in their
+//!   place in the id order, before any later ban is decided.
 //! - Without a reachable control socket the node still writes lines (the
 //!   log path alone works) and says so in its log; unbans then fail with 3.
 //!
@@ -34,7 +38,8 @@ use tracing::{info, warn};
 
 pub use self::decide::{DEFAULT_RECENT_RATIO, Decision, Facts, decide};
 use super::{
-    deferred::Deferred, position::Position, shared_log::SharedLog, status_journal::StatusJournal,
+    allow_list::LocalAllowList, deferred::Deferred, position::Position, shared_log::SharedLog,
+    status_journal::StatusJournal,
 };
 use crate::{
     ban::{Event, EventKind, Status},
@@ -81,6 +86,7 @@ pub struct Applier {
     fail2ban_up: Option<bool>,
     recent: HashMap<String, Instant>,
     deferred: Deferred,
+    allow: LocalAllowList,
 }
 
 impl Applier {
@@ -95,6 +101,12 @@ impl Applier {
             fail2ban_up: None,
             recent: HashMap::new(),
             deferred: Deferred::load(config.data_dir.join("deferred")),
+            allow: LocalAllowList::load(&config.data_dir).unwrap_or_else(|e| {
+                // `node::run` refuses to start on this; other callers
+                // (tests, bench) get the built-ins alone.
+                tracing::error!(error = %e, "allow-list not loaded");
+                LocalAllowList::empty(&config.data_dir)
+            }),
             config,
         }
     }
@@ -106,6 +118,11 @@ impl Applier {
         while i < events.len() {
             if events[i].kind == EventKind::Unban {
                 out.push(self.unban(&events[i]).await);
+                i += 1;
+                continue;
+            }
+            if events[i].kind.is_allow() {
+                self.allow.apply(&events[i]);
                 i += 1;
                 continue;
             }
@@ -148,6 +165,11 @@ impl Applier {
         let mut written_now = HashSet::new();
         for e in events {
             let ip = e.ban.ip.as_str();
+            if let Some(why) = self.allow.refuses(ip) {
+                info!(id = e.id, ip, allowed_by = %why, "ban refused: the address is on the allow-list");
+                statuses.push((e.id, Status::Refused));
+                continue;
+            }
             let facts = Facts {
                 held: held.get(ip).map_or(&[], Vec::as_slice),
                 just_added: self.recent.contains_key(ip) || written_now.contains(ip),
