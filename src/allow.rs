@@ -185,20 +185,57 @@ pub fn builtin() -> Vec<(Network, &'static str)> {
     ]
 }
 
+/// Hashes a network address (u32 or u128) with one multiply per word.
+/// SipHash, the standard default, costs most of a lookup here and guards
+/// against collisions chosen by whoever picks the *stored* keys; those are
+/// the admins' networks, and probes never insert, so a fast mix is safe.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NetHasher(u64);
+
+impl std::hash::Hasher for NetHasher {
+    /// The product's high bits are the mixed ones; hashbrown picks
+    /// buckets by the low bits, and a /16's address has 16 zero low bits:
+    /// rotate the high bits down (as rustc-hash does).
+    fn finish(&self) -> u64 {
+        self.0.rotate_left(26)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.write_u64(v as u64);
+        self.write_u64((v >> 64) as u64);
+    }
+}
+
+type NetSet<T> = HashSet<T, std::hash::BuildHasherDefault<NetHasher>>;
+
 /// Networks for longest-prefix lookup: per prefix length in use, longest
 /// first, a hash set of network addresses (see the module doc for the cost).
 #[derive(Debug, Clone, Default)]
 pub struct Table {
-    v4: Vec<(u8, HashSet<u32>)>,
-    v6: Vec<(u8, HashSet<u128>)>,
+    v4: Vec<(u8, NetSet<u32>)>,
+    v6: Vec<(u8, NetSet<u128>)>,
 }
 
 /// The set for `prefix` in a longest-first list, made when missing.
-fn level<T>(levels: &mut Vec<(u8, HashSet<T>)>, prefix: u8) -> &mut HashSet<T> {
+fn level<T>(levels: &mut Vec<(u8, NetSet<T>)>, prefix: u8) -> &mut NetSet<T> {
     let at = match levels.binary_search_by(|(p, _)| prefix.cmp(p)) {
         Ok(at) => at,
         Err(at) => {
-            levels.insert(at, (prefix, HashSet::new()));
+            levels.insert(at, (prefix, NetSet::default()));
             at
         }
     };

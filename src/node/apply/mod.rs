@@ -133,6 +133,8 @@ impl Applier {
             out.extend(self.bans(&events[i..i + run]).await);
             i += run;
         }
+        // Before the caller moves the position past these events.
+        self.allow.save();
         out
     }
 
