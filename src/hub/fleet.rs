@@ -11,29 +11,37 @@
 //! hub restarts: a stale allowance is harmless, a missing one locks a
 //! member out). It is memory only: after a restart every host reconnects
 //! within its backoff and is known again before its first report is read.
+//! An address new to the set has any active ban of it lifted (an unban by
+//! [`LIFTER`] through the committer): a host banned by the fleet before it
+//! joined, or before it moved to that address, is let back in.
 use std::{
     collections::BTreeMap,
     net::IpAddr,
     sync::{Arc, RwLock},
 };
 
+/// The name an unban of a fleet address is recorded under.
+pub const LIFTER: &str = "banmesh-hub";
+
 /// Shared by the service handlers (which add) and the committer (which checks).
 #[derive(Debug, Clone, Default)]
 pub struct FleetAddrs(Arc<RwLock<BTreeMap<IpAddr, String>>>);
 
 impl FleetAddrs {
-    /// Records `ip` as `who`'s (a host name, or "hub"); the first name stays.
-    pub fn note(&self, ip: IpAddr, who: &str) {
+    /// Records `ip` as `who`'s (a host name, or "hub"); the first name
+    /// stays. True when the address is new.
+    pub fn note(&self, ip: IpAddr, who: &str) -> bool {
         let ip = crate::ban::canonical_ip(ip);
         if self.0.read().unwrap().contains_key(&ip) {
-            return;
+            return false;
+        }
+        let mut all = self.0.write().unwrap();
+        if all.contains_key(&ip) {
+            return false;
         }
         tracing::info!(%ip, who, "fleet address: never banned by the fleet");
-        self.0
-            .write()
-            .unwrap()
-            .entry(ip)
-            .or_insert_with(|| who.to_string());
+        all.insert(ip, who.to_string());
+        true
     }
 
     /// Whose address `ip` is, if it is the fleet's.

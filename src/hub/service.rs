@@ -11,7 +11,7 @@ use super::{
     committer::Committer,
     enrollment,
     fanout::Fanout,
-    fleet::FleetAddrs,
+    fleet::{FleetAddrs, LIFTER},
     publish,
     statuses::{StatusWriter, WriteError},
     store::{AllowRow, BanFilter, BanRow, Store},
@@ -444,12 +444,27 @@ impl hub_server::Hub for HubService {
 impl HubService {
     /// A host's connection reveals two fleet addresses: its own (the
     /// source) and the hub's as the host reaches it (the local end).
+    /// A new one has its active bans lifted (see `fleet`).
     fn note_fleet<T>(&self, request: &Request<T>, host: &str) {
-        if let Some(a) = request.remote_addr() {
-            self.fleet.note(a.ip(), host);
-        }
-        if let Some(a) = request.local_addr() {
-            self.fleet.note(a.ip(), "hub");
+        let ends = [(request.remote_addr(), host), (request.local_addr(), "hub")];
+        for (addr, who) in ends {
+            let Some(ip) = addr.map(|a| crate::ban::canonical_ip(a.ip())) else {
+                continue;
+            };
+            if !self.fleet.note(ip, who) {
+                continue;
+            }
+            let committer = self.committer.clone();
+            tokio::spawn(async move {
+                match committer.unban(ip.to_string(), LIFTER.into()).await {
+                    Ok(Some((event, lifted))) => info!(%ip, event = event.id, lifted,
+                        "a fleet address was banned; lifted on every host"),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(%ip, error = %e, "cannot lift the bans of a fleet address")
+                    }
+                }
+            });
         }
     }
 
