@@ -960,6 +960,24 @@ async fn the_allow_list_lifts_what_it_covers_and_travels_as_events(b: Backend) {
     assert_eq!(bans.iter().filter(|b| !b.lifted).count(), 1);
 }
 
+async fn the_allow_list_loads_into_another_store(b: Backend) {
+    let src = b.open().await;
+    src.allow_add(&allow("198.51.100.0/24"))
+        .await
+        .unwrap()
+        .unwrap();
+    src.allow_add(&allow("2001:db8::/32"))
+        .await
+        .unwrap()
+        .unwrap();
+    let rows = src.allow_entries().await.unwrap();
+    let to = Backend::sqlite().await;
+    let dst = to.open().await;
+    dst.load_allow(&rows).await.unwrap();
+    dst.load_allow(&rows).await.unwrap();
+    assert_eq!(dst.allow_entries().await.unwrap(), rows);
+}
+
 async fn refused_reports_are_stored_once(b: Backend) {
     let s = b.open().await;
     let r = report("web-1", 9, "198.51.100.7");
@@ -1013,4 +1031,5 @@ conformance!(
     the_view_takes_any_host_names,
     the_allow_list_lifts_what_it_covers_and_travels_as_events,
     refused_reports_are_stored_once,
+    the_allow_list_loads_into_another_store,
 );

@@ -396,6 +396,9 @@ pub trait Store: Send + Sync + 'static {
         network: &crate::allow::Network,
         by: &str,
     ) -> Result<Option<Event>, StoreError>;
+    /// Inserts allow-list rows as they are (`hub migrate`), without events
+    /// (those are copied with the other events); a listed network is skipped.
+    async fn load_allow(&self, rows: &[AllowRow]) -> Result<(), StoreError>;
     /// Stores refused reports, with the entry each matched; a report
     /// (host, seq) already stored is skipped.
     async fn refuse(&self, refused: &[(NewReport, String)]) -> Result<(), StoreError>;

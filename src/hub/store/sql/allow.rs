@@ -199,6 +199,24 @@ pub async fn remove<B: Backend + ?Sized>(
     Ok(Some(event))
 }
 
+/// `Store::load_allow` for any backend.
+pub async fn load<B: Backend + ?Sized>(b: &B, rows: &[AllowRow]) -> Result<(), StoreError> {
+    let sql = format!(
+        "{} INTO allow_list (network, note, added_by, added_ms) VALUES (?, ?, ?, ?)",
+        b.dialect().insert_ignore()
+    );
+    let mut ex = b.session().await?;
+    ex.begin().await?;
+    for r in rows {
+        ex.exec(
+            &sql,
+            params![r.network.to_string(), &r.note, &r.added_by, r.added_ms],
+        )
+        .await?;
+    }
+    ex.commit().await
+}
+
 /// `Store::refuse` for any backend.
 pub async fn refuse<B: Backend + ?Sized>(
     b: &B,

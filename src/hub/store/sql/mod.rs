@@ -172,6 +172,10 @@ impl<B: Backend> Store for B {
         allow::remove(self, network, by).await
     }
 
+    async fn load_allow(&self, rows: &[super::AllowRow]) -> Result<(), StoreError> {
+        allow::load(self, rows).await
+    }
+
     async fn refuse(&self, refused: &[(NewReport, String)]) -> Result<(), StoreError> {
         allow::refuse(self, refused).await
     }
