@@ -12,6 +12,9 @@
 //!   unless the fast path banned the IP all the same.
 //! - For an unban, the IP is lifted in every jail through the socket:
 //!   status 1 if a ban was lifted, 2 if none was held here, 3 on failure.
+//!   If the node wrote a line for it lately, it is lifted again each
+//!   second for [`RELIFT_FOR`]: fail2ban may read that line after the
+//!   unban and ban it anew.
 //! - A ban whose address is on the fleet allow-list (this host's saved
 //!   copy, [`super::allow_list`], or a built-in) is refused: status 4, no
 //!   line, no fast path. Allow-list events update that copy in their
@@ -51,6 +54,11 @@ use crate::{
 const RECENT: Duration = Duration::from_secs(120);
 /// How often deferred bans are checked.
 const DEFERRED_TICK: Duration = Duration::from_secs(1);
+/// How long after an unban the node lifts the address again if fail2ban
+/// re-banned it from a line of ours it read late (it polls shared.log about
+/// once a second; a ban lifted right after it arrived would otherwise come
+/// back: an allow-list entry added just after a burst of bans, say).
+pub const RELIFT_FOR: Duration = Duration::from_secs(5);
 /// How often the position is saved while no events come.
 const POSITION_TICK: Duration = Duration::from_secs(1);
 
@@ -87,6 +95,8 @@ pub struct Applier {
     recent: HashMap<String, Instant>,
     deferred: Deferred,
     allow: LocalAllowList,
+    /// Recently unbanned IPs whose line fail2ban may read late, until when.
+    relift: HashMap<String, Instant>,
 }
 
 impl Applier {
@@ -107,6 +117,7 @@ impl Applier {
                 tracing::error!(error = %e, "allow-list not loaded");
                 LocalAllowList::empty(&config.data_dir)
             }),
+            relift: HashMap::new(),
             config,
         }
     }
@@ -198,6 +209,8 @@ impl Applier {
                     );
                 }
                 Decision::Add { fast_path } => {
+                    // A new ban of it: no longer lifted again.
+                    self.relift.remove(ip);
                     written_now.insert(ip);
                     if fast_path {
                         fresh.push(ip);
@@ -283,8 +296,9 @@ pub async fn run(
                     let _ = o.send((ips, Instant::now()));
                 }
             }
-            _ = tick.tick(), if !applier.deferred.is_empty() => {
+            _ = tick.tick(), if !applier.deferred.is_empty() || !applier.relift.is_empty() => {
                 applier.apply_due().await;
+                applier.relift_due().await;
             }
             // A quiet spell must not leave the position file behind.
             _ = save.tick() => {
