@@ -31,12 +31,13 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::{
+    allow::{Guard, refuse},
     fanout::Fanout,
     fleet::FleetAddrs,
     store::{AllowAdded, AllowRow, Committed, NewReport, Store, StoreError},
 };
 use crate::{
-    allow::{AllowList, Allowed, Network},
+    allow::{AllowList, Network},
     ban::Event,
     shutdown::Shutdown,
 };
@@ -46,7 +47,8 @@ pub const MAX_BATCH: usize = 1000;
 /// Commands that may wait for the committer before senders feel backpressure.
 const QUEUE: usize = 16 * MAX_BATCH;
 
-type Reply<T> = oneshot::Sender<Result<T, Arc<StoreError>>>;
+/// Where the committer answers one command.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, Arc<StoreError>>>;
 
 enum Command {
     Report(NewReport, Reply<Committed>),
@@ -335,69 +337,6 @@ impl Published {
                 // Publish nothing out of order: subscribers skip ids below
                 // the last they saw. All of it is retried, from the store.
                 warn!(error = %e, owed = self.owed - self.last, "cannot read back unpublished events; retrying");
-            }
-        }
-    }
-}
-
-/// What the committer checks each report against: the allow-list (with
-/// its built-ins) and the fleet's own addresses.
-struct Guard {
-    list: AllowList,
-    fleet: FleetAddrs,
-}
-
-impl Guard {
-    /// Why the report's address may not be banned, as the node is told.
-    fn refuses(&self, ip: &str) -> Option<String> {
-        let addr = crate::ban::parse_ip(ip)?;
-        if let Some(who) = self.fleet.owner(addr) {
-            return Some(format!("{} of {who}", Allowed::Fleet(addr)));
-        }
-        self.list.check(addr).map(|a| a.to_string())
-    }
-}
-
-/// Takes the reports the guard refuses out of `batch` (and their replies),
-/// stores them as refused and answers them; on a store error they are
-/// answered with it (the node keeps them and sends them again).
-async fn refuse(
-    store: &dyn Store,
-    guard: &Guard,
-    batch: &mut Vec<NewReport>,
-    replies: &mut Vec<Reply<Committed>>,
-) {
-    let mut refused = Vec::new();
-    let mut refused_replies = Vec::new();
-    let mut i = 0;
-    while i < batch.len() {
-        match guard.refuses(&batch[i].ban.ip) {
-            Some(why) => {
-                refused.push((batch.remove(i), why));
-                refused_replies.push(replies.remove(i));
-            }
-            None => i += 1,
-        }
-    }
-    if refused.is_empty() {
-        return;
-    }
-    match store.refuse(&refused).await {
-        Ok(()) => {
-            for ((r, why), reply) in refused.into_iter().zip(refused_replies) {
-                tracing::info!(host = %r.host, seq = r.seq, ip = %r.ban.ip, allowed_by = %why,
-                    "report refused: the address is on the allow-list");
-                let _ = reply.send(Ok(Committed::Refused {
-                    ip: r.ban.ip,
-                    entry: why,
-                }));
-            }
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot store refused reports; they stay in the nodes' outboxes");
-            let e = Arc::new(e);
-            for reply in refused_replies {
-                let _ = reply.send(Err(e.clone()));
             }
         }
     }

@@ -21,6 +21,7 @@
 //! - [`fleet`]: the fleet's own addresses, which the allow-list always holds.
 //! - [`statuses`]: hosts' statuses, written in groups.
 //! - [`access`]: who may call what, and revocation.
+//! - [`allow`]: the allow-list check on every report, and its admin RPCs.
 //! - [`enrollment`]: the token-for-certificate `Enrollment` service, and the
 //!   token and signing helpers `CreateToken` and `Renew` share;
 //!   [`throttle`]: its per-source rate limit.
@@ -32,6 +33,7 @@
 //! - [`listener`]: the accept loop: TLS handshakes with a deadline, and
 //!   limits on connections that carry no client certificate.
 pub mod access;
+pub mod allow;
 pub mod committer;
 pub mod enrollment;
 pub mod fanout;

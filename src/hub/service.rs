@@ -8,13 +8,14 @@ use tracing::info;
 
 use super::{
     access::Access,
+    allow,
     committer::Committer,
     enrollment,
     fanout::Fanout,
     fleet::{FleetAddrs, LIFTER},
     publish,
     statuses::{StatusWriter, WriteError},
-    store::{AllowRow, BanFilter, BanRow, Store},
+    store::{BanFilter, BanRow, Store},
     subscription,
 };
 use crate::{
@@ -49,7 +50,7 @@ pub struct HubService {
     pub shutdown: Shutdown,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Status {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(e.to_string())
 }
 
@@ -305,119 +306,28 @@ impl hub_server::Hub for HubService {
         &self,
         request: Request<proto::AllowAddRequest>,
     ) -> Result<Response<proto::AllowAddResponse>, Status> {
-        let admin = self.access.admin(&request)?.name;
-        let r = request.into_inner();
-        let network: crate::allow::Network = r
-            .network
-            .parse()
-            .map_err(|e: crate::allow::InvalidNetwork| Status::invalid_argument(e.to_string()))?;
-        if r.note.chars().count() > MAX_NOTE || r.note.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(format!(
-                "the note must be at most {MAX_NOTE} characters, without control characters"
-            )));
-        }
-        let entry = AllowRow {
-            network,
-            note: r.note,
-            added_by: admin.clone(),
-            added_ms: crate::clock::now_ms(),
-        };
-        match self.committer.allow_add(entry).await {
-            Ok(Some(added)) => {
-                info!(%network, by = %admin, event = added.event.id, lifted = added.lifted,
-                    "allow-list entry added");
-                Ok(Response::new(proto::AllowAddResponse {
-                    event_id: added.event.id,
-                    lifted: added.lifted,
-                    entry: Some(allow_entry(added.entry)),
-                }))
-            }
-            Ok(None) => Err(Status::already_exists(format!(
-                "{network} is already on the allow-list"
-            ))),
-            Err(e) => Err(unavailable(e)),
-        }
+        allow::add(self, request).await
     }
 
     async fn allow_list(
         &self,
         request: Request<proto::AllowListRequest>,
     ) -> Result<Response<proto::AllowListResponse>, Status> {
-        self.access.member(&request)?;
-        let entries = self.store.allow_entries().await.map_err(unavailable)?;
-        let fixed = |network: String, note: String| proto::AllowEntry {
-            network,
-            note,
-            added_by: "built-in".into(),
-            added_ms: 0,
-        };
-        Ok(Response::new(proto::AllowListResponse {
-            entries: entries.into_iter().map(allow_entry).collect(),
-            builtin: crate::allow::builtin()
-                .into_iter()
-                .map(|(n, why)| fixed(n.to_string(), why.into()))
-                .collect(),
-            fleet: self
-                .fleet
-                .all()
-                .into_iter()
-                .map(|(ip, who)| fixed(crate::allow::Network::host(ip).to_string(), who))
-                .collect(),
-        }))
+        allow::list(self, request).await
     }
 
     async fn allow_remove(
         &self,
         request: Request<proto::AllowRemoveRequest>,
     ) -> Result<Response<proto::AllowRemoveResponse>, Status> {
-        let admin = self.access.admin(&request)?.name;
-        let network: crate::allow::Network = request
-            .get_ref()
-            .network
-            .parse()
-            .map_err(|e: crate::allow::InvalidNetwork| Status::invalid_argument(e.to_string()))?;
-        match self.committer.allow_remove(network, admin.clone()).await {
-            Ok(Some(event)) => {
-                info!(%network, by = %admin, event = event.id, "allow-list entry removed");
-                Ok(Response::new(proto::AllowRemoveResponse {
-                    event_id: event.id,
-                }))
-            }
-            Ok(None) => Err(Status::not_found(format!(
-                "{network} is not on the allow-list (see `banmesh allow list`)"
-            ))),
-            Err(e) => Err(unavailable(e)),
-        }
+        allow::remove(self, request).await
     }
 
     async fn list_refused(
         &self,
         request: Request<proto::ListRefusedRequest>,
     ) -> Result<Response<proto::ListRefusedResponse>, Status> {
-        self.access.member(&request)?;
-        let r = request.into_inner();
-        let limit = match r.limit {
-            0 => 100,
-            n => n.min(10_000) as usize,
-        };
-        let rows = self
-            .store
-            .refused(r.after_id, limit)
-            .await
-            .map_err(unavailable)?;
-        Ok(Response::new(proto::ListRefusedResponse {
-            refused: rows
-                .into_iter()
-                .map(|r| proto::RefusedReport {
-                    id: r.id,
-                    host: r.host,
-                    seq: r.seq,
-                    ban: Some(r.ban.to_proto()),
-                    created_ms: r.created_ms,
-                    allowed_by: r.allowed_by,
-                })
-                .collect(),
-        }))
+        allow::refused(self, request).await
     }
 
     async fn renew(
@@ -493,18 +403,6 @@ impl HubService {
             .map(Duration::from_secs)
             .unwrap_or(crate::ca::HOST_VALIDITY)
             .clamp(Duration::from_secs(60), crate::ca::HOST_VALIDITY))
-    }
-}
-
-/// Longest note kept with an allow-list entry (the column's size).
-const MAX_NOTE: usize = 255;
-
-fn allow_entry(r: AllowRow) -> proto::AllowEntry {
-    proto::AllowEntry {
-        network: r.network.to_string(),
-        note: r.note,
-        added_by: r.added_by,
-        added_ms: r.added_ms,
     }
 }
 
