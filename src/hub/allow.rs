@@ -96,6 +96,8 @@ pub(super) async fn refuse(
     }
 }
 
+/// `AllowAdd`: admins only; the network is checked here, the entry and
+/// the lifting of the bans inside it go through the committer.
 pub(super) async fn add(
     svc: &HubService,
     request: Request<proto::AllowAddRequest>,
@@ -134,6 +136,8 @@ pub(super) async fn add(
     }
 }
 
+/// `AllowList`: any fleet certificate; entries from the store, the
+/// built-ins, and the fleet addresses this hub has seen.
 pub(super) async fn list(
     svc: &HubService,
     request: Request<proto::AllowListRequest>,
@@ -161,6 +165,7 @@ pub(super) async fn list(
     }))
 }
 
+/// `AllowRemove`: admins only; lifts nothing and re-applies nothing.
 pub(super) async fn remove(
     svc: &HubService,
     request: Request<proto::AllowRemoveRequest>,
@@ -185,6 +190,7 @@ pub(super) async fn remove(
     }
 }
 
+/// `ListRefused`: any fleet certificate; refused reports in id order.
 pub(super) async fn refused(
     svc: &HubService,
     request: Request<proto::ListRefusedRequest>,
