@@ -166,6 +166,59 @@ pub enum EventKind {
     Ban,
     /// Lift every active ban of the address, everywhere (an admin's `banmesh unban`).
     Unban,
+    /// An admin added a network to the fleet allow-list (`banmesh allow
+    /// add`): [`Event::network`] is that network. Ban events after it that
+    /// fall inside are refused by every node; the bans it lifts follow it
+    /// as unban events.
+    AllowAdd,
+    /// An admin removed a network from the fleet allow-list.
+    AllowRemove,
+}
+
+impl EventKind {
+    /// The `kind` column's code: 1 ban, 2 unban, 3 allow-add, 4 allow-remove.
+    pub fn code(self) -> i64 {
+        match self {
+            EventKind::Ban => 1,
+            EventKind::Unban => 2,
+            EventKind::AllowAdd => 3,
+            EventKind::AllowRemove => 4,
+        }
+    }
+
+    /// The kind for a stored code.
+    pub fn from_code(code: i64) -> Option<Self> {
+        Some(match code {
+            1 => EventKind::Ban,
+            2 => EventKind::Unban,
+            3 => EventKind::AllowAdd,
+            4 => EventKind::AllowRemove,
+            _ => return None,
+        })
+    }
+
+    /// An allow-list change rather than a ban or unban.
+    pub fn is_allow(self) -> bool {
+        matches!(self, EventKind::AllowAdd | EventKind::AllowRemove)
+    }
+}
+
+/// The jail an allow-list event carries in its `ban` (never a fail2ban
+/// jail: allow-list events are never written to `shared.log`).
+pub const ALLOW_JAIL: &str = "banmesh-allow";
+
+impl Ban {
+    /// The `ban` of an allow-list event: the network (canonical CIDR) in
+    /// `ip`, [`ALLOW_JAIL`], protocol `all`, port `0`. Events keep one shape
+    /// (and one table row shape) whatever their kind.
+    pub fn allow_entry(network: &crate::allow::Network) -> Self {
+        Ban {
+            jail: ALLOW_JAIL.into(),
+            protocol: "all".into(),
+            port: "0".into(),
+            ip: network.to_string(),
+        }
+    }
 }
 
 /// A committed event: a ban, or the lifting of one, with its store id.
@@ -191,11 +244,14 @@ pub struct Event {
 pub enum InvalidEvent {
     /// Unspecified (0) or a kind this build does not know: guessing "ban"
     /// could ban an address the fleet meant to release.
-    #[error("event kind {0} is neither ban nor unban (is this node older than the hub?)")]
+    #[error("event kind {0} is not one this build knows (is this node older than the hub?)")]
     Kind(i32),
     /// The ban inside the event failed the same checks as a report.
     #[error(transparent)]
     Ban(#[from] InvalidBan),
+    /// An allow-list event whose network is not one.
+    #[error(transparent)]
+    Network(#[from] crate::allow::InvalidNetwork),
     /// The reporter's name reaches `shared.log` and the host table: a name
     /// outside [`valid_host_name`] (a newline could forge a line) is refused.
     #[error("added_by {0:?} is not a host name (letters, digits, '-', '.', '_')")]
@@ -208,19 +264,35 @@ impl Event {
         let kind = match proto::EventKind::try_from(e.kind) {
             Ok(proto::EventKind::Ban) => EventKind::Ban,
             Ok(proto::EventKind::Unban) => EventKind::Unban,
+            Ok(proto::EventKind::AllowAdd) => EventKind::AllowAdd,
+            Ok(proto::EventKind::AllowRemove) => EventKind::AllowRemove,
             Ok(proto::EventKind::Unspecified) | Err(_) => return Err(InvalidEvent::Kind(e.kind)),
         };
         if !valid_host_name(&e.added_by) {
             return Err(InvalidEvent::AddedBy(e.added_by.clone()));
         }
+        let ban = if kind.is_allow() {
+            let ip = e.ban.as_ref().map_or("", |b| b.ip.as_str());
+            Ban::allow_entry(&ip.parse()?)
+        } else {
+            Ban::from_proto(e.ban.as_ref())?
+        };
         Ok(Event {
             id: e.id,
             kind,
-            ban: Ban::from_proto(e.ban.as_ref())?,
+            ban,
             added_by: e.added_by.clone(),
             created_ms: e.created_ms,
             lifts: e.lifts_event_id,
         })
+    }
+
+    /// The network of an allow-list event (`None` for a ban or unban).
+    pub fn network(&self) -> Option<crate::allow::Network> {
+        self.kind
+            .is_allow()
+            .then(|| self.ban.ip.parse().ok())
+            .flatten()
     }
 
     /// The wire form the hub streams to subscribers.
@@ -230,6 +302,8 @@ impl Event {
             kind: match self.kind {
                 EventKind::Ban => proto::EventKind::Ban,
                 EventKind::Unban => proto::EventKind::Unban,
+                EventKind::AllowAdd => proto::EventKind::AllowAdd,
+                EventKind::AllowRemove => proto::EventKind::AllowRemove,
             } as i32,
             ban: Some(self.ban.to_proto()),
             added_by: self.added_by.clone(),

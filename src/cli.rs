@@ -39,6 +39,8 @@ pub enum Command {
     Unban(UnbanArgs),
     /// List bans with every host's status, in the seed's table shape.
     Bans(BansArgs),
+    /// The fleet allow-list: networks no ban may cover (add and remove need an admin certificate).
+    Allow(AllowArgs),
     /// Start a throwaway local fleet (CA, hub, three nodes) and show bans crossing it.
     Demo(crate::demo::DemoArgs),
     /// Join this server to the fleet with a one-time token from `banmesh hub token create`.
@@ -417,6 +419,58 @@ pub struct BansArgs {
     /// At most this many bans.
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
+    /// List the reports the hub refused because the address is on the allow-list instead.
+    #[arg(long, conflicts_with = "ip")]
+    pub refused: bool,
+}
+
+/// Flags of `banmesh allow`.
+#[derive(Args, Debug)]
+pub struct AllowArgs {
+    /// What to do with the list.
+    #[command(subcommand)]
+    pub action: AllowAction,
+}
+
+/// The hub and certificate an `allow` subcommand calls with.
+#[derive(Args, Debug)]
+pub struct HubConn {
+    /// Hub address.
+    #[arg(long, default_value = "https://127.0.0.1:7443")]
+    pub hub: String,
+    /// An admin certificate (any fleet certificate may list).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// `banmesh allow` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum AllowAction {
+    /// Add a network (address or CIDR, IPv4 or IPv6); every active ban inside it is lifted on every host.
+    Add {
+        /// The network, e.g. 192.0.2.0/24 or 2001:db8::/48 (host bits must be zero; /0 is refused).
+        network: String,
+        /// Why it is there (who it belongs to), shown by `allow list`.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// The hub and an admin certificate.
+        #[command(flatten)]
+        conn: HubConn,
+    },
+    /// Show the entries, the built-ins and the fleet's own addresses.
+    List {
+        /// The hub and a fleet certificate.
+        #[command(flatten)]
+        conn: HubConn,
+    },
+    /// Remove a network; bans inside it are shared again from then on (none is re-applied).
+    Remove {
+        /// The network exactly as listed.
+        network: String,
+        /// The hub and an admin certificate.
+        #[command(flatten)]
+        conn: HubConn,
+    },
 }
 
 /// Rewrites the seed's `-pr X` into `--protocol X`.
@@ -500,6 +554,21 @@ pub fn main() -> std::process::ExitCode {
                 Ok(())
             })
         }
+        Command::Bans(args) if args.refused => {
+            init_logging("warn");
+            runtime().block_on(async {
+                let tls = (&args.tls).into();
+                print!(
+                    "{}",
+                    admin::allow::refused(&args.hub, &tls, args.limit).await?
+                );
+                Ok(())
+            })
+        }
+        Command::Allow(args) => {
+            init_logging("warn");
+            runtime().block_on(allow(args))
+        }
         Command::Bans(args) => {
             init_logging("warn");
             runtime().block_on(async {
@@ -531,6 +600,28 @@ pub fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn allow(args: AllowArgs) -> anyhow::Result<()> {
+    match args.action {
+        AllowAction::Add {
+            network,
+            note,
+            conn,
+        } => print!(
+            "{}",
+            admin::allow::add(&conn.hub, &(&conn.tls).into(), &network, &note).await?
+        ),
+        AllowAction::List { conn } => print!(
+            "{}",
+            admin::allow::list(&conn.hub, &(&conn.tls).into()).await?
+        ),
+        AllowAction::Remove { network, conn } => print!(
+            "{}",
+            admin::allow::remove(&conn.hub, &(&conn.tls).into(), &network).await?
+        ),
+    }
+    Ok(())
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`ban`]: domain types (ban, event, status) and input validation.
+//! - [`allow`]: the fleet allow-list: networks, longest-prefix lookup, built-ins.
 //! - [`hub`]: the hub daemon: store, group committer, fan-out, subscriptions.
 //! - [`node`]: the node daemon: outbox, publisher, subscriber, apply.
 //! - [`report`]: the `banmesh report` client fail2ban's action runs.
@@ -26,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod allow;
 pub mod ban;
 pub mod bench;
 pub mod ca;

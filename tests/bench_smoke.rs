@@ -16,6 +16,8 @@ fn bench_quick_runs_every_scenario() {
             "5000",
             "--ingest",
             "1000",
+            "--allow-entries",
+            "300",
         ])
         .args(["--mysql", &common::mysql_server()])
         // Should it fail, the nodes' warnings say why.
@@ -30,6 +32,10 @@ fn bench_quick_runs_every_scenario() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(json["propagation"][0]["steady"]["n"], 50);
+    // The same run with an allow-list that covers none of its bans.
+    assert_eq!(json["propagation_allow_list"][0]["allow_entries"], 300);
+    assert_eq!(json["propagation_allow_list"][0]["steady"]["n"], 50);
+    assert!(stdout.contains("steady, 300 allowed"), "{stdout}");
     assert_eq!(json["ingest"]["reports"], 10_000);
     assert_eq!(json["fanout"]["deliveries"], 50 * 2000);
     assert_eq!(json["catch_up"]["bans"], 5000);

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use banmesh::{
     ban::{Ban, EventKind, Status},
     hub::store::{
-        self, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken, Revocation, Store,
+        self, AllowRow, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken,
+        Revocation, Store,
     },
 };
 
@@ -853,6 +854,157 @@ async fn dump_and_load_mariadb_to_sqlite() {
     dump_and_load_round_trip(Backend::mysql().await, Backend::sqlite().await).await
 }
 
+fn allow(net: &str) -> AllowRow {
+    AllowRow {
+        network: net.parse().unwrap(),
+        note: "office NAT".into(),
+        added_by: "admin".into(),
+        added_ms: 1_700_000_000_000,
+    }
+}
+
+async fn the_allow_list_lifts_what_it_covers_and_travels_as_events(b: Backend) {
+    let s = b.open().await;
+    let c = s
+        .commit(&[
+            report("a", 1, "198.51.100.7"),
+            report("b", 1, "198.51.100.7"),
+            report("a", 2, "198.51.100.200"),
+            report("a", 3, "198.51.101.1"),
+            report("a", 4, "2001:db8:1::5"),
+        ])
+        .await
+        .unwrap();
+    let ids = ids(&c);
+    let added = s
+        .allow_add(&allow("198.51.100.0/24"))
+        .await
+        .unwrap()
+        .expect("a new entry");
+    assert_eq!(added.event.kind, EventKind::AllowAdd);
+    assert_eq!(
+        added.event.network(),
+        Some("198.51.100.0/24".parse().unwrap())
+    );
+    // One unban per address inside, after the allow-add; three bans lifted.
+    assert_eq!(added.lifted, 3);
+    let lifted: Vec<(&str, u64)> = added
+        .unbans
+        .iter()
+        .map(|e| (e.ban.ip.as_str(), e.lifts))
+        .collect();
+    assert_eq!(
+        lifted,
+        vec![("198.51.100.200", ids[2]), ("198.51.100.7", ids[1])]
+    );
+    assert!(
+        added
+            .unbans
+            .iter()
+            .all(|e| e.id > added.event.id && e.kind == EventKind::Unban)
+    );
+    // The same network again writes nothing.
+    assert!(
+        s.allow_add(&allow("198.51.100.0/24"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let v6 = s.allow_add(&allow("2001:db8::/32")).await.unwrap().unwrap();
+    assert_eq!(v6.lifted, 1);
+    // Every host, the reporter of nothing and of everything, replays the
+    // allow-list events; lifted bans are gone, the one outside stays.
+    for host in ["a", "b", "admin"] {
+        let replay = s.events_after(0, host, 100).await.unwrap();
+        let kinds: Vec<EventKind> = replay.iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds.iter().filter(|k| **k == EventKind::AllowAdd).count(),
+            2,
+            "{host}"
+        );
+        assert!(
+            replay
+                .iter()
+                .all(|e| e.kind != EventKind::Ban || e.ban.ip == "198.51.101.1")
+        );
+    }
+    let entries = s.allow_entries().await.unwrap();
+    assert_eq!(
+        entries,
+        vec![allow("198.51.100.0/24"), allow("2001:db8::/32")]
+    );
+    // Remove: an event, and the entry is gone; twice is `None`.
+    let removed = s
+        .allow_remove(&"2001:db8::/32".parse().unwrap(), "admin")
+        .await
+        .unwrap()
+        .expect("listed");
+    assert_eq!(removed.kind, EventKind::AllowRemove);
+    assert!(removed.id > v6.unbans[0].id);
+    assert!(
+        s.allow_remove(&"2001:db8::/32".parse().unwrap(), "admin")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(s.allow_entries().await.unwrap().len(), 1);
+    // Listing bans shows bans only, never allow-list events.
+    let bans = s
+        .list_bans(&BanFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(bans.iter().all(|b| b.event.kind == EventKind::Ban));
+    assert_eq!(bans.iter().filter(|b| !b.lifted).count(), 1);
+}
+
+async fn the_allow_list_loads_into_another_store(b: Backend) {
+    let src = b.open().await;
+    src.allow_add(&allow("198.51.100.0/24"))
+        .await
+        .unwrap()
+        .unwrap();
+    src.allow_add(&allow("2001:db8::/32"))
+        .await
+        .unwrap()
+        .unwrap();
+    let rows = src.allow_entries().await.unwrap();
+    let to = Backend::sqlite().await;
+    let dst = to.open().await;
+    dst.load_allow(&rows).await.unwrap();
+    dst.load_allow(&rows).await.unwrap();
+    assert_eq!(dst.allow_entries().await.unwrap(), rows);
+}
+
+async fn refused_reports_are_stored_once(b: Backend) {
+    let s = b.open().await;
+    let r = report("web-1", 9, "198.51.100.7");
+    s.refuse(&[(r.clone(), "198.51.100.0/24".into())])
+        .await
+        .unwrap();
+    // A re-send of the same (host, seq) is not stored twice.
+    s.refuse(&[(r.clone(), "198.51.100.0/24".into())])
+        .await
+        .unwrap();
+    s.refuse(&[(
+        report("web-2", 1, "127.0.0.1"),
+        "127.0.0.0/8 (built-in: loopback)".into(),
+    )])
+    .await
+    .unwrap();
+    let rows = s.refused(0, 100).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0].host.as_str(), rows[0].seq), ("web-1", 9));
+    assert_eq!(rows[0].ban, r.ban);
+    assert_eq!(rows[0].allowed_by, "198.51.100.0/24");
+    assert!(rows[0].created_ms > 0);
+    assert_eq!(s.refused(rows[0].id, 100).await.unwrap().len(), 1);
+    // Nothing refused became an event.
+    assert_eq!(s.last_event_id().await.unwrap(), 0);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -877,4 +1029,7 @@ conformance!(
     the_view_stops_at_its_host_limit,
     names_are_one_case_insensitive_namespace,
     the_view_takes_any_host_names,
+    the_allow_list_lifts_what_it_covers_and_travels_as_events,
+    refused_reports_are_stored_once,
+    the_allow_list_loads_into_another_store,
 );

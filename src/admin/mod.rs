@@ -8,11 +8,14 @@
 //! hub decides what that certificate may do (see `hub::access`).
 //!
 //! # Layout
+//! - [`allow`]: the fleet allow-list (`allow add|list|remove`) and the
+//!   reports it refused (`bans --refused`).
 //! - [`bans`]: unban an address fleet-wide; list bans with every host's
 //!   status in the seed's table shape.
 //! - [`membership`]: enrolment tokens, revocation, the hosts list.
 //! - [`data`]: copying a hub's data between stores; importing the seed's
 //!   `ip_table`.
+pub mod allow;
 pub mod bans;
 pub mod data;
 pub mod membership;

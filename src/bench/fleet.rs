@@ -39,6 +39,11 @@ impl Pki {
         self.issue(name, ca::Role::Host)
     }
 
+    /// An admin's certificate (allow-list entries).
+    pub fn admin(&self, name: &str) -> anyhow::Result<TlsFiles> {
+        self.issue(name, ca::Role::Admin)
+    }
+
     /// The hub's certificate, with the hub mark nodes require.
     pub fn hub(&self) -> anyhow::Result<TlsFiles> {
         self.issue("hub", ca::Role::Hub)

@@ -11,7 +11,11 @@
 //! - fan-out: event deliveries per second to subscribers;
 //! - subscribers held, and the hub's peak RSS;
 //! - catch-up: a node that missed N stored bans, until it applied them all;
-//! - `banmesh report`'s own wall time (what fail2ban's action waits).
+//! - `banmesh report`'s own wall time (what fail2ban's action waits);
+//! - with `--allow-entries N`, propagation again for each fleet size with
+//!   an allow-list of N networks (none covering the bench's addresses, so
+//!   every ban is checked against all of them and passes): the cost of the
+//!   hub's and every node's check, next to the same run without a list.
 //!
 //! `--quick` keeps it under a minute for CI; the full run is the README's.
 //!
@@ -53,6 +57,12 @@ pub struct BenchArgs {
     /// Reports per publisher in the ingest run (20 publishers; quick 10), default 100,000; quick 20,000.
     #[arg(long)]
     pub ingest: Option<usize>,
+    /// Also run propagation with an allow-list of this many networks (e.g. 10000); 0: no such rows.
+    #[arg(long, default_value_t = 0)]
+    pub allow_entries: usize,
+    /// Run only the propagation scenarios (with and without the allow-list).
+    #[arg(long)]
+    pub propagation_only: bool,
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -91,11 +101,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     results.insert("quick".into(), json!(args.quick));
 
     let mut prop = Vec::new();
+    let mut prop_allow = Vec::new();
     for &n in &sizes {
         eprintln!("propagation with {n} nodes ...");
-        prop.push(propagation(root, &pki, &args.mysql, n, args.quick).await?);
+        prop.push(propagation(root, &pki, &args.mysql, n, args.quick, 0).await?);
+        if args.allow_entries > 0 {
+            let k = args.allow_entries;
+            eprintln!("propagation with {n} nodes and {k} allow-list networks ...");
+            prop_allow.push(propagation(root, &pki, &args.mysql, n, args.quick, k).await?);
+        }
     }
     results.insert("propagation".into(), json!(prop));
+    if args.allow_entries > 0 {
+        results.insert("propagation_allow_list".into(), json!(prop_allow));
+    }
+    if args.propagation_only {
+        print_table(&results);
+        println!("{}", serde_json::Value::Object(results));
+        return Ok(());
+    }
     eprintln!("ingest ...");
     let (publishers, each) = if args.quick {
         (10, 20_000)
@@ -159,19 +183,94 @@ fn ip(scenario: u32, i: u32) -> String {
     std::net::Ipv4Addr::from((100 + scenario) << 24 | i).to_string()
 }
 
+/// `count` distinct networks that cover none of the bench's addresses
+/// (those are in 100.0.0.0-163.255.255.255, see [`ip`]): IPv4 /16-/32 in
+/// 1.0.0.0-99.255.255.255 and IPv6 /48-/64 in 2001:db8::/32, a quarter of
+/// them IPv6, so lookups walk many prefix lengths of both families.
+fn allow_networks(count: usize) -> Vec<crate::allow::Network> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = std::collections::BTreeSet::new();
+    while out.len() < count {
+        let r = next();
+        let text = if out.len() % 4 == 3 {
+            let p = 48 + (r % 17) as u8;
+            let low = (u128::from(next()) << 64 | u128::from(next())) >> 32;
+            let a = 0x2001_0db8_u128 << 96 | low;
+            let net = a & (u128::MAX << (128 - u32::from(p)));
+            format!("{}/{p}", std::net::Ipv6Addr::from(net))
+        } else {
+            let p = 16 + (r % 17) as u8;
+            let a = (1 + (next() % 99) as u32) << 24 | (next() as u32 & 0x00ff_ffff);
+            let net = a & (u32::MAX << (32 - u32::from(p)));
+            format!("{}/{p}", std::net::Ipv4Addr::from(net))
+        };
+        out.insert(text.parse().expect("a canonical network"));
+    }
+    out.into_iter().collect()
+}
+
+/// Adds `count` allow-list networks through the hub's admin RPC (so its
+/// committer holds them and they reach nodes as events); the last event id.
+async fn fill_allow_list(pki: &fleet::Pki, hub: &str, count: usize) -> anyhow::Result<u64> {
+    let admin = pki.admin("bench-admin")?;
+    let client = crate::admin::client(hub, &admin).await?;
+    let mut last = 0;
+    for chunk in allow_networks(count).chunks(64) {
+        let calls = chunk.iter().map(|n| {
+            let mut c = client.clone();
+            let network = n.to_string();
+            async move {
+                c.allow_add(crate::proto::AllowAddRequest {
+                    network,
+                    note: "bench".into(),
+                })
+                .await
+            }
+        });
+        for r in futures_util::future::join_all(calls).await {
+            last = last.max(r?.into_inner().event_id);
+        }
+    }
+    Ok(last)
+}
+
 /// Reports from random nodes; each latency is from the `report` call until
-/// the last other node applied it.
+/// the last other node applied it. With `allow` > 0, the hub first gets
+/// that many allow-list networks and every node has applied them before
+/// the first report.
 async fn propagation(
     root: &Path,
     pki: &fleet::Pki,
     mysql: &str,
     n: usize,
     quick: bool,
+    allow: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let dir = root.join(format!("prop-{n}"));
+    let dir = root.join(format!("prop-{n}-{allow}"));
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
+    let last_allow = if allow > 0 {
+        fill_allow_list(pki, &hub.url, allow).await?
+    } else {
+        0
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let nodes = fleet::Nodes::start(&dir, pki, &hub.url, n, tx).await?;
+    let t_list = Instant::now();
+    for s in &nodes.sockets {
+        while crate::report::node_status(s).await?.last_applied_event_id < last_allow {
+            anyhow::ensure!(
+                t_list.elapsed() < Duration::from_secs(300),
+                "nodes did not apply the allow-list"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     // ip -> (reporting node, sent at, nodes still to apply it, done at)
     let mut pending: HashMap<String, (usize, Instant, usize)> = HashMap::new();
     let mut steady = Vec::new();
@@ -230,7 +329,7 @@ async fn propagation(
     let (_, peak) = hub.rss();
     nodes.stop().await;
     Ok(
-        json!({"nodes": n, "steady": percentiles(steady), "burst": percentiles(burst), "hub_peak_rss_mb": peak / (1 << 20)}),
+        json!({"nodes": n, "allow_entries": allow, "steady": percentiles(steady), "burst": percentiles(burst), "hub_peak_rss_mb": peak / (1 << 20)}),
     )
 }
 
@@ -432,17 +531,31 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
         "{:<34} {:>10} {:>10} {:>10}",
         "propagation (report -> all applied)", "p50 ms", "p99 ms", "max ms"
     );
-    for p in r["propagation"].as_array().into_iter().flatten() {
+    let rows = r["propagation"].as_array().into_iter().flatten();
+    let allowed = r
+        .get("propagation_allow_list")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten();
+    for p in rows.chain(allowed) {
+        let list = match p["allow_entries"].as_u64() {
+            Some(k) if k > 0 => format!(", {k} allowed"),
+            _ => String::new(),
+        };
         for mode in ["steady", "burst"] {
             let v = &p[mode];
             println!(
-                "  {:>5} nodes, {mode:<22} {:>10} {:>10} {:>10}",
+                "  {:>5} nodes, {:<22} {:>10} {:>10} {:>10}",
                 p["nodes"],
+                format!("{mode}{list}"),
                 ms(v, "p50_ms"),
                 ms(v, "p99_ms"),
                 ms(v, "max_ms")
             );
         }
+    }
+    if r.get("ingest").is_none() {
+        return;
     }
     let i = &r["ingest"];
     println!(

@@ -7,6 +7,19 @@
 //! ids in commit order, which the subscribers' gap-free switch from replay
 //! to live relies on. Nothing is acknowledged before its commit returns.
 //!
+//! The committer also owns the fleet allow-list as the hub enforces it,
+//! and that is why no ban inside an entry can slip past it: each report is
+//! checked against the list as it stands at the report's place in the
+//! committer's one queue, right before its commit. Adding an entry first
+//! commits every report queued before it, then writes the entry, its
+//! allow-add event and the unbans of every active ban inside it in one
+//! transaction, and only then changes the list the next reports are checked
+//! against. So a ban inside the entry is either committed before the entry
+//! (and lifted by an unban with a higher id) or refused; never committed
+//! after it while it stands. A refused report is stored in
+//! `refused_reports` and answered [`Committed::Refused`]: no event, no
+//! fan-out.
+//!
 //! A commit whose outcome is unknown (the database went away during it)
 //! may still have landed. Its events are then published late, in order:
 //! after every successful commit, anything in the store between the last
@@ -18,17 +31,24 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::{
+    allow::{Guard, refuse},
     fanout::Fanout,
-    store::{Committed, NewReport, Store, StoreError},
+    fleet::FleetAddrs,
+    store::{AllowAdded, AllowRow, Committed, NewReport, Store, StoreError},
 };
-use crate::{ban::Event, shutdown::Shutdown};
+use crate::{
+    allow::{AllowList, Network},
+    ban::Event,
+    shutdown::Shutdown,
+};
 
 /// Most reports in one transaction (one multi-row INSERT).
 pub const MAX_BATCH: usize = 1000;
 /// Commands that may wait for the committer before senders feel backpressure.
 const QUEUE: usize = 16 * MAX_BATCH;
 
-type Reply<T> = oneshot::Sender<Result<T, Arc<StoreError>>>;
+/// Where the committer answers one command.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, Arc<StoreError>>>;
 
 enum Command {
     Report(NewReport, Reply<Committed>),
@@ -36,6 +56,12 @@ enum Command {
         ip: String,
         by: String,
         reply: Reply<Option<(Event, u32)>>,
+    },
+    AllowAdd(AllowRow, Reply<Option<AllowAdded>>),
+    AllowRemove {
+        network: Network,
+        by: String,
+        reply: Reply<Option<Event>>,
     },
 }
 
@@ -53,10 +79,37 @@ fn stopped() -> Arc<StoreError> {
 impl Committer {
     /// Starts the committer task; it stops once `shutdown` fires and every
     /// command already queued is committed and answered.
-    pub fn spawn(store: Arc<dyn Store>, fanout: Fanout, shutdown: Shutdown) -> Self {
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        fanout: Fanout,
+        fleet: FleetAddrs,
+        shutdown: Shutdown,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, fanout, rx, shutdown));
+        tokio::spawn(run(store, fanout, fleet, rx, shutdown));
         Committer { tx }
+    }
+
+    async fn ask<T>(&self, cmd: impl FnOnce(Reply<T>) -> Command) -> Result<T, Arc<StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(cmd(reply)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Adds an allow-list entry and lifts every active ban inside it, in
+    /// order with the reports around it; `None` when already listed.
+    pub async fn allow_add(&self, entry: AllowRow) -> Result<Option<AllowAdded>, Arc<StoreError>> {
+        self.ask(|reply| Command::AllowAdd(entry, reply)).await
+    }
+
+    /// Removes an allow-list entry; `None` when it was not listed.
+    pub async fn allow_remove(
+        &self,
+        network: Network,
+        by: String,
+    ) -> Result<Option<Event>, Arc<StoreError>> {
+        self.ask(|reply| Command::AllowRemove { network, by, reply })
+            .await
     }
 
     /// Queues a report; the receiver resolves once it is durable.
@@ -91,9 +144,28 @@ impl Committer {
 async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
+    fleet: FleetAddrs,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: Shutdown,
 ) {
+    // The list every report is checked against; nothing is committed
+    // before it is loaded (a report must never pass an unloaded list).
+    let entries = loop {
+        match store.allow_entries().await {
+            Ok(rows) => break rows,
+            Err(e) => {
+                warn!(error = %e, "cannot read the allow-list; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = shutdown.recv() => return,
+                }
+            }
+        }
+    };
+    let mut guard = Guard {
+        list: AllowList::new(entries.into_iter().map(|r| r.network)),
+        fleet,
+    };
     let mut batch: Vec<NewReport> = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<Reply<Committed>> = Vec::with_capacity(MAX_BATCH);
     // Where publishing starts: the store's last id. Without it the first
@@ -137,10 +209,57 @@ async fn run(
                 }
                 Command::Unban { ip, by, reply } => {
                     // Reports queued before the unban commit before it.
-                    commit_reports(&*store, &fanout, &mut published, &mut batch, &mut replies)
-                        .await;
+                    commit_reports(
+                        &*store,
+                        &fanout,
+                        &guard,
+                        &mut published,
+                        &mut batch,
+                        &mut replies,
+                    )
+                    .await;
                     let result = store.unban(&ip, &by).await.map_err(Arc::new);
                     if let Ok(Some((event, _))) = &result {
+                        published
+                            .publish(&*store, &fanout, event.id, std::slice::from_ref(event))
+                            .await;
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::AllowAdd(entry, reply) => {
+                    // Reports queued before the entry are checked without it.
+                    commit_reports(
+                        &*store,
+                        &fanout,
+                        &guard,
+                        &mut published,
+                        &mut batch,
+                        &mut replies,
+                    )
+                    .await;
+                    let result = store.allow_add(&entry).await.map_err(Arc::new);
+                    if let Ok(Some(added)) = &result {
+                        guard.list.insert(added.entry.network);
+                        let mut fresh = vec![added.event.clone()];
+                        fresh.extend(added.unbans.iter().cloned());
+                        let highest = fresh.last().map_or(0, |e| e.id);
+                        published.publish(&*store, &fanout, highest, &fresh).await;
+                    }
+                    let _ = reply.send(result);
+                }
+                Command::AllowRemove { network, by, reply } => {
+                    commit_reports(
+                        &*store,
+                        &fanout,
+                        &guard,
+                        &mut published,
+                        &mut batch,
+                        &mut replies,
+                    )
+                    .await;
+                    let result = store.allow_remove(&network, &by).await.map_err(Arc::new);
+                    if let Ok(Some(event)) = &result {
+                        guard.list.remove(&network);
                         published
                             .publish(&*store, &fanout, event.id, std::slice::from_ref(event))
                             .await;
@@ -156,7 +275,15 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit_reports(&*store, &fanout, &mut published, &mut batch, &mut replies).await;
+        commit_reports(
+            &*store,
+            &fanout,
+            &guard,
+            &mut published,
+            &mut batch,
+            &mut replies,
+        )
+        .await;
     }
     debug!("committer stopped");
 }
@@ -218,10 +345,12 @@ impl Published {
 async fn commit_reports(
     store: &dyn Store,
     fanout: &Fanout,
+    guard: &Guard,
     published: &mut Published,
     batch: &mut Vec<NewReport>,
     replies: &mut Vec<Reply<Committed>>,
 ) {
+    refuse(store, guard, batch, replies).await;
     if batch.is_empty() {
         return;
     }
@@ -233,7 +362,7 @@ async fn commit_reports(
                 .iter()
                 .filter_map(|r| match r {
                     Committed::New(e) => Some(e.clone()),
-                    Committed::Duplicate(_) => None,
+                    Committed::Duplicate(_) | Committed::Refused { .. } => None,
                 })
                 .collect();
             fresh.sort_by_key(|e| e.id);

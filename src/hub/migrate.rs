@@ -96,6 +96,9 @@ pub async fn migrate(
     // Revocations and admin names too: a migration must not readmit a
     // revoked certificate.
     to.load_names(&from.dump_names().await?).await?;
+    // The allow-list the new hub's committer checks reports against (its
+    // events, which nodes already hold, are copied with the others).
+    to.load_allow(&from.allow_entries().await?).await?;
     let mut copied = Copied {
         hosts: hosts.len() as u64,
         ..Default::default()

@@ -20,8 +20,10 @@
 //! - [`fanout`]: the shared ring of live events and the subscriber registry.
 //! - [`rate_limit`]: the per-host report limit that contains a flooding
 //!   host (its reports wait in its outbox), on [`throttle`]'s buckets.
+//! - [`fleet`]: the fleet's own addresses, which the allow-list always holds.
 //! - [`statuses`]: hosts' statuses, written in groups.
 //! - [`access`]: who may call what, and revocation.
+//! - [`allow`]: the allow-list check on every report, and its admin RPCs.
 //! - [`enrollment`]: the token-for-certificate `Enrollment` service, and the
 //!   token and signing helpers `CreateToken` and `Renew` share;
 //!   [`throttle`]: its per-source rate limit.
@@ -33,9 +35,11 @@
 //! - [`listener`]: the accept loop: TLS handshakes with a deadline, and
 //!   limits on connections that carry no client certificate.
 pub mod access;
+pub mod allow;
 pub mod committer;
 pub mod enrollment;
 pub mod fanout;
+pub mod fleet;
 pub mod listener;
 pub mod migrate;
 pub mod publish;
@@ -228,7 +232,18 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     let fanout = fanout::Fanout::default();
-    let committer = committer::Committer::spawn(store.clone(), fanout.clone(), shutdown.clone());
+    let fleet = fleet::FleetAddrs::default();
+    if let Ok(addr) = tcp.local_addr().map(|a| a.ip())
+        && !addr.is_unspecified()
+    {
+        fleet.note(addr, "hub");
+    }
+    let committer = committer::Committer::spawn(
+        store.clone(),
+        fanout.clone(),
+        fleet.clone(),
+        shutdown.clone(),
+    );
     let enrollment = enrollment::EnrollmentService {
         store: Arc::clone(&store),
         signer: signer.clone(),
@@ -242,6 +257,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         store: Arc::clone(&store),
         committer,
         fanout,
+        fleet,
         access: access.clone(),
         signer,
         hub_names,

@@ -13,6 +13,11 @@
 //!   the last folded `seq` and `event_id` and `count` = reports covered, so a
 //!   busy stream costs one ack per commit, not one per report. A rejected
 //!   ack is never folded (it carries its own reason and `count` 1).
+//! - A report whose address is on the fleet allow-list is answered, in
+//!   its place, with `rejected` and `allowed_by` set (the entry that
+//!   matched) once the committer has stored it as refused; like any
+//!   rejected ack it is never folded, so the node learns which report it
+//!   was and logs it once.
 //! - A failed commit, or the committer going away (hub shutdown), ends the
 //!   stream with UNAVAILABLE and acks nothing from that report on. The node
 //!   keeps those reports in its outbox and sends them again on its next
@@ -185,6 +190,9 @@ fn fold(ack: &mut proto::Ack, pending_rx: &mut mpsc::Receiver<PendingAck>) -> Op
     loop {
         match pending_rx.try_recv() {
             Ok(PendingAck::Committing(seq, mut rx)) => match rx.try_recv() {
+                Ok(Ok(Committed::Refused { ip, entry })) => {
+                    return Some(PendingAck::Ready(refused_ack(seq, &ip, entry)));
+                }
                 Ok(Ok(c)) => {
                     ack.seq = seq;
                     ack.event_id = c.event_id();
@@ -211,16 +219,29 @@ async fn resolve(p: PendingAck) -> Result<proto::Ack, Status> {
         PendingAck::Ready(ack) => Ok(ack),
         PendingAck::Failed(status) => Err(status),
         PendingAck::Committing(seq, rx) => match rx.await {
+            Ok(Ok(Committed::Refused { ip, entry })) => Ok(refused_ack(seq, &ip, entry)),
             Ok(Ok(c)) => Ok(proto::Ack {
                 seq,
                 event_id: c.event_id(),
                 duplicate: matches!(c, Committed::Duplicate(_)),
                 rejected: String::new(),
                 count: 1,
+                allowed_by: String::new(),
             }),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(shutting_down()),
         },
+    }
+}
+
+/// The ack of a report of `ip` refused by the allow-list `entry`.
+fn refused_ack(seq: u64, ip: &str, entry: String) -> proto::Ack {
+    proto::Ack {
+        seq,
+        rejected: format!("{ip} is on the fleet allow-list ({entry}): not shared"),
+        count: 1,
+        allowed_by: entry,
+        ..Default::default()
     }
 }
 

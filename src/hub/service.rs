@@ -8,9 +8,11 @@ use tracing::info;
 
 use super::{
     access::Access,
+    allow,
     committer::Committer,
     enrollment,
     fanout::Fanout,
+    fleet::{FleetAddrs, LIFTER},
     publish,
     rate_limit::{BACKLOG_HEADER, ReportLimits},
     statuses::{StatusWriter, WriteError},
@@ -60,6 +62,8 @@ pub struct HubService {
     pub limits: Arc<ReportLimits>,
     /// Live subscribers, and the ring new events are broadcast on.
     pub fanout: Fanout,
+    /// The fleet's own addresses (never banned), learnt from connections.
+    pub fleet: FleetAddrs,
     /// Who may call what (admin role, revoked names).
     pub access: Access,
     /// The CA, when this hub signs enrolments and renewals.
@@ -70,7 +74,7 @@ pub struct HubService {
     pub shutdown: Shutdown,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Status {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
     Status::unavailable(e.to_string())
 }
 
@@ -86,6 +90,7 @@ impl hub_server::Hub for HubService {
         request: Request<Streaming<proto::Report>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
         let peer = self.access.host(&request)?;
+        self.note_fleet(&request, &peer.name);
         self.store
             .touch_host(&peer.name, peer.cert_expires_ms)
             .await
@@ -122,6 +127,7 @@ impl hub_server::Hub for HubService {
         let peer = self.access.member(&request)?;
         // Admins may follow the stream; they are not hosts of the fleet.
         if !peer.admin {
+            self.note_fleet(&request, &peer.name);
             self.store
                 .touch_host(&peer.name, peer.cert_expires_ms)
                 .await
@@ -347,6 +353,34 @@ impl hub_server::Hub for HubService {
         }))
     }
 
+    async fn allow_add(
+        &self,
+        request: Request<proto::AllowAddRequest>,
+    ) -> Result<Response<proto::AllowAddResponse>, Status> {
+        allow::add(self, request).await
+    }
+
+    async fn allow_list(
+        &self,
+        request: Request<proto::AllowListRequest>,
+    ) -> Result<Response<proto::AllowListResponse>, Status> {
+        allow::list(self, request).await
+    }
+
+    async fn allow_remove(
+        &self,
+        request: Request<proto::AllowRemoveRequest>,
+    ) -> Result<Response<proto::AllowRemoveResponse>, Status> {
+        allow::remove(self, request).await
+    }
+
+    async fn list_refused(
+        &self,
+        request: Request<proto::ListRefusedRequest>,
+    ) -> Result<Response<proto::ListRefusedResponse>, Status> {
+        allow::refused(self, request).await
+    }
+
     async fn renew(
         &self,
         request: Request<proto::RenewRequest>,
@@ -369,6 +403,32 @@ impl hub_server::Hub for HubService {
 }
 
 impl HubService {
+    /// A host's connection reveals two fleet addresses: its own (the
+    /// source) and the hub's as the host reaches it (the local end).
+    /// A new one has its active bans lifted (see `fleet`).
+    fn note_fleet<T>(&self, request: &Request<T>, host: &str) {
+        let ends = [(request.remote_addr(), host), (request.local_addr(), "hub")];
+        for (addr, who) in ends {
+            let Some(ip) = addr.map(|a| crate::ban::canonical_ip(a.ip())) else {
+                continue;
+            };
+            if !self.fleet.note(ip, who) {
+                continue;
+            }
+            let committer = self.committer.clone();
+            tokio::spawn(async move {
+                match committer.unban(ip.to_string(), LIFTER.into()).await {
+                    Ok(Some((event, lifted))) => info!(%ip, event = event.id, lifted,
+                        "a fleet address was banned; lifted on every host"),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(%ip, error = %e, "cannot lift the bans of a fleet address")
+                    }
+                }
+            });
+        }
+    }
+
     /// How long a renewed certificate is valid: what the host enrolled
     /// with (its token's `--cert-ttl`), so a short-lived certificate stays
     /// short. A host issued by hand (`ca issue`) keeps the lifetime of the

@@ -139,9 +139,11 @@ pub fn start(
     Events(queue)
 }
 
-/// Whether `subscriber` receives this event: not its own bans.
+/// Whether `subscriber` receives this event: everything but its own bans
+/// (unbans, and allow-list changes, which every node must hold before the
+/// bans after them; `events_after` has the same rule for replay).
 fn visible(event: &Event, subscriber: &str) -> bool {
-    event.kind == EventKind::Unban || event.added_by != subscriber
+    event.kind != EventKind::Ban || event.added_by != subscriber
 }
 
 /// Feeds the queue until the subscriber goes away, the store fails, the

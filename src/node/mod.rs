@@ -31,6 +31,7 @@
 //! - [`ignore`]: fail2ban's ignore list for the shared jail, kept current
 //!   by a background task, looked up before a ban is applied.
 //! - [`deferred`]: bans put off until an older ban ends.
+//! - [`allow_list`]: this host's saved copy of the fleet allow-list.
 //! - [`status_journal`]: every status decided, on disk until the hub has it.
 //! - [`status_reporter`]: status journal -> hub.
 //!
@@ -40,6 +41,7 @@
 //! - [`inspect`]: the optional mTLS port for grpcurl (status, health, reflection).
 //! - [`state_file`]: how every file above is opened: never through a
 //!   symbolic link, readable by its owner only.
+pub mod allow_list;
 pub mod apply;
 pub mod deferred;
 pub mod ignore;
@@ -93,6 +95,10 @@ pub enum NodeError {
     /// A hub address is not `https://HOST:PORT`, or the TLS client could not be built.
     #[error(transparent)]
     Link(#[from] link::LinkError),
+    /// The saved allow-list is unreadable: starting without it could let
+    /// through bans the fleet refuses.
+    #[error(transparent)]
+    AllowList(#[from] allow_list::LoadError),
     /// The report socket (or the inspection port) could not be bound.
     #[error("cannot listen on {path}: {source} (is another node running with this --socket?)")]
     Socket {
@@ -242,6 +248,8 @@ async fn serve(
     let position = Arc::new(position::Position::load(applied, saved, logged));
     let journal =
         Arc::new(status_journal::StatusJournal::open(&config.data_dir).map_err(data_err)?);
+    // Refuse to start on an unreadable list (the applier loads it again).
+    allow_list::LocalAllowList::load(&config.data_dir)?;
     let (ignore_tx, ignore) = ignore::channel();
     let applier = apply::Applier::new(
         apply::ApplyConfig {

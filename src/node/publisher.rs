@@ -207,7 +207,11 @@ async fn stream_once(
                     return Err(tonic::Status::unavailable("hub ended the publish stream"));
                 };
                 backoff.reset();
-                if !ack.rejected.is_empty() {
+                if !ack.allowed_by.is_empty() {
+                    // This host's fail2ban keeps its own ban; the fleet does not follow.
+                    warn!(seq = ack.seq, allowed_by = %ack.allowed_by, reason = %ack.rejected,
+                        "hub refused a report: the address is on the fleet allow-list; this host keeps its own ban, no other host bans it");
+                } else if !ack.rejected.is_empty() {
                     warn!(seq = ack.seq, reason = %ack.rejected, "hub refused a report; dropping it");
                 }
                 in_flight = in_flight.saturating_sub(u64::from(ack.count.max(1)));

@@ -116,14 +116,24 @@ pub enum Committed {
     New(Event),
     /// Stored before (a re-send), as this event id.
     Duplicate(u64),
+    /// Not an event: the address is on the allow-list (this entry, as
+    /// shown to the node), and the report is in `refused_reports`. Only
+    /// the committer gives this answer; a store's `commit` never does.
+    Refused {
+        /// The reported address.
+        ip: String,
+        /// The entry that matched, as stored and shown.
+        entry: String,
+    },
 }
 
 impl Committed {
-    /// The event's id, new or first stored.
+    /// The event's id, new or first stored (0 for a refused report).
     pub fn event_id(&self) -> u64 {
         match self {
             Committed::New(e) => e.id,
             Committed::Duplicate(id) => *id,
+            Committed::Refused { .. } => 0,
         }
     }
 }
@@ -154,6 +164,50 @@ pub struct BanRow {
     pub lifted: bool,
     /// `(host, status)` for every known host, sorted by host.
     pub statuses: Vec<(String, Status)>,
+}
+
+/// An allow-list entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRow {
+    /// The network, canonical.
+    pub network: crate::allow::Network,
+    /// The admin's note (`--note`), may be empty.
+    pub note: String,
+    /// The admin who added it.
+    pub added_by: String,
+    /// When, Unix ms.
+    pub added_ms: i64,
+}
+
+/// What adding an allow-list entry committed, in id order.
+#[derive(Debug, Clone)]
+pub struct AllowAdded {
+    /// The entry as stored.
+    pub entry: AllowRow,
+    /// The allow-add event.
+    pub event: Event,
+    /// One unban event per address inside the network that had an active
+    /// ban, after `event`.
+    pub unbans: Vec<Event>,
+    /// Active bans lifted (an address may have had several).
+    pub lifted: u32,
+}
+
+/// A report refused because its address is on the allow-list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRow {
+    /// Row id (paging).
+    pub id: u64,
+    /// The reporting host, from its certificate.
+    pub host: String,
+    /// Its report sequence.
+    pub seq: u64,
+    /// The ban it reported.
+    pub ban: Ban,
+    /// When the hub refused it, Unix ms.
+    pub created_ms: i64,
+    /// The entry that matched (CIDR, or a built-in or fleet address with its reason).
+    pub allowed_by: String,
 }
 
 /// A host the hub has seen.
@@ -329,6 +383,27 @@ pub trait Store: Send + Sync + 'static {
     async fn list_bans(&self, filter: &BanFilter) -> Result<Vec<BanRow>, StoreError>;
     /// Every host row, sorted by name.
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
+    /// The allow-list entries, by network text.
+    async fn allow_entries(&self) -> Result<Vec<AllowRow>, StoreError>;
+    /// Adds an entry and, in the same transaction, its allow-add event and
+    /// an unban event for every address inside it with an active ban;
+    /// `None` (nothing written) when the network is already listed.
+    async fn allow_add(&self, entry: &AllowRow) -> Result<Option<AllowAdded>, StoreError>;
+    /// Removes an entry and writes its allow-remove event (by `by`); `None`
+    /// (nothing written) when the network is not listed.
+    async fn allow_remove(
+        &self,
+        network: &crate::allow::Network,
+        by: &str,
+    ) -> Result<Option<Event>, StoreError>;
+    /// Inserts allow-list rows as they are (`hub migrate`), without events
+    /// (those are copied with the other events); a listed network is skipped.
+    async fn load_allow(&self, rows: &[AllowRow]) -> Result<(), StoreError>;
+    /// Stores refused reports, with the entry each matched; a report
+    /// (host, seq) already stored is skipped.
+    async fn refuse(&self, refused: &[(NewReport, String)]) -> Result<(), StoreError>;
+    /// Up to `limit` refused reports with ids above `after`, in id order.
+    async fn refused(&self, after: u64, limit: usize) -> Result<Vec<RefusedRow>, StoreError>;
     /// Highest event id stored (0 when empty).
     async fn last_event_id(&self) -> Result<u64, StoreError>;
     /// Highest report sequence stored for a host (0 when none): told to

@@ -191,6 +191,43 @@ pub const TABLES: &[Table] = &[
         indexes: &[],
         clustered: false,
     },
+    // The fleet allow-list (`banmesh allow`): canonical CIDR text, so one
+    // network has one spelling and one row. Its changes are also events
+    // (kinds 3 and 4), which carry it to the nodes in the event order.
+    Table {
+        name: "allow_list",
+        columns: &[
+            ("network", Ty::Str(64), NOT_NULL),
+            ("note", Ty::Str(255), NOT_NULL),
+            ("added_by", Ty::Str(253), NOT_NULL),
+            ("added_ms", Ty::I64, NOT_NULL),
+        ],
+        primary: &["network"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
+    // Reports the hub refused because their address is on the allow-list:
+    // who reported what, when, and which entry matched. Keyed like events
+    // by (host, seq), so a re-sent refused report is stored once.
+    Table {
+        name: "refused_reports",
+        columns: &[
+            ("id", Ty::BigSerial, NOT_NULL),
+            ("host", Ty::Str(253), NOT_NULL),
+            ("seq", Ty::U64, NOT_NULL),
+            ("created_ms", Ty::I64, NOT_NULL),
+            ("jailname", Ty::Str(64), NOT_NULL),
+            ("protocol", Ty::Str(16), NOT_NULL),
+            ("port", Ty::Str(32), NOT_NULL),
+            ("ip", Ty::Str(64), NOT_NULL),
+            ("allowed_by", Ty::Str(128), NOT_NULL),
+        ],
+        primary: &[],
+        unique: &[("report", &["host", "seq"])],
+        indexes: &[],
+        clustered: false,
+    },
 ];
 
 impl Dialect {

@@ -15,6 +15,13 @@
 //!   banned the IP all the same.
 //! - For an unban, the IP is lifted in every jail through the socket:
 //!   status 1 if a ban was lifted, 2 if none was held here, 3 on failure.
+//!   If the node wrote a line for it lately, it is lifted again each
+//!   second for [`RELIFT_FOR`]: fail2ban may read that line after the
+//!   unban and ban it anew.
+//! - A ban whose address is on the fleet allow-list (this host's saved
+//!   copy, [`super::allow_list`], or a built-in) is refused: status 4, no
+//!   line, no fast path. Allow-list events update that copy in their
+//!   place in the id order, before any later ban is decided.
 //! - Without a reachable control socket the node still writes lines (the
 //!   log path alone works) and says so in its log; unbans then fail with 3.
 //!
@@ -37,6 +44,7 @@ use tracing::{info, warn};
 
 pub use self::decide::{DEFAULT_RECENT_RATIO, Decision, Facts, decide};
 use super::{
+    allow_list::LocalAllowList,
     deferred::Deferred,
     ignore::{IgnoreWatch, Verdict},
     position::Position,
@@ -53,6 +61,11 @@ use crate::{
 const RECENT: Duration = Duration::from_secs(120);
 /// How often deferred bans are checked.
 const DEFERRED_TICK: Duration = Duration::from_secs(1);
+/// How long after an unban the node lifts the address again if fail2ban
+/// re-banned it from a line of ours it read late (it polls shared.log about
+/// once a second; a ban lifted right after it arrived would otherwise come
+/// back: an allow-list entry added just after a burst of bans, say).
+pub const RELIFT_FOR: Duration = Duration::from_secs(5);
 /// How often the position is saved while no events come.
 const POSITION_TICK: Duration = Duration::from_secs(1);
 /// How long the apply task waits at start for the ignore list's first read
@@ -92,6 +105,9 @@ pub struct Applier {
     recent: HashMap<String, Instant>,
     deferred: Deferred,
     ignore: IgnoreWatch,
+    allow: LocalAllowList,
+    /// Recently unbanned IPs whose line fail2ban may read late, until when.
+    relift: HashMap<String, Instant>,
 }
 
 impl Applier {
@@ -109,6 +125,13 @@ impl Applier {
             recent: HashMap::new(),
             deferred: Deferred::load(config.data_dir.join("deferred")),
             ignore,
+            allow: LocalAllowList::load(&config.data_dir).unwrap_or_else(|e| {
+                // `node::run` refuses to start on this; other callers
+                // (tests, bench) get the built-ins alone.
+                tracing::error!(error = %e, "allow-list not loaded");
+                LocalAllowList::empty(&config.data_dir)
+            }),
+            relift: HashMap::new(),
             config,
         }
     }
@@ -123,6 +146,11 @@ impl Applier {
                 i += 1;
                 continue;
             }
+            if events[i].kind.is_allow() {
+                self.allow.apply(&events[i]);
+                i += 1;
+                continue;
+            }
             let run = events[i..]
                 .iter()
                 .take_while(|e| e.kind == EventKind::Ban)
@@ -130,6 +158,8 @@ impl Applier {
             out.extend(self.bans(&events[i..i + run]).await);
             i += run;
         }
+        // Before the caller moves the position past these events.
+        self.allow.save();
         out
     }
 
@@ -163,6 +193,11 @@ impl Applier {
         let mut written_now = HashSet::new();
         for e in events {
             let ip = e.ban.ip.as_str();
+            if let Some(why) = self.allow.refuses(ip) {
+                info!(id = e.id, ip, allowed_by = %why, "ban refused: the address is on the allow-list");
+                statuses.push((e.id, Status::Refused));
+                continue;
+            }
             let verdict = ignore.check(ip);
             let facts = Facts {
                 ignore: verdict,
@@ -202,6 +237,8 @@ impl Applier {
                     );
                 }
                 Decision::Add { fast_path } => {
+                    // A new ban of it: no longer lifted again.
+                    self.relift.remove(ip);
                     written_now.insert(ip);
                     if fast_path {
                         fresh.push(ip);
@@ -288,8 +325,9 @@ pub async fn run(
                     let _ = o.send((ips, Instant::now()));
                 }
             }
-            _ = tick.tick(), if !applier.deferred.is_empty() => {
+            _ = tick.tick(), if !applier.deferred.is_empty() || !applier.relift.is_empty() => {
                 applier.apply_due().await;
+                applier.relift_due().await;
             }
             // A quiet spell must not leave the position file behind.
             _ = save.tick() => {

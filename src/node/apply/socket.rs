@@ -132,11 +132,37 @@ impl Applier {
         held
     }
 
+    /// Lifts again the recently unbanned IPs fail2ban banned anew from a
+    /// line it read after the unban; forgets them after [`super::RELIFT_FOR`].
+    pub(super) async fn relift_due(&mut self) {
+        let now = Instant::now();
+        self.relift.retain(|_, until| *until > now);
+        let Some(f2b) = self.fail2ban.as_mut() else {
+            self.relift.clear();
+            return;
+        };
+        for ip in self.relift.keys() {
+            if let Ok(n) = f2b.unban(ip).await
+                && n > 0
+            {
+                info!(
+                    ip,
+                    "fail2ban banned an unbanned address again from its shared.log line; lifted again"
+                );
+            }
+        }
+    }
+
     /// Lifts an IP in every jail; see the module doc of `apply` for its status.
     pub(super) async fn unban(&mut self, event: &Event) -> (u64, Status) {
         let ip = event.ban.ip.as_str();
         self.deferred.cancel(ip);
-        self.recent.remove(ip);
+        // fail2ban may not have read our line yet (it polls shared.log);
+        // read after this unban, it would ban the address again.
+        if self.recent.remove(ip).is_some() {
+            self.relift
+                .insert(ip.to_string(), Instant::now() + super::RELIFT_FOR);
+        }
         let Some(f2b) = self.fail2ban.as_mut() else {
             warn!(ip, "unban received but no fail2ban socket is configured");
             self.journal(&[(event.id, Status::Error)]);

@@ -19,11 +19,8 @@ pub const EVENT_COLUMNS: &str =
 pub fn event(r: &Row) -> Result<Event, StoreError> {
     Ok(Event {
         id: r.u64(0)?,
-        kind: if r.i64(1)? == 2 {
-            EventKind::Unban
-        } else {
-            EventKind::Ban
-        },
+        kind: EventKind::from_code(r.i64(1)?)
+            .ok_or_else(|| StoreError::query(format!("event kind {:?} unknown", r.0.get(1))))?,
         added_by: r.text(2)?,
         created_ms: r.i64(3)?,
         ban: Ban {
@@ -44,12 +41,14 @@ pub async fn events_after<B: Backend + ?Sized>(
     limit: usize,
 ) -> Result<Vec<Event>, StoreError> {
     // An admin following the stream is not a host: it excludes nothing.
+    // Every kind but a ban reaches every subscriber: unbans, and the
+    // allow-list changes a node must hold before the bans after them.
     let me = b.host_ids().get(subscriber).unwrap_or(0);
     let mut ex = b.session().await?;
     ex.query(
         &format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE id > ? \
-             AND (kind = 2 OR (reporter_id <> ? AND lifted_by IS NULL)) \
+             AND (kind <> 1 OR (reporter_id <> ? AND lifted_by IS NULL)) \
              ORDER BY id LIMIT ?"
         ),
         params![after, me, limit as u64],

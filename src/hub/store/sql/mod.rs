@@ -2,7 +2,7 @@
 //! [`Executor`]: any [`Backend`] is a `Store`. The bodies live by subject:
 //! `hosts.rs` (hosts and enrolment), `names.rs` (the namespace shared with
 //! admins: revocation, admin names, enrolled lifetimes), `events.rs`
-//! (replay, unban, listing), `raw.rs` (rows as stored, for `hub migrate`).
+//! (replay, unban, listing), `allow.rs` (the allow-list and refused reports), `raw.rs` (rows as stored, for `hub migrate`).
 //!
 //! What must stay true here, for both databases:
 //! - a host's id comes from [`host_id`], which also keeps the `ip_table`
@@ -21,6 +21,7 @@ use super::{
 };
 use crate::ban::{Event, Status};
 
+mod allow;
 mod events;
 mod hosts;
 mod names;
@@ -150,6 +151,41 @@ impl<B: Backend> Store for B {
 
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
         hosts::hosts(self).await
+    }
+
+    async fn allow_entries(&self) -> Result<Vec<super::AllowRow>, StoreError> {
+        allow::entries(self).await
+    }
+
+    async fn allow_add(
+        &self,
+        entry: &super::AllowRow,
+    ) -> Result<Option<super::AllowAdded>, StoreError> {
+        allow::add(self, entry).await
+    }
+
+    async fn allow_remove(
+        &self,
+        network: &crate::allow::Network,
+        by: &str,
+    ) -> Result<Option<Event>, StoreError> {
+        allow::remove(self, network, by).await
+    }
+
+    async fn load_allow(&self, rows: &[super::AllowRow]) -> Result<(), StoreError> {
+        allow::load(self, rows).await
+    }
+
+    async fn refuse(&self, refused: &[(NewReport, String)]) -> Result<(), StoreError> {
+        allow::refuse(self, refused).await
+    }
+
+    async fn refused(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<super::RefusedRow>, StoreError> {
+        allow::refused(self, after, limit).await
     }
 
     async fn last_event_id(&self) -> Result<u64, StoreError> {
