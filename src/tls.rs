@@ -162,14 +162,18 @@ impl TlsFiles {
     /// Every name in our own certificate (common name, DNS names and IP
     /// addresses), as written there.
     pub fn own_names(&self) -> Result<Vec<String>, TlsError> {
+        Ok(certificate_names(&self.own_der()?))
+    }
+
+    /// Our own certificate (the first in `cert`), parsed from PEM.
+    fn own_der(&self) -> Result<CertificateDer<'static>, TlsError> {
         let pem = read_cert(&self.cert)?;
-        let der = CertificateDer::pem_slice_iter(&pem)
+        CertificateDer::pem_slice_iter(&pem)
             .next()
             .and_then(Result::ok)
             .ok_or_else(|| TlsError::NoCertificate {
                 path: self.cert.clone(),
-            })?;
-        Ok(certificate_names(&der))
+            })
     }
 
     /// Whether our own certificate carries the hub mark.
@@ -183,14 +187,7 @@ impl TlsFiles {
 
     /// The identity in our own certificate.
     pub fn own_name(&self) -> Result<String, TlsError> {
-        let pem = read_cert(&self.cert)?;
-        let der = CertificateDer::pem_slice_iter(&pem)
-            .next()
-            .and_then(Result::ok)
-            .ok_or_else(|| TlsError::NoCertificate {
-                path: self.cert.clone(),
-            })?;
-        common_name(&der).ok_or_else(|| TlsError::NoCertificate {
+        common_name(&self.own_der()?).ok_or_else(|| TlsError::NoCertificate {
             path: self.cert.clone(),
         })
     }
