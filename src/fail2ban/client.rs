@@ -312,6 +312,13 @@ impl Fail2ban {
         Ok(v.as_int().unwrap_or(0))
     }
 
+    /// Lifts an IP in one jail only; returns how many bans were lifted (an
+    /// address that jail does not ban is an error answer from fail2ban).
+    pub async fn unban_in(&mut self, jail: &str, ip: &str) -> Result<i64, Fail2banError> {
+        let v = self.request(&["set", jail, "unbanip", ip]).await?;
+        Ok(v.as_int().unwrap_or(0))
+    }
+
     /// Lifts an IP in every jail; returns how many bans were lifted.
     pub async fn unban(&mut self, ip: &str) -> Result<i64, Fail2banError> {
         let v = self.request(&["unban", ip]).await?;

@@ -150,22 +150,10 @@ async fn run(
 ) {
     // The list every report is checked against; nothing is committed
     // before it is loaded (a report must never pass an unloaded list).
-    let entries = loop {
-        match store.allow_entries().await {
-            Ok(rows) => break rows,
-            Err(e) => {
-                warn!(error = %e, "cannot read the allow-list; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    _ = shutdown.recv() => return,
-                }
-            }
-        }
+    let Some(list) = load_allow_list(&*store, &mut shutdown).await else {
+        return;
     };
-    let mut guard = Guard {
-        list: AllowList::new(entries.into_iter().map(|r| r.network)),
-        fleet,
-    };
+    let mut guard = Guard { list, fleet };
     let mut batch: Vec<NewReport> = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<Reply<Committed>> = Vec::with_capacity(MAX_BATCH);
     // Where publishing starts: the store's last id. Without it the first
@@ -238,6 +226,15 @@ async fn run(
                     )
                     .await;
                     let result = store.allow_add(&entry).await.map_err(Arc::new);
+                    if result.is_err() {
+                        // The change may have landed all the same (the store
+                        // went away during COMMIT): the list is read back so
+                        // the copy reports are checked against is the store's.
+                        match load_allow_list(&*store, &mut shutdown).await {
+                            Some(list) => guard.list = list,
+                            None => return,
+                        }
+                    }
                     if let Ok(Some(added)) = &result {
                         guard.list.insert(added.entry.network);
                         let mut fresh = vec![added.event.clone()];
@@ -258,6 +255,12 @@ async fn run(
                     )
                     .await;
                     let result = store.allow_remove(&network, &by).await.map_err(Arc::new);
+                    if result.is_err() {
+                        match load_allow_list(&*store, &mut shutdown).await {
+                            Some(list) => guard.list = list,
+                            None => return,
+                        }
+                    }
                     if let Ok(Some(event)) = &result {
                         guard.list.remove(&network);
                         published
@@ -380,4 +383,21 @@ async fn commit_reports(
         }
     }
     batch.clear();
+}
+
+/// The allow-list as the store holds it, retried every second until the
+/// store answers; `None` when the hub stops first.
+async fn load_allow_list(store: &dyn Store, shutdown: &mut Shutdown) -> Option<AllowList> {
+    loop {
+        match store.allow_entries().await {
+            Ok(rows) => return Some(AllowList::new(rows.into_iter().map(|r| r.network))),
+            Err(e) => {
+                warn!(error = %e, "cannot read the allow-list; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = shutdown.recv() => return None,
+                }
+            }
+        }
+    }
 }

@@ -53,6 +53,15 @@ impl FleetAddrs {
             .cloned()
     }
 
+    /// Forgets an address, so that the next connection from it notes it
+    /// again (and retries lifting its bans, which failed this time).
+    pub fn forget(&self, ip: IpAddr) {
+        self.0
+            .write()
+            .unwrap()
+            .remove(&crate::ban::canonical_ip(ip));
+    }
+
     /// Every fleet address and whose it is.
     pub fn all(&self) -> Vec<(IpAddr, String)> {
         self.0

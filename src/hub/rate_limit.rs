@@ -86,6 +86,11 @@ impl FromStr for ReportRate {
         if !n.is_finite() || n <= 0.0 {
             return Err(format!("{s:?}: the rate must be above 0 (or off)"));
         }
+        // Below one an hour the wait for a token overflows a timestamp;
+        // no operator means that.
+        if n / secs < 1.0 / 3600.0 {
+            return Err(format!("{s:?}: the rate must be at least 1/h (or off)"));
+        }
         Ok(ReportRate(Some(n / secs)))
     }
 }
@@ -321,7 +326,9 @@ mod tests {
         assert_eq!(per("20/s"), Some(20.0));
         assert_eq!(per("7200/h"), Some(2.0));
         assert_eq!(per("off"), None);
-        for bad in ["600", "0/s", "-1/s", "ten/s", "5/day", "NaN/s"] {
+        for bad in [
+            "600", "0/s", "-1/s", "ten/s", "5/day", "NaN/s", "1e-20/h", "0.5/h",
+        ] {
             assert!(bad.parse::<ReportRate>().is_err(), "{bad}");
         }
         assert_eq!(ReportRate(Some(10.0)).to_string(), "10/s");

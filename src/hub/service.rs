@@ -416,15 +416,28 @@ impl HubService {
                 continue;
             }
             let committer = self.committer.clone();
+            let fleet = self.fleet.clone();
             tokio::spawn(async move {
-                match committer.unban(ip.to_string(), LIFTER.into()).await {
-                    Ok(Some((event, lifted))) => info!(%ip, event = event.id, lifted,
-                        "a fleet address was banned; lifted on every host"),
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(%ip, error = %e, "cannot lift the bans of a fleet address")
+                // Right after an outage, when every host reconnects at once,
+                // is when the store is most likely to fail: retry with a
+                // growing wait before giving up.
+                let mut wait = std::time::Duration::from_secs(1);
+                for attempt in 1..=8 {
+                    match committer.unban(ip.to_string(), LIFTER.into()).await {
+                        Ok(Some((event, lifted))) => {
+                            info!(%ip, event = event.id, lifted,
+                                "a fleet address was banned; lifted on every host");
+                            return;
+                        }
+                        Ok(None) => return,
+                        Err(e) => tracing::warn!(%ip, attempt, error = %e,
+                            "cannot lift the bans of a fleet address yet"),
                     }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(60));
                 }
+                // Forgotten, so the host's next connection tries again.
+                fleet.forget(ip);
             });
         }
     }

@@ -15,9 +15,10 @@
 //!   banned the IP all the same.
 //! - For an unban, the IP is lifted in every jail through the socket:
 //!   status 1 if a ban was lifted, 2 if none was held here, 3 on failure.
-//!   If the node wrote a line for it lately, it is lifted again each
-//!   second for [`RELIFT_FOR`]: fail2ban may read that line after the
-//!   unban and ban it anew.
+//!   If the node wrote a line for it lately, it is lifted again in the
+//!   `shared` jail each second for [`RELIFT_FOR`] (fail2ban may read that
+//!   line after the unban and ban it anew), until a new fleet ban of it
+//!   arrives.
 //! - A ban whose address is on the fleet allow-list (this host's saved
 //!   copy, [`super::allow_list`], or a built-in) is refused: status 4, no
 //!   line, no fast path. Allow-list events update that copy in their
@@ -64,8 +65,10 @@ const DEFERRED_TICK: Duration = Duration::from_secs(1);
 /// How long after an unban the node lifts the address again if fail2ban
 /// re-banned it from a line of ours it read late (it polls shared.log about
 /// once a second; a ban lifted right after it arrived would otherwise come
-/// back: an allow-list entry added just after a burst of bans, say).
-pub const RELIFT_FOR: Duration = Duration::from_secs(5);
+/// back: an allow-list entry added just after a burst of bans, say). 30 s
+/// covers a burst fail2ban works through at ~5 ms a ban (thousands of
+/// lines); a re-lift is one socket call a second per address.
+pub const RELIFT_FOR: Duration = Duration::from_secs(30);
 /// How often the position is saved while no events come.
 const POSITION_TICK: Duration = Duration::from_secs(1);
 /// How long the apply task waits at start for the ignore list's first read
@@ -217,8 +220,14 @@ impl Applier {
                     );
                     statuses.push((e.id, Status::Refused));
                 }
-                Decision::AlreadyBanned => statuses.push((e.id, Status::AlreadyBanned)),
+                Decision::AlreadyBanned => {
+                    // A new fleet ban of it: the address is banned again
+                    // on the fleet's account, so it is no longer lifted.
+                    self.relift.remove(ip);
+                    statuses.push((e.id, Status::AlreadyBanned));
+                }
                 Decision::Defer { at } => {
+                    self.relift.remove(ip);
                     info!(
                         id = e.id,
                         ip, "ban held with little time left; applying it when that ban ends"

@@ -141,8 +141,11 @@ impl Applier {
             self.relift.clear();
             return;
         };
+        // Only the `shared` jail: that is what our late line bans. The
+        // host's own jails (sshd, say) may ban the address again on their
+        // own account, which is not ours to undo.
         for ip in self.relift.keys() {
-            if let Ok(n) = f2b.unban(ip).await
+            if let Ok(n) = f2b.unban_in(SHARED_JAIL, ip).await
                 && n > 0
             {
                 info!(
