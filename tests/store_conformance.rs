@@ -1005,6 +1005,26 @@ async fn refused_reports_are_stored_once(b: Backend) {
     assert_eq!(s.last_event_id().await.unwrap(), 0);
 }
 
+/// The fleet's own addresses outlive the hub: a restarted hub reads them
+/// back before it takes a report, and the first owner of an address stays.
+async fn fleet_addresses_are_kept(b: Backend) {
+    let s = b.open().await;
+    assert!(s.fleet_addresses().await.unwrap().is_empty());
+    s.note_fleet_address("198.51.100.7", "web-1").await.unwrap();
+    s.note_fleet_address("2001:db8::7", "hub").await.unwrap();
+    // Noted again (the same host reconnecting, or another claiming it).
+    s.note_fleet_address("198.51.100.7", "web-2").await.unwrap();
+    drop(s);
+    let s = b.open().await;
+    assert_eq!(
+        s.fleet_addresses().await.unwrap(),
+        [
+            ("198.51.100.7".to_string(), "web-1".to_string()),
+            ("2001:db8::7".to_string(), "hub".to_string()),
+        ]
+    );
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1032,4 +1052,5 @@ conformance!(
     the_allow_list_lifts_what_it_covers_and_travels_as_events,
     refused_reports_are_stored_once,
     the_allow_list_loads_into_another_store,
+    fleet_addresses_are_kept,
 );

@@ -9,8 +9,10 @@
 //! its own connection's address already known. The set only grows while
 //! the hub runs (a host that moved keeps its old address allowed until the
 //! hub restarts: a stale allowance is harmless, a missing one locks a
-//! member out). It is memory only: after a restart every host reconnects
-//! within its backoff and is known again before its first report is read.
+//! member out). It is kept in the store as well (`fleet_addresses`) and
+//! read back at start, before the committer takes a report: otherwise,
+//! after a restart, another host's report of a member's address could be
+//! committed in the moments before that member reconnects.
 //! An address new to the set has any active ban of it lifted (an unban by
 //! [`LIFTER`] through the committer): a host banned by the fleet before it
 //! joined, or before it moved to that address, is let back in.
@@ -60,6 +62,17 @@ impl FleetAddrs {
             .write()
             .unwrap()
             .remove(&crate::ban::canonical_ip(ip));
+    }
+
+    /// The set as recorded in the store (rows that do not parse as an
+    /// address are skipped: the column is written by [`FleetAddrs::note`]'s
+    /// callers only).
+    pub fn from_rows(rows: impl IntoIterator<Item = (String, String)>) -> FleetAddrs {
+        let all = rows
+            .into_iter()
+            .filter_map(|(ip, who)| Some((crate::ban::canonical_ip(ip.parse().ok()?), who)))
+            .collect();
+        FleetAddrs(Arc::new(RwLock::new(all)))
     }
 
     /// Every fleet address and whose it is.

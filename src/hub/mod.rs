@@ -232,11 +232,12 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     let fanout = fanout::Fanout::default();
-    let fleet = fleet::FleetAddrs::default();
+    let fleet = fleet::FleetAddrs::from_rows(store.fleet_addresses().await?);
     if let Ok(addr) = tcp.local_addr().map(|a| a.ip())
         && !addr.is_unspecified()
+        && fleet.note(addr, "hub")
     {
-        fleet.note(addr, "hub");
+        store.note_fleet_address(&addr.to_string(), "hub").await?;
     }
     let committer = committer::Committer::spawn(
         store.clone(),

@@ -417,7 +417,14 @@ impl HubService {
             }
             let committer = self.committer.clone();
             let fleet = self.fleet.clone();
+            let store = Arc::clone(&self.store);
+            let owner = who.to_string();
             tokio::spawn(async move {
+                // Kept for the next start (see `fleet`); a failure here only
+                // means it is learnt again at the next connection then.
+                if let Err(e) = store.note_fleet_address(&ip.to_string(), &owner).await {
+                    tracing::warn!(%ip, error = %e, "cannot record a fleet address");
+                }
                 // Right after an outage, when every host reconnects at once,
                 // is when the store is most likely to fail: retry with a
                 // growing wait before giving up.

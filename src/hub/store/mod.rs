@@ -361,6 +361,11 @@ pub trait Store: Send + Sync + 'static {
     /// Records that an admin certificate called under `name`, so that no
     /// host can enrol as it. Idempotent.
     async fn record_admin(&self, name: &str) -> Result<(), StoreError>;
+    /// Records one of the fleet's own addresses and whose it is (the first
+    /// owner stays). Idempotent.
+    async fn note_fleet_address(&self, ip: &str, owner: &str) -> Result<(), StoreError>;
+    /// Every recorded fleet address and its owner, read at the hub's start.
+    async fn fleet_addresses(&self) -> Result<Vec<(String, String)>, StoreError>;
     /// The certificate lifetime host `name` enrolled with, seconds; `None`
     /// for a host that did not enrol with a token.
     async fn cert_ttl(&self, name: &str) -> Result<Option<i64>, StoreError>;

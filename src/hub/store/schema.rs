@@ -207,6 +207,21 @@ pub const TABLES: &[Table] = &[
         indexes: &[],
         clustered: false,
     },
+    // The fleet's own addresses (each host's connection source, the hub's
+    // address as hosts reach it): never banned by the fleet. Kept so a
+    // restarted hub refuses reports of them before their owners reconnect.
+    Table {
+        name: "fleet_addresses",
+        columns: &[
+            ("ip", Ty::Str(64), NOT_NULL),
+            ("owner", Ty::Str(253), NOT_NULL),
+            ("first_seen_ms", Ty::I64, NOT_NULL),
+        ],
+        primary: &["ip"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
     // Reports the hub refused because their address is on the allow-list:
     // who reported what, when, and which entry matched. Keyed like events
     // by (host, seq), so a re-sent refused report is stored once.

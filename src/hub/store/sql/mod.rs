@@ -124,6 +124,14 @@ impl<B: Backend> Store for B {
         names::cert_ttl(self, name).await
     }
 
+    async fn note_fleet_address(&self, ip: &str, owner: &str) -> Result<(), StoreError> {
+        names::note_fleet_address(self, ip, owner).await
+    }
+
+    async fn fleet_addresses(&self) -> Result<Vec<(String, String)>, StoreError> {
+        names::fleet_addresses(self).await
+    }
+
     async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
         self.commit_batch(batch).await
     }

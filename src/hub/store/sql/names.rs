@@ -194,3 +194,33 @@ pub async fn load<B: Backend + ?Sized>(b: &B, n: &RawNames) -> Result<(), StoreE
     }
     ex.commit().await
 }
+
+/// `Store::note_fleet_address` for any backend.
+pub async fn note_fleet_address<B: Backend + ?Sized>(
+    b: &B,
+    ip: &str,
+    owner: &str,
+) -> Result<(), StoreError> {
+    let mut ex = b.session().await?;
+    ex.exec(
+        &format!(
+            "{} INTO fleet_addresses (ip, owner, first_seen_ms) VALUES (?, ?, ?)",
+            b.dialect().insert_ignore()
+        ),
+        params![ip, owner, now_ms()],
+    )
+    .await
+    .map(drop)
+}
+
+/// `Store::fleet_addresses` for any backend.
+pub async fn fleet_addresses<B: Backend + ?Sized>(
+    b: &B,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut ex = b.session().await?;
+    ex.query("SELECT ip, owner FROM fleet_addresses ORDER BY ip", vec![])
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.text(1)?)))
+        .collect()
+}
