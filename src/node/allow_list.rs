@@ -135,6 +135,12 @@ impl LocalAllowList {
         }
     }
 
+    /// Whether every change is on disk: until it is, the node must not move
+    /// its position past the change (a restart would forget it for good).
+    pub fn is_saved(&self) -> bool {
+        !self.dirty
+    }
+
     /// Why a ban of `ip` is refused here, if it is.
     pub fn refuses(&self, ip: &str) -> Option<Allowed> {
         self.list.check_str(ip)

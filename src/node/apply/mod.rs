@@ -326,7 +326,12 @@ pub async fn run(
                 if !batch.is_empty() {
                     applier.apply(&batch).await;
                 }
-                if let Err(e) = position.set(last) {
+                // An allow-list change not yet on disk keeps the position
+                // before it, so a restart replays it (save is retried with
+                // every batch); lines already written are recognised then.
+                if !applier.allow.is_saved() {
+                    warn!(last, "the allow-list is not saved; the position stays put until it is");
+                } else if let Err(e) = position.set(last) {
                     warn!(error = %e, "cannot save the applied position");
                 }
                 if let Some(o) = &observer {
