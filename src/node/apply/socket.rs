@@ -141,10 +141,26 @@ impl Applier {
             self.relift.clear();
             return;
         };
-        // Only the `shared` jail: that is what our late line bans. The
-        // host's own jails (sshd, say) may ban the address again on their
-        // own account, which is not ours to undo.
-        for ip in self.relift.keys() {
+        // One `banned` request (in chunks) asks which of them the `shared`
+        // jail holds again; only those are lifted, so a tick costs one
+        // round trip per chunk however many addresses are watched. Only
+        // the `shared` jail: that is what our late line bans; the host's
+        // own jails (sshd, say) may ban the address again on their own
+        // account, which is not ours to undo.
+        let watched: Vec<&str> = self.relift.keys().map(String::as_str).collect();
+        let mut again = Vec::new();
+        for chunk in watched.chunks(BANIP_CHUNK) {
+            if let Ok(jails) = f2b.banned(chunk).await {
+                again.extend(
+                    chunk
+                        .iter()
+                        .zip(jails)
+                        .filter(|(_, j)| j.iter().any(|j| j == SHARED_JAIL))
+                        .map(|(ip, _)| ip.to_string()),
+                );
+            }
+        }
+        for ip in &again {
             if let Ok(n) = f2b.unban_in(SHARED_JAIL, ip).await
                 && n > 0
             {
