@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    fail2ban::{F2bHost, view_status},
+    fail2ban::{F2bHost, view_latest, view_status},
     *,
 };
 
@@ -20,10 +20,15 @@ const AT_START: &str = "ignoreip = 203.0.113.220 203.0.113.222 198.51.100.0/24 2
 /// Reports `ip` on host 1, waits until host 2 has decided it, and checks
 /// that it decided `status`.
 async fn report_and_wait(db: &TestDb, h1: &F2bHost, h2: &F2bHost, ip: &str, status: i64) {
+    // The newest ban of `ip` before this report: an earlier ban of the same
+    // address (already decided) must not pass for this one.
+    let before = view_latest(db, ip, &h2.name).await.map_or(0, |(id, _)| id);
     let (ok, err) = h1.node.report("sshd", "tcp", "22", ip);
     assert!(ok, "{err}");
     wait_for(&format!("{} to decide {ip}", h2.name), DEADLINE, || async {
-        view_status(db, ip, &h2.name).await.is_some_and(|s| s != 0)
+        view_latest(db, ip, &h2.name)
+            .await
+            .is_some_and(|(id, s)| id > before && s != 0)
     })
     .await;
     let set = if ip.contains(':') {

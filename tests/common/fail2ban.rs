@@ -237,8 +237,22 @@ impl Drop for F2bHost {
     }
 }
 
-/// `host`'s status for the latest ban of `ip`, from the seed-shaped
-/// `ip_table` view; `None` while there is no such ban (or column).
+/// The newest ban of `ip` (its id) and `host`'s status for it, from the
+/// seed-shaped `ip_table` view; `None` while there is no such ban (or column).
+pub async fn view_latest(db: &TestDb, ip: &str, host: &str) -> Option<(u64, i64)> {
+    use mysql_async::prelude::*;
+    let col = banmesh::ban::seed_column(host);
+    let mut c = db.conn().await;
+    c.exec_first(
+        format!("SELECT id, {col} FROM ip_table WHERE ip = ? ORDER BY id DESC LIMIT 1"),
+        (ip,),
+    )
+    .await
+    .ok()
+    .flatten()
+}
+
+/// `host`'s status for the newest ban of `ip` in the `ip_table` view.
 pub async fn view_status(db: &TestDb, ip: &str, host: &str) -> Option<i64> {
     use mysql_async::prelude::*;
     let col = banmesh::ban::seed_column(host);
