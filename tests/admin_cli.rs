@@ -5,23 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use banmesh::tls::TlsFiles;
 use common::*;
-
-/// Runs `banmesh ARGS --hub URL` with `tls`; returns (success, stdout, stderr).
-fn run(args: &[&str], hub: &Hub, tls: &TlsFiles) -> (bool, String, String) {
-    let out = banmesh()
-        .args(args)
-        .args(["--hub", &hub.url])
-        .args(tls_args(tls))
-        .output()
-        .expect("run banmesh");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_lists_bans_and_hosts_and_lifts_a_ban() {
@@ -38,7 +22,7 @@ async fn an_operator_lists_bans_and_hosts_and_lifts_a_ban() {
     })
     .await;
 
-    let (ok, out, err) = run(&["bans", "--ip", "198.51.100.40"], &hub, &ops);
+    let (ok, out, err) = hub_cli(&["bans", "--ip", "198.51.100.40"], &hub, &ops);
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "a header and one ban: {out}");
@@ -65,7 +49,7 @@ async fn an_operator_lists_bans_and_hosts_and_lifts_a_ban() {
     assert_eq!(&row[4..8], ["sshd", "tcp", "22", "198.51.100.40"], "{out}");
     assert_eq!(row[8], "1", "the reporter's own status is 1: {out}");
 
-    let (ok, out, err) = run(&["hub", "hosts"], &hub, &ops);
+    let (ok, out, err) = hub_cli(&["hub", "hosts"], &hub, &ops);
     assert!(ok, "{err}");
     assert!(out.starts_with("HOST "), "{out}");
     for host in ["node-a", "node-b"] {
@@ -76,7 +60,7 @@ async fn an_operator_lists_bans_and_hosts_and_lifts_a_ban() {
         );
     }
 
-    let (ok, out, err) = run(&["unban", "198.51.100.40"], &hub, &ops);
+    let (ok, out, err) = hub_cli(&["unban", "198.51.100.40"], &hub, &ops);
     assert!(ok, "{err}");
     assert!(
         out.starts_with("unbanned 198.51.100.40 (event ") && out.ends_with(", 1 ban(s) lifted)\n"),
@@ -84,19 +68,19 @@ async fn an_operator_lists_bans_and_hosts_and_lifts_a_ban() {
     );
 
     // Errors: the hub's message, a non-zero exit, nothing on stdout.
-    let (ok, out, err) = run(&["unban", "198.51.100.40"], &hub, &ops);
+    let (ok, out, err) = hub_cli(&["unban", "198.51.100.40"], &hub, &ops);
     assert!(!ok && out.is_empty());
     assert!(
         err.contains("banmesh: 198.51.100.40 has no active ban"),
         "{err}"
     );
-    let (ok, _, err) = run(&["bans", "--ip", "203.0.113.99"], &hub, &ops);
+    let (ok, _, err) = hub_cli(&["bans", "--ip", "203.0.113.99"], &hub, &ops);
     assert!(!ok);
     assert!(err.contains("banmesh: no bans match"), "{err}");
-    let (ok, _, err) = run(&["hub", "revoke", "node-b"], &hub, &pki.host("node-a"));
+    let (ok, _, err) = hub_cli(&["hub", "revoke", "node-b"], &hub, &pki.host("node-a"));
     assert!(!ok);
     assert!(err.contains("not an admin"), "{err}");
-    let (ok, _, err) = run(&["unban", "not-an-ip"], &hub, &ops);
+    let (ok, _, err) = hub_cli(&["unban", "not-an-ip"], &hub, &ops);
     assert!(!ok);
     assert!(err.contains("is not an IP address"), "{err}");
 }

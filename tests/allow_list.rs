@@ -14,21 +14,6 @@ use mysql_async::prelude::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Runs `banmesh ARGS --hub URL` with `tls`; returns (success, stdout, stderr).
-fn cli(args: &[&str], hub: &Hub, tls: &TlsFiles) -> (bool, String, String) {
-    let out = banmesh()
-        .args(args)
-        .args(["--hub", &hub.url])
-        .args(tls_args(tls))
-        .output()
-        .expect("run banmesh");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// grpcurl over mTLS with `tls`: `method` on the hub, with `data` as JSON.
 fn grpcurl(tls: &TlsFiles, hub: &Hub, method: &str, data: &str) -> String {
     let out = Command::new("grpcurl")
@@ -72,7 +57,7 @@ async fn a_ban_inside_the_list_stays_on_its_host_and_goes_nowhere_else() {
     let h1 = F2bHost::start(root.path(), &pki, "allow-1", &hub.url).await;
     let h2 = F2bHost::start(root.path(), &pki, "allow-2", &hub.url).await;
     let ops = pki.admin("ops");
-    let (ok, out, err) = cli(
+    let (ok, out, err) = hub_cli(
         &["allow", "add", "203.0.113.0/24", "--note", "office NAT"],
         &hub,
         &ops,
@@ -89,7 +74,7 @@ async fn a_ban_inside_the_list_stays_on_its_host_and_goes_nowhere_else() {
     })
     .await;
     wait_for("the refusal at the hub", DEADLINE, || async {
-        let (_, out, _) = cli(&["bans", "--refused"], &hub, &ops);
+        let (_, out, _) = hub_cli(&["bans", "--refused"], &hub, &ops);
         out.contains(office)
     })
     .await;
@@ -111,7 +96,7 @@ async fn a_ban_inside_the_list_stays_on_its_host_and_goes_nowhere_else() {
     assert!(h1.in_ipset("f2b-login", office), "host 1 keeps its own ban");
 
     // Listed as refused: who, what, which entry; no event was stored.
-    let (ok, out, err) = cli(&["bans", "--refused"], &hub, &ops);
+    let (ok, out, err) = hub_cli(&["bans", "--refused"], &hub, &ops);
     assert!(ok, "{err}");
     let row = out.lines().find(|l| l.contains(office)).unwrap();
     assert!(
@@ -182,7 +167,7 @@ async fn adding_a_network_lifts_its_active_bans_on_every_host() {
     }
     assert!(h1.in_ipset("f2b-login", inside[0]));
     let start = Instant::now();
-    let (ok, out, err) = cli(&["allow", "add", "192.0.2.0/24"], &hub, &ops);
+    let (ok, out, err) = hub_cli(&["allow", "add", "192.0.2.0/24"], &hub, &ops);
     assert!(ok, "{err}");
     assert!(out.contains("3 active ban(s) inside it lifted"), "{out}");
     wait_for(
@@ -255,9 +240,9 @@ async fn a_node_filters_with_its_saved_list_while_the_hub_is_down() {
     let a = Node::start(root.path(), &pki, "node-a", &hub.url).await;
     let mut b = Node::start(root.path(), &pki, "node-b", &hub.url).await;
     let ops = pki.admin("ops");
-    let (ok, _, err) = cli(&["allow", "add", "2001:db8:7::/48"], &hub, &ops);
+    let (ok, _, err) = hub_cli(&["allow", "add", "2001:db8:7::/48"], &hub, &ops);
     assert!(ok, "{err}");
-    let (ok, _, err) = cli(&["allow", "add", "203.0.113.0/24"], &hub, &ops);
+    let (ok, _, err) = hub_cli(&["allow", "add", "203.0.113.0/24"], &hub, &ops);
     assert!(ok, "{err}");
     let saved = b.dir.join("allow-list");
     wait_for("node b's saved list", DEADLINE, || async {
@@ -324,7 +309,7 @@ async fn bad_input_to_allow_add_is_refused_and_stores_nothing() {
         ("::/0", "covers every address"),
         ("192.0.2.5/24", "did you mean 192.0.2.0/24?"),
     ] {
-        let (ok, _, err) = cli(&["allow", "add", given], &hub, &ops);
+        let (ok, _, err) = hub_cli(&["allow", "add", given], &hub, &ops);
         assert!(!ok, "{given} was accepted");
         assert!(err.contains(says), "{given}: {err}");
     }
@@ -351,21 +336,21 @@ async fn bad_input_to_allow_add_is_refused_and_stores_nothing() {
 
     // The same network twice: refused, in any spelling. Overlapping ones
     // are kept, each as given.
-    assert!(cli(&["allow", "add", "192.0.2.0/24"], &hub, &ops).0);
-    let (ok, _, err) = cli(&["allow", "add", "::ffff:192.0.2.0/120"], &hub, &ops);
+    assert!(hub_cli(&["allow", "add", "192.0.2.0/24"], &hub, &ops).0);
+    let (ok, _, err) = hub_cli(&["allow", "add", "::ffff:192.0.2.0/120"], &hub, &ops);
     assert!(
         !ok && err.contains("192.0.2.0/24 is already on the allow-list"),
         "{err}"
     );
-    assert!(cli(&["allow", "add", "192.0.2.128/25"], &hub, &ops).0);
+    assert!(hub_cli(&["allow", "add", "192.0.2.128/25"], &hub, &ops).0);
     // Hosts may read the list but not change it.
-    let (ok, _, err) = cli(
+    let (ok, _, err) = hub_cli(
         &["allow", "add", "198.51.100.0/24"],
         &hub,
         &pki.host("node-a"),
     );
     assert!(!ok, "a host added an entry: {err}");
-    let (ok, out, err) = cli(&["allow", "list"], &hub, &pki.host("node-a"));
+    let (ok, out, err) = hub_cli(&["allow", "list"], &hub, &pki.host("node-a"));
     assert!(ok, "{err}");
     let entries: Vec<&str> = out
         .lines()
@@ -374,10 +359,10 @@ async fn bad_input_to_allow_add_is_refused_and_stores_nothing() {
         .collect();
     assert_eq!(entries, ["192.0.2.0/24", "192.0.2.128/25"], "{out}");
     // Removing what is not listed says so; removing one keeps the other.
-    let (ok, _, err) = cli(&["allow", "remove", "198.51.100.0/24"], &hub, &ops);
+    let (ok, _, err) = hub_cli(&["allow", "remove", "198.51.100.0/24"], &hub, &ops);
     assert!(!ok && err.contains("is not on the allow-list"), "{err}");
-    assert!(cli(&["allow", "remove", "192.0.2.0/24"], &hub, &ops).0);
-    let (_, out, _) = cli(&["allow", "list"], &hub, &ops);
+    assert!(hub_cli(&["allow", "remove", "192.0.2.0/24"], &hub, &ops).0);
+    let (_, out, _) = hub_cli(&["allow", "list"], &hub, &ops);
     assert!(
         out.contains("192.0.2.128/25") && !out.contains("192.0.2.0/24"),
         "{out}"

@@ -86,17 +86,8 @@ async fn bans_unbans_and_restarts_with_real_fail2ban() {
     );
 
     // An admin unban lifts it on every host, in every jail.
-    let admin = pki.admin("ops");
-    let out = banmesh()
-        .args(["unban", ip, "--hub", &hub.url])
-        .args(tls_args(&admin))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = hub_cli(&["unban", ip], &hub, &pki.admin("ops"));
+    assert!(ok, "{err}");
     wait_for("the IP out of host 2's ipset", DEADLINE, || async {
         !h2.in_ipset("f2b-shared", ip)
     })

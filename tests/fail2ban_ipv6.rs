@@ -30,17 +30,8 @@ async fn unban_status(db: &TestDb, ip: &str, host: &str) -> Option<i64> {
 }
 
 fn unban(hub: &Hub, pki: &Pki, ip: &str) {
-    let admin = pki.admin("ops");
-    let out = banmesh()
-        .args(["unban", ip, "--hub", &hub.url])
-        .args(tls_args(&admin))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = hub_cli(&["unban", ip], hub, &pki.admin("ops"));
+    assert!(ok, "{err}");
 }
 
 /// The ip6tables rule that makes the IPv6 set drop traffic, in `ns`.

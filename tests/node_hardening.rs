@@ -165,16 +165,8 @@ async fn an_ipv4_mapped_ban_is_ipv4_and_either_spelling_unbans_it() {
             "{stored:?}"
         );
 
-        let out = banmesh()
-            .args(["unban", unban_as, "--hub", &hub.url])
-            .args(tls_args(&admin))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "unban {unban_as}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, _, err) = hub_cli(&["unban", unban_as], &hub, &admin);
+        assert!(ok, "unban {unban_as}: {err}");
         wait_for(
             &format!("unban {unban_as} to lift it on host 2"),
             DEADLINE,

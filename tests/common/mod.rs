@@ -355,6 +355,22 @@ impl Hub {
     }
 }
 
+/// Runs `banmesh ARGS --hub URL` with `tls`, as an operator would;
+/// returns (success, stdout, stderr).
+pub fn hub_cli(args: &[&str], hub: &Hub, tls: &TlsFiles) -> (bool, String, String) {
+    let out = banmesh()
+        .args(args)
+        .args(["--hub", &hub.url])
+        .args(tls_args(tls))
+        .output()
+        .expect("run banmesh");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn tls_args(tls: &TlsFiles) -> Vec<std::ffi::OsString> {
     vec![
         "--cert".into(),
