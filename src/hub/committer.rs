@@ -190,22 +190,25 @@ async fn run(
         };
         let Some(mut cmd) = first else { break };
         loop {
+            // Reports queued before an unban or an allow-list change commit
+            // before it (and are checked against the list without it).
+            if !matches!(cmd, Command::Report(..)) {
+                commit_reports(
+                    &*store,
+                    &fanout,
+                    &guard,
+                    &mut published,
+                    &mut batch,
+                    &mut replies,
+                )
+                .await;
+            }
             match cmd {
                 Command::Report(r, reply) => {
                     batch.push(r);
                     replies.push(reply);
                 }
                 Command::Unban { ip, by, reply } => {
-                    // Reports queued before the unban commit before it.
-                    commit_reports(
-                        &*store,
-                        &fanout,
-                        &guard,
-                        &mut published,
-                        &mut batch,
-                        &mut replies,
-                    )
-                    .await;
                     let result = store.unban(&ip, &by).await.map_err(Arc::new);
                     if let Ok(Some((event, _))) = &result {
                         published
@@ -215,16 +218,6 @@ async fn run(
                     let _ = reply.send(result);
                 }
                 Command::AllowAdd(entry, reply) => {
-                    // Reports queued before the entry are checked without it.
-                    commit_reports(
-                        &*store,
-                        &fanout,
-                        &guard,
-                        &mut published,
-                        &mut batch,
-                        &mut replies,
-                    )
-                    .await;
                     let result = store.allow_add(&entry).await.map_err(Arc::new);
                     if result.is_err() {
                         // The change may have landed all the same (the store
@@ -245,15 +238,6 @@ async fn run(
                     let _ = reply.send(result);
                 }
                 Command::AllowRemove { network, by, reply } => {
-                    commit_reports(
-                        &*store,
-                        &fanout,
-                        &guard,
-                        &mut published,
-                        &mut batch,
-                        &mut replies,
-                    )
-                    .await;
                     let result = store.allow_remove(&network, &by).await.map_err(Arc::new);
                     if result.is_err() {
                         match load_allow_list(&*store, &mut shutdown).await {
