@@ -237,6 +237,26 @@ pub struct Event {
     pub created_ms: i64,
     /// For an unban, the ban event it lifts (0 for all bans of the IP).
     pub lifts: u64,
+    /// For a ban: how long the fleet holds it, and why.
+    pub term: BanTerm,
+}
+
+/// How long the fleet holds a ban and why: decided by the hub (its
+/// escalation ladder, its signal policy), carried by the event so that
+/// every host enforces the same end. All zero/empty for bans stored before
+/// the ladder, for unbans and for allow-list events.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BanTerm {
+    /// When the fleet lifts the ban, Unix ms; 0: no fleet end time (the
+    /// `shared` jail's bantime applies, from `created_ms`).
+    pub ends_ms: i64,
+    /// The ladder's rung, 1 for a first offence; 0 when none was given.
+    pub rung: u32,
+    /// For an update of an active ban: the ban event it extends to
+    /// `ends_ms` (0 for a new ban).
+    pub extends: u64,
+    /// Why the hub banned it (a fleet policy ban); empty for a host's report.
+    pub reason: String,
 }
 
 /// Why an event from the hub was refused.
@@ -284,6 +304,12 @@ impl Event {
             added_by: e.added_by.clone(),
             created_ms: e.created_ms,
             lifts: e.lifts_event_id,
+            term: BanTerm {
+                ends_ms: e.ends_ms,
+                rung: e.rung,
+                extends: e.extends_event_id,
+                reason: e.reason.clone(),
+            },
         })
     }
 
@@ -309,6 +335,10 @@ impl Event {
             added_by: self.added_by.clone(),
             created_ms: self.created_ms,
             lifts_event_id: self.lifts,
+            ends_ms: self.term.ends_ms,
+            rung: self.term.rung,
+            extends_event_id: self.term.extends,
+            reason: self.term.reason.clone(),
         }
     }
 }
@@ -427,6 +457,7 @@ mod tests {
             added_by: "web-1".into(),
             created_ms: 1,
             lifts: 0,
+            term: Default::default(),
         };
         for kind in [EventKind::Ban, EventKind::Unban] {
             assert_eq!(Event::from_proto(&event(kind).to_proto()), Ok(event(kind)));
@@ -477,6 +508,7 @@ mod tests {
             ban,
             added_by: "web-1".into(),
             created_ms: 1,
+            term: Default::default(),
             lifts: 0,
         }
         .to_proto();

@@ -59,6 +59,10 @@ fn sample_event() -> proto::Event {
         added_by: "web-1".into(),
         created_ms: 1_764_000_000_000,
         lifts_event_id: 0,
+        ends_ms: 1_764_000_900_000,
+        rung: 1,
+        extends_event_id: 0,
+        reason: String::new(),
     }
 }
 

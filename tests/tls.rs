@@ -127,6 +127,7 @@ async fn revoked_hosts_are_refused_and_their_streams_end() {
         .unwrap_err(),
         nb.unban(proto::UnbanRequest {
             ip: "192.0.2.1".into(),
+            forget: false,
         })
         .await
         .unwrap_err(),

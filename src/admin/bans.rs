@@ -14,7 +14,10 @@ pub async fn unban(hub: &str, tls: &TlsFiles, ip: &str) -> Result<Unbanned, Admi
     let ip = crate::ban::parse_ip(ip).map_or_else(|| ip.to_string(), |a| a.to_string());
     let mut c = client(hub, tls).await?;
     let r = c
-        .unban(proto::UnbanRequest { ip: ip.clone() })
+        .unban(proto::UnbanRequest {
+            ip: ip.clone(),
+            forget: false,
+        })
         .await?
         .into_inner();
     Ok(Unbanned {

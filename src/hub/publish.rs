@@ -227,6 +227,7 @@ async fn resolve(p: PendingAck) -> Result<proto::Ack, Status> {
                 rejected: String::new(),
                 count: 1,
                 allowed_by: String::new(),
+                coalesced: false,
             }),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(shutting_down()),

@@ -381,6 +381,20 @@ impl hub_server::Hub for HubService {
         allow::refused(self, request).await
     }
 
+    async fn send_signals(
+        &self,
+        _request: Request<proto::SignalBatch>,
+    ) -> Result<Response<proto::SignalBatchAck>, Status> {
+        Err(Status::unimplemented("this hub does not take signals yet"))
+    }
+
+    async fn policy(
+        &self,
+        _request: Request<proto::PolicyRequest>,
+    ) -> Result<Response<proto::PolicyResponse>, Status> {
+        Err(Status::unimplemented("this hub has no fleet policy yet"))
+    }
+
     async fn renew(
         &self,
         request: Request<proto::RenewRequest>,
@@ -482,6 +496,8 @@ fn ban_record(b: BanRow) -> proto::BanRecord {
         event: Some(b.event.to_proto()),
         lifted: b.lifted,
         statuses_omitted: 0,
+        reporters: Vec::new(),
+        forgotten: false,
         statuses: b
             .statuses
             .into_iter()

@@ -170,6 +170,7 @@ mod tests {
             added_by: "admin".into(),
             created_ms: 0,
             lifts: 0,
+            term: Default::default(),
         }
     }
 

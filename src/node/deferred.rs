@@ -33,6 +33,7 @@ fn parse(line: &str) -> Option<(Event, SystemTime)> {
         added_by: added_by.to_string(),
         created_ms: created.parse().ok()?,
         lifts: 0,
+        term: Default::default(),
     };
     Some((event, UNIX_EPOCH + Duration::from_millis(due.parse().ok()?)))
 }
@@ -137,6 +138,7 @@ mod tests {
             ban: Ban::new("sshd", "tcp", "22", "192.0.2.4").unwrap(),
             added_by: "web-1".into(),
             created_ms: 5,
+            term: Default::default(),
             lifts: 0,
         };
         let now = SystemTime::now();

@@ -123,6 +123,7 @@ mod tests {
             added_by: "web-1".into(),
             created_ms: 1,
             lifts: 0,
+            term: Default::default(),
         }
     }
 

@@ -214,6 +214,7 @@ mod tests {
             added_by: "web-1".into(),
             created_ms: 1_764_073_569_000,
             lifts: 0,
+            term: Default::default(),
         }
     }
 

@@ -308,6 +308,7 @@ impl Backend for SqliteStore {
                         added_by: r.host.clone(),
                         created_ms: now,
                         lifts: 0,
+                        term: Default::default(),
                     }));
                 }
             }

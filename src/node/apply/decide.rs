@@ -136,6 +136,7 @@ mod tests {
             added_by: "web-1".into(),
             created_ms: (1_764_000_000 - age) * 1000,
             lifts: 0,
+            term: Default::default(),
         }
     }
 

@@ -389,6 +389,7 @@ mod tests {
             added_by: "web-1".into(),
             created_ms: crate::clock::now_ms(),
             lifts: 0,
+            term: Default::default(),
         };
         let st = a
             .apply(&[

@@ -145,6 +145,7 @@ impl MysqlStore {
                 added_by: r.host.clone(),
                 created_ms: now,
                 lifts: 0,
+                term: Default::default(),
             })
         };
         let mut out = Vec::with_capacity(batch.len());

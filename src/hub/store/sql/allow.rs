@@ -77,6 +77,7 @@ async fn allow_event(
         added_by: by.to_string(),
         created_ms: now,
         lifts: 0,
+        term: Default::default(),
     })
 }
 
@@ -165,6 +166,7 @@ pub async fn add<B: Backend + ?Sized>(
             ban: last.ban,
             added_by: entry.added_by.clone(),
             created_ms: now,
+            term: Default::default(),
             lifts: last.id,
         });
     }

@@ -30,6 +30,7 @@ pub fn event(r: &Row) -> Result<Event, StoreError> {
             ip: r.text(7)?,
         },
         lifts: r.opt_u64(8)?.unwrap_or(0),
+        term: Default::default(),
     })
 }
 
@@ -112,6 +113,7 @@ pub async fn unban<B: Backend + ?Sized>(
         ban: last.ban,
         added_by: by.to_string(),
         created_ms: now,
+        term: Default::default(),
         lifts: last.id,
     };
     Ok(Some((event, active.len() as u32)))
