@@ -3,13 +3,15 @@
 //!
 //! Kept in `DIR/deferred`, one tab-separated line per ban, rewritten on
 //! every change: the node's position has already moved past these events,
-//! so this file is their only record on this host.
+//! so this file is their only record on this host. A ban's fleet term
+//! (end, rung, the ban it extends) follows its eight original fields; a
+//! line without them (written before the ladder) reads as no fleet end.
 use std::{
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crate::ban::{Ban, Event, EventKind};
+use crate::ban::{Ban, BanTerm, Event, EventKind};
 
 /// The deferred bans and their due times, mirrored to `DIR/deferred` on every change.
 pub struct Deferred {
@@ -23,8 +25,22 @@ fn ms(t: SystemTime) -> u64 {
 
 fn parse(line: &str) -> Option<(Event, SystemTime)> {
     let f: Vec<&str> = line.split('\t').collect();
-    let [id, due, ip, jail, protocol, port, added_by, created] = f[..] else {
+    let (head, term) = match f.len() {
+        8 => (&f[..], None),
+        11 => (&f[..8], Some(&f[8..])),
+        _ => return None,
+    };
+    let [id, due, ip, jail, protocol, port, added_by, created] = head[..] else {
         return None;
+    };
+    let term = match term {
+        Some([ends, rung, extends]) => BanTerm {
+            ends_ms: ends.parse().ok()?,
+            rung: rung.parse().ok()?,
+            extends: extends.parse().ok()?,
+            reason: String::new(),
+        },
+        _ => BanTerm::default(),
     };
     let event = Event {
         id: id.parse().ok()?,
@@ -33,7 +49,7 @@ fn parse(line: &str) -> Option<(Event, SystemTime)> {
         added_by: added_by.to_string(),
         created_ms: created.parse().ok()?,
         lifts: 0,
-        term: Default::default(),
+        term,
     };
     Some((event, UNIX_EPOCH + Duration::from_millis(due.parse().ok()?)))
 }
@@ -105,7 +121,7 @@ impl Deferred {
             .map(|(e, due)| {
                 let b = &e.ban;
                 format!(
-                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
                     e.id,
                     ms(*due),
                     b.ip,
@@ -113,7 +129,10 @@ impl Deferred {
                     b.protocol,
                     b.port,
                     e.added_by,
-                    e.created_ms
+                    e.created_ms,
+                    e.term.ends_ms,
+                    e.term.rung,
+                    e.term.extends
                 )
             })
             .collect();
@@ -138,7 +157,12 @@ mod tests {
             ban: Ban::new("sshd", "tcp", "22", "192.0.2.4").unwrap(),
             added_by: "web-1".into(),
             created_ms: 5,
-            term: Default::default(),
+            term: BanTerm {
+                ends_ms: 4_005,
+                rung: 2,
+                extends: 3,
+                reason: String::new(),
+            },
             lifts: 0,
         };
         let now = SystemTime::now();
@@ -153,5 +177,16 @@ mod tests {
         assert_eq!(Deferred::load(dir.path().join("deferred")).len(), 1);
         d.done(&due, later);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn lines_from_before_the_ladder_read_as_no_fleet_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deferred");
+        std::fs::write(&path, "9\t1000\t192.0.2.4\tsshd\ttcp\t22\tweb-1\t5\n").unwrap();
+        let d = Deferred::load(path);
+        let due = d.due(UNIX_EPOCH + Duration::from_secs(1));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].term, BanTerm::default());
     }
 }

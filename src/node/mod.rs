@@ -31,6 +31,8 @@
 //! - [`ignore`]: fail2ban's ignore list for the shared jail, kept current
 //!   by a background task, looked up before a ban is applied.
 //! - [`deferred`]: bans put off until an older ban ends.
+//! - [`lifts`]: when each fleet ban held in the shared jail is lifted
+//!   (fail2ban cannot be told a ban's own end).
 //! - [`allow_list`]: this host's saved copy of the fleet allow-list.
 //! - [`status_journal`]: every status decided, on disk until the hub has it.
 //! - [`status_reporter`]: status journal -> hub.
@@ -46,6 +48,7 @@ pub mod apply;
 pub mod deferred;
 pub mod ignore;
 pub mod inspect;
+pub mod lifts;
 pub mod link;
 pub mod local;
 pub mod outbox;
@@ -258,6 +261,7 @@ async fn serve(
             recent_ratio: config.recent_ratio,
             data_dir: config.data_dir.clone(),
             fast_path: config.fast_path,
+            own_name: name.clone(),
         },
         journal.clone(),
         ignore,

@@ -28,42 +28,99 @@
 //!    that fail2ban ends it when it would have ended anyway. So does one
 //!    the ignore list cannot vouch for ([`Verdict::Unknown`]): fail2ban's
 //!    filter checks the line against its whole list.
+//!
+//! A ban with a fleet end `F` (`term.ends_ms` > 0, from the hub's ladder)
+//! lasts until `F` on every host, not for the shared jail's bantime; the
+//! node lifts it at `F` itself ([`crate::node::lifts`]). Rules 1-5 above
+//! hold only for bans without one (stored before the ladder), exactly as
+//! before. After rule 0:
+//! 6. `F` has passed: expired (rule 4; status 1 if this host reported it).
+//! 7. The shared jail holds the IP (a scheduled lift still ahead, or
+//!    fail2ban lists it there): an update (`term.extends`), or a ban that
+//!    ends later than that hold, only moves the scheduled lift (status 1);
+//!    otherwise status 2 (1 for this host's own report).
+//! 8. This host reported it ([`Reporter::Own`]): its own jail banned it
+//!    for that jail's bantime from the event's time. If that lasts to `F`,
+//!    status 1 and nothing more; if not (or unknown), it is also held in
+//!    the shared jail until `F` (rule 11), status 1 all the same.
+//! 9. The node wrote a line for it moments ago: status 2 (rule 1).
+//! 10. Another jail of this host bans it: status 2 if that ban lasts to
+//!    `F` (the fleet's ban is covered whatever share of time is left, so
+//!    the 40 % ratio is not needed), else deferred to one second after
+//!    that ban ends (rule 3), so the host still holds it until `F`.
+//! 11. Otherwise added (rule 5), through the socket too when younger than
+//!    [`FRESH`] of its own duration (`F` - its time).
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{ban::Event, fail2ban::BanTime, node::ignore::Verdict};
 
 /// Default share of a ban's time left above which a new ban is status 2.
 pub const DEFAULT_RECENT_RATIO: f64 = 0.4;
-/// A ban younger than this share of the shared jail's bantime also goes
-/// through the socket (the fast path).
+/// A ban younger than this share of its duration (its own, or the shared
+/// jail's bantime for a ban without a fleet end) also goes through the
+/// socket (the fast path).
 pub const FRESH: f64 = 0.1;
 /// How long after the existing ban's end a deferred ban is applied.
 const AFTER_END: Duration = Duration::from_secs(1);
+
+/// One jail's ban of the IP, as fail2ban lists it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Held {
+    /// The ban is the `shared` jail's (the fleet's, on this host).
+    pub shared: bool,
+    /// Its times, or `None` when fail2ban listed none.
+    pub time: Option<BanTime>,
+}
+
+/// Who reported the event, as far as applying it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    /// Another host: the ban is applied here through the `shared` jail.
+    Other,
+    /// This host: its own jail (the event's `ban.jail`) banned it for
+    /// `bantime` seconds (negative: for ever; `None`: fail2ban did not say).
+    Own {
+        /// The own jail's bantime.
+        bantime: Option<i64>,
+    },
+}
 
 /// What this host knows about an event's IP when the event arrives.
 #[derive(Debug, Clone, Copy)]
 pub struct Facts<'a> {
     /// What the shared jail's ignore list says of the IP.
     pub ignore: Verdict<'a>,
-    /// One entry per jail in which fail2ban bans the IP: that ban's times,
-    /// or `None` when fail2ban listed none. Empty: not banned here.
-    pub held: &'a [Option<BanTime>],
+    /// One entry per jail in which fail2ban bans the IP. Empty: not banned
+    /// here.
+    pub held: &'a [Held],
     /// The node wrote a line for this IP moments ago.
     pub just_added: bool,
     /// The shared jail's bantime in seconds, if fail2ban told us (0 or
     /// negative: no limit).
     pub bantime: Option<i64>,
+    /// The end of this host's scheduled lift of the IP (Unix ms), if any
+    /// ([`crate::node::lifts`]): the fleet end the `shared` jail holds it to.
+    pub scheduled: Option<i64>,
+    /// Whether this host reported the ban itself.
+    pub reporter: Reporter,
 }
 
 /// What to do with one incoming ban.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Decision {
     /// Write its line; with `fast_path`, ban it through the socket too.
+    /// With a fleet end, its lift is scheduled first.
     Add {
-        /// Young enough (for its bantime) to ban at once through the socket,
-        /// ahead of fail2ban's log polling.
+        /// Young enough (for its duration) to ban at once through the
+        /// socket, ahead of fail2ban's log polling.
         fast_path: bool,
     },
+    /// Status 1: the `shared` jail holds the IP already; only its
+    /// scheduled lift moves to the event's end (kept if it is later).
+    Extend,
+    /// Status 1, nothing applied: this host's own report, which its own
+    /// jail bans at least until the fleet's end (or which has none).
+    Own,
     /// Status 2: already banned here recently enough.
     AlreadyBanned,
     /// Status stays 0; apply it again at `at`, when the existing ban is over.
@@ -77,10 +134,21 @@ pub enum Decision {
     Ignored,
 }
 
+fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Applies the seed's rules (see the module doc) to one ban event.
 pub fn decide(event: &Event, facts: &Facts<'_>, now: SystemTime, ratio: f64) -> Decision {
     if let Verdict::Ignored(_) = facts.ignore {
         return Decision::Ignored;
+    }
+    if event.term.ends_ms > 0 {
+        return decide_fleet_end(event, facts, now);
+    }
+    if let Reporter::Own { .. } = facts.reporter {
+        return Decision::Own;
     }
     if facts.just_added {
         return Decision::AlreadyBanned;
@@ -88,7 +156,9 @@ pub fn decide(event: &Event, facts: &Facts<'_>, now: SystemTime, ratio: f64) -> 
     // The jail whose ban has the most time left speaks for fail2ban.
     let mut best: Option<(f64, SystemTime)> = None;
     for held in facts.held {
-        let (fraction, end) = held.map_or((1.0, now), |t| (t.fraction_left(now), t.end));
+        let (fraction, end) = held
+            .time
+            .map_or((1.0, now), |t| (t.fraction_left(now), t.end));
         if best.is_none_or(|(f, _)| fraction > f) {
             best = Some((fraction, end));
         }
@@ -102,10 +172,7 @@ pub fn decide(event: &Event, facts: &Facts<'_>, now: SystemTime, ratio: f64) -> 
         }
         None => {}
     }
-    let now_ms = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let age = (now_ms - event.created_ms).max(0) as f64 / 1000.0;
+    let age = (ms(now) - event.created_ms).max(0) as f64 / 1000.0;
     let vouched = facts.ignore == Verdict::NotIgnored;
     match facts.bantime.filter(|b| *b > 0) {
         Some(b) if age >= b as f64 => Decision::Expired,
@@ -113,6 +180,74 @@ pub fn decide(event: &Event, facts: &Facts<'_>, now: SystemTime, ratio: f64) -> 
             fast_path: vouched && age < FRESH * b as f64,
         },
         None => Decision::Add { fast_path: vouched },
+    }
+}
+
+/// The rules for a ban with a fleet end `F` (`term.ends_ms`): see the
+/// module doc, rules 6 to 11.
+fn decide_fleet_end(event: &Event, facts: &Facts<'_>, now: SystemTime) -> Decision {
+    let fleet_end = event.term.ends_ms;
+    let now_ms = ms(now);
+    let own = match facts.reporter {
+        Reporter::Own { bantime } => Some(bantime),
+        Reporter::Other => None,
+    };
+    if fleet_end <= now_ms {
+        return if own.is_some() {
+            Decision::Own
+        } else {
+            Decision::Expired
+        };
+    }
+    // Until when the shared jail holds it: our scheduled lift while it is
+    // ahead (the line may not be read yet: `just_added`), else fail2ban's
+    // own end for it (a ban from before the ladder; no times: for ever).
+    let in_shared = facts.held.iter().find(|h| h.shared);
+    let shared_until = match facts.scheduled.filter(|s| *s > now_ms) {
+        Some(s) if in_shared.is_some() || facts.just_added => Some(s),
+        _ => in_shared.map(|h| h.time.map_or(i64::MAX, |t| ms(t.end))),
+    };
+    if let Some(until) = shared_until {
+        return if until < fleet_end || event.term.extends != 0 {
+            Decision::Extend
+        } else if own.is_some() {
+            Decision::Own
+        } else {
+            Decision::AlreadyBanned
+        };
+    }
+    let vouched = facts.ignore == Verdict::NotIgnored;
+    let age = (now_ms - event.created_ms).max(0) as f64;
+    let duration = (fleet_end - event.created_ms).max(1) as f64;
+    let add = Decision::Add {
+        fast_path: vouched && age < FRESH * duration,
+    };
+    if let Some(bantime) = own {
+        // The own jail banned it when it was reported (the event's time).
+        let covered = match bantime {
+            Some(b) if b < 0 => true,
+            Some(b) => event.created_ms.saturating_add(b.saturating_mul(1000)) >= fleet_end,
+            None => false,
+        };
+        return if covered { Decision::Own } else { add };
+    }
+    if facts.just_added {
+        return Decision::AlreadyBanned;
+    }
+    // Another jail of this host (sshd, say) bans it: status 2 if that ban
+    // lasts to the fleet's end, else the fleet's ban follows it.
+    let other_end = facts
+        .held
+        .iter()
+        .filter(|h| !h.shared)
+        .map(|h| h.time.map_or(i64::MAX, |t| ms(t.end)))
+        .max();
+    match other_end {
+        Some(end) if end >= fleet_end => Decision::AlreadyBanned,
+        Some(end) => Decision::Defer {
+            at: UNIX_EPOCH + Duration::from_millis(end.max(0) as u64) + AFTER_END,
+        },
+        None => add,
     }
 }
 
@@ -140,20 +275,37 @@ mod tests {
         }
     }
 
-    /// A day-long ban held by fail2ban with `left` seconds to run.
-    fn held(left: i64) -> Option<BanTime> {
-        Some(BanTime {
-            bantime: DAY,
-            end: now() + Duration::from_secs(left as u64),
-        })
+    /// A day-long ban held by another jail with `left` seconds to run.
+    fn held(left: i64) -> Held {
+        Held {
+            shared: false,
+            time: Some(BanTime {
+                bantime: DAY,
+                end: now() + Duration::from_secs(left as u64),
+            }),
+        }
     }
 
-    fn decide_with(held: &[Option<BanTime>], bantime: Option<i64>, age: i64) -> Decision {
-        let facts = Facts {
+    const UNTIMED: Held = Held {
+        shared: false,
+        time: None,
+    };
+
+    fn facts(held: &[Held]) -> Facts<'_> {
+        Facts {
             ignore: Verdict::NotIgnored,
             held,
             just_added: false,
+            bantime: Some(DAY),
+            scheduled: None,
+            reporter: Reporter::Other,
+        }
+    }
+
+    fn decide_with(held: &[Held], bantime: Option<i64>, age: i64) -> Decision {
+        let facts = Facts {
             bantime,
+            ..facts(held)
         };
         decide(&event(age), &facts, now(), DEFAULT_RECENT_RATIO)
     }
@@ -174,7 +326,7 @@ mod tests {
             Decision::AlreadyBanned
         );
         // Listed without times: counts as fully fresh.
-        assert_eq!(decide_with(&[None], None, 0), Decision::AlreadyBanned);
+        assert_eq!(decide_with(&[UNTIMED], None, 0), Decision::AlreadyBanned);
     }
 
     #[test]
@@ -212,10 +364,8 @@ mod tests {
     #[test]
     fn just_added_is_already_banned_whatever_fail2ban_says() {
         let facts = Facts {
-            ignore: Verdict::NotIgnored,
-            held: &[],
             just_added: true,
-            bantime: Some(DAY),
+            ..facts(&[])
         };
         assert_eq!(
             decide(&event(0), &facts, now(), DEFAULT_RECENT_RATIO),
@@ -262,9 +412,8 @@ mod tests {
         for (held, just_added) in [(&[][..], false), (&[held(DAY)][..], true)] {
             let facts = Facts {
                 ignore: Verdict::Ignored("ignoreip 192.0.2.0/24"),
-                held,
                 just_added,
-                bantime: Some(DAY),
+                ..facts(held)
             };
             assert_eq!(
                 decide(&event(0), &facts, now(), DEFAULT_RECENT_RATIO),
@@ -278,14 +427,157 @@ mod tests {
         for bantime in [Some(DAY), None] {
             let facts = Facts {
                 ignore: Verdict::Unknown,
-                held: &[],
-                just_added: false,
                 bantime,
+                ..facts(&[])
             };
             assert_eq!(
                 decide(&event(0), &facts, now(), DEFAULT_RECENT_RATIO),
                 Decision::Add { fast_path: false }
             );
         }
+    }
+
+    /// A ban reported `age_ms` before [`now`] that the fleet holds `dur_ms`.
+    fn ladder(age_ms: i64, dur_ms: i64) -> Event {
+        let mut e = event(0);
+        e.created_ms -= age_ms;
+        e.term.ends_ms = e.created_ms + dur_ms;
+        e.term.rung = 1;
+        e
+    }
+
+    fn shared(left_ms: i64) -> Held {
+        Held {
+            shared: true,
+            time: Some(BanTime {
+                bantime: 25 * DAY,
+                end: now() + Duration::from_millis(left_ms as u64),
+            }),
+        }
+    }
+
+    fn at(event: &Event, facts: &Facts<'_>) -> Decision {
+        decide(event, facts, now(), DEFAULT_RECENT_RATIO)
+    }
+
+    #[test]
+    fn a_fleet_end_replaces_the_shared_jail_s_bantime() {
+        // Older than the shared jail's bantime, but the fleet holds it longer.
+        assert_eq!(
+            at(&ladder(2 * DAY * 1000, 3 * DAY * 1000), &facts(&[])),
+            Decision::Add { fast_path: false }
+        );
+        // Its end passed: expired, whatever the bantime.
+        assert_eq!(at(&ladder(2_000, 2_000), &facts(&[])), Decision::Expired);
+        assert_eq!(at(&ladder(2_001, 2_000), &facts(&[])), Decision::Expired);
+        // Fresh relative to its own duration: a tenth of 2 s.
+        assert_eq!(
+            at(&ladder(199, 2_000), &facts(&[])),
+            Decision::Add { fast_path: true }
+        );
+        assert_eq!(
+            at(&ladder(200, 2_000), &facts(&[])),
+            Decision::Add { fast_path: false }
+        );
+    }
+
+    #[test]
+    fn a_held_shared_ban_only_moves_its_lift() {
+        let end = |e: &Event| e.term.ends_ms;
+        let e = ladder(0, 8_000);
+        let held = [shared(25 * DAY * 1000)];
+        // Our lift is due before the new end: moved (status 1).
+        let f = Facts {
+            scheduled: Some(end(&e) - 4_000),
+            ..facts(&held)
+        };
+        assert_eq!(at(&e, &f), Decision::Extend);
+        // Due at or after it: already banned.
+        let f = Facts {
+            scheduled: Some(end(&e)),
+            ..facts(&held)
+        };
+        assert_eq!(at(&e, &f), Decision::AlreadyBanned);
+        // An update is status 1 either way.
+        let mut update = e.clone();
+        update.term.extends = 1;
+        assert_eq!(at(&update, &f), Decision::Extend);
+        // A line just written counts as held while fail2ban reads it.
+        let f = Facts {
+            scheduled: Some(end(&e) - 4_000),
+            just_added: true,
+            ..facts(&[])
+        };
+        assert_eq!(at(&e, &f), Decision::Extend);
+        // A schedule with nothing held (fail2ban lost it) is no hold: added again.
+        let f = Facts {
+            scheduled: Some(end(&e) - 4_000),
+            ..facts(&[])
+        };
+        assert_eq!(at(&update, &f), Decision::Add { fast_path: true });
+        // A shared ban without a scheduled lift (from before the ladder)
+        // holds it until fail2ban's own end.
+        assert_eq!(at(&e, &facts(&[shared(4_000)])), Decision::Extend);
+        assert_eq!(at(&e, &facts(&[shared(9_000)])), Decision::AlreadyBanned);
+    }
+
+    #[test]
+    fn another_jail_covers_a_fleet_ban_only_to_its_end() {
+        // sshd holds it 60 s more (a small share of its day): covers 8 s.
+        assert_eq!(
+            at(&ladder(0, 8_000), &facts(&[held(60)])),
+            Decision::AlreadyBanned
+        );
+        assert_eq!(
+            at(&ladder(0, 8_000), &facts(&[UNTIMED])),
+            Decision::AlreadyBanned
+        );
+        // It ends before the fleet's end: the fleet's ban follows it.
+        assert_eq!(
+            at(&ladder(0, 120_000), &facts(&[held(60)])),
+            Decision::Defer {
+                at: now() + Duration::from_secs(61)
+            }
+        );
+    }
+
+    #[test]
+    fn own_reports_are_held_in_the_shared_jail_past_the_own_bantime() {
+        let sshd = [held(3_600)];
+        let own = |bantime| Facts {
+            reporter: Reporter::Own { bantime },
+            ..facts(&sshd)
+        };
+        // The own jail's hour covers a 2 s fleet ban.
+        assert_eq!(at(&ladder(0, 2_000), &own(Some(3_600))), Decision::Own);
+        assert_eq!(at(&ladder(0, 2_000 * DAY), &own(Some(-1))), Decision::Own);
+        // A fleet end past it: held in the shared jail too.
+        assert_eq!(
+            at(&ladder(0, 7_200_000), &own(Some(3_600))),
+            Decision::Add { fast_path: true }
+        );
+        assert_eq!(
+            at(&ladder(0, 2_000), &own(None)),
+            Decision::Add { fast_path: true }
+        );
+        // Never status 2, and nothing for one without a fleet end or expired.
+        assert_eq!(
+            at(
+                &ladder(0, 2_000),
+                &Facts {
+                    scheduled: Some(1),
+                    ..own(Some(3_600))
+                }
+            ),
+            Decision::Own
+        );
+        assert_eq!(at(&event(0), &own(Some(3_600))), Decision::Own);
+        assert_eq!(at(&ladder(5_000, 2_000), &own(None)), Decision::Own);
+        let held = [shared(60_000)];
+        let in_shared = Facts {
+            reporter: Reporter::Own { bantime: Some(1) },
+            ..facts(&held)
+        };
+        assert_eq!(at(&ladder(0, 8_000), &in_shared), Decision::Own);
     }
 }

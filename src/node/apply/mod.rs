@@ -43,11 +43,12 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-pub use self::decide::{DEFAULT_RECENT_RATIO, Decision, Facts, decide};
+pub use self::decide::{DEFAULT_RECENT_RATIO, Decision, Facts, Held, Reporter, decide};
 use super::{
     allow_list::LocalAllowList,
     deferred::Deferred,
     ignore::{IgnoreWatch, Verdict},
+    lifts::Lifts,
     position::Position,
     shared_log::SharedLog,
     status_journal::StatusJournal,
@@ -89,6 +90,9 @@ pub struct ApplyConfig {
     pub data_dir: PathBuf,
     /// Also ban fresh bans at once through the socket (the fast path).
     pub fast_path: bool,
+    /// This host's name (from its certificate): events it reported come
+    /// back from the hub with the fleet's end, and are applied as its own.
+    pub own_name: String,
 }
 
 /// The jail banmesh bans into.
@@ -111,6 +115,11 @@ pub struct Applier {
     allow: LocalAllowList,
     /// Recently unbanned IPs whose line fail2ban may read late, until when.
     relift: HashMap<String, Instant>,
+    /// When each fleet ban held in the shared jail is lifted.
+    lifts: Lifts,
+    /// The bantime of this host's own jails (for its own reports), and
+    /// when fail2ban said it.
+    own_bantimes: HashMap<String, (Option<i64>, Instant)>,
 }
 
 impl Applier {
@@ -135,6 +144,8 @@ impl Applier {
                 LocalAllowList::empty(&config.data_dir)
             }),
             relift: HashMap::new(),
+            lifts: Lifts::load(config.data_dir.join("lifts")),
+            own_bantimes: HashMap::new(),
             config,
         }
     }
@@ -181,19 +192,25 @@ impl Applier {
         statuses
     }
 
-    /// Applies a run of bans: decides each ([`decide`]), then bans the
-    /// fresh ones through the socket, journals, and writes the lines.
+    /// Applies a run of bans: decides each ([`decide`]), schedules the
+    /// lifts of those with a fleet end, then bans the fresh ones through
+    /// the socket, journals, and writes the lines.
     async fn bans(&mut self, events: &[Event]) -> Vec<(u64, Status)> {
         let now = Instant::now();
         self.recent.retain(|_, t| now.duration_since(*t) < RECENT);
         let held = self.held(events).await;
         let bantime = self.shared_bantime().await;
+        let own_bantimes = self.own_bantimes(events).await;
         let wall = SystemTime::now();
         let ignore = self.ignore.current();
         let mut statuses = Vec::with_capacity(events.len());
         let mut write: Vec<&Event> = Vec::new();
         let mut fresh: Vec<&str> = Vec::new();
         let mut written_now = HashSet::new();
+        // Lifts to schedule, and those scheduled earlier in this batch.
+        let mut lifts: Vec<(&str, i64, u64)> = Vec::new();
+        let mut scheduled_now: HashMap<&str, i64> = HashMap::new();
+        let mut extended: Vec<(u64, Status)> = Vec::new();
         for e in events {
             let ip = e.ban.ip.as_str();
             if let Some(why) = self.allow.refuses(ip) {
@@ -202,12 +219,28 @@ impl Applier {
                 continue;
             }
             let verdict = ignore.check(ip);
+            let reporter = if e.added_by == self.config.own_name {
+                Reporter::Own {
+                    bantime: own_bantimes.get(e.ban.jail.as_str()).copied().flatten(),
+                }
+            } else {
+                Reporter::Other
+            };
+            let scheduled = scheduled_now
+                .get(ip)
+                .copied()
+                .into_iter()
+                .chain(self.lifts.get(ip).map(|l| l.ends_ms))
+                .max();
             let facts = Facts {
                 ignore: verdict,
                 held: held.get(ip).map_or(&[], Vec::as_slice),
                 just_added: self.recent.contains_key(ip) || written_now.contains(ip),
                 bantime,
+                scheduled,
+                reporter,
             };
+            let fleet_end = e.term.ends_ms;
             match decide(e, &facts, wall, self.config.recent_ratio) {
                 Decision::Ignored => {
                     let by = match verdict {
@@ -226,6 +259,26 @@ impl Applier {
                     self.relift.remove(ip);
                     statuses.push((e.id, Status::AlreadyBanned));
                 }
+                Decision::Own => {
+                    info!(
+                        id = e.id,
+                        ip, "own report: this host's jail holds it to the fleet's end"
+                    );
+                    statuses.push((e.id, Status::Added));
+                }
+                Decision::Extend => {
+                    self.relift.remove(ip);
+                    info!(
+                        id = e.id,
+                        ip,
+                        ends_ms = fleet_end,
+                        "held here already: its lift moves to the fleet's new end"
+                    );
+                    lifts.push((ip, fleet_end, e.id));
+                    let at = scheduled_now.entry(ip).or_default();
+                    *at = (*at).max(fleet_end);
+                    extended.push((e.id, Status::Added));
+                }
                 Decision::Defer { at } => {
                     self.relift.remove(ip);
                     info!(
@@ -242,13 +295,21 @@ impl Applier {
                     written_now.insert(ip);
                     info!(
                         id = e.id,
-                        ip, "ban already over by its own bantime; not applied"
+                        ip, "ban already over by its own time; not applied"
                     );
                 }
                 Decision::Add { fast_path } => {
                     // A new ban of it: no longer lifted again.
                     self.relift.remove(ip);
                     written_now.insert(ip);
+                    if fleet_end > 0 {
+                        lifts.push((ip, fleet_end, e.id));
+                        let at = scheduled_now.entry(ip).or_default();
+                        *at = (*at).max(fleet_end);
+                    } else {
+                        // Held for the shared jail's bantime now, as before the ladder.
+                        self.lifts.cancel(ip);
+                    }
                     if fast_path {
                         fresh.push(ip);
                     }
@@ -256,6 +317,15 @@ impl Applier {
                 }
             }
         }
+        // On disk before fail2ban bans anything it must lift: a crash after
+        // the ban still lifts it on time.
+        if !lifts.is_empty() && !self.lifts.schedule(&lifts) {
+            warn!(
+                count = lifts.len(),
+                "lift schedule not saved; these bans are lifted on time unless the node restarts first"
+            );
+        }
+        statuses.extend(extended);
         if !write.is_empty() {
             let confirmed = self.ban_now(&fresh).await;
             // Journaled before the write: a crash between the two re-applies
@@ -316,7 +386,16 @@ pub async fn run(
     let mut tick = tokio::time::interval(DEFERRED_TICK);
     let mut save = tokio::time::interval(POSITION_TICK);
     loop {
+        // Woken at the next fleet end, to lift it on time (the tick below
+        // retries and watches ended ones for a second).
+        let next_lift = applier.lifts.next_end(crate::clock::now_ms()).map(|end| {
+            let wait = (end - crate::clock::now_ms()).max(0) as u64;
+            tokio::time::Instant::now() + Duration::from_millis(wait)
+        });
         tokio::select! {
+            _ = tokio::time::sleep_until(next_lift.unwrap_or_else(tokio::time::Instant::now)), if next_lift.is_some() => {
+                applier.lift_due().await;
+            }
             batch = batches.recv() => {
                 let Some(batch) = batch else { break };
                 let batch: Vec<Event> = batch.into_iter().filter(|e| e.id > position.get()).collect();
@@ -339,9 +418,10 @@ pub async fn run(
                     let _ = o.send((ips, Instant::now()));
                 }
             }
-            _ = tick.tick(), if !applier.deferred.is_empty() || !applier.relift.is_empty() => {
+            _ = tick.tick(), if !applier.deferred.is_empty() || !applier.relift.is_empty() || !applier.lifts.is_empty() => {
                 applier.apply_due().await;
                 applier.relift_due().await;
+                applier.lift_due().await;
             }
             // A quiet spell must not leave the position file behind.
             _ = save.tick() => {
@@ -378,6 +458,7 @@ mod tests {
                 recent_ratio: DEFAULT_RECENT_RATIO,
                 data_dir: dir.path().to_path_buf(),
                 fast_path: true,
+                own_name: "db-1".into(),
             },
             journal.clone(),
             crate::node::ignore::channel().1,

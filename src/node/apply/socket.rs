@@ -11,7 +11,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Applier, SHARED_JAIL};
+use super::{Applier, Held, SHARED_JAIL};
 use crate::{
     ban::{Event, Status},
     fail2ban::{BanTime, Fail2banError},
@@ -54,6 +54,88 @@ impl Applier {
         Some(b)
     }
 
+    /// The bantime of each own jail named by this host's own reports among
+    /// `events` (`None` if fail2ban did not say), asked now and then.
+    pub(super) async fn own_bantimes(&mut self, events: &[Event]) -> HashMap<String, Option<i64>> {
+        let mut out = HashMap::new();
+        for e in events {
+            let jail = e.ban.jail.as_str();
+            if e.added_by != self.config.own_name || e.term.ends_ms <= 0 || out.contains_key(jail) {
+                continue;
+            }
+            let cached = self
+                .own_bantimes
+                .get(jail)
+                .filter(|(_, at)| at.elapsed() < BANTIME_TTL)
+                .map(|(b, _)| *b);
+            let bantime = match cached {
+                Some(b) => b,
+                None => {
+                    let asked = match self.fail2ban.as_mut() {
+                        Some(f2b) => f2b.bantime(jail).await.ok(),
+                        None => None,
+                    };
+                    self.own_bantimes
+                        .insert(jail.to_string(), (asked, Instant::now()));
+                    asked
+                }
+            };
+            out.insert(jail.to_string(), bantime);
+        }
+        out
+    }
+
+    /// Lifts the fleet bans whose end has come from the `shared` jail (and
+    /// lifts again those a late line banned anew), then forgets those
+    /// fail2ban confirms free once their linger is over
+    /// ([`crate::node::lifts`]). One `banned` request per chunk asks which
+    /// the shared jail holds; only those are lifted, never in other jails.
+    pub(super) async fn lift_due(&mut self) {
+        let now_ms = crate::clock::now_ms();
+        let due = self.lifts.due(now_ms);
+        if due.is_empty() {
+            return;
+        }
+        let Some(f2b) = self.fail2ban.as_mut() else {
+            return;
+        };
+        let mut free = Vec::new();
+        let mut result = Ok(());
+        for chunk in due.chunks(BANIP_CHUNK) {
+            let ips: Vec<&str> = chunk.iter().map(|(ip, _)| ip.as_str()).collect();
+            let jails = match f2b.banned(&ips).await {
+                Ok(j) => j,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            for ((ip, lift), jails) in chunk.iter().zip(jails) {
+                if !jails.iter().any(|j| j == SHARED_JAIL) {
+                    free.push((ip.clone(), *lift));
+                    continue;
+                }
+                match f2b.unban_in(SHARED_JAIL, ip).await {
+                    Ok(_) => {
+                        let late_ms = now_ms - lift.ends_ms;
+                        info!(
+                            ip,
+                            id = lift.event,
+                            late_ms,
+                            "fleet ban ended; lifted from the shared jail"
+                        );
+                        free.push((ip.clone(), *lift));
+                    }
+                    Err(e) => {
+                        warn!(ip, error = %e, "cannot lift an ended fleet ban; trying again");
+                    }
+                }
+            }
+        }
+        self.note_fail2ban(result.as_ref().map(|_| ()));
+        self.lifts.confirmed(&free, now_ms);
+    }
+
     /// The fast path: bans IPs in the shared jail through the socket, a
     /// chunk per request; returns those fail2ban confirmed.
     pub(super) async fn ban_now<'a>(&mut self, ips: &[&'a str]) -> HashSet<&'a str> {
@@ -94,7 +176,7 @@ impl Applier {
     /// Asks fail2ban which of these IPs it bans, and for how long yet: per
     /// IP, one entry per jail that bans it (`None` if it listed no times).
     /// IPs it does not ban are left out.
-    pub(super) async fn held(&mut self, events: &[Event]) -> HashMap<String, Vec<Option<BanTime>>> {
+    pub(super) async fn held(&mut self, events: &[Event]) -> HashMap<String, Vec<Held>> {
         let Some(f2b) = self.fail2ban.as_mut() else {
             return HashMap::new();
         };
@@ -122,7 +204,10 @@ impl Applier {
                     let t = f2b.jail_bans(&jail).await.unwrap_or_default();
                     times.insert(jail.clone(), t);
                 }
-                bans.push(times[&jail].get(*ip).copied());
+                bans.push(Held {
+                    shared: jail == SHARED_JAIL,
+                    time: times[&jail].get(*ip).copied(),
+                });
             }
             if !bans.is_empty() {
                 held.insert(ip.to_string(), bans);
@@ -176,6 +261,7 @@ impl Applier {
     pub(super) async fn unban(&mut self, event: &Event) -> (u64, Status) {
         let ip = event.ban.ip.as_str();
         self.deferred.cancel(ip);
+        self.lifts.cancel(ip);
         // fail2ban may not have read our line yet (it polls shared.log);
         // read after this unban, it would ban the address again.
         if self.recent.remove(ip).is_some() {

@@ -1,0 +1,255 @@
+//! The lift schedule: when this host lifts each fleet ban it holds in the
+//! `shared` jail, because fail2ban cannot be told a ban's own end.
+//!
+//! Why the node lifts bans itself (fail2ban 1.0.2, read in its source):
+//! `set <jail> banip IP...` makes a `BanTicket(ip, now)` with no ban time
+//! of its own (`server/actions.py`, `addBannedIP`), so the jail's
+//! `bantime` applies; a `failregex` line carries a time and an address
+//! (and `F-ID`/`F-PORT`-style tags) but no ban time (`server/failregex.py`);
+//! a ticket gets a time of its own only from `bantime.increment`, computed
+//! from fail2ban's own history of the address (`server/observer.py`),
+//! which banmesh cannot steer per ban. So the `shared` jail's `bantime` is
+//! set to the ladder's top (`setup-fail2ban --bantime`), fail2ban never
+//! lifts a fleet ban early, and this schedule lifts it at the fleet's end
+//! with `set shared unbanip`.
+//!
+//! Contract:
+//! - One entry per address: the latest fleet end this host holds it to,
+//!   and the event that set it. A later end replaces an earlier one, never
+//!   the other way round, so a lift never ends a ban a later fleet event
+//!   still holds. An unban (or a ban without a fleet end) removes the
+//!   entry.
+//! - Saved in `DIR/lifts` (one tab-separated line per entry, through
+//!   [`super::state_file`]: 0600, no symbolic links, atomic replace) and
+//!   fsynced before the ban it ends is banned or written to `shared.log`:
+//!   after a crash or restart the node still lifts it, at once if its end
+//!   passed meanwhile.
+//! - An entry stays until fail2ban confirms the address is out of the
+//!   `shared` jail, and for [`LINGER`] after its end: fail2ban reads
+//!   `shared.log` late (up to ~1 s) and a line read after the lift would
+//!   ban the address again for the ladder's top. Only the `shared` jail is
+//!   lifted: the host's own jails keep their own bans.
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+/// How long after a ban's end the node keeps checking that the `shared`
+/// jail does not hold it again (from a line fail2ban read late). fail2ban
+/// reads a line within ~1 s (FAIL2BAN.md); 30 s covers a burst it works
+/// through at ~5 ms a ban, as [`super::apply::RELIFT_FOR`] does.
+pub const LINGER: Duration = Duration::from_secs(30);
+
+/// One address's scheduled lift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lift {
+    /// The fleet's end for the address, Unix ms.
+    pub ends_ms: i64,
+    /// The event that set this end (a ban, or an update extending one).
+    pub event: u64,
+}
+
+/// The schedule, mirrored to `DIR/lifts` on every change.
+pub struct Lifts {
+    path: PathBuf,
+    items: HashMap<String, Lift>,
+}
+
+fn parse(line: &str) -> Option<(String, Lift)> {
+    let mut f = line.split('\t');
+    let (ip, ends, event) = (f.next()?, f.next()?, f.next()?);
+    if f.next().is_some() || ip.parse::<std::net::IpAddr>().is_err() {
+        return None;
+    }
+    Some((
+        ip.to_string(),
+        Lift {
+            ends_ms: ends.parse().ok()?,
+            event: event.parse().ok()?,
+        },
+    ))
+}
+
+impl Lifts {
+    /// Reads the file at `path`; a missing file or an unreadable line is no
+    /// entry (logged).
+    pub fn load(path: PathBuf) -> Self {
+        let bytes = super::state_file::read(&path).unwrap_or_else(|e| {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the lift schedule");
+            None
+        });
+        let mut items = HashMap::new();
+        for line in String::from_utf8_lossy(&bytes.unwrap_or_default()).lines() {
+            match parse(line) {
+                Some((ip, lift)) => {
+                    items.insert(ip, lift);
+                }
+                None => {
+                    tracing::warn!(path = %path.display(), line, "unreadable lift entry skipped")
+                }
+            }
+        }
+        Lifts { path, items }
+    }
+
+    /// How many addresses are scheduled (or lingering after their lift).
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether nothing is scheduled.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The scheduled lift of `ip`, if any.
+    pub fn get(&self, ip: &str) -> Option<Lift> {
+        self.items.get(ip).copied()
+    }
+
+    /// Schedules lifts (ip, end, event); an entry with a later end than
+    /// the one given is kept. Saves (fsynced) if anything changed; returns
+    /// whether the schedule is on disk.
+    pub fn schedule(&mut self, lifts: &[(&str, i64, u64)]) -> bool {
+        let mut changed = false;
+        for &(ip, ends_ms, event) in lifts {
+            let new = Lift { ends_ms, event };
+            match self.items.get_mut(ip) {
+                Some(old) if old.ends_ms >= ends_ms => {}
+                Some(old) => {
+                    *old = new;
+                    changed = true;
+                }
+                None => {
+                    self.items.insert(ip.to_string(), new);
+                    changed = true;
+                }
+            }
+        }
+        !changed || self.save(true)
+    }
+
+    /// Forgets `ip`'s lift (an unban lifted it, or a ban without a fleet
+    /// end holds it now).
+    pub fn cancel(&mut self, ip: &str) {
+        if self.items.remove(ip).is_some() {
+            self.save(false);
+        }
+    }
+
+    /// Addresses whose end has come at `now_ms`: to check, and lift if the
+    /// `shared` jail holds them.
+    pub fn due(&self, now_ms: i64) -> Vec<(String, Lift)> {
+        let mut due: Vec<(String, Lift)> = self
+            .items
+            .iter()
+            .filter(|(_, l)| l.ends_ms <= now_ms)
+            .map(|(ip, l)| (ip.clone(), *l))
+            .collect();
+        due.sort_by_key(|(_, l)| l.ends_ms);
+        due
+    }
+
+    /// The earliest end still in the future at `now_ms` (when the apply
+    /// task should wake next to lift on time).
+    pub fn next_end(&self, now_ms: i64) -> Option<i64> {
+        self.items
+            .values()
+            .map(|l| l.ends_ms)
+            .filter(|e| *e > now_ms)
+            .min()
+    }
+
+    /// Forgets the entries fail2ban confirmed free of the `shared` jail
+    /// whose [`LINGER`] is over at `now_ms`, unless a later end replaced
+    /// them meanwhile.
+    pub fn confirmed(&mut self, free: &[(String, Lift)], now_ms: i64) {
+        let linger = LINGER.as_millis() as i64;
+        let n = self.items.len();
+        for (ip, lift) in free {
+            if lift.ends_ms + linger <= now_ms && self.items.get(ip) == Some(lift) {
+                self.items.remove(ip);
+            }
+        }
+        if self.items.len() != n {
+            self.save(false);
+        }
+    }
+
+    /// Writes the schedule; `durable` fsyncs it before returning.
+    fn save(&self, durable: bool) -> bool {
+        let mut text = String::with_capacity(self.items.len() * 40);
+        for (ip, l) in &self.items {
+            text.push_str(&format!("{ip}\t{}\t{}\n", l.ends_ms, l.event));
+        }
+        match super::state_file::replace(&self.path, text.as_bytes(), durable) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot save the lift schedule; bans may outlast their fleet end");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_ends_replace_earlier_ones_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifts");
+        let mut l = Lifts::load(path.clone());
+        assert!(l.schedule(&[("192.0.2.1", 2_000, 1), ("192.0.2.2", 5_000, 2)]));
+        assert!(l.schedule(&[("192.0.2.1", 4_000, 3)]), "a later end");
+        assert!(l.schedule(&[("192.0.2.1", 3_000, 4)]), "an earlier one");
+        let l = Lifts::load(path.clone());
+        assert_eq!(
+            l.get("192.0.2.1"),
+            Some(Lift {
+                ends_ms: 4_000,
+                event: 3
+            })
+        );
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.next_end(0), Some(4_000));
+        assert_eq!(l.next_end(4_000), Some(5_000));
+        assert_eq!(l.due(4_500).len(), 1);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn an_entry_lingers_after_its_end_until_confirmed_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Lifts::load(dir.path().join("lifts"));
+        l.schedule(&[("192.0.2.1", 1_000, 1)]);
+        let due = l.due(1_000);
+        assert_eq!(due.len(), 1);
+        l.confirmed(&due, 1_000);
+        assert_eq!(l.len(), 1, "kept while fail2ban may still read a line late");
+        // A later ban of it meanwhile is not forgotten with the old entry.
+        l.schedule(&[("192.0.2.1", 90_000, 2)]);
+        l.confirmed(&due, 1_000 + LINGER.as_millis() as i64);
+        assert_eq!(l.get("192.0.2.1").map(|x| x.event), Some(2));
+        let due = l.due(90_000);
+        l.confirmed(&due, 90_000 + LINGER.as_millis() as i64);
+        assert!(l.is_empty());
+        assert!(Lifts::load(dir.path().join("lifts")).is_empty());
+    }
+
+    #[test]
+    fn unbans_cancel_and_bad_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifts");
+        std::fs::write(
+            &path,
+            "192.0.2.1\t1000\t1\nnot-an-ip\t1\t1\n192.0.2.2\tx\t2\n2001:db8::1\t7\t3\textra\n2001:db8::2\t8\t4\n",
+        )
+        .unwrap();
+        let mut l = Lifts::load(path.clone());
+        assert_eq!(l.len(), 2);
+        l.cancel("192.0.2.1");
+        assert_eq!(Lifts::load(path).len(), 1);
+    }
+}
