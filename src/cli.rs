@@ -292,6 +292,10 @@ pub enum NodeAction {
     SetupFail2ban(SetupArgs),
 }
 
+/// The shared jail's bantime `setup-fail2ban` writes by default: the
+/// default ladder's top (its longest ban).
+pub const DEFAULT_SHARED_BANTIME: &str = "25d";
+
 /// Flags of `banmesh node setup-fail2ban`.
 #[derive(Args, Debug)]
 pub struct SetupArgs {
@@ -301,8 +305,10 @@ pub struct SetupArgs {
     /// The node's paths (written into the jail and into the action's `banmesh report` call).
     #[command(flatten)]
     pub paths: NodePaths,
-    /// bantime of the shared jail (fail2ban syntax: 3600, 1d, 25d).
-    #[arg(long, default_value = "1d")]
+    /// bantime (and findtime) of the shared jail (fail2ban syntax: 3600, 1d,
+    /// 25d): the hub's ladder top (`hub --ladder`), so fail2ban never lifts
+    /// a fleet ban early; the node lifts each at the fleet's end itself.
+    #[arg(long, default_value = DEFAULT_SHARED_BANTIME)]
     pub bantime: String,
     /// Also block banned IPs forwarded from this interface (the seed's NAT FORWARD rule), e.g. ppp+.
     #[arg(long, value_name = "IFACE")]

@@ -84,7 +84,9 @@ pub struct Setup {
     pub data_dir: PathBuf,
     /// Absolute path of the banmesh binary for the action.
     pub banmesh: PathBuf,
-    /// fail2ban's `bantime` for the shared jail (`1d`, `25d`, seconds).
+    /// fail2ban's `bantime` for the shared jail (`1d`, `25d`, seconds): the
+    /// hub's ladder top, so that fail2ban never lifts a fleet ban before
+    /// the node does at the fleet's end ([`crate::node::lifts`]).
     pub bantime: String,
     /// Interface of the seed's "NAT FORWARD" rule, for hosts that forward.
     pub nat_forward: Option<String>,
@@ -176,12 +178,25 @@ impl Setup {
             (
                 dir.join("jail.d/shared.local"),
                 format!(
-                    "{MARKER}\n# Bans from the rest of the fleet, written to shared.log by the banmesh node.\n[shared]\nenabled = true\nfilter = shared\nlogpath = {}\nbanaction = ipset-allports-shared\nprotocol = all\nmaxretry = 1\nfindtime = 1d\nbantime = {}\n",
+                    "{MARKER}\n# Bans from the rest of the fleet, written to shared.log by the banmesh node.\n[shared]\nenabled = true\nfilter = shared\nlogpath = {}\nbanaction = ipset-allports-shared\nprotocol = all\nmaxretry = 1\nfindtime = {}\nbantime = {}\n",
                     ini(&self.shared_log.to_string_lossy()),
+                    self.findtime(),
                     self.bantime
                 ),
             ),
         ]
+    }
+
+    /// The shared jail's `findtime`: as long as its bantime, since
+    /// fail2ban's filter skips a line older than `findtime`, and a line
+    /// replayed after an outage carries its ban's own time while the ban
+    /// (up to the ladder's top) still runs. `1d` for a permanent bantime.
+    fn findtime(&self) -> &str {
+        if self.bantime == "-1" {
+            "1d"
+        } else {
+            &self.bantime
+        }
     }
 
     /// Writes what is missing or changed; never touches a file without the
@@ -380,6 +395,10 @@ mod tests {
         assert!(
             action.contains("-I FORWARD -i ppp+ -m set --match-set <ipmset> src -j <blocktype>")
         );
+
+        let jail =
+            std::fs::read_to_string(dir.path().join("fail2ban/jail.d/shared.local")).unwrap();
+        assert!(jail.contains("\nfindtime = 1d\nbantime = 1d\n"), "{jail}");
 
         let filter = dir.path().join("fail2ban/filter.d/shared.local");
         let ours = std::fs::read_to_string(&filter).unwrap();

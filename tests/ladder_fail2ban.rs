@@ -1,0 +1,233 @@
+//! The escalation ladder on real fail2ban hosts (network namespaces), with
+//! a hub on MariaDB whose ladder is `2s,4s,8s`: every host holds a fleet
+//! ban until the fleet's end, not for the `shared` jail's bantime (25d, as
+//! `setup-fail2ban` writes it by default), through the fast path and the
+//! log path, across a node restart, and on the reporting host when its own
+//! jail's ban is shorter.
+mod common;
+
+use std::time::Duration;
+
+use common::{fail2ban::F2bHost, *};
+use mysql_async::prelude::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+/// How long after the fleet's end the address must be out of the ipset:
+/// the node wakes at the end itself (a second is what the issue asks), plus
+/// a second of slack for a loaded test machine.
+const LIFT_WITHIN_MS: i64 = 2_000;
+
+/// A hub whose ladder is 2 s, 4 s, 8 s, remembering ends for a minute.
+async fn ladder_hub(root: &std::path::Path, pki: &Pki, db: &TestDb) -> Hub {
+    Hub::start_with(root, pki, &db.url, "127.0.0.1", 0, |c| {
+        c.args(["--ladder", "2s,4s,8s", "--ladder-window", "60s"]);
+    })
+    .await
+}
+
+/// `(id, ends_ms, rung)` of the newest ban of `ip` once it has `rung`.
+async fn ban_at_rung(db: &TestDb, ip: &str, rung: i64) -> (u64, i64, i64) {
+    let newest = || async {
+        let mut c = db.conn().await;
+        c.exec_first(
+            "SELECT id, ends_ms, rung FROM events WHERE ip = ? AND kind = 1 ORDER BY id DESC LIMIT 1",
+            (ip,),
+        )
+        .await
+        .ok()
+        .flatten()
+        .filter(|(_, _, r): &(u64, i64, i64)| *r == rung)
+    };
+    wait_for(
+        &format!("the rung {rung} ban of {ip}"),
+        DEADLINE,
+        || async { newest().await.is_some() },
+    )
+    .await;
+    newest().await.unwrap()
+}
+
+fn now_ms() -> i64 {
+    banmesh::clock::now_ms()
+}
+
+/// Time from now until `at_ms` (zero if it passed).
+fn until(at_ms: i64) -> Duration {
+    Duration::from_millis((at_ms - now_ms()).max(0) as u64)
+}
+
+/// Asserts the address is in `set` on `host` before the fleet's end and
+/// leaves it no earlier than that end and within [`LIFT_WITHIN_MS`] after.
+/// Returns how late after the end it was seen gone.
+async fn held_until(host: &F2bHost, set: &str, ip: &str, ends_ms: i64) -> i64 {
+    wait_for(
+        &format!("{ip} in {set} on {} before its end", host.name),
+        until(ends_ms),
+        || async { host.in_ipset(set, ip) },
+    )
+    .await;
+    wait_for(
+        &format!("{ip} out of {set} on {} after its end", host.name),
+        until(ends_ms + LIFT_WITHIN_MS),
+        || async { !host.in_ipset(set, ip) },
+    )
+    .await;
+    let late = now_ms() - ends_ms;
+    assert!(late >= 0, "{ip} lifted {} ms before the fleet's end", -late);
+    late
+}
+
+/// Reports `ip` from `reporter` three times, each after the previous ban
+/// ended, and checks `receiver` holds it 2, 4 then 8 s; `mid_rung_3` runs
+/// while the 8 s ban is held. Returns how late each lift was seen.
+async fn three_rungs(
+    db: &TestDb,
+    reporter: &F2bHost,
+    receiver: &mut F2bHost,
+    ip: &str,
+    mid_rung_3: impl AsyncFnOnce(&mut F2bHost, i64),
+) -> Vec<i64> {
+    let mut late = Vec::new();
+    let mut mid = Some(mid_rung_3);
+    for (rung, secs) in [(1, 2), (2, 4), (3, 8)] {
+        let (ok, err) = reporter.node.report("login", "tcp", "22", ip);
+        assert!(ok, "{err}");
+        let (id, ends_ms, _) = ban_at_rung(db, ip, rung).await;
+        let (_, created): (u64, i64) = {
+            let mut c = db.conn().await;
+            c.exec_first("SELECT id, created_ms FROM events WHERE id = ?", (id,))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(ends_ms - created, secs * 1000, "rung {rung} lasts {secs} s");
+        if rung == 3 {
+            wait_for("the rung 3 ban on the receiver", until(ends_ms), || async {
+                receiver.in_ipset("f2b-shared", ip)
+            })
+            .await;
+            (mid.take().unwrap())(receiver, ends_ms).await;
+        }
+        late.push(held_until(receiver, "f2b-shared", ip, ends_ms).await);
+        wait_for("status 1 on the receiver", DEADLINE, || async {
+            fail2ban::view_latest(db, ip, &receiver.name).await == Some((id, 1))
+        })
+        .await;
+    }
+    late
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_rung_ends_on_time_through_the_fast_path_and_across_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let pki = Pki::new(root.path());
+    let hub = ladder_hub(root.path(), &pki, &db).await;
+    let h1 = F2bHost::start(root.path(), &pki, "fast-1", &hub.url).await;
+    let mut h2 = F2bHost::start(root.path(), &pki, "fast-2", &hub.url).await;
+
+    let ip = "203.0.113.40";
+    let late = three_rungs(&db, &h1, &mut h2, ip, async |h2, ends_ms| {
+        // Restarted in the middle of the 8 s ban: the saved schedule
+        // still lifts it on time.
+        h2.node.stop();
+        assert!(now_ms() < ends_ms - 1_000, "restart too late to test");
+        h2.node.restart().await;
+    })
+    .await;
+    eprintln!("fast path: lifted {late:?} ms after the fleet's ends");
+    let log = h2.node_log();
+    assert!(
+        log.contains("fleet ban ended; lifted from the shared jail"),
+        "{log}"
+    );
+    // Each ban went through fail2ban's socket: one line per rung as well.
+    assert_eq!(h2.node.lines_for(ip), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_rung_ends_on_time_through_the_log_path_and_after_an_outage() {
+    let root = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let pki = Pki::new(root.path());
+    let hub = ladder_hub(root.path(), &pki, &db).await;
+    let h1 = F2bHost::start(root.path(), &pki, "log-1", &hub.url).await;
+    let mut h2 = F2bHost::start(root.path(), &pki, "log-2", &hub.url).await;
+    // Log path only: fail2ban bans from the line, for its 25 d bantime.
+    h2.node.stop();
+    h2.node.extra.push("--no-fail2ban-socket-ban".into());
+    h2.node.restart().await;
+
+    let ip = "203.0.113.41";
+    let late = three_rungs(&db, &h1, &mut h2, ip, async |h2, ends_ms| {
+        // Down across the end: fail2ban keeps the ban (its bantime is the
+        // ladder's top), and the node lifts it as soon as it is back.
+        h2.node.stop();
+        wait_for(
+            "the fleet's end to pass",
+            until(ends_ms) + DEADLINE,
+            || async { now_ms() > ends_ms + 500 },
+        )
+        .await;
+        assert!(h2.in_ipset("f2b-shared", ip), "fail2ban lifted it early");
+        h2.node.restart().await;
+    })
+    .await;
+    eprintln!("log path: lifted {late:?} ms after the fleet's ends (the last one after an outage)");
+    assert_eq!(h2.node.lines_for(ip), 3);
+    let f2b = h2.fail2ban_log();
+    assert!(
+        f2b.matches(&format!("[shared] Ban {ip}")).count() >= 3,
+        "banned from the line each time: {f2b}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reporting_host_holds_its_own_ban_until_the_fleet_s_end() {
+    let root = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let pki = Pki::new(root.path());
+    let hub = ladder_hub(root.path(), &pki, &db).await;
+    let h1 = F2bHost::start(root.path(), &pki, "own-1", &hub.url).await;
+    let h2 = F2bHost::start(root.path(), &pki, "own-2", &hub.url).await;
+    // The reporting jail bans for 1 s, shorter than the fleet's 2 s.
+    h1.fail2ban()
+        .request(&["set", "login", "bantime", "1"])
+        .await
+        .unwrap();
+
+    let ip = "203.0.113.42";
+    h1.failed_logins(ip, 3);
+    let (id, ends_ms, _) = ban_at_rung(&db, ip, 1).await;
+    // Its own jail lets go after 1 s; its shared jail holds it to the end,
+    // as host 2's does.
+    let (late1, late2) = tokio::join!(
+        held_until(&h1, "f2b-shared", ip, ends_ms),
+        held_until(&h2, "f2b-shared", ip, ends_ms)
+    );
+    eprintln!("own ban: lifted {late1} ms (reporter), {late2} ms (other host) after the end");
+    assert!(
+        !h1.in_ipset("f2b-login", ip),
+        "the own jail's 1 s ban ended"
+    );
+    wait_for("status 1 on the reporting host", DEADLINE, || async {
+        fail2ban::view_latest(&db, ip, "own-1").await == Some((id, 1))
+    })
+    .await;
+    assert_eq!(h1.node.lines_for(ip), 1, "held through shared.log as well");
+
+    // Host 2's jail keeps its hour: that covers the fleet's 2 s, so host 2
+    // holds its own report in that jail alone (status 1, nothing in
+    // shared), while host 1 holds it in its shared jail to the end.
+    let covered = "203.0.113.43";
+    h2.failed_logins(covered, 3);
+    let (id, ends_ms, _) = ban_at_rung(&db, covered, 1).await;
+    held_until(&h1, "f2b-shared", covered, ends_ms).await;
+    wait_for("status 1 for the covered own ban", DEADLINE, || async {
+        fail2ban::view_latest(&db, covered, "own-2").await == Some((id, 1))
+    })
+    .await;
+    assert!(h2.in_ipset("f2b-login", covered));
+    assert!(!h2.in_ipset("f2b-shared", covered));
+    assert_eq!(h2.node.lines_for(covered), 0);
+}
