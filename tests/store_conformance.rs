@@ -116,6 +116,7 @@ fn report(host: &str, seq: u64, ip: &str) -> NewReport {
         host: host.into(),
         seq,
         ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
+        plan: Default::default(),
     }
 }
 
@@ -184,7 +185,7 @@ async fn replay_skips_own_and_lifted_bans(b: Backend) {
     assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[2]]);
 
     let (unban, lifted) = s
-        .unban("192.0.2.1", "admin")
+        .unban("192.0.2.1", "admin", false)
         .await
         .unwrap()
         .expect("an active ban");
@@ -204,7 +205,12 @@ async fn replay_skips_own_and_lifted_bans(b: Backend) {
         vec![ids[1], unban.id]
     );
     // Nothing left to lift.
-    assert!(s.unban("192.0.2.1", "admin").await.unwrap().is_none());
+    assert!(
+        s.unban("192.0.2.1", "admin", false)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 async fn statuses_are_rows_with_zero_by_default(b: Backend) {
@@ -654,7 +660,7 @@ async fn list_bans_filters_and_the_ip_table_view(b: Backend) {
     );
 
     // An unban shows as lifted, is not a ban row itself, and counts.
-    let (unban, n) = s.unban("192.0.2.1", "admin").await.unwrap().unwrap();
+    let (unban, n) = s.unban("192.0.2.1", "admin", false).await.unwrap().unwrap();
     assert_eq!(n, 1);
     assert_eq!(unban.added_by, "admin");
     assert_eq!(unban.ban.jail, "sshd");
@@ -762,7 +768,10 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
     src.set_statuses(&[("b".into(), c[0].event_id(), Status::AlreadyBanned)])
         .await
         .unwrap();
-    src.unban("192.0.2.2", "admin").await.unwrap().unwrap();
+    src.unban("192.0.2.2", "admin", false)
+        .await
+        .unwrap()
+        .unwrap();
     src.revoke("B", "ops").await.unwrap();
     src.revoke("never-seen", "ops").await.unwrap();
     src.record_admin("ops").await.unwrap();

@@ -40,6 +40,7 @@ pub mod committer;
 pub mod enrollment;
 pub mod fanout;
 pub mod fleet;
+pub mod ladder;
 pub mod listener;
 pub mod migrate;
 pub mod publish;
@@ -124,6 +125,9 @@ pub struct HubConfig {
     pub ca_key: Option<PathBuf>,
     /// The per-host report limit (`--report-rate`, `--report-burst`).
     pub report_limit: rate_limit::ReportLimit,
+    /// The escalation ladder every ban's term is decided by (`--ladder`,
+    /// `--ladder-window`).
+    pub ladder: ladder::Ladder,
 }
 
 impl HubConfig {
@@ -243,8 +247,10 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         store.clone(),
         fanout.clone(),
         fleet.clone(),
+        config.ladder.clone(),
         shutdown.clone(),
     );
+    info!(ladder = %config.ladder, "escalation ladder");
     let enrollment = enrollment::EnrollmentService {
         store: Arc::clone(&store),
         signer: signer.clone(),
