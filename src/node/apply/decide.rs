@@ -202,10 +202,13 @@ fn decide_fleet_end(event: &Event, facts: &Facts<'_>, now: SystemTime) -> Decisi
     // Until when the shared jail holds it: our scheduled lift while it is
     // ahead (the line may not be read yet: `just_added`), else fail2ban's
     // own end for it (a ban from before the ladder; no times: for ever).
+    // A scheduled lift already due means that hold is over (the lift may
+    // not have run yet): neither it nor its line counts.
     let in_shared = facts.held.iter().find(|h| h.shared);
-    let shared_until = match facts.scheduled.filter(|s| *s > now_ms) {
-        Some(s) if in_shared.is_some() || facts.just_added => Some(s),
-        _ => in_shared.map(|h| h.time.map_or(i64::MAX, |t| ms(t.end))),
+    let shared_until = match facts.scheduled {
+        Some(s) if s > now_ms && (in_shared.is_some() || facts.just_added) => Some(s),
+        Some(_) => None,
+        None => in_shared.map(|h| h.time.map_or(i64::MAX, |t| ms(t.end))),
     };
     if let Some(until) = shared_until {
         return if until < fleet_end || event.term.extends != 0 {
@@ -231,7 +234,7 @@ fn decide_fleet_end(event: &Event, facts: &Facts<'_>, now: SystemTime) -> Decisi
         };
         return if covered { Decision::Own } else { add };
     }
-    if facts.just_added {
+    if facts.just_added && facts.scheduled.is_none() {
         return Decision::AlreadyBanned;
     }
     // Another jail of this host (sshd, say) bans it: status 2 if that ban
@@ -515,6 +518,14 @@ mod tests {
             ..facts(&[])
         };
         assert_eq!(at(&update, &f), Decision::Add { fast_path: true });
+        // A lift already due (it may not have run yet) holds nothing, nor
+        // does the line written for that ban: the next rung is added.
+        let f = Facts {
+            scheduled: Some(ms(now())),
+            just_added: true,
+            ..facts(&held)
+        };
+        assert_eq!(at(&e, &f), Decision::Add { fast_path: true });
         // A shared ban without a scheduled lift (from before the ladder)
         // holds it until fail2ban's own end.
         assert_eq!(at(&e, &facts(&[shared(4_000)])), Decision::Extend);

@@ -111,6 +111,8 @@ impl Applier {
                 }
             };
             for ((ip, lift), jails) in chunk.iter().zip(jails) {
+                // Its line is no longer "just added": the ban it wrote is over.
+                self.recent.remove(ip);
                 if !jails.iter().any(|j| j == SHARED_JAIL) {
                     free.push((ip.clone(), *lift));
                     continue;
