@@ -231,3 +231,54 @@ async fn the_reporting_host_holds_its_own_ban_until_the_fleet_s_end() {
     assert!(!h2.in_ipset("f2b-shared", covered));
     assert_eq!(h2.node.lines_for(covered), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_moves_the_lift_of_a_held_ban() {
+    let root = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let pki = Pki::new(root.path());
+    let hub = ladder_hub(root.path(), &pki, &db).await;
+    let h1 = F2bHost::start(root.path(), &pki, "upd-1", &hub.url).await;
+    let h2 = F2bHost::start(root.path(), &pki, "upd-2", &hub.url).await;
+
+    let ip = "203.0.113.44";
+    let (ok, err) = h1.node.report("login", "tcp", "22", ip);
+    assert!(ok, "{err}");
+    let (first, first_ends, _) = ban_at_rung(&db, ip, 1).await;
+    wait_for("the first ban on host 2", until(first_ends), || async {
+        h2.in_ipset("f2b-shared", ip)
+    })
+    .await;
+    // Reported again once the 2 s ban is more than half over: the hub
+    // extends it to the next rung, counted from now, in one update event.
+    wait_for("the ban to be half over", DEADLINE, || async {
+        now_ms() > first_ends - 800
+    })
+    .await;
+    let (ok, err) = h1.node.report("login", "tcp", "22", ip);
+    assert!(ok, "{err}");
+    let (update, ends, _) = ban_at_rung(&db, ip, 2).await;
+    let extends: Option<u64> = db
+        .conn()
+        .await
+        .exec_first("SELECT extends FROM events WHERE id = ?", (update,))
+        .await
+        .unwrap();
+    assert_eq!(extends, Some(first), "an update of the first ban");
+    assert!(ends > first_ends + 2_000);
+    // Host 2 held it: it only moves its lift (status 1, no second line),
+    // and keeps the address past the first end until the new one.
+    let late = held_until(&h2, "f2b-shared", ip, ends).await;
+    eprintln!("update: lifted {late} ms after the new end");
+    for host in ["upd-1", "upd-2"] {
+        wait_for("status 1 for the update", DEADLINE, || async {
+            fail2ban::view_latest(&db, ip, host).await == Some((update, 1))
+        })
+        .await;
+    }
+    assert_eq!(h2.node.lines_for(ip), 1);
+    assert!(
+        h2.node_log()
+            .contains("its lift moves to the fleet's new end")
+    );
+}

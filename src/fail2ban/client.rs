@@ -312,8 +312,9 @@ impl Fail2ban {
         Ok(v.as_int().unwrap_or(0))
     }
 
-    /// Lifts an IP in one jail only; returns how many bans were lifted (an
-    /// address that jail does not ban is an error answer from fail2ban).
+    /// Lifts an IP in one jail only; returns how many bans were lifted (0
+    /// for an address that jail does not ban: fail2ban 1.0.2 answers
+    /// `(0, 0)`, measured).
     pub async fn unban_in(&mut self, jail: &str, ip: &str) -> Result<i64, Fail2banError> {
         let v = self.request(&["set", jail, "unbanip", ip]).await?;
         Ok(v.as_int().unwrap_or(0))

@@ -55,7 +55,9 @@ impl Applier {
     }
 
     /// The bantime of each own jail named by this host's own reports among
-    /// `events` (`None` if fail2ban did not say), asked now and then.
+    /// `events`, asked now and then: `None` if fail2ban did not say (a jail
+    /// it does not know, or fail2ban down: the shared jail then holds the
+    /// ban, and the lift schedule ends it), -1 without a control socket.
     pub(super) async fn own_bantimes(&mut self, events: &[Event]) -> HashMap<String, Option<i64>> {
         let mut out = HashMap::new();
         for e in events {
@@ -73,7 +75,10 @@ impl Applier {
                 None => {
                     let asked = match self.fail2ban.as_mut() {
                         Some(f2b) => f2b.bantime(jail).await.ok(),
-                        None => None,
+                        // Without the socket no hold could be lifted at the
+                        // fleet's end: the own jail alone holds its ban
+                        // (as if for ever), never the shared jail for 25 d.
+                        None => Some(-1),
                     };
                     self.own_bantimes
                         .insert(jail.to_string(), (asked, Instant::now()));
