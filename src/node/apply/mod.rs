@@ -274,6 +274,14 @@ impl Applier {
                         ends_ms = fleet_end,
                         "held here already: its lift moves to the fleet's new end"
                     );
+                    // Held by fail2ban's own end alone (no lift of ours
+                    // ahead: a ban from before the ladder): banned again
+                    // through the socket, which moves fail2ban's end to
+                    // now + the jail's bantime (it prolongs a held ban).
+                    let wall_ms = crate::clock::now_ms();
+                    if scheduled.is_none_or(|s| s <= wall_ms) {
+                        fresh.push(ip);
+                    }
                     lifts.push((ip, fleet_end, e.id));
                     let at = scheduled_now.entry(ip).or_default();
                     *at = (*at).max(fleet_end);
@@ -319,15 +327,17 @@ impl Applier {
         }
         // On disk before fail2ban bans anything it must lift: a crash after
         // the ban still lifts it on time.
-        if !lifts.is_empty() && !self.lifts.schedule(&lifts) {
+        // Without a control socket nothing could be lifted: fail2ban's
+        // bantime ends these bans, and no fsync is spent on a schedule.
+        if !lifts.is_empty() && self.fail2ban.is_some() && !self.lifts.schedule(&lifts) {
             warn!(
                 count = lifts.len(),
                 "lift schedule not saved; these bans are lifted on time unless the node restarts first"
             );
         }
         statuses.extend(extended);
+        let confirmed = self.ban_now(&fresh).await;
         if !write.is_empty() {
-            let confirmed = self.ban_now(&fresh).await;
             // Journaled before the write: a crash between the two re-applies
             // the events (the position has not moved) and journals again.
             let added: Vec<(u64, Status)> = write.iter().map(|e| (e.id, Status::Added)).collect();
@@ -499,5 +509,52 @@ mod tests {
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("banmesh[7]: 192.0.2.9: reported by web-1 (jail sshd, tcp/22)\n"));
         assert_eq!(text.lines().count(), 2);
+    }
+
+    #[tokio::test]
+    async fn fleet_ends_without_a_socket_use_the_log_and_leave_own_bans_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("shared.log");
+        let journal = Arc::new(StatusJournal::open(dir.path()).unwrap());
+        let mut a = Applier::new(
+            ApplyConfig {
+                shared_log: log.clone(),
+                fail2ban_socket: None,
+                recent_ratio: DEFAULT_RECENT_RATIO,
+                data_dir: dir.path().to_path_buf(),
+                fast_path: true,
+                own_name: "db-1".into(),
+            },
+            journal,
+            crate::node::ignore::channel().1,
+        );
+        let now = crate::clock::now_ms();
+        let ev = |id, ip: &str, by: &str, ends_ms| Event {
+            id,
+            kind: EventKind::Ban,
+            ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
+            added_by: by.into(),
+            created_ms: now - 1_000,
+            lifts: 0,
+            term: crate::ban::BanTerm {
+                ends_ms,
+                rung: 1,
+                ..Default::default()
+            },
+        };
+        let st = a
+            .apply(&[
+                ev(1, "192.0.2.1", "web-1", now + 60_000),
+                ev(2, "192.0.2.2", "db-1", now + 60_000),
+                ev(3, "192.0.2.3", "web-1", now - 1),
+            ])
+            .await;
+        // Another host's ban: a line; this host's own: status 1, no line
+        // (its own jail holds it: no lift could end a hold here); over: nothing.
+        assert_eq!(st, vec![(1, Status::Added), (2, Status::Added)]);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("banmesh[1]: 192.0.2.1"));
+        assert!(a.lifts.is_empty(), "nothing to lift without a socket");
     }
 }
