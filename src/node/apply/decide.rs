@@ -39,10 +39,15 @@
 //!    fail2ban lists it there): an update (`term.extends`), or a ban that
 //!    ends later than that hold, only moves the scheduled lift (status 1);
 //!    otherwise status 2 (1 for this host's own report).
-//! 8. This host reported it ([`Reporter::Own`]): its own jail banned it
-//!    for that jail's bantime from the event's time. If that lasts to `F`,
-//!    status 1 and nothing more; if not (or unknown), it is also held in
-//!    the shared jail until `F` (rule 11), status 1 all the same.
+//! 8. This host reported it ([`Reporter::Own`]): its own jail banned it,
+//!    and fail2ban lists that ban's end (`get JAIL banip --with-time`, read
+//!    for rule 2 anyway). If a jail of this host holds it to `F`, status 1
+//!    and nothing more; if not (its own ban ends sooner, or is over), it is
+//!    also held in the shared jail until `F` (rule 11), status 1 all the
+//!    same. The exact end, not the event's time plus the jail's bantime:
+//!    fail2ban's ban starts at its log line's time, 0.3-1 s before the
+//!    hub's commit. Without a control socket the own jail alone holds it
+//!    (nothing could lift a hold at `F`).
 //! 9. The node wrote a line for it moments ago: status 2 (rule 1).
 //! 10. Another jail of this host bans it: status 2 if that ban lasts to
 //!    `F` (the fleet's ban is covered whatever share of time is left, so
@@ -77,11 +82,13 @@ pub struct Held {
 pub enum Reporter {
     /// Another host: the ban is applied here through the `shared` jail.
     Other,
-    /// This host: its own jail (the event's `ban.jail`) banned it for
-    /// `bantime` seconds (negative: for ever; `None`: fail2ban did not say).
+    /// This host: its own jail (sshd, say) banned the address before
+    /// reporting it, and [`Facts::held`] says until when.
     Own {
-        /// The own jail's bantime.
-        bantime: Option<i64>,
+        /// The node can hold it in the `shared` jail and lift it at the
+        /// fleet's end (it has fail2ban's control socket); without, the own
+        /// jail alone holds it.
+        can_hold: bool,
     },
 }
 
@@ -189,7 +196,7 @@ fn decide_fleet_end(event: &Event, facts: &Facts<'_>, now: SystemTime) -> Decisi
     let fleet_end = event.term.ends_ms;
     let now_ms = ms(now);
     let own = match facts.reporter {
-        Reporter::Own { bantime } => Some(bantime),
+        Reporter::Own { can_hold } => Some(can_hold),
         Reporter::Other => None,
     };
     if fleet_end <= now_ms {
@@ -225,16 +232,7 @@ fn decide_fleet_end(event: &Event, facts: &Facts<'_>, now: SystemTime) -> Decisi
     let add = Decision::Add {
         fast_path: vouched && age < FRESH * duration,
     };
-    if let Some(bantime) = own {
-        // The own jail banned it when it was reported (the event's time).
-        let covered = match bantime {
-            Some(b) if b < 0 => true,
-            Some(b) => event.created_ms.saturating_add(b.saturating_mul(1000)) >= fleet_end,
-            None => false,
-        };
-        return if covered { Decision::Own } else { add };
-    }
-    if facts.just_added && facts.scheduled.is_none() {
+    if facts.just_added && facts.scheduled.is_none() && own.is_none() {
         return Decision::AlreadyBanned;
     }
     // Another jail of this host (sshd, say) bans it: status 2 if that ban
@@ -245,6 +243,14 @@ fn decide_fleet_end(event: &Event, facts: &Facts<'_>, now: SystemTime) -> Decisi
         .filter(|h| !h.shared)
         .map(|h| h.time.map_or(i64::MAX, |t| ms(t.end)))
         .max();
+    if let Some(can_hold) = own {
+        let covered = other_end.is_some_and(|end| end >= fleet_end);
+        return if covered || !can_hold {
+            Decision::Own
+        } else {
+            add
+        };
+    }
     match other_end {
         Some(end) if end >= fleet_end => Decision::AlreadyBanned,
         Some(end) => Decision::Defer {
@@ -553,42 +559,46 @@ mod tests {
     }
 
     #[test]
-    fn own_reports_are_held_in_the_shared_jail_past_the_own_bantime() {
-        let sshd = [held(3_600)];
-        let own = |bantime| Facts {
-            reporter: Reporter::Own { bantime },
-            ..facts(&sshd)
+    fn own_reports_are_held_in_the_shared_jail_past_the_own_ban() {
+        let own = |held| Facts {
+            reporter: Reporter::Own { can_hold: true },
+            ..facts(held)
         };
-        // The own jail's hour covers a 2 s fleet ban.
-        assert_eq!(at(&ladder(0, 2_000), &own(Some(3_600))), Decision::Own);
-        assert_eq!(at(&ladder(0, 2_000 * DAY), &own(Some(-1))), Decision::Own);
-        // A fleet end past it: held in the shared jail too.
+        let hour = [held(3_600)];
+        // The own jail's hour covers a 2 s fleet ban, and one listed
+        // without times counts as for ever.
+        assert_eq!(at(&ladder(0, 2_000), &own(&hour)), Decision::Own);
         assert_eq!(
-            at(&ladder(0, 7_200_000), &own(Some(3_600))),
-            Decision::Add { fast_path: true }
-        );
-        assert_eq!(
-            at(&ladder(0, 2_000), &own(None)),
-            Decision::Add { fast_path: true }
-        );
-        // Never status 2, and nothing for one without a fleet end or expired.
-        assert_eq!(
-            at(
-                &ladder(0, 2_000),
-                &Facts {
-                    scheduled: Some(1),
-                    ..own(Some(3_600))
-                }
-            ),
+            at(&ladder(0, 2_000 * DAY * 1000), &own(&[UNTIMED])),
             Decision::Own
         );
-        assert_eq!(at(&event(0), &own(Some(3_600))), Decision::Own);
-        assert_eq!(at(&ladder(5_000, 2_000), &own(None)), Decision::Own);
-        let held = [shared(60_000)];
-        let in_shared = Facts {
-            reporter: Reporter::Own { bantime: Some(1) },
-            ..facts(&held)
+        // A fleet end past it, or the own ban already over: held in the
+        // shared jail too.
+        assert_eq!(
+            at(&ladder(0, 7_200_000), &own(&hour)),
+            Decision::Add { fast_path: true }
+        );
+        assert_eq!(
+            at(&ladder(0, 2_000), &own(&[])),
+            Decision::Add { fast_path: true }
+        );
+        // Never status 2 (a line of ours just written, a lift behind);
+        // nothing for one without a fleet end or already over.
+        let just = Facts {
+            just_added: true,
+            scheduled: Some(1),
+            ..own(&hour)
         };
-        assert_eq!(at(&ladder(0, 8_000), &in_shared), Decision::Own);
+        assert_eq!(at(&ladder(0, 2_000), &just), Decision::Own);
+        assert_eq!(at(&event(0), &own(&[])), Decision::Own);
+        assert_eq!(at(&ladder(5_000, 2_000), &own(&[])), Decision::Own);
+        let in_shared = [shared(60_000)];
+        assert_eq!(at(&ladder(0, 8_000), &own(&in_shared)), Decision::Own);
+        // Without a control socket the own jail alone holds it.
+        let no_socket = Facts {
+            reporter: Reporter::Own { can_hold: false },
+            ..facts(&[])
+        };
+        assert_eq!(at(&ladder(0, 2_000), &no_socket), Decision::Own);
     }
 }

@@ -117,9 +117,6 @@ pub struct Applier {
     relift: HashMap<String, Instant>,
     /// When each fleet ban held in the shared jail is lifted.
     lifts: Lifts,
-    /// The bantime of this host's own jails (for its own reports), and
-    /// when fail2ban said it.
-    own_bantimes: HashMap<String, (Option<i64>, Instant)>,
 }
 
 impl Applier {
@@ -145,7 +142,6 @@ impl Applier {
             }),
             relift: HashMap::new(),
             lifts: Lifts::load(config.data_dir.join("lifts")),
-            own_bantimes: HashMap::new(),
             config,
         }
     }
@@ -200,7 +196,6 @@ impl Applier {
         self.recent.retain(|_, t| now.duration_since(*t) < RECENT);
         let held = self.held(events).await;
         let bantime = self.shared_bantime().await;
-        let own_bantimes = self.own_bantimes(events).await;
         let wall = SystemTime::now();
         let ignore = self.ignore.current();
         let mut statuses = Vec::with_capacity(events.len());
@@ -221,7 +216,7 @@ impl Applier {
             let verdict = ignore.check(ip);
             let reporter = if e.added_by == self.config.own_name {
                 Reporter::Own {
-                    bantime: own_bantimes.get(e.ban.jail.as_str()).copied().flatten(),
+                    can_hold: self.fail2ban.is_some(),
                 }
             } else {
                 Reporter::Other

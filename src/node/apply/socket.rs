@@ -54,42 +54,6 @@ impl Applier {
         Some(b)
     }
 
-    /// The bantime of each own jail named by this host's own reports among
-    /// `events`, asked now and then: `None` if fail2ban did not say (a jail
-    /// it does not know, or fail2ban down: the shared jail then holds the
-    /// ban, and the lift schedule ends it), -1 without a control socket.
-    pub(super) async fn own_bantimes(&mut self, events: &[Event]) -> HashMap<String, Option<i64>> {
-        let mut out = HashMap::new();
-        for e in events {
-            let jail = e.ban.jail.as_str();
-            if e.added_by != self.config.own_name || e.term.ends_ms <= 0 || out.contains_key(jail) {
-                continue;
-            }
-            let cached = self
-                .own_bantimes
-                .get(jail)
-                .filter(|(_, at)| at.elapsed() < BANTIME_TTL)
-                .map(|(b, _)| *b);
-            let bantime = match cached {
-                Some(b) => b,
-                None => {
-                    let asked = match self.fail2ban.as_mut() {
-                        Some(f2b) => f2b.bantime(jail).await.ok(),
-                        // Without the socket no hold could be lifted at the
-                        // fleet's end: the own jail alone holds its ban
-                        // (as if for ever), never the shared jail for 25 d.
-                        None => Some(-1),
-                    };
-                    self.own_bantimes
-                        .insert(jail.to_string(), (asked, Instant::now()));
-                    asked
-                }
-            };
-            out.insert(jail.to_string(), bantime);
-        }
-        out
-    }
-
     /// Lifts the fleet bans whose end has come from the `shared` jail (and
     /// lifts again those a late line banned anew), then forgets those
     /// fail2ban confirms free once their linger is over
