@@ -854,6 +854,42 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
     let (cols, rows) = to.ip_table().await;
     assert_eq!(&cols[7..], ["host_a", "host_b", "host_c", "host_old"]);
     assert_eq!(&rows[0][7..], ["1", "2", "0", "0"]);
+
+    // The ladder's rows move too: terms, coalesced reports, forget markers.
+    let src_last = src.last_event_id().await.unwrap();
+    let ends = store::now_ms() + 60_000;
+    let c = src
+        .commit(&[
+            planned("a", 9, "192.0.2.50", term(3, ends)),
+            planned("b", 9, "192.0.2.50", Plan::CoalesceWith(0)),
+        ])
+        .await
+        .unwrap();
+    src.unban("192.0.2.51", "admin", true).await.unwrap();
+    let more = src.dump_events(src_last, 100).await.unwrap();
+    assert_eq!(more.len(), 2);
+    assert_eq!((more[0].rung, more[0].ends_ms), (Some(3), Some(ends)));
+    assert_eq!((more[1].kind, more[1].extends), (5, Some(c[0].event_id())));
+    // Load into a fresh store, as `hub migrate` does.
+    let fresh = Backend::sqlite().await;
+    let f = fresh.open().await;
+    f.load(
+        &src.dump_hosts().await.unwrap(),
+        &src.dump_events(0, 100).await.unwrap(),
+        &[],
+    )
+    .await
+    .unwrap();
+    f.load_names(&src.dump_names().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.dump_events(0, 100).await.unwrap(),
+        src.dump_events(0, 100).await.unwrap()
+    );
+    assert_eq!(f.dump_names().await.unwrap().forgotten.len(), 1);
+    let resend = f.commit(&[report("b", 9, "192.0.2.50")]).await.unwrap();
+    assert_eq!(resend[0], Committed::Duplicate(c[0].event_id()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
