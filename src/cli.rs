@@ -205,6 +205,12 @@ pub enum HubAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Show the fleet policy in force: the escalation ladder and its window.
+    Policy {
+        /// The hub to ask, and the certificate to ask with.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Copy a hub's data to another store, e.g. from the embedded one to MySQL.
     Migrate {
         /// Source store: sqlite:PATH or mysql://...
@@ -404,6 +410,10 @@ pub struct ReportArgs {
 pub struct UnbanArgs {
     /// IP to lift everywhere.
     pub ip: String,
+    /// Also clear the address's fleet history: its next ban starts again
+    /// on the ladder's first rung (a plain unban keeps its place).
+    #[arg(long)]
+    pub forget: bool,
     /// Hub address.
     #[arg(long, default_value = "https://127.0.0.1:7443")]
     pub hub: String,
@@ -421,7 +431,8 @@ pub struct BansArgs {
     /// This host's (or an admin's) certificate, key and the fleet CA.
     #[command(flatten)]
     pub tls: TlsArgs,
-    /// Only this IP.
+    /// Only this IP: its whole history, every ban of it (lifted, ended,
+    /// forgotten) with its rung and reporters.
     #[arg(long)]
     pub ip: Option<String>,
     /// At most this many bans.
@@ -557,7 +568,7 @@ pub fn main() -> std::process::ExitCode {
             runtime().block_on(async {
                 print!(
                     "{}",
-                    admin::unban(&args.hub, &(&args.tls).into(), &args.ip).await?
+                    admin::unban(&args.hub, &(&args.tls).into(), &args.ip, args.forget).await?
                 );
                 Ok(())
             })
@@ -793,6 +804,9 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
                 "{}",
                 admin::membership::hosts(&a.hub, &(&a.tls).into()).await?
             );
+        }
+        HubAction::Policy { admin: a } => {
+            print!("{}", admin::bans::policy(&a.hub, &(&a.tls).into()).await?);
         }
         HubAction::Migrate { from, to, force } => {
             print!(

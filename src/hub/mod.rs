@@ -269,6 +269,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         signer,
         hub_names,
         shutdown: shutdown.clone(),
+        ladder: config.ladder.clone(),
     };
     let (reflection, reflection_alpha) = crate::proto::reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();
