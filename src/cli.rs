@@ -280,6 +280,8 @@ pub struct HubArgs {
     /// The escalation ladder: fleet ban durations (s, m, h, d), first
     /// offence first. An address banned again while an earlier ban of it
     /// ended within --ladder-window gets the next rung; the top one holds.
+    /// `off`: bans carry no fleet end (each host's jail bantime applies)
+    /// and reports of a banned address are not coalesced.
     #[arg(long, value_name = "DURATIONS", default_value = hub::ladder::DEFAULT_LADDER)]
     pub ladder: String,
     /// How long a ban's end counts in an address's history.
@@ -723,8 +725,13 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let ladder = hub::ladder::Ladder::parse(&args.ladder, &args.ladder_window)
-        .context("bad --ladder or --ladder-window")?;
+    let ladder = match args.ladder.as_str() {
+        "off" => None,
+        rungs => Some(
+            hub::ladder::Ladder::parse(rungs, &args.ladder_window)
+                .context("bad --ladder or --ladder-window")?,
+        ),
+    };
     let config = hub::HubConfig {
         ladder,
         db,

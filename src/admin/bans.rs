@@ -88,8 +88,12 @@ impl fmt::Display for Policy {
         let p = &self.0;
         let secs = |s: u64| d(std::time::Duration::from_secs(s));
         let rungs: Vec<String> = p.ladder_s.iter().map(|s| secs(*s)).collect();
-        writeln!(f, "ladder         {}", rungs.join(", "))?;
-        writeln!(f, "ladder window  {}", secs(p.ladder_window_s))?;
+        if rungs.is_empty() {
+            writeln!(f, "ladder         off (no fleet terms, no coalescing)")?;
+        } else {
+            writeln!(f, "ladder         {}", rungs.join(", "))?;
+            writeln!(f, "ladder window  {}", secs(p.ladder_window_s))?;
+        }
         if p.fleet_maxretry > 0 {
             writeln!(
                 f,

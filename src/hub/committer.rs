@@ -97,7 +97,7 @@ impl Committer {
         store: Arc<dyn Store>,
         fanout: Fanout,
         fleet: FleetAddrs,
-        ladder: Ladder,
+        ladder: Option<Ladder>,
         shutdown: Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -167,7 +167,7 @@ async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
     fleet: FleetAddrs,
-    ladder: Ladder,
+    ladder: Option<Ladder>,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: Shutdown,
 ) {
@@ -220,7 +220,7 @@ async fn run(
                     &*store,
                     &fanout,
                     &guard,
-                    &ladder,
+                    ladder.as_ref(),
                     &mut published,
                     &mut batch,
                     &mut replies,
@@ -297,7 +297,7 @@ async fn run(
             &*store,
             &fanout,
             &guard,
-            &ladder,
+            ladder.as_ref(),
             &mut published,
             &mut batch,
             &mut replies,
@@ -380,7 +380,7 @@ async fn commit_reports(
     store: &dyn Store,
     fanout: &Fanout,
     guard: &Guard,
-    ladder: &Ladder,
+    ladder: Option<&Ladder>,
     published: &mut Published,
     batch: &mut Vec<NewReport>,
     replies: &mut Vec<Reply<Committed>>,
@@ -389,9 +389,17 @@ async fn commit_reports(
     if batch.is_empty() {
         return;
     }
-    let planned = match store.ladder_facts(batch).await {
+    // With the ladder off, every report keeps its default plan: a ban
+    // with no fleet term, as before the ladder.
+    let facts = match ladder {
+        Some(l) => store.ladder_facts(batch).await.map(|f| Some((l, f))),
+        None => Ok(None),
+    };
+    let planned = match facts {
         Ok(facts) => {
-            plan(ladder, &facts, batch, now_ms());
+            if let Some((ladder, facts)) = facts {
+                plan(ladder, &facts, batch, now_ms());
+            }
             store.commit(batch).await
         }
         Err(e) => Err(e),

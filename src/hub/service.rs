@@ -72,8 +72,8 @@ pub struct HubService {
     pub hub_names: Arc<enrollment::HubNames>,
     /// Ends streams and refuses new work when the hub stops.
     pub shutdown: Shutdown,
-    /// The escalation ladder in force, shown by `Policy`.
-    pub ladder: super::ladder::Ladder,
+    /// The escalation ladder in force (`None`: off), shown by `Policy`.
+    pub ladder: Option<super::ladder::Ladder>,
 }
 
 pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -410,8 +410,12 @@ impl hub_server::Hub for HubService {
         // Any fleet member may read it: a node shows it, an admin checks it.
         self.access.member(&request)?;
         Ok(Response::new(proto::PolicyResponse {
-            ladder_s: self.ladder.rungs().iter().map(|d| d.as_secs()).collect(),
-            ladder_window_s: self.ladder.window().as_secs(),
+            ladder_s: self
+                .ladder
+                .iter()
+                .flat_map(|l| l.rungs().iter().map(|d| d.as_secs()))
+                .collect(),
+            ladder_window_s: self.ladder.as_ref().map_or(0, |l| l.window().as_secs()),
             ..Default::default()
         }))
     }
