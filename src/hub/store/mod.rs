@@ -493,7 +493,8 @@ pub trait Store: Send + Sync + 'static {
     async fn refuse(&self, refused: &[(NewReport, String)]) -> Result<(), StoreError>;
     /// Up to `limit` refused reports with ids above `after`, in id order.
     async fn refused(&self, after: u64, limit: usize) -> Result<Vec<RefusedRow>, StoreError>;
-    /// Highest event id stored (0 when empty).
+    /// Highest event id stored (0 when empty); coalesced reports' rows are
+    /// not events.
     async fn last_event_id(&self) -> Result<u64, StoreError>;
     /// Highest report sequence stored for a host (0 when none): told to
     /// the node when it publishes, so a node whose outbox was reset (from a

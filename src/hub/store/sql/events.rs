@@ -350,7 +350,17 @@ fn merge_reporter(into: &mut Vec<ReporterRow>, row: ReporterRow) {
 /// `Store::last_event_id` for any backend.
 pub async fn last_event_id<B: Backend + ?Sized>(b: &B) -> Result<u64, StoreError> {
     let mut ex = b.session().await?;
-    let r = ex.query("SELECT MAX(id) FROM events", vec![]).await?;
+    // Coalesced reports' rows are no events: a node that applied every
+    // event must not look behind. Read backwards along the key: it stops
+    // at the first event.
+    let r = ex
+        .query(
+            &format!(
+                "SELECT id FROM events WHERE kind <> {COALESCED_KIND} ORDER BY id DESC LIMIT 1"
+            ),
+            vec![],
+        )
+        .await?;
     Ok(r.first()
         .map(|r| r.opt_u64(0))
         .transpose()?
