@@ -144,9 +144,10 @@ impl Default for Plan {
 /// committed.
 #[derive(Debug, Clone, Default)]
 pub struct LadderFacts {
-    /// Reports of the batch already stored, by (host, seq): the ban they
-    /// were stored as or recorded against, and the ban they carried (a
-    /// re-send carries the same).
+    /// Reports of the batch already stored, by (host, seq), among those of
+    /// addresses the batch holds more than once: the ban they were stored
+    /// as or recorded against, and the ban they carried (a re-send carries
+    /// the same).
     pub known: std::collections::HashMap<(String, u64), (u64, Ban)>,
     /// Each address's latest ban (by id), with its id.
     pub latest: std::collections::HashMap<String, (u64, crate::hub::ladder::PastBan)>,
@@ -461,8 +462,9 @@ pub trait Store: Send + Sync + 'static {
         by: &str,
         forget: bool,
     ) -> Result<Option<(Event, u32)>, StoreError>;
-    /// What the ladder needs for `batch`: which of its reports are stored
-    /// already, and the latest ban of each of its addresses.
+    /// What the ladder needs for `batch`: which of its reports (of an
+    /// address it holds more than once) are stored already, and the latest
+    /// ban of each of its addresses.
     async fn ladder_facts(&self, batch: &[NewReport]) -> Result<LadderFacts, StoreError>;
     /// Stores hosts' statuses for events they applied, many hosts in one
     /// statement: `(host, event id, status)`.
