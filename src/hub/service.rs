@@ -72,6 +72,8 @@ pub struct HubService {
     pub hub_names: Arc<enrollment::HubNames>,
     /// Ends streams and refuses new work when the hub stops.
     pub shutdown: Shutdown,
+    /// The escalation ladder in force (`None`: off), shown by `Policy`.
+    pub ladder: Option<super::ladder::Ladder>,
 }
 
 pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -403,9 +405,19 @@ impl hub_server::Hub for HubService {
 
     async fn policy(
         &self,
-        _request: Request<proto::PolicyRequest>,
+        request: Request<proto::PolicyRequest>,
     ) -> Result<Response<proto::PolicyResponse>, Status> {
-        Err(Status::unimplemented("this hub has no fleet policy yet"))
+        // Any fleet member may read it: a node shows it, an admin checks it.
+        self.access.member(&request)?;
+        Ok(Response::new(proto::PolicyResponse {
+            ladder_s: self
+                .ladder
+                .iter()
+                .flat_map(|l| l.rungs().iter().map(|d| d.as_secs()))
+                .collect(),
+            ladder_window_s: self.ladder.as_ref().map_or(0, |l| l.window().as_secs()),
+            ..Default::default()
+        }))
     }
 
     async fn renew(
@@ -509,8 +521,18 @@ fn ban_record(b: BanRow) -> proto::BanRecord {
         event: Some(b.event.to_proto()),
         lifted: b.lifted,
         statuses_omitted: 0,
-        reporters: Vec::new(),
-        forgotten: false,
+        reporters: b
+            .reporters
+            .into_iter()
+            .map(|r| proto::Reporter {
+                host: r.host,
+                jail: r.jail,
+                count: r.count,
+                first_ms: r.first_ms,
+                last_ms: r.last_ms,
+            })
+            .collect(),
+        forgotten: b.forgotten,
         statuses: b
             .statuses
             .into_iter()
