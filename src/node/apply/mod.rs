@@ -320,11 +320,12 @@ impl Applier {
                 }
             }
         }
-        // On disk before fail2ban bans anything it must lift: a crash after
-        // the ban still lifts it on time.
+        // Saved before fail2ban bans anything it must lift: a crash after
+        // the ban still lifts it on time (fsynced once the batch is done).
         // Without a control socket nothing could be lifted: fail2ban's
-        // bantime ends these bans, and no fsync is spent on a schedule.
-        if !lifts.is_empty() && self.fail2ban.is_some() && !self.lifts.schedule(&lifts) {
+        // bantime ends these bans, and no schedule is kept.
+        let schedule = !lifts.is_empty() && self.fail2ban.is_some();
+        if schedule && !self.lifts.schedule(&lifts) {
             warn!(
                 count = lifts.len(),
                 "lift schedule not saved; these bans are lifted on time unless the node restarts first"
@@ -362,6 +363,9 @@ impl Applier {
             }
         } else {
             self.journal(&statuses);
+        }
+        if schedule {
+            self.lifts.sync();
         }
         statuses.sort_by_key(|(id, _)| *id);
         statuses
