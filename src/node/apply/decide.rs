@@ -8,7 +8,8 @@
 //!
 //! The rules, in the order they apply:
 //! 0. fail2ban's ignore list for the shared jail covers the IP
-//!    ([`crate::node::ignore`]): refused, status 4, nothing applied.
+//!    ([`crate::node::ignore`]): refused, status 4, nothing applied (for
+//!    this host's own report: status 1, its own jail banned it).
 //!    fail2ban's `banip` would ban it all the same, and its filter would
 //!    drop the line, so the refusal is banmesh's to make and to report.
 //! 1. The node wrote a line for this IP moments ago (two hosts reported
@@ -149,7 +150,12 @@ fn ms(t: SystemTime) -> i64 {
 /// Applies the seed's rules (see the module doc) to one ban event.
 pub fn decide(event: &Event, facts: &Facts<'_>, now: SystemTime, ratio: f64) -> Decision {
     if let Verdict::Ignored(_) = facts.ignore {
-        return Decision::Ignored;
+        // This host's own jail banned it whatever the shared jail ignores:
+        // not refused (4), just not held in the shared jail.
+        return match facts.reporter {
+            Reporter::Own { .. } => Decision::Own,
+            Reporter::Other => Decision::Ignored,
+        };
     }
     if event.term.ends_ms > 0 {
         return decide_fleet_end(event, facts, now);
@@ -600,5 +606,11 @@ mod tests {
             ..facts(&[])
         };
         assert_eq!(at(&ladder(0, 2_000), &no_socket), Decision::Own);
+        // The shared jail's ignore list does not refuse what the own jail banned.
+        let ignored = Facts {
+            ignore: Verdict::Ignored("ignoreip 192.0.2.1"),
+            ..own(&[])
+        };
+        assert_eq!(at(&ladder(0, 2_000), &ignored), Decision::Own);
     }
 }

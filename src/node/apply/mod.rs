@@ -257,7 +257,7 @@ impl Applier {
                 Decision::Own => {
                     info!(
                         id = e.id,
-                        ip, "own report: this host's jail holds it to the fleet's end"
+                        ip, "own report: left to this host's own jail (status 1)"
                     );
                     statuses.push((e.id, Status::Added));
                 }
