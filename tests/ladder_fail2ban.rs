@@ -104,7 +104,13 @@ async fn three_rungs(
                 .unwrap()
                 .unwrap()
         };
-        assert_eq!(ends_ms - created, secs * 1000, "rung {rung} lasts {secs} s");
+        // (The hub reads its clock for the end and the event's time apart:
+        // they may differ by a millisecond or so.)
+        let lasts = ends_ms - created;
+        assert!(
+            (lasts - secs * 1000).abs() <= 50,
+            "rung {rung} lasts {secs} s, not {lasts} ms"
+        );
         if rung == 3 {
             wait_for("the rung 3 ban on the receiver", until(ends_ms), || async {
                 receiver.in_ipset("f2b-shared", ip)
