@@ -19,6 +19,12 @@
 //!   `shared` jail each second for [`RELIFT_FOR`] (fail2ban may read that
 //!   line after the unban and ban it anew), until a new fleet ban of it
 //!   arrives.
+//! - A ban with a fleet end (`term.ends_ms`) is held until that end: its
+//!   lift is scheduled ([`super::lifts`], saved before the ban reaches
+//!   fail2ban) and the task wakes at the end to lift it from the `shared`
+//!   jail. An update of a ban held here only moves the lift (status 1).
+//!   This host's own reports come back too: status 1, and held in the
+//!   `shared` jail only when no jail of this host holds them to the end.
 //! - A ban whose address is on the fleet allow-list (this host's saved
 //!   copy, [`super::allow_list`], or a built-in) is refused: status 4, no
 //!   line, no fast path. Allow-list events update that copy in their
@@ -29,7 +35,7 @@
 //! # Layout
 //! - [`decide`]: the seed's rules as a pure function.
 //! - `socket`: what the applier asks and tells fail2ban (bans held, the
-//!   shared jail's bantime, the fast path, unbans).
+//!   shared jail's bantime, the fast path, unbans, lifts at fleet ends).
 pub mod decide;
 mod socket;
 

@@ -1,6 +1,7 @@
 //! What the applier asks and tells fail2ban over its control socket: which
 //! IPs it already bans and for how long yet, the shared jail's bantime, the
-//! fast path (`banip` at once), and unbans.
+//! fast path (`banip` at once), unbans, and lifts at fleet ends
+//! (`set shared unbanip`, only for addresses the shared jail holds).
 //!
 //! Contract: a socket failure never stops a ban (it goes through the log
 //! alone) and is logged once per change of state, not once per batch.
