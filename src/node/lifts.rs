@@ -19,9 +19,10 @@
 //!   the other way round, so a lift never ends a ban a later fleet event
 //!   still holds. An unban (or a ban without a fleet end) removes the
 //!   entry.
-//! - Saved in `DIR/lifts` (one tab-separated line per entry, through
-//!   [`super::state_file`]: 0600, no symbolic links, atomic replace) before
-//!   the ban it ends is banned or written to `shared.log`: after a crash or
+//! - Saved in `DIR/lifts` (an append-only log of tab-separated records,
+//!   compacted by atomic replace; through [`super::state_file`]: 0600, no
+//!   symbolic links) before the ban it ends is banned or written to
+//!   `shared.log`: after a crash or
 //!   restart the node still lifts it, at once if its end passed meanwhile.
 //!   It is fsynced ([`Lifts::sync`]) once the batch is banned and written,
 //!   not before: an fsync costs ~8 ms on the test machine (median, p90 14
@@ -50,47 +51,83 @@ pub struct Lift {
     pub event: u64,
 }
 
-/// The schedule, mirrored to `DIR/lifts` on every change.
+/// The schedule, mirrored to `DIR/lifts`: an append-only log of changes
+/// (`IP\tENDS_MS\tEVENT` sets an entry, `IP\t-` removes it; the last
+/// record of an address wins), rewritten whole when it holds many more
+/// records than entries. Appending keeps a batch's cost to its own lines
+/// however many bans are active (tens of thousands at the ladder's top).
 pub struct Lifts {
     path: PathBuf,
     items: HashMap<String, Lift>,
+    /// Records in the file (sets and removals), for compaction.
+    records: usize,
 }
 
-fn parse(line: &str) -> Option<(String, Lift)> {
+/// The file is rewritten once it holds this many more records than twice
+/// its entries.
+const COMPACT_SLACK: usize = 1024;
+
+/// One record: a set (`Some`) or a removal (`None`) of an address's entry.
+fn parse(line: &str) -> Option<(String, Option<Lift>)> {
     let mut f = line.split('\t');
-    let (ip, ends, event) = (f.next()?, f.next()?, f.next()?);
-    if f.next().is_some() || ip.parse::<std::net::IpAddr>().is_err() {
-        return None;
-    }
-    Some((
-        ip.to_string(),
-        Lift {
+    let ip = f.next()?;
+    ip.parse::<std::net::IpAddr>().ok()?;
+    let record = match (f.next()?, f.next(), f.next()) {
+        ("-", None, None) => None,
+        (ends, Some(event), None) => Some(Lift {
             ends_ms: ends.parse().ok()?,
             event: event.parse().ok()?,
-        },
-    ))
+        }),
+        _ => return None,
+    };
+    Some((ip.to_string(), record))
+}
+
+fn record(ip: &str, lift: Option<&Lift>) -> String {
+    match lift {
+        Some(l) => format!("{ip}\t{}\t{}\n", l.ends_ms, l.event),
+        None => format!("{ip}\t-\n"),
+    }
 }
 
 impl Lifts {
     /// Reads the file at `path`; a missing file or an unreadable line is no
-    /// entry (logged).
+    /// entry (logged). A file with an unreadable or torn line is rewritten
+    /// whole, so later appends start on a line of their own.
     pub fn load(path: PathBuf) -> Self {
         let bytes = super::state_file::read(&path).unwrap_or_else(|e| {
             tracing::error!(path = %path.display(), error = %e, "cannot read the lift schedule");
             None
         });
+        let bytes = bytes.unwrap_or_default();
         let mut items = HashMap::new();
-        for line in String::from_utf8_lossy(&bytes.unwrap_or_default()).lines() {
+        let mut records = 0;
+        let mut damaged = !bytes.is_empty() && !bytes.ends_with(b"\n");
+        for line in String::from_utf8_lossy(&bytes).lines() {
             match parse(line) {
-                Some((ip, lift)) => {
+                Some((ip, Some(lift))) => {
                     items.insert(ip, lift);
                 }
+                Some((ip, None)) => {
+                    items.remove(&ip);
+                }
                 None => {
-                    tracing::warn!(path = %path.display(), line, "unreadable lift entry skipped")
+                    damaged = true;
+                    tracing::warn!(path = %path.display(), line, "unreadable lift record skipped");
+                    continue;
                 }
             }
+            records += 1;
         }
-        Lifts { path, items }
+        let mut lifts = Lifts {
+            path,
+            items,
+            records,
+        };
+        if damaged {
+            lifts.rewrite();
+        }
+        lifts
     }
 
     /// How many addresses are scheduled (or lingering after their lift).
@@ -112,26 +149,22 @@ impl Lifts {
     /// the one given is kept. Saves (not yet fsynced: [`Lifts::sync`]) if
     /// anything changed; returns whether the schedule is saved.
     pub fn schedule(&mut self, lifts: &[(&str, i64, u64)]) -> bool {
-        let mut changed = false;
+        let mut text = String::new();
         for &(ip, ends_ms, event) in lifts {
             let new = Lift { ends_ms, event };
-            match self.items.get_mut(ip) {
-                Some(old) if old.ends_ms >= ends_ms => {}
-                Some(old) => {
-                    *old = new;
-                    changed = true;
-                }
-                None => {
+            match self.items.get(ip) {
+                Some(old) if old.ends_ms >= ends_ms => continue,
+                _ => {
                     self.items.insert(ip.to_string(), new);
-                    changed = true;
+                    text.push_str(&record(ip, Some(&new)));
                 }
             }
         }
-        !changed || self.save(false)
+        text.is_empty() || self.append(&text)
     }
 
     /// Makes the saved schedule durable: fsyncs the file and its directory
-    /// (the rename that replaced it).
+    /// (a rewrite renamed it).
     pub fn sync(&self) {
         let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
         let synced = std::fs::File::open(&self.path)
@@ -146,7 +179,7 @@ impl Lifts {
     /// end holds it now).
     pub fn cancel(&mut self, ip: &str) {
         if self.items.remove(ip).is_some() {
-            self.save(false);
+            self.append(&record(ip, None));
         }
     }
 
@@ -178,25 +211,52 @@ impl Lifts {
     /// them meanwhile.
     pub fn confirmed(&mut self, free: &[(String, Lift)], now_ms: i64) {
         let linger = LINGER.as_millis() as i64;
-        let n = self.items.len();
+        let mut text = String::new();
         for (ip, lift) in free {
             if lift.ends_ms + linger <= now_ms && self.items.get(ip) == Some(lift) {
                 self.items.remove(ip);
+                text.push_str(&record(ip, None));
             }
         }
-        if self.items.len() != n {
-            self.save(false);
+        if !text.is_empty() {
+            self.append(&text);
         }
     }
 
-    /// Writes the schedule; `durable` fsyncs it before returning.
-    fn save(&self, durable: bool) -> bool {
+    /// Appends records in one write (rewriting the file whole instead when
+    /// it has grown well past its entries); returns whether it is saved.
+    fn append(&mut self, text: &str) -> bool {
+        self.records += text.lines().count();
+        if self.records > 2 * self.items.len() + COMPACT_SLACK {
+            return self.rewrite();
+        }
+        let written = super::state_file::open(
+            &self.path,
+            std::fs::OpenOptions::new().append(true).create(true),
+        )
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "cannot save the lift schedule; bans may outlast their fleet end");
+                // The next save writes everything anew.
+                self.records = usize::MAX / 2;
+                false
+            }
+        }
+    }
+
+    /// Replaces the file with one record per entry.
+    fn rewrite(&mut self) -> bool {
         let mut text = String::with_capacity(self.items.len() * 40);
         for (ip, l) in &self.items {
-            text.push_str(&format!("{ip}\t{}\t{}\n", l.ends_ms, l.event));
+            text.push_str(&record(ip, Some(l)));
         }
-        match super::state_file::replace(&self.path, text.as_bytes(), durable) {
-            Ok(()) => true,
+        match super::state_file::replace(&self.path, text.as_bytes(), false) {
+            Ok(()) => {
+                self.records = self.items.len();
+                true
+            }
             Err(e) => {
                 tracing::error!(path = %self.path.display(), error = %e, "cannot save the lift schedule; bans may outlast their fleet end");
                 false
@@ -236,6 +296,28 @@ mod tests {
     }
 
     #[test]
+    fn the_log_is_compacted_once_it_outgrows_its_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lifts");
+        let mut l = Lifts::load(path.clone());
+        for i in 0..3_000i64 {
+            l.schedule(&[("192.0.2.1", i + 1, i as u64)]);
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(
+            lines <= 2 + COMPACT_SLACK + 1,
+            "{lines} records for one entry"
+        );
+        assert_eq!(
+            Lifts::load(path).get("192.0.2.1"),
+            Some(Lift {
+                ends_ms: 3_000,
+                event: 2_999
+            })
+        );
+    }
+
+    #[test]
     fn an_entry_lingers_after_its_end_until_confirmed_free() {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Lifts::load(dir.path().join("lifts"));
@@ -260,12 +342,22 @@ mod tests {
         let path = dir.path().join("lifts");
         std::fs::write(
             &path,
-            "192.0.2.1\t1000\t1\nnot-an-ip\t1\t1\n192.0.2.2\tx\t2\n2001:db8::1\t7\t3\textra\n2001:db8::2\t8\t4\n",
+            "192.0.2.1\t1000\t1\nnot-an-ip\t1\t1\n192.0.2.2\tx\t2\n2001:db8::1\t7\t3\textra\n2001:db8::2\t8\t4\n192.0.2.9\t9\t9\n192.0.2.9\t-\n192.0.2.7\t12",
         )
         .unwrap();
         let mut l = Lifts::load(path.clone());
-        assert_eq!(l.len(), 2);
+        assert_eq!(
+            l.len(),
+            2,
+            "the removal and the torn last line count for nothing"
+        );
+        // Rewritten whole: an append starts on a line of its own.
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
         l.cancel("192.0.2.1");
-        assert_eq!(Lifts::load(path).len(), 1);
+        l.schedule(&[("192.0.2.7", 50, 5)]);
+        let l = Lifts::load(path);
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.get("192.0.2.7").map(|x| x.ends_ms), Some(50));
+        assert_eq!(l.get("192.0.2.1"), None);
     }
 }
