@@ -290,6 +290,19 @@ pub struct NodeCommand {
 pub enum NodeAction {
     /// Write the `shared` jail, its filter, shared.log and the reporting ban action.
     SetupFail2ban(SetupArgs),
+    /// Install (or --remove) the OUTPUT rules that hand the kernel's answers to closed ports to an NFLOG group.
+    SetupProbes(ProbeSetupArgs),
+}
+
+/// Flags of `banmesh node setup-probes`.
+#[derive(Args, Debug)]
+pub struct ProbeSetupArgs {
+    /// NFLOG group the rules log to; give the node the same `--probe-nflog-group`.
+    #[arg(long, default_value_t = node::signals::probe_rule::DEFAULT_GROUP)]
+    pub nflog_group: u16,
+    /// Remove banmesh's rules and chain instead.
+    #[arg(long)]
+    pub remove: bool,
 }
 
 /// Flags of `banmesh node setup-fail2ban`.
@@ -365,6 +378,17 @@ pub struct NodeArgs {
     /// Also serve status, health and reflection over mTLS here, for grpcurl (e.g. 0.0.0.0:7444).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Do not send the hub a signal per failure fail2ban's filters find
+    /// here (by default they go, read from fail2ban's own log).
+    #[arg(long)]
+    pub no_failure_signals: bool,
+    /// Send the hub a signal per connection attempt to a closed port, read
+    /// from this NFLOG group (install its rules with `banmesh node setup-probes`).
+    #[arg(long, value_name = "N")]
+    pub probe_nflog_group: Option<u16>,
+    /// Closed ports whose probes are not reported (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    pub probe_ignore_ports: Vec<u16>,
 }
 
 /// The seed's `add2db.py` flags. `-pr` is accepted too (rewritten to
@@ -539,6 +563,10 @@ pub fn main() -> std::process::ExitCode {
                 action: Some(NodeAction::SetupFail2ban(args)),
                 ..
             } => setup_fail2ban(args),
+            NodeCommand {
+                action: Some(NodeAction::SetupProbes(args)),
+                ..
+            } => setup_probes(args),
             NodeCommand { run, .. } => {
                 init_logging("info");
                 runtime().block_on(run_node(run))
@@ -749,6 +777,32 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `banmesh node setup-probes`: runs iptables/ip6tables once (a setup
+/// command, not the ban path).
+fn setup_probes(args: ProbeSetupArgs) -> anyhow::Result<()> {
+    use node::signals::probe_rule::{self, Outcome};
+    let outcomes = if args.remove {
+        probe_rule::remove()?
+    } else {
+        probe_rule::install(args.nflog_group)?
+    };
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Written(t) => println!("wrote      {t} chain {}", probe_rule::CHAIN),
+            Outcome::Unchanged(t) => println!("unchanged  {t} chain {}", probe_rule::CHAIN),
+            Outcome::Removed(t) => println!("removed    {t} chain {}", probe_rule::CHAIN),
+            Outcome::Absent(t) => println!("absent     {t} chain {}", probe_rule::CHAIN),
+        }
+    }
+    if !args.remove {
+        println!(
+            "Next: start the node with --probe-nflog-group {} (it reads the group; failures of fail2ban's filters flow without it).",
+            args.nflog_group
+        );
+    }
+    Ok(())
+}
+
 fn when(ms: i64) -> String {
     admin::utc(ms, false)
 }
@@ -816,6 +870,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         renew_before: args.renew_before,
         listen: args.listen,
         observer: None,
+        failure_signals: !args.no_failure_signals,
+        probe_nflog_group: args.probe_nflog_group,
+        probe_ignore_ports: args.probe_ignore_ports,
     };
     until_signal(|stop| node::run(config, stop)).await
 }
