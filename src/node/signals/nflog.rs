@@ -8,7 +8,10 @@
 //! packet's first bytes (`NFULA_CFG_MODE`, `NFULNL_COPY_PACKET`); each
 //! logged packet then arrives as a `NFULNL_MSG_PACKET` message whose
 //! attributes carry the rule's prefix (`NFULA_PREFIX`) and the packet from
-//! its network header on (`NFULA_PAYLOAD`). A group has one listener per
+//! its network header on (`NFULA_PAYLOAD`). The kernel batches packets
+//! per group and flushes a batch when it is full or after a timeout; the
+//! node sets that timeout to 10 ms (the default, 1 s, would hold a lone
+//! probe that long). A group has one listener per
 //! namespace: binding one another process holds fails with EBUSY.
 use std::{
     io,
@@ -23,6 +26,8 @@ const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
 const NFULA_CFG_CMD: u16 = 1;
 const NFULA_CFG_MODE: u16 = 2;
+const NFULA_CFG_TIMEOUT: u16 = 4;
+const NFULA_CFG_QTHRESH: u16 = 5;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_PAYLOAD: u16 = 9;
@@ -36,6 +41,12 @@ const NLMSG_HDRLEN: usize = 16;
 /// Bytes of each packet asked for: an IPv6 header, an ICMPv6 header, the
 /// quoted IPv6 header and its UDP header fit in 96; IPv4 options in 128.
 pub const COPY_RANGE: u32 = 128;
+/// Packets the kernel gathers into one message batch at most (its default
+/// is 100) ...
+const QTHRESH: u32 = 64;
+/// ... and how long it holds a batch, in 1/100 s (its default is a whole
+/// second, which would delay a lone probe by as much).
+const FLUSH_TIMEOUT: u32 = 1;
 /// The socket's receive buffer: room for a burst while the reader is busy.
 const RCVBUF: libc::c_int = 4 << 20;
 
@@ -114,7 +125,11 @@ impl NflogSocket {
                 std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
             )
         })?;
-        set_opt(&fd, libc::SO_RCVBUF, RCVBUF)?;
+        // Past the rmem_max cap where allowed (CAP_NET_ADMIN, which binding
+        // needs anyway); a burst then waits in the socket instead of being
+        // dropped by the kernel.
+        set_opt(&fd, libc::SO_RCVBUFFORCE, RCVBUF)
+            .or_else(|_| set_opt(&fd, libc::SO_RCVBUF, RCVBUF))?;
         // Config answers are waited for (briefly) before going async.
         let timeout = libc::timeval {
             tv_sec: 2,
@@ -137,6 +152,14 @@ impl NflogSocket {
         let mut mode = COPY_RANGE.to_be_bytes().to_vec();
         mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
         request(&fd, &config_request(2, group, NFULA_CFG_MODE, &mode))?;
+        request(
+            &fd,
+            &config_request(3, group, NFULA_CFG_QTHRESH, &QTHRESH.to_be_bytes()),
+        )?;
+        request(
+            &fd,
+            &config_request(4, group, NFULA_CFG_TIMEOUT, &FLUSH_TIMEOUT.to_be_bytes()),
+        )?;
         // SAFETY: fcntl on an fd we own.
         let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
         // SAFETY: as above.

@@ -1,0 +1,638 @@
+//! Fleet signals end to end: real fail2ban hosts in network namespaces,
+//! a hub on MariaDB, an attacker in a namespace of its own.
+//!
+//! - Spread-out guessing: two failures on each of three hosts ban fleet-wide,
+//!   though no host's jail (maxretry 3) bans locally; an address in one
+//!   host's `ignoreip` does not count there.
+//! - Probes: closed TCP and UDP ports touched from the attacker ban it on
+//!   every host; connections to a listening port never count.
+//! - The NFLOG mechanism alone (no hub): what the rule hands over, what
+//!   it costs per packet, and `setup-probes` idempotence and refusals.
+//! - Flood: a host sending 100,000 failure signals a second does not slow
+//!   another host's bans (figures printed, not asserted).
+mod common;
+
+use std::{
+    io::Write,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use banmesh::node::signals::{Protocol, nflog, probes};
+use common::{fail2ban::F2bHost, *};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (sockets it makes
+/// live there).
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on this thread only, with a namespace fd we hold.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// A namespace of the test's own, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("bmsig{}{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// A veth pair from namespace `a` (the root one for `None`) to `b`, with
+/// an address (CIDR) on each end; it goes when either namespace goes.
+fn veth(tag: &str, a: Option<&str>, a_addrs: &[&str], b: &str, b_addrs: &[&str]) {
+    let id = std::process::id() % 100_000;
+    let (ea, eb) = (format!("v{id}{tag}a"), format!("v{id}{tag}b"));
+    let _ = Command::new("ip").args(["link", "del", &ea]).output();
+    ip(&["link", "add", &ea, "type", "veth", "peer", "name", &eb]);
+    ip(&["link", "set", &eb, "netns", b]);
+    let in_a = |args: &[&str]| match a {
+        Some(ns) => ip(&[&["-n", ns][..], args].concat()),
+        None => ip(args),
+    };
+    if let Some(ns) = a {
+        ip(&["link", "set", &ea, "netns", ns]);
+    }
+    for addr in a_addrs {
+        in_a(&["addr", "add", addr, "dev", &ea]);
+    }
+    in_a(&["link", "set", &ea, "up"]);
+    for addr in b_addrs {
+        ip(&["-n", b, "addr", "add", addr, "dev", &eb]);
+    }
+    ip(&["-n", b, "link", "set", &eb, "up"]);
+}
+
+/// `banmesh node setup-probes ARGS` inside `ns`: (success, stdout+stderr).
+fn setup_probes(ns: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_banmesh")])
+        .args(["node", "setup-probes"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn iptables_s(ns: &str, tool: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, tool, "-S"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// TCP connection attempts from inside the current namespace; returns how
+/// many were refused (a closed port's reset).
+fn connect_all(to: Ipv4Addr, ports: impl IntoIterator<Item = u16>) -> usize {
+    ports
+        .into_iter()
+        .filter(|&p| {
+            matches!(
+                TcpStream::connect_timeout(&SocketAddr::from((to, p)), Duration::from_secs(2)),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            )
+        })
+        .count()
+}
+
+/// One UDP datagram from `from` to each port.
+fn datagrams(from: Ipv4Addr, to: Ipv4Addr, ports: impl IntoIterator<Item = u16>) {
+    let s = UdpSocket::bind((from, 0)).unwrap();
+    for p in ports {
+        s.send_to(b"probe", (to, p)).unwrap();
+    }
+}
+
+/// A hub on MariaDB with the signal thresholds the issue names, listening
+/// on every address (namespaced nodes reach it over a veth).
+async fn hub_with_thresholds(root: &std::path::Path, pki: &Pki, db: &TestDb) -> Hub {
+    Hub::start_with(root, pki, &db.url, "0.0.0.0", 0, |c| {
+        c.args([
+            "--fleet-maxretry",
+            "6",
+            "--fleet-findtime",
+            "10m",
+            "--fleet-min-hosts",
+            "2",
+            "--probe-ports",
+            "5",
+            "--probe-findtime",
+            "1m",
+        ]);
+    })
+    .await
+}
+
+/// Waits until a host's node follows fail2ban's log (it starts at the
+/// log's end, so failures written before that are history).
+async fn following(h: &F2bHost) {
+    wait_for(
+        &format!("{} to follow fail2ban's log", h.name),
+        DEADLINE,
+        || {
+            let ok = h.node_log().contains("following fail2ban's log");
+            async move { ok }
+        },
+    )
+    .await;
+}
+
+async fn banned_everywhere(hosts: &[&F2bHost], ip: &str) {
+    wait_for(&format!("{ip} in every f2b-shared"), DEADLINE, || {
+        let all = hosts.iter().all(|h| h.in_ipset("f2b-shared", ip));
+        async move { all }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spread_out_guessing_is_banned_fleet_wide() {
+    common::fail2ban::require_tools();
+    let root = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let pki = Pki::new(root.path());
+    let hub = hub_with_thresholds(root.path(), &pki, &db).await;
+    let mut hosts = Vec::new();
+    for name in ["g1", "g2", "g3"] {
+        hosts.push(F2bHost::start(root.path(), &pki, name, &hub.url).await);
+    }
+    for h in &hosts {
+        following(h).await;
+    }
+    let [g1, g2, g3] = [&hosts[0], &hosts[1], &hosts[2]];
+
+    // An address in g1's ignore list: fail2ban logs `Ignore`, not `Found`.
+    let ignored = "192.0.2.61";
+    g1.fail2ban()
+        .request(&["set", "login", "addignoreip", ignored])
+        .await
+        .unwrap();
+    g1.failed_logins(ignored, 3);
+    g2.failed_logins(ignored, 2);
+    g3.failed_logins(ignored, 1);
+    // Counted with g1's three it would reach 6; without them it is 3.
+
+    // The guesser: two per host. Every host's ip2 lines precede these, so
+    // once this ban is out the hub has seen every signal of `ignored`.
+    let guesser = "192.0.2.60";
+    g1.failed_logins(guesser, 2);
+    g2.failed_logins(guesser, 2);
+    g3.failed_logins(guesser, 2);
+    let sixth = Instant::now();
+    banned_everywhere(&hosts.iter().collect::<Vec<_>>(), guesser).await;
+    println!(
+        "fleet ban in all three ipsets {:?} after the sixth failure was written",
+        sixth.elapsed()
+    );
+    for h in &hosts {
+        assert!(
+            !h.in_ipset("f2b-login", guesser),
+            "{} banned locally with only two failures",
+            h.name
+        );
+        assert_eq!(
+            h.fail2ban_log()
+                .matches(&format!("[login] Found {guesser} "))
+                .count(),
+            2,
+            "fail2ban on {} found each failure",
+            h.name
+        );
+        assert!(
+            !h.in_ipset("f2b-shared", ignored),
+            "failures of an ignored address counted ({})",
+            h.name
+        );
+    }
+    assert!(
+        g1.fail2ban_log()
+            .contains(&format!("[login] Ignore {ignored} by ip"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_of_closed_ports_are_banned_fleet_wide_and_open_ports_never_count() {
+    common::fail2ban::require_tools();
+    let root = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let pki = Pki::new(root.path());
+    let hub = hub_with_thresholds(root.path(), &pki, &db).await;
+    let mut p1 = F2bHost::start(root.path(), &pki, "p1", &hub.url).await;
+    let p2 = F2bHost::start(root.path(), &pki, "p2", &hub.url).await;
+    let p3 = F2bHost::start(root.path(), &pki, "p3", &hub.url).await;
+
+    // p1's node moves into p1's namespace (NFLOG is per namespace) and
+    // reaches the hub over a veth; the attacker sits on another veth.
+    veth("h", None, &["10.213.0.1/30"], &p1.ns, &["10.213.0.2/30"]);
+    let attacker = Netns::new("atk");
+    veth(
+        "x",
+        Some(&p1.ns),
+        &["10.214.0.1/24"],
+        &attacker.0,
+        &["10.214.0.2/24", "10.214.0.3/24"],
+    );
+    let (ok, out) = setup_probes(&p1.ns, &["--nflog-group", "5"]);
+    assert!(ok, "{out}");
+    p1.node.stop();
+    p1.node.netns = Some(p1.ns.clone());
+    p1.node.hub_url = format!("https://10.213.0.1:{}", hub.port);
+    p1.node
+        .extra
+        .extend(["--probe-nflog-group".into(), "5".into()]);
+    p1.node.restart().await;
+    wait_for("p1 to read NFLOG", DEADLINE, || {
+        let ok = p1.node_log().contains("reading closed-port answers");
+        async move { ok }
+    })
+    .await;
+
+    let target: Ipv4Addr = "10.214.0.1".parse().unwrap();
+    let (stop, listening) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let listener = {
+        let (stop, accepted) = (stop.clone(), listening.clone());
+        in_netns(&p1.ns, move || {
+            let l = TcpListener::bind("0.0.0.0:8080").unwrap();
+            l.set_nonblocking(true).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok(_) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        })
+    };
+
+    // The attacker (10.214.0.2) connects 100 times to the listening port.
+    let refused = in_netns(&attacker.0, move || connect_all(target, [8080; 100]))
+        .join()
+        .unwrap();
+    assert_eq!(refused, 0);
+    wait_for("100 connections accepted", DEADLINE, || {
+        let n = listening.load(Ordering::Relaxed);
+        async move { n >= 100 }
+    })
+    .await;
+    // A barrier: another address probes 5 closed UDP ports and is banned;
+    // p1's signals reach the hub in order, so every signal the 100
+    // connections caused (none, if they count for nothing) came first.
+    in_netns(&attacker.0, move || {
+        datagrams("10.214.0.3".parse().unwrap(), target, 7001..=7005)
+    })
+    .join()
+    .unwrap();
+    banned_everywhere(&[&p1, &p2, &p3], "10.214.0.3").await;
+    for h in [&p1, &p2, &p3] {
+        assert!(
+            !h.in_ipset("f2b-shared", "10.214.0.2"),
+            "connections to an open port counted as probes ({})",
+            h.name
+        );
+    }
+
+    // Now the attacker touches 10 closed TCP ports and 5 closed UDP ports.
+    let refused = in_netns(&attacker.0, move || {
+        let n = connect_all(target, 6001..=6010);
+        datagrams("10.214.0.2".parse().unwrap(), target, 5001..=5005);
+        n
+    })
+    .join()
+    .unwrap();
+    assert_eq!(refused, 10, "closed ports answer with a reset");
+    let probed = Instant::now();
+    banned_everywhere(&[&p1, &p2, &p3], "10.214.0.2").await;
+    println!(
+        "probing address in all three ipsets {:?} after its last probe",
+        probed.elapsed()
+    );
+    stop.store(true, Ordering::Relaxed);
+    listener.join().unwrap();
+    let (ok, out) = setup_probes(&p1.ns, &["--remove"]);
+    assert!(ok, "{out}");
+}
+
+/// Reads NFLOG group `group` inside `ns` with the node's own reader and
+/// parser, collecting the probes until `stop`.
+fn read_probes(
+    ns: &str,
+    group: u16,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<probes::Probe>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let socket = nflog::NflogSocket::bind(group).unwrap();
+            tx.send(()).unwrap();
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_millis(50), socket.recv(&mut buf)).await
+                else {
+                    continue;
+                };
+                for logged in nflog::packets(&buf[..n]) {
+                    if logged.prefix == probes::PREFIX.as_bytes() {
+                        seen.extend(probes::probe_of(logged.payload));
+                    }
+                }
+            }
+            seen
+        })
+    });
+    rx.recv_timeout(DEADLINE).expect("the NFLOG group bound");
+    reader
+}
+
+/// Connects `n` times to closed ports from the attacker; the time it took.
+fn probe_burst(attacker: &str, target: Ipv4Addr, n: u16) -> Duration {
+    in_netns(attacker, move || {
+        let start = Instant::now();
+        let refused = connect_all(target, (0..n).map(|i| 20_000 + i % 10_000));
+        assert_eq!(refused, usize::from(n));
+        start.elapsed()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
+    common::fail2ban::require_tools();
+    let host = Netns::new("nh");
+    let attacker = Netns::new("na");
+    veth(
+        "n",
+        Some(&host.0),
+        &["10.215.0.1/24"],
+        &attacker.0,
+        &["10.215.0.2/24"],
+    );
+    let target: Ipv4Addr = "10.215.0.1".parse().unwrap();
+
+    // Cost: the same burst of SYNs to closed ports with no rule, with the
+    // rule and nobody reading, and with the node's reader.
+    const N: u16 = 5_000;
+    let _ = probe_burst(&attacker.0, target, 500); // warm-up
+    let bare = probe_burst(&attacker.0, target, N);
+
+    let (ok, out) = setup_probes(&host.0, &["--nflog-group", "9"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("wrote      iptables") && out.contains("wrote      ip6tables"),
+        "{out}"
+    );
+    let (ok, out) = setup_probes(&host.0, &["--nflog-group", "9"]);
+    assert!(
+        ok && out.contains("unchanged  iptables"),
+        "run twice: {out}"
+    );
+    let rules = iptables_s(&host.0, "iptables");
+    assert!(
+        rules.contains("-A OUTPUT ! -o lo -m comment --comment banmesh-probes -j BANMESH-PROBES"),
+        "{rules}"
+    );
+    assert_eq!(rules.matches("--nflog-group 9").count(), 2, "{rules}");
+
+    let unread = probe_burst(&attacker.0, target, N);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = read_probes(&host.0, 9, stop.clone());
+    let read = probe_burst(&attacker.0, target, N);
+    // Closed UDP ports, and a listening TCP port (which must yield nothing).
+    let l = in_netns(&host.0, || TcpListener::bind("0.0.0.0:8080").unwrap())
+        .join()
+        .unwrap();
+    in_netns(&attacker.0, move || {
+        datagrams("10.215.0.2".parse().unwrap(), target, [161, 162]);
+        assert_eq!(connect_all(target, [8080; 20]), 0);
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen = reader.join().unwrap();
+    drop(l);
+    let attacker_ip = "10.215.0.2".parse().unwrap();
+    let tcp = seen
+        .iter()
+        .filter(|p| p.0 == attacker_ip && p.1 == Protocol::Tcp && (20_000..30_000).contains(&p.2))
+        .count();
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(N);
+    println!(
+        "{N} SYNs to closed ports: no rule {:.1} us each; rule, nobody reading {:.1} us; rule + NFLOG reader {:.1} us; probes read {tcp}",
+        per(bare),
+        per(unread),
+        per(read)
+    );
+    // Signals are hints: a reader that falls behind loses some (the kernel
+    // drops past the socket's buffer); nearly all arrive.
+    assert!(
+        tcp * 100 >= usize::from(N) * 95,
+        "{tcp} of {N} refused SYNs read as probes"
+    );
+    let udp: Vec<_> = seen.iter().filter(|p| p.1 == Protocol::Udp).collect();
+    assert!(seen.contains(&(attacker_ip, Protocol::Udp, 161)), "{udp:?}");
+    assert!(seen.contains(&(attacker_ip, Protocol::Udp, 162)));
+    assert!(
+        !seen.iter().any(|p| p.2 == 8080),
+        "a listening port never counts"
+    );
+
+    // A rule banmesh did not write in its chain: both directions refuse.
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &host.0,
+        "iptables",
+        "-A",
+        "BANMESH-PROBES",
+        "-j",
+        "RETURN",
+    ]));
+    let before = iptables_s(&host.0, "iptables");
+    let (ok, out) = setup_probes(&host.0, &["--nflog-group", "3"]);
+    assert!(!ok && out.contains("did not write"), "{out}");
+    let (ok, out) = setup_probes(&host.0, &["--remove"]);
+    assert!(!ok && out.contains("did not write"), "{out}");
+    assert_eq!(
+        iptables_s(&host.0, "iptables"),
+        before,
+        "a refusal changes nothing"
+    );
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &host.0,
+        "iptables",
+        "-D",
+        "BANMESH-PROBES",
+        "-j",
+        "RETURN",
+    ]));
+
+    // Another group rewrites banmesh's chain; --remove takes it all away.
+    let (ok, out) = setup_probes(&host.0, &["--nflog-group", "3"]);
+    assert!(ok && out.contains("wrote      iptables"), "{out}");
+    assert!(iptables_s(&host.0, "iptables").contains("--nflog-group 3"));
+    let (ok, out) = setup_probes(&host.0, &["--remove"]);
+    assert!(ok && out.contains("removed    iptables"), "{out}");
+    for tool in ["iptables", "ip6tables"] {
+        assert!(
+            !iptables_s(&host.0, tool).contains("BANMESH"),
+            "{tool} still has rules"
+        );
+    }
+    let (ok, out) = setup_probes(&host.0, &["--remove"]);
+    assert!(ok && out.contains("absent     iptables"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_signals_does_not_slow_bans() {
+    common::fail2ban::require_tools();
+    let root = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let pki = Pki::new(root.path());
+    let hub = hub_with_thresholds(root.path(), &pki, &db).await;
+    let flooder = F2bHost::start(root.path(), &pki, "f1", &hub.url).await;
+    following(&flooder).await;
+    let reporter = Node::start(root.path(), &pki, "f2", &hub.url).await;
+    let watcher = Node::start(root.path(), &pki, "f3", &hub.url).await;
+
+    // Bans from f2, timed until they are in f3's shared.log.
+    let bans = async |base: u8, n: u8| -> Vec<Duration> {
+        let mut took = Vec::new();
+        for i in 0..n {
+            let ip = format!("198.51.100.{}", base + i);
+            let start = Instant::now();
+            let (ok, err) = reporter.report("sshd", "tcp", "22", &ip);
+            assert!(ok, "{err}");
+            wait_for(&format!("{ip} at f3"), DEADLINE, || {
+                let there = watcher.lines_for(&ip) > 0;
+                async move { there }
+            })
+            .await;
+            took.push(start.elapsed());
+            tokio::time::sleep(Duration::from_millis(rand_ms())).await;
+        }
+        took.sort();
+        took
+    };
+    let quiet = bans(1, 20).await;
+
+    // 100,000 `Found` lines a second for 10 s, in fail2ban's own log (as
+    // its filter would write them), each a different address.
+    let log = flooder.dir.join("f2b.log");
+    let flooding = Arc::new(AtomicBool::new(true));
+    let written = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (flooding, written) = (flooding.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+            let start = Instant::now();
+            let mut n: u64 = 0;
+            while start.elapsed() < Duration::from_secs(10) {
+                let due = (start.elapsed().as_secs_f64() * 100_000.0) as u64;
+                let now = chrono::Local::now().format("%Y-%m-%d %H:%M:%S");
+                let mut chunk = String::new();
+                while n < due {
+                    let [_, b, c, d] = (n as u32).to_be_bytes();
+                    chunk.push_str(&format!(
+                        "{now},000 fail2ban.filter         [1]: INFO    [login] Found 100.{}.{c}.{d} - {now}\n",
+                        64 + (b & 63)
+                    ));
+                    n += 1;
+                }
+                f.write_all(chunk.as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            written.store(n, Ordering::Relaxed);
+            flooding.store(false, Ordering::Relaxed);
+        })
+    };
+    let loaded = bans(101, 20).await;
+    flood.join().unwrap();
+    let median = |v: &[Duration]| v[v.len() / 2];
+    let max = |v: &[Duration]| v[v.len() - 1];
+    println!(
+        "ban f2 -> f3: quiet median {:?} max {:?}; during a flood of {} failure signals in 10 s from f1: median {:?} max {:?}",
+        median(&quiet),
+        max(&quiet),
+        written.load(Ordering::Relaxed),
+        median(&loaded),
+        max(&loaded)
+    );
+    let node_log = flooder.node_log();
+    for line in node_log.lines().filter(|l| l.contains("signal")) {
+        println!("f1: {line}");
+    }
+    let _ = hub;
+}
+
+/// A pause of 0-200 ms between bans, so they arrive at random phase.
+fn rand_ms() -> u64 {
+    use std::time::SystemTime;
+    u64::from(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos(),
+    ) % 200
+}
