@@ -205,6 +205,13 @@ pub enum HubAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Show the fleet policy: signal thresholds, dry run, the signal
+    /// windows' fill (and the escalation ladder, when the hub has one).
+    Policy {
+        /// The hub to ask, and the certificate to ask with (any fleet certificate).
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Copy a hub's data to another store, e.g. from the embedded one to MySQL.
     Migrate {
         /// Source store: sqlite:PATH or mysql://...
@@ -846,6 +853,9 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
                 "{}",
                 admin::membership::hosts(&a.hub, &(&a.tls).into()).await?
             );
+        }
+        HubAction::Policy { admin: a } => {
+            print!("{}", admin::policy::policy(&a.hub, &(&a.tls).into()).await?);
         }
         HubAction::Migrate { from, to, force } => {
             print!(

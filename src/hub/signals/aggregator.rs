@@ -140,8 +140,12 @@ impl Aggregator {
             }
         }
         let stats = self.windows.stats();
-        self.counters.tracked.store(stats.tracked, Ordering::Relaxed);
-        self.counters.dropped.store(stats.dropped, Ordering::Relaxed);
+        self.counters
+            .tracked
+            .store(stats.tracked, Ordering::Relaxed);
+        self.counters
+            .dropped
+            .store(stats.dropped, Ordering::Relaxed);
         self.counters.aggregated.fetch_add(n, Ordering::Relaxed);
         self.counters
             .verdicts
@@ -189,10 +193,13 @@ impl Aggregator {
             }
             let stats = self.windows.stats();
             if stats.dropped > logged.1 && logged.0.elapsed() >= LOG_DROPS_EVERY {
-                warn!(dropped = stats.dropped - logged.1, tracked = stats.tracked,
+                warn!(
+                    dropped = stats.dropped - logged.1,
+                    tracked = stats.tracked,
                     max = self.windows.max_addresses(),
                     "signal windows full: dropped the addresses signalled longest ago \
-                     (raise --signal-max-addresses if memory allows)");
+                     (raise --signal-max-addresses if memory allows)"
+                );
                 logged = (Instant::now(), stats.dropped);
             }
         }

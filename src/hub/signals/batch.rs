@@ -132,7 +132,10 @@ mod tests {
     fn probes_name_tcp_or_udp_and_a_real_port() {
         assert_eq!(
             ok(&probe("UDP", 53)).unwrap().what,
-            Observed::Probe { udp: true, port: 53 }
+            Observed::Probe {
+                udp: true,
+                port: 53
+            }
         );
         assert_eq!(ok(&probe("sctp", 53)), None);
         assert_eq!(ok(&probe("tcp", 0)), None);
@@ -147,6 +150,9 @@ mod tests {
     fn allow_listed_addresses_are_ignored() {
         let s = failure("192.0.2.1", NOW);
         let listed = "192.0.2.1".parse::<IpAddr>().unwrap();
-        assert_eq!(check(&s, &Thresholds::default(), NOW, |ip| ip == listed), None);
+        assert_eq!(
+            check(&s, &Thresholds::default(), NOW, |ip| ip == listed),
+            None
+        );
     }
 }

@@ -106,7 +106,9 @@ impl SignalLimits {
         let wanted = (n as f64).min(f64::from(rate.burst()));
         let wait = h.bucket.time_until(rate, wanted, now).max(MIN_RETRY);
         h.refused += 1;
-        if h.logged.is_none_or(|at| now.duration_since(at) >= LOG_EVERY) {
+        if h.logged
+            .is_none_or(|at| now.duration_since(at) >= LOG_EVERY)
+        {
             warn!(host, rate = %self.limit.rate, burst = self.limit.burst, refused_batches = h.refused,
                 retry_ms = wait.as_millis() as u64,
                 "host throttled by its signal rate limit; it drops the signals it cannot send");
@@ -146,7 +148,10 @@ mod tests {
         // 200 missing at 100/s.
         assert_eq!(wait, Duration::from_secs(2));
         assert!(l.admit_at("b", 600, t0).is_ok(), "each host has its own");
-        assert!(l.admit_at("A", 400, t0).is_ok(), "names are case-insensitive");
+        assert!(
+            l.admit_at("A", 400, t0).is_ok(),
+            "names are case-insensitive"
+        );
         assert!(l.admit_at("a", 1, t0).is_err());
     }
 

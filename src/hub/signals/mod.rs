@@ -178,8 +178,11 @@ impl Signals {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let n = self.queue_full.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    warn!(host, dropped_batches = n,
-                        "signal aggregator behind: batch dropped (signals are hints; bans are not affected)");
+                    warn!(
+                        host,
+                        dropped_batches = n,
+                        "signal aggregator behind: batch dropped (signals are hints; bans are not affected)"
+                    );
                 }
                 Ok(proto::SignalBatchAck {
                     accepted: 0,
@@ -229,7 +232,9 @@ async fn refresh_allow_list(
                     *l = list;
                 }
             }
-            Err(e) => warn!(error = %e, "cannot read the allow-list for signals; keeping the last copy"),
+            Err(e) => {
+                warn!(error = %e, "cannot read the allow-list for signals; keeping the last copy")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(ALLOW_REFRESH) => {}

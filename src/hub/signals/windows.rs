@@ -429,9 +429,10 @@ fn add_failure(marks: &mut Vec<Mark>, s: Signal, cap: usize) {
         let repeated = |i: usize| {
             let m = marks[i];
             m.host == s.host
-                || marks.iter().enumerate().any(|(j, o)| {
-                    j != i && !o.is_probe() && o.host == m.host && o.at >= m.at
-                })
+                || marks
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && !o.is_probe() && o.host == m.host && o.at >= m.at)
         };
         let failures = || (0..marks.len()).filter(|&i| !marks[i].is_probe());
         let victim = failures()
@@ -575,7 +576,10 @@ mod tests {
         let mut w = Windows::new(thresholds(), 100);
         for i in 0..9 {
             let host = ["a", "b", "c", "d", "e"][i % 5];
-            assert_eq!(failure(&mut w, "192.0.2.1", host, 1000 + i as u32 * 20), None);
+            assert_eq!(
+                failure(&mut w, "192.0.2.1", host, 1000 + i as u32 * 20),
+                None
+            );
         }
         let v = failure(&mut w, "192.0.2.1", "e", 1240).expect("the tenth failure bans");
         assert_eq!(v.ip, ip("192.0.2.1"));
@@ -617,7 +621,11 @@ mod tests {
         for i in 0..9 {
             failure(&mut w, "192.0.2.1", ["a", "b"][i % 2], 1000 + i as u32);
         }
-        assert_eq!(failure(&mut w, "192.0.2.1", "a", 1600), None, "the first left the window");
+        assert_eq!(
+            failure(&mut w, "192.0.2.1", "a", 1600),
+            None,
+            "the first left the window"
+        );
         // One more at the same second: the other eight and these two.
         assert!(failure(&mut w, "192.0.2.1", "b", 1600).is_some());
     }
@@ -645,7 +653,10 @@ mod tests {
             assert_eq!(probe(&mut w, "198.51.100.7", "a", 22, 1000 + i), None);
         }
         for (i, port) in [23, 25, 80].into_iter().enumerate() {
-            assert_eq!(probe(&mut w, "198.51.100.7", "a", port, 1010 + i as u32), None);
+            assert_eq!(
+                probe(&mut w, "198.51.100.7", "a", port, 1010 + i as u32),
+                None
+            );
         }
         let v = probe(&mut w, "198.51.100.7", "b", 443, 1020).expect("five ports");
         assert_eq!(v.jail, PORTSCAN_JAIL);
@@ -653,7 +664,10 @@ mod tests {
 
         // One host alone is enough for probes.
         for (i, port) in [1, 2, 3, 4].into_iter().enumerate() {
-            assert_eq!(probe(&mut w, "198.51.100.8", "a", port, 2000 + i as u32), None);
+            assert_eq!(
+                probe(&mut w, "198.51.100.8", "a", port, 2000 + i as u32),
+                None
+            );
         }
         assert!(probe(&mut w, "198.51.100.8", "a", 5, 2004).is_some());
     }
@@ -691,15 +705,15 @@ mod tests {
         let mut w = Windows::new(thresholds(), 100);
         let mut verdicts = 0;
         for i in 0..100 {
-            verdicts += failure(&mut w, "192.0.2.1", ["a", "b"][i % 2], 1000 + i as u32).is_some()
-                as u32;
+            verdicts +=
+                failure(&mut w, "192.0.2.1", ["a", "b"][i % 2], 1000 + i as u32).is_some() as u32;
         }
         assert_eq!(verdicts, 1);
         assert_eq!(w.stats().verdicts, 1);
         // After the quiet time, a new wave is a new verdict.
         for i in 0..10 {
-            verdicts += failure(&mut w, "192.0.2.1", ["a", "b"][i % 2], 1700 + i as u32).is_some()
-                as u32;
+            verdicts +=
+                failure(&mut w, "192.0.2.1", ["a", "b"][i % 2], 1700 + i as u32).is_some() as u32;
         }
         assert_eq!(verdicts, 2);
     }
