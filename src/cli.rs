@@ -205,6 +205,13 @@ pub enum HubAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Show the fleet policy: signal thresholds, dry run, the signal
+    /// windows' fill (and the escalation ladder, when the hub has one).
+    Policy {
+        /// The hub to ask, and the certificate to ask with (any fleet certificate).
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Copy a hub's data to another store, e.g. from the embedded one to MySQL.
     Migrate {
         /// Source store: sqlite:PATH or mysql://...
@@ -271,6 +278,69 @@ pub struct HubArgs {
     /// Reports one host may send at once, above --report-rate.
     #[arg(long, value_name = "N", default_value_t = hub::rate_limit::DEFAULT_BURST)]
     pub report_burst: u32,
+    /// The fleet signal policy.
+    #[command(flatten)]
+    pub signals: SignalArgs,
+}
+
+/// The hub's fleet signal policy: when hosts' observations become a
+/// fleet ban (README "Fleet signals" gives the defaults' reasons).
+#[derive(Args, Debug)]
+pub struct SignalArgs {
+    /// Failures of one address, summed over hosts, that ban it fleet-wide
+    /// (jail banmesh-fleet); 0 turns failure signals off.
+    #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_FLEET_MAXRETRY)]
+    pub fleet_maxretry: u32,
+    /// The window --fleet-maxretry failures must fall in.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub fleet_findtime: Duration,
+    /// Distinct hosts that must have seen those failures (one host's own
+    /// jail covers the single-host case).
+    #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_FLEET_MIN_HOSTS)]
+    pub fleet_min_hosts: u32,
+    /// Distinct closed ports an address may probe, on one host or across
+    /// hosts, before it is banned fleet-wide (jail banmesh-portscan); 0
+    /// turns probe signals off.
+    #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_PROBE_PORTS)]
+    pub probe_ports: u32,
+    /// The window --probe-ports probes must fall in.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub probe_findtime: Duration,
+    /// Most addresses the signal windows hold (about 200 bytes each; the
+    /// address signalled longest ago is dropped first, and counted).
+    #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_MAX_ADDRESSES)]
+    pub signal_max_addresses: usize,
+    /// Log what the signal thresholds would ban, ban nothing.
+    #[arg(long)]
+    pub signals_dry_run: bool,
+    /// Signals one host may send: N/s, N/min or N/h, or off. Past it (and
+    /// the burst) the host's batches are refused and it drops them; its
+    /// bans are not affected.
+    #[arg(long, value_name = "RATE", default_value = hub::signals::limit::DEFAULT_RATE)]
+    pub signal_rate: hub::rate_limit::ReportRate,
+    /// Signals one host may send at once, above --signal-rate.
+    #[arg(long, value_name = "N", default_value_t = hub::signals::limit::DEFAULT_BURST)]
+    pub signal_burst: u32,
+}
+
+impl From<&SignalArgs> for hub::signals::SignalConfig {
+    fn from(a: &SignalArgs) -> Self {
+        hub::signals::SignalConfig {
+            thresholds: hub::signals::windows::Thresholds {
+                fleet_maxretry: a.fleet_maxretry,
+                fleet_findtime: a.fleet_findtime,
+                fleet_min_hosts: a.fleet_min_hosts,
+                probe_ports: a.probe_ports,
+                probe_findtime: a.probe_findtime,
+            },
+            max_addresses: a.signal_max_addresses,
+            dry_run: a.signals_dry_run,
+            limit: hub::signals::limit::SignalLimit {
+                rate: a.signal_rate,
+                burst: a.signal_burst,
+            },
+        }
+    }
 }
 
 /// `banmesh node`: run the node daemon (no subcommand) or set fail2ban up for it.
@@ -741,6 +811,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
             rate: args.report_rate,
             burst: args.report_burst,
         },
+        signals: (&args.signals).into(),
     };
     until_signal(|stop| hub::run(listener, config, stop)).await
 }
@@ -836,6 +907,9 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
                 "{}",
                 admin::membership::hosts(&a.hub, &(&a.tls).into()).await?
             );
+        }
+        HubAction::Policy { admin: a } => {
+            print!("{}", admin::policy::policy(&a.hub, &(&a.tls).into()).await?);
         }
         HubAction::Migrate { from, to, force } => {
             print!(

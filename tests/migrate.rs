@@ -13,6 +13,7 @@ fn report(host: &str, seq: u64, ip: &str) -> NewReport {
         host: host.into(),
         seq,
         ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
+        reason: String::new(),
     }
 }
 

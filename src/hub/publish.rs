@@ -146,6 +146,7 @@ async fn read(
                     host: host.clone(),
                     seq: report.seq,
                     ban,
+                    reason: String::new(),
                 };
                 PendingAck::Committing(report.seq, committer.report(new).await)
             }

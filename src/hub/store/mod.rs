@@ -107,6 +107,9 @@ pub struct NewReport {
     pub seq: u64,
     /// The ban as the node reported it, already validated.
     pub ban: Ban,
+    /// Why the hub banned it, for a fleet ban (reporter
+    /// [`crate::hostname::FLEET`]); empty for a host's report.
+    pub reason: String,
 }
 
 /// The outcome of one report in a batch.

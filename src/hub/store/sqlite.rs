@@ -308,7 +308,10 @@ impl Backend for SqliteStore {
                         added_by: r.host.clone(),
                         created_ms: now,
                         lifts: 0,
-                        term: Default::default(),
+                        term: crate::ban::BanTerm {
+                            reason: r.reason.clone(),
+                            ..Default::default()
+                        },
                     }));
                 }
             }

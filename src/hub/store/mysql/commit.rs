@@ -145,7 +145,10 @@ impl MysqlStore {
                 added_by: r.host.clone(),
                 created_ms: now,
                 lifts: 0,
-                term: Default::default(),
+                term: crate::ban::BanTerm {
+                    reason: r.reason.clone(),
+                    ..Default::default()
+                },
             })
         };
         let mut out = Vec::with_capacity(batch.len());

@@ -44,7 +44,8 @@ pub async fn events_after<B: Backend + ?Sized>(
     // An admin following the stream is not a host: it excludes nothing.
     // Every kind but a ban reaches every subscriber: unbans, and the
     // allow-list changes a node must hold before the bans after them.
-    let me = b.host_ids().get(subscriber).unwrap_or(0);
+    // Reporter 0 is the hub's own (`fleet` bans): excluded for no one.
+    let me = b.host_ids().get(subscriber).unwrap_or(i64::MAX as u64);
     let mut ex = b.session().await?;
     ex.query(
         &format!(
