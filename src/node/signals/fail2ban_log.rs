@@ -38,8 +38,11 @@ use crate::{ban::parse_ip, fail2ban::Fail2ban, shutdown::Shutdown};
 /// How often the log is read for new lines.
 pub const POLL: Duration = Duration::from_millis(50);
 /// Jails whose failures are not this host's own observations: `shared`
-/// holds bans from the rest of the fleet.
-pub const OWN_JAILS: &[&str] = &["shared"];
+/// holds bans from the rest of the fleet, and `banmesh-*` names the hub's
+/// own fleet jails (`banmesh-fleet`, `banmesh-portscan`).
+pub fn own_jail(jail: &str) -> bool {
+    jail == "shared" || jail.starts_with("banmesh-")
+}
 /// A line longer than this is not one of fail2ban's `Found` lines; it is
 /// skipped rather than buffered.
 const MAX_LINE: usize = 16 * 1024;
@@ -230,7 +233,7 @@ pub async fn run(socket: PathBuf, signals: Signals, mut shutdown: Shutdown) {
         }
         for line in follower.poll() {
             if let Some((jail, ip)) = parse_found(&line)
-                && !OWN_JAILS.contains(&jail)
+                && !own_jail(jail)
             {
                 signals.offer(&Signal::Failure {
                     ip,

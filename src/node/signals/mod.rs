@@ -16,8 +16,10 @@
 //!   never waits behind a signal in any queue of the node's.
 //! - When the hub refuses (RESOURCE_EXHAUSTED: its per-host signal limit;
 //!   UNIMPLEMENTED: a hub without signals) or is down, the batch is
-//!   dropped and counted, and the refusal logged at most once per
-//!   [`LOG_EVERY`].
+//!   dropped and counted, and so is every signal that arrives during the
+//!   pause that follows (the hub's retry-after; a minute for a hub
+//!   without signals; the reconnect backoff for a hub that is down); the
+//!   refusal is logged at most once per [`LOG_EVERY`].
 //!
 //! # Layout
 //! - [`fail2ban_log`]: failures, from the `[jail] Found IP` lines of
@@ -45,7 +47,7 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tracing::{debug, info, warn};
 
-use super::link::Link;
+use super::link::{Backoff, Link};
 use crate::{
     proto::{self, hub_client::HubClient},
     shutdown::Shutdown,
@@ -62,6 +64,8 @@ pub const LINGER: Duration = Duration::from_millis(25);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a refusal or a drop is logged at most.
 const LOG_EVERY: Duration = Duration::from_secs(30);
+/// The longest pause a hub's retry-after is taken for.
+const MAX_PAUSE: Duration = Duration::from_secs(10);
 /// How long the sender pauses after the hub said it has no `SendSignals`.
 const UNIMPLEMENTED_PAUSE: Duration = Duration::from_secs(60);
 
@@ -216,6 +220,36 @@ impl Quiet {
     }
 }
 
+/// The wait a RESOURCE_EXHAUSTED asks for (its retry-after header), at
+/// most [`MAX_PAUSE`]; a second without one.
+fn retry_after(status: &tonic::Status) -> Duration {
+    status
+        .metadata()
+        .get(crate::proto::RETRY_AFTER_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .map_or(Duration::from_secs(1), Duration::from_millis)
+        .min(MAX_PAUSE)
+}
+
+/// Drops (and counts) whatever is queued for `pause`: signals are current
+/// observations, and a hub that refused them should not get them late.
+async fn drop_for(queue: &mut SignalQueue, pause: Duration, shutdown: &mut Shutdown) {
+    let until = tokio::time::sleep(pause);
+    tokio::pin!(until);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        tokio::select! {
+            _ = &mut until => break,
+            _ = shutdown.recv() => break,
+            n = queue.rx.recv_many(&mut batch, MAX_BATCH) => {
+                if n == 0 { break }
+                queue.stats.dropped_hub.fetch_add(n as u64, Ordering::Relaxed);
+                batch.clear();
+            }
+        }
+    }
+}
+
 /// Sends queued signals to the hub in batches until `shutdown`; what is
 /// left in the queue then is dropped (signals are hints).
 pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
@@ -224,6 +258,7 @@ pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
     let mut full = Quiet::default();
     let mut reported_full = 0;
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut backoff = Backoff::default();
     loop {
         tokio::select! {
             _ = shutdown.recv() => break,
@@ -249,6 +284,7 @@ pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
         };
         match result {
             Ok(ack) => {
+                backoff.reset();
                 stats
                     .accepted
                     .fetch_add(u64::from(ack.accepted), Ordering::Relaxed);
@@ -276,22 +312,15 @@ pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
                             "signals not delivered; dropped (they are hints, never queued on disk)"),
                     }
                 }
-                if status.code() == Code::Unimplemented {
-                    // Drop what arrives meanwhile rather than ask again per batch.
-                    let pause = tokio::time::sleep(UNIMPLEMENTED_PAUSE);
-                    tokio::pin!(pause);
-                    loop {
-                        tokio::select! {
-                            _ = &mut pause => break,
-                            _ = shutdown.recv() => break,
-                            n = queue.rx.recv_many(&mut batch, MAX_BATCH) => {
-                                if n == 0 { break }
-                                stats.dropped_hub.fetch_add(n as u64, Ordering::Relaxed);
-                                batch.clear();
-                            }
-                        }
-                    }
-                }
+                // Drop what arrives meanwhile rather than ask again per
+                // batch: the hub's wait when it gave one, a minute for a hub
+                // without signals, a backoff while it is unreachable.
+                let pause = match status.code() {
+                    Code::Unimplemented => UNIMPLEMENTED_PAUSE,
+                    Code::ResourceExhausted => retry_after(&status),
+                    _ => backoff.next_delay(),
+                };
+                drop_for(&mut queue, pause, &mut shutdown).await;
             }
         }
         let dropped_full = stats.dropped_full.load(Ordering::Relaxed);
