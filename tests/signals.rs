@@ -464,9 +464,12 @@ fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
 
     // Cost: the same burst of SYNs to closed ports with no rule, with the
     // rule and nobody reading, and with the node's reader.
-    const N: u16 = 5_000;
+    // Each figure is the best of three bursts: this machine is shared, and
+    // the best run is the one least disturbed by others.
+    const N: u16 = 3_000;
+    let best = |ns: &str| (0..3).map(|_| probe_burst(ns, target, N)).min().unwrap();
     let _ = probe_burst(&attacker.0, target, 500); // warm-up
-    let bare = probe_burst(&attacker.0, target, N);
+    let bare = best(&attacker.0);
 
     let (ok, out) = setup_probes(&host.0, &["--nflog-group", "9"]);
     assert!(ok, "{out}");
@@ -486,10 +489,10 @@ fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
     );
     assert_eq!(rules.matches("--nflog-group 9").count(), 2, "{rules}");
 
-    let unread = probe_burst(&attacker.0, target, N);
+    let unread = best(&attacker.0);
     let stop = Arc::new(AtomicBool::new(false));
     let reader = read_probes(&host.0, 9, stop.clone());
-    let read = probe_burst(&attacker.0, target, N);
+    let read = best(&attacker.0);
     // Closed UDP ports, and a listening TCP port (which must yield nothing).
     let l = in_netns(&host.0, || TcpListener::bind("0.0.0.0:8080").unwrap())
         .join()
@@ -511,7 +514,7 @@ fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
         .count();
     let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(N);
     println!(
-        "{N} SYNs to closed ports: no rule {:.1} us each; rule, nobody reading {:.1} us; rule + NFLOG reader {:.1} us; probes read {tcp}",
+        "SYNs to closed ports, best of 3 x {N}: no rule {:.1} us each; rule, nobody reading {:.1} us; rule + NFLOG reader {:.1} us; probes read {tcp}",
         per(bare),
         per(unread),
         per(read)
@@ -519,8 +522,9 @@ fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
     // Signals are hints: a reader that falls behind loses some (the kernel
     // drops past the socket's buffer); nearly all arrive.
     assert!(
-        tcp * 100 >= usize::from(N) * 95,
-        "{tcp} of {N} refused SYNs read as probes"
+        tcp * 100 >= usize::from(N) * 3 * 95,
+        "{tcp} of {} refused SYNs read as probes",
+        3 * N
     );
     let udp: Vec<_> = seen.iter().filter(|p| p.1 == Protocol::Udp).collect();
     assert!(seen.contains(&(attacker_ip, Protocol::Udp, 161)), "{udp:?}");
