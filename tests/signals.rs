@@ -14,7 +14,7 @@ mod common;
 
 use std::{
     io::Write,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     process::Command,
     sync::{
@@ -94,12 +94,27 @@ fn veth(tag: &str, a: Option<&str>, a_addrs: &[&str], b: &str, b_addrs: &[&str])
     if let Some(ns) = a {
         ip(&["link", "set", &ea, "netns", ns]);
     }
+    // An address may carry flags after it (`fd00::1/64 nodad`).
+    let add = |addr: &str, dev: &str| -> Vec<String> {
+        let mut words = addr.split_whitespace();
+        ["addr", "add", words.next().unwrap(), "dev", dev]
+            .into_iter()
+            .chain(words)
+            .map(str::to_string)
+            .collect()
+    };
     for addr in a_addrs {
-        in_a(&["addr", "add", addr, "dev", &ea]);
+        in_a(
+            &add(addr, &ea)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
     }
     in_a(&["link", "set", &ea, "up"]);
     for addr in b_addrs {
-        ip(&["-n", b, "addr", "add", addr, "dev", &eb]);
+        let args = [vec!["-n".to_string(), b.to_string()], add(addr, &eb)].concat();
+        ip(&args.iter().map(String::as_str).collect::<Vec<_>>());
     }
     ip(&["-n", b, "link", "set", &eb, "up"]);
 }
@@ -166,7 +181,8 @@ fn iptables_s(ns: &str, tool: &str) -> String {
 
 /// TCP connection attempts from inside the current namespace; returns how
 /// many were refused (a closed port's reset).
-fn connect_all(to: Ipv4Addr, ports: impl IntoIterator<Item = u16>) -> usize {
+fn connect_all(to: impl Into<IpAddr>, ports: impl IntoIterator<Item = u16>) -> usize {
+    let to = to.into();
     ports
         .into_iter()
         .filter(|&p| {
@@ -179,7 +195,8 @@ fn connect_all(to: Ipv4Addr, ports: impl IntoIterator<Item = u16>) -> usize {
 }
 
 /// One UDP datagram from `from` to each port.
-fn datagrams(from: Ipv4Addr, to: Ipv4Addr, ports: impl IntoIterator<Item = u16>) {
+fn datagrams(from: impl Into<IpAddr>, to: impl Into<IpAddr>, ports: impl IntoIterator<Item = u16>) {
+    let (from, to) = (from.into(), to.into());
     let s = UdpSocket::bind((from, 0)).unwrap();
     for p in ports {
         s.send_to(b"probe", (to, p)).unwrap();
@@ -365,7 +382,7 @@ async fn probes_of_closed_ports_are_banned_fleet_wide_and_open_ports_never_count
     // p1's signals reach the hub in order, so every signal the 100
     // connections caused (none, if they count for nothing) came first.
     in_netns(&attacker.0, move || {
-        datagrams("10.214.0.3".parse().unwrap(), target, 7001..=7005)
+        datagrams(Ipv4Addr::new(10, 214, 0, 3), target, 7001..=7005)
     })
     .join()
     .unwrap();
@@ -381,7 +398,7 @@ async fn probes_of_closed_ports_are_banned_fleet_wide_and_open_ports_never_count
     // Now the attacker touches 10 closed TCP ports and 5 closed UDP ports.
     let refused = in_netns(&attacker.0, move || {
         let n = connect_all(target, 6001..=6010);
-        datagrams("10.214.0.2".parse().unwrap(), target, 5001..=5005);
+        datagrams(Ipv4Addr::new(10, 214, 0, 2), target, 5001..=5005);
         n
     })
     .join()
@@ -456,9 +473,9 @@ fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
     veth(
         "n",
         Some(&host.0),
-        &["10.215.0.1/24"],
+        &["10.215.0.1/24", "fd00:215::1/64 nodad"],
         &attacker.0,
-        &["10.215.0.2/24"],
+        &["10.215.0.2/24", "fd00:215::2/64 nodad"],
     );
     let target: Ipv4Addr = "10.215.0.1".parse().unwrap();
 
@@ -498,8 +515,12 @@ fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
         .join()
         .unwrap();
     in_netns(&attacker.0, move || {
-        datagrams("10.215.0.2".parse().unwrap(), target, [161, 162]);
+        datagrams(Ipv4Addr::new(10, 215, 0, 2), target, [161, 162]);
         assert_eq!(connect_all(target, [8080; 20]), 0);
+        // The same over IPv6 (ip6tables' rules, ICMPv6).
+        let target6: Ipv6Addr = "fd00:215::1".parse().unwrap();
+        assert_eq!(connect_all(target6, [7777]), 1);
+        datagrams("fd00:215::2".parse::<Ipv6Addr>().unwrap(), target6, [163]);
     })
     .join()
     .unwrap();
@@ -529,6 +550,10 @@ fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
     let udp: Vec<_> = seen.iter().filter(|p| p.1 == Protocol::Udp).collect();
     assert!(seen.contains(&(attacker_ip, Protocol::Udp, 161)), "{udp:?}");
     assert!(seen.contains(&(attacker_ip, Protocol::Udp, 162)));
+    let attacker6 = "fd00:215::2".parse().unwrap();
+    let v6: Vec<_> = seen.iter().filter(|p| p.0 == attacker6).collect();
+    assert!(seen.contains(&(attacker6, Protocol::Tcp, 7777)), "{v6:?}");
+    assert!(seen.contains(&(attacker6, Protocol::Udp, 163)), "{v6:?}");
     assert!(
         !seen.iter().any(|p| p.2 == 8080),
         "a listening port never counts"
