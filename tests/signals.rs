@@ -308,6 +308,12 @@ async fn spread_out_guessing_is_banned_fleet_wide() {
         g1.fail2ban_log()
             .contains(&format!("[login] Ignore {ignored} by ip"))
     );
+    for h in &hosts {
+        let status = banmesh::report::node_status(&h.node.socket())
+            .await
+            .unwrap();
+        assert!(status.signals_flowing, "{}'s status: {status:?}", h.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -327,6 +327,7 @@ async fn serve(
             ),
         ));
     }
+    let signal_stats = signal_tx.stats().clone();
     drop(signal_tx);
 
     // A few batches may wait for the apply task; beyond that the
@@ -383,6 +384,7 @@ async fn serve(
         connected,
         position,
         fast_path,
+        signals: signal_stats,
     };
     let local = Arc::new(local);
     let inspection = match config.listen {

@@ -157,6 +157,13 @@ pub struct SignalStats {
     pub flowing: AtomicBool,
 }
 
+impl SignalStats {
+    /// Signals dropped for any reason.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_full.load(Ordering::Relaxed) + self.dropped_hub.load(Ordering::Relaxed)
+    }
+}
+
 /// The sources' end of the signal queue: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Signals {
