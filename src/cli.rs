@@ -278,6 +278,14 @@ pub struct HubArgs {
     /// Reports one host may send at once, above --report-rate.
     #[arg(long, value_name = "N", default_value_t = hub::rate_limit::DEFAULT_BURST)]
     pub report_burst: u32,
+    /// The escalation ladder: fleet ban durations (s, m, h, d), first
+    /// offence first. An address banned again while an earlier ban of it
+    /// ended within --ladder-window gets the next rung; the top one holds.
+    #[arg(long, value_name = "DURATIONS", default_value = hub::ladder::DEFAULT_LADDER)]
+    pub ladder: String,
+    /// How long a ban's end counts in an address's history.
+    #[arg(long, value_name = "DURATION", default_value = hub::ladder::DEFAULT_WINDOW)]
+    pub ladder_window: String,
     /// The fleet signal policy.
     #[command(flatten)]
     pub signals: SignalArgs,
@@ -802,7 +810,10 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let ladder = hub::ladder::Ladder::parse(&args.ladder, &args.ladder_window)
+        .context("bad --ladder or --ladder-window")?;
     let config = hub::HubConfig {
+        ladder,
         db,
         data_dir: args.data_dir,
         tls: (&args.tls).into(),

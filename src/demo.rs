@@ -92,6 +92,7 @@ async fn fleet(
         ca_key: None,
         report_limit: Default::default(),
         signals: Default::default(),
+        ladder: Default::default(),
     };
     println!("banmesh demo: a throwaway fleet in {}", root.display());
     println!(

@@ -67,6 +67,10 @@ async fn fill(url: &str) {
             ip: format!("10.{}.{}.{}", id >> 16, (id >> 8) & 255, id & 255),
             lifted_by: None,
             lifts: None,
+            ends_ms: None,
+            rung: None,
+            extends: None,
+            reason: None,
         })
         .collect();
     store.load(&hosts, &events, &[]).await.unwrap();

@@ -153,6 +153,7 @@ async fn failures_on_several_hosts_ban_once_from_fleet_on_every_host() {
     let event = bans[0].event.as_ref().unwrap();
     assert_eq!(event.added_by, "fleet");
     assert_eq!(event.ban.as_ref().unwrap().jail, "banmesh-fleet");
+    assert_eq!(event.reason, e.reason, "the reason is stored with the ban");
     let hosts: Vec<&str> = bans[0].statuses.iter().map(|s| s.host.as_str()).collect();
     assert_eq!(hosts, ["web-1", "web-2", "web-3"]);
 

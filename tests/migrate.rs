@@ -13,7 +13,7 @@ fn report(host: &str, seq: u64, ip: &str) -> NewReport {
         host: host.into(),
         seq,
         ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
-        reason: String::new(),
+        plan: Default::default(),
     }
 }
 
@@ -48,7 +48,7 @@ async fn embedded_to_mariadb_keeps_every_row_and_status() {
             .map(|id| ("mail".to_string(), *id, Status::AlreadyBanned))
             .collect();
         s.set_statuses(&updates).await.unwrap();
-        s.unban("10.0.0.7", "ops")
+        s.unban("10.0.0.7", "ops", false)
             .await
             .unwrap()
             .expect("active ban");

@@ -5,10 +5,13 @@ mod common;
 use std::sync::Arc;
 
 use banmesh::{
-    ban::{Ban, EventKind, Status},
-    hub::store::{
-        self, AllowRow, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken,
-        Revocation, Store,
+    ban::{Ban, BanTerm, EventKind, Status},
+    hub::{
+        ladder::{Decision, Ladder},
+        store::{
+            self, AllowRow, BanFilter, Committed, EnrollRefused, Enrolled, NewReport, NewToken,
+            Plan, Revocation, Store,
+        },
     },
 };
 
@@ -116,7 +119,7 @@ fn report(host: &str, seq: u64, ip: &str) -> NewReport {
         host: host.into(),
         seq,
         ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
-        reason: String::new(),
+        plan: Default::default(),
     }
 }
 
@@ -185,7 +188,7 @@ async fn replay_skips_own_and_lifted_bans(b: Backend) {
     assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[2]]);
 
     let (unban, lifted) = s
-        .unban("192.0.2.1", "admin")
+        .unban("192.0.2.1", "admin", false)
         .await
         .unwrap()
         .expect("an active ban");
@@ -205,7 +208,12 @@ async fn replay_skips_own_and_lifted_bans(b: Backend) {
         vec![ids[1], unban.id]
     );
     // Nothing left to lift.
-    assert!(s.unban("192.0.2.1", "admin").await.unwrap().is_none());
+    assert!(
+        s.unban("192.0.2.1", "admin", false)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 async fn statuses_are_rows_with_zero_by_default(b: Backend) {
@@ -655,7 +663,7 @@ async fn list_bans_filters_and_the_ip_table_view(b: Backend) {
     );
 
     // An unban shows as lifted, is not a ban row itself, and counts.
-    let (unban, n) = s.unban("192.0.2.1", "admin").await.unwrap().unwrap();
+    let (unban, n) = s.unban("192.0.2.1", "admin", false).await.unwrap().unwrap();
     assert_eq!(n, 1);
     assert_eq!(unban.added_by, "admin");
     assert_eq!(unban.ban.jail, "sshd");
@@ -763,7 +771,10 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
     src.set_statuses(&[("b".into(), c[0].event_id(), Status::AlreadyBanned)])
         .await
         .unwrap();
-    src.unban("192.0.2.2", "admin").await.unwrap().unwrap();
+    src.unban("192.0.2.2", "admin", false)
+        .await
+        .unwrap()
+        .unwrap();
     src.revoke("B", "ops").await.unwrap();
     src.revoke("never-seen", "ops").await.unwrap();
     src.record_admin("ops").await.unwrap();
@@ -843,6 +854,42 @@ async fn dump_and_load_round_trip(from: Backend, to: Backend) {
     let (cols, rows) = to.ip_table().await;
     assert_eq!(&cols[7..], ["host_a", "host_b", "host_c", "host_old"]);
     assert_eq!(&rows[0][7..], ["1", "2", "0", "0"]);
+
+    // The ladder's rows move too: terms, coalesced reports, forget markers.
+    let src_last = src.last_event_id().await.unwrap();
+    let ends = store::now_ms() + 60_000;
+    let c = src
+        .commit(&[
+            planned("a", 9, "192.0.2.50", term(3, ends)),
+            planned("b", 9, "192.0.2.50", Plan::CoalesceWith(0)),
+        ])
+        .await
+        .unwrap();
+    src.unban("192.0.2.51", "admin", true).await.unwrap();
+    let more = src.dump_events(src_last, 100).await.unwrap();
+    assert_eq!(more.len(), 2);
+    assert_eq!((more[0].rung, more[0].ends_ms), (Some(3), Some(ends)));
+    assert_eq!((more[1].kind, more[1].extends), (5, Some(c[0].event_id())));
+    // Load into a fresh store, as `hub migrate` does.
+    let fresh = Backend::sqlite().await;
+    let f = fresh.open().await;
+    f.load(
+        &src.dump_hosts().await.unwrap(),
+        &src.dump_events(0, 100).await.unwrap(),
+        &[],
+    )
+    .await
+    .unwrap();
+    f.load_names(&src.dump_names().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.dump_events(0, 100).await.unwrap(),
+        src.dump_events(0, 100).await.unwrap()
+    );
+    assert_eq!(f.dump_names().await.unwrap().forgotten.len(), 1);
+    let resend = f.commit(&[report("b", 9, "192.0.2.50")]).await.unwrap();
+    assert_eq!(resend[0], Committed::Duplicate(c[0].event_id()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1026,6 +1073,263 @@ async fn fleet_addresses_are_kept(b: Backend) {
     );
 }
 
+fn planned(host: &str, seq: u64, ip: &str, plan: Plan) -> NewReport {
+    NewReport {
+        plan,
+        ..report(host, seq, ip)
+    }
+}
+
+fn term(rung: u32, ends_ms: i64) -> Plan {
+    Plan::New(BanTerm {
+        ends_ms,
+        rung,
+        ..Default::default()
+    })
+}
+
+fn ban_of(s: &[store::BanRow], ip: &str) -> Vec<store::BanRow> {
+    s.iter().filter(|b| b.event.ban.ip == ip).cloned().collect()
+}
+
+/// A ban's term is stored and read back; reports coalesced into it are
+/// recorded (not events), listed as its reporters, and recognised when
+/// re-sent, whichever way their first copy was stored.
+async fn terms_and_coalesced_reports(b: Backend) {
+    let s = b.open().await;
+    let now = store::now_ms();
+    let ends = now + 3_600_000;
+    let x = "198.51.100.7";
+    let out = s
+        .commit(&[
+            planned("a", 1, x, term(2, ends)),
+            planned("b", 1, x, Plan::CoalesceWith(0)),
+            report("a", 2, "198.51.100.8"),
+        ])
+        .await
+        .unwrap();
+    let Committed::New(ban) = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((ban.term.rung, ban.term.ends_ms), (2, ends));
+    assert!(
+        matches!(out[1], Committed::Coalesced { event_id, .. } if event_id == ban.id),
+        "{out:?}"
+    );
+    assert!(matches!(out[2], Committed::New(_)));
+    // Re-sends: of the ban's report planned as a coalesce, of the coalesced
+    // one planned as a new ban: each answers its first outcome.
+    let again = s
+        .commit(&[
+            planned("a", 1, x, Plan::Coalesce(ban.id)),
+            planned("b", 1, x, term(1, ends)),
+            planned("c", 1, x, Plan::Coalesce(ban.id)),
+            planned("c", 2, x, Plan::Coalesce(ban.id)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(again[0], Committed::Duplicate(ban.id));
+    assert_eq!(again[1], Committed::Duplicate(ban.id));
+    assert!(matches!(again[2], Committed::Coalesced { event_id, .. } if event_id == ban.id));
+    assert!(matches!(again[3], Committed::Coalesced { event_id, .. } if event_id == ban.id));
+    // One ban of x, its reporters: its own first, then by first report.
+    let rows = s
+        .list_bans(&BanFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let xs = ban_of(&rows, x);
+    assert_eq!(xs.len(), 1, "{xs:?}");
+    assert_eq!(xs[0].event.term.rung, 2);
+    assert_eq!(xs[0].event.term.ends_ms, ends);
+    let who: Vec<(String, u32)> = xs[0]
+        .reporters
+        .iter()
+        .map(|r| (r.host.clone(), r.count))
+        .collect();
+    assert_eq!(who, [("a".into(), 1), ("b".into(), 1), ("c".into(), 2)]);
+    assert!(
+        xs[0]
+            .reporters
+            .iter()
+            .all(|r| r.jail == "sshd" && r.first_ms <= r.last_ms)
+    );
+    assert!(!xs[0].forgotten);
+    // Replay: the ban with a fleet end reaches its reporter too; the one
+    // without (no term) does not; coalesced reports are no events.
+    let to_a: Vec<u64> = s
+        .events_after(0, "a", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(to_a, [ban.id]);
+    let to_b = s.events_after(0, "b", 100).await.unwrap();
+    assert_eq!(to_b.len(), 2);
+    assert_eq!(to_b[0].term.ends_ms, ends);
+    // A ban whose fleet end has passed is not replayed.
+    let ended = s
+        .commit(&[planned("a", 3, "198.51.100.9", term(1, now - 1))])
+        .await
+        .unwrap();
+    let ids: Vec<u64> = s
+        .events_after(0, "b", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert!(!ids.contains(&ended[0].event_id()), "{ids:?}");
+}
+
+/// What the ladder reads before a batch: stored re-sends, each address's
+/// latest ban with its term, lifted and forgotten.
+async fn ladder_facts_and_forget(b: Backend) {
+    let s = b.open().await;
+    let now = store::now_ms();
+    let x = "203.0.113.5";
+    let first = s
+        .commit(&[planned("a", 1, x, term(1, now + 60_000))])
+        .await
+        .unwrap();
+    let batch = [
+        report("a", 1, x),
+        report("b", 1, x),
+        report("b", 2, "203.0.113.6"),
+    ];
+    let facts = s.ladder_facts(&batch).await.unwrap();
+    assert_eq!(facts.known.len(), 1);
+    assert_eq!(facts.known[&("a".to_string(), 1)].0, first[0].event_id());
+    let (id, past) = facts.latest[x];
+    assert_eq!(id, first[0].event_id());
+    assert_eq!(
+        (past.rung, past.ends_ms, past.lifted, past.forgotten),
+        (1, now + 60_000, false, false)
+    );
+    assert!(!facts.latest.contains_key("203.0.113.6"));
+    let ladder = Ladder::default();
+    assert_eq!(ladder.decide(Some(&past), now), Decision::Coalesce);
+
+    // A plain unban lifts it and keeps it in the history.
+    s.unban(x, "admin", false).await.unwrap().unwrap();
+    let (_, past) = s.ladder_facts(&batch).await.unwrap().latest[x];
+    assert!(past.lifted && !past.forgotten);
+    assert!(matches!(
+        ladder.decide(Some(&past), now),
+        Decision::New { rung: 2, .. }
+    ));
+    // --forget with nothing active still clears the history.
+    assert!(s.unban(x, "admin", true).await.unwrap().is_none());
+    let (_, past) = s.ladder_facts(&batch).await.unwrap().latest[x];
+    assert!(past.forgotten);
+    assert!(matches!(
+        ladder.decide(Some(&past), now),
+        Decision::New { rung: 1, .. }
+    ));
+    let listed = s
+        .list_bans(&BanFilter {
+            ip: Some(x.into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(listed[0].forgotten && listed[0].lifted);
+    // A ban after the forget counts again.
+    let next = s
+        .commit(&[planned("b", 3, x, term(1, now + 60_000))])
+        .await
+        .unwrap();
+    let (id, past) = s.ladder_facts(&batch).await.unwrap().latest[x];
+    assert_eq!(id, next[0].event_id());
+    assert!(!past.forgotten);
+    // Forgetting while a ban is active lifts it and forgets it together.
+    let (_, n) = s.unban(x, "admin", true).await.unwrap().unwrap();
+    assert_eq!(n, 1);
+    let (_, past) = s.ladder_facts(&batch).await.unwrap().latest[x];
+    assert!(past.forgotten && past.lifted);
+    // The forget marker moves with `hub migrate`.
+    assert_eq!(s.dump_names().await.unwrap().forgotten.len(), 1);
+}
+
+/// A store written before the ladder (schema 1: no term columns, no
+/// `forgotten` table) opens with this build: its columns are added, its
+/// bans read as rung 1 with no fleet end, and the next ban of one of its
+/// addresses climbs from there.
+async fn a_store_from_before_the_ladder_is_upgraded(b: Backend) {
+    let s = b.open().await;
+    s.touch_host("old-host", None).await.unwrap();
+    drop(s);
+    // Schema 1 exactly: the columns and table the ladder added, removed.
+    for stmt in [
+        "ALTER TABLE events DROP COLUMN ends_ms",
+        "ALTER TABLE events DROP COLUMN rung",
+        "ALTER TABLE events DROP COLUMN extends",
+        "ALTER TABLE events DROP COLUMN reason",
+        "DROP TABLE forgotten",
+        "UPDATE banmesh_meta SET v = 1 WHERE k = 'schema_version'",
+    ] {
+        b.sql(stmt).await;
+    }
+    let now = store::now_ms();
+    b.sql(&format!(
+        "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, jailname, \
+         protocol, port, ip) VALUES (1, 1, 7, 'old-host', {}, 'sshd', 'tcp', '22', '192.0.2.77')",
+        now - 3_600_000
+    ))
+    .await;
+    let s = b.open().await;
+    let rows = s
+        .list_bans(&BanFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].event.term,
+        BanTerm::default(),
+        "no term: stored before the ladder"
+    );
+    assert_eq!(rows[0].reporters[0].host, "old-host");
+    // A re-send of the old report is still recognised.
+    let again = s
+        .commit(&[report("old-host", 7, "192.0.2.77")])
+        .await
+        .unwrap();
+    assert_eq!(again[0], Committed::Duplicate(rows[0].event.id));
+    let batch = [report("web-1", 1, "192.0.2.77")];
+    let (_, past) = s.ladder_facts(&batch).await.unwrap().latest["192.0.2.77"];
+    let ladder = Ladder::default();
+    assert_eq!(ladder.term_of(&past).0, 1);
+    assert!(matches!(
+        ladder.decide(Some(&past), now),
+        Decision::New { rung: 2, .. }
+    ));
+    drop(s);
+    // Idempotent: opened again, nothing to add, the version is this build's.
+    let s = b.open().await;
+    s.unban("192.0.2.77", "admin", true).await.unwrap().unwrap();
+    drop(s);
+    b.sql(&format!(
+        "UPDATE banmesh_meta SET v = {} WHERE k = 'schema_version' AND v = {}",
+        store::SCHEMA_VERSION + 1,
+        store::SCHEMA_VERSION
+    ))
+    .await;
+    assert!(
+        matches!(
+            store::open(&b.url).await,
+            Err(store::StoreError::NewerSchema { .. })
+        ),
+        "the version was brought to this build's, and a newer one is still refused"
+    );
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -1054,4 +1358,7 @@ conformance!(
     refused_reports_are_stored_once,
     the_allow_list_loads_into_another_store,
     fleet_addresses_are_kept,
+    terms_and_coalesced_reports,
+    ladder_facts_and_forget,
+    a_store_from_before_the_ladder_is_upgraded,
 );

@@ -461,7 +461,7 @@ async fn catch_up(
                 host: "elsewhere".into(),
                 seq: (i + j) as u64 + 1,
                 ban: Ban::new("sshd", "tcp", "22", &ip(60, i + j)).unwrap(),
-                reason: String::new(),
+                plan: Default::default(),
             })
             .collect();
         store.commit(&batch).await?;

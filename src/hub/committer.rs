@@ -20,6 +20,18 @@
 //! `refused_reports` and answered [`Committed::Refused`]: no event, no
 //! fan-out.
 //!
+//! The committer also decides every ban's term with the escalation ladder
+//! ([`super::ladder`]), for the same reason: being the only writer, it
+//! knows each address's latest ban exactly as the next commit will find
+//! it. Before a batch commits it reads, in one store call, which of its
+//! reports are stored already (re-sends) and each address's latest ban;
+//! then it plans each report in order, carrying what the batch itself
+//! changes: the first report of an address with no active ban becomes a
+//! new ban on its rung, the reports after it are coalesced into that ban
+//! ([`Committed::Coalesced`]: recorded, acked with the ban's id, nothing
+//! fanned out). Twenty hosts reporting one scanner in one batch make one
+//! event.
+//!
 //! A commit whose outcome is unknown (the database went away during it)
 //! may still have landed. Its events are then published late, in order:
 //! after every successful commit, anything in the store between the last
@@ -34,11 +46,12 @@ use super::{
     allow::{Guard, refuse},
     fanout::Fanout,
     fleet::FleetAddrs,
-    store::{AllowAdded, AllowRow, Committed, NewReport, Store, StoreError},
+    ladder::{Decision, Ladder, PastBan},
+    store::{AllowAdded, AllowRow, Committed, NewReport, Plan, Store, StoreError, now_ms},
 };
 use crate::{
     allow::{AllowList, Network},
-    ban::Event,
+    ban::{BanTerm, Event},
     shutdown::Shutdown,
 };
 
@@ -55,6 +68,7 @@ enum Command {
     Unban {
         ip: String,
         by: String,
+        forget: bool,
         reply: Reply<Option<(Event, u32)>>,
     },
     AllowAdd(AllowRow, Reply<Option<AllowAdded>>),
@@ -83,10 +97,11 @@ impl Committer {
         store: Arc<dyn Store>,
         fanout: Fanout,
         fleet: FleetAddrs,
+        ladder: Ladder,
         shutdown: Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, fanout, fleet, rx, shutdown));
+        tokio::spawn(run(store, fanout, fleet, ladder, rx, shutdown));
         Committer { tx }
     }
 
@@ -126,15 +141,22 @@ impl Committer {
         rx
     }
 
-    /// Lifts every active ban of `ip`, in order with the reports around it.
+    /// Lifts every active ban of `ip`, in order with the reports around
+    /// it; with `forget`, also clears its ladder history.
     pub async fn unban(
         &self,
         ip: String,
         by: String,
+        forget: bool,
     ) -> Result<Option<(Event, u32)>, Arc<StoreError>> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Unban { ip, by, reply })
+            .send(Command::Unban {
+                ip,
+                by,
+                forget,
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
@@ -145,6 +167,7 @@ async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
     fleet: FleetAddrs,
+    ladder: Ladder,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: Shutdown,
 ) {
@@ -184,7 +207,7 @@ async fn run(
             // failed): try again without waiting for the next commit.
             _ = retry.tick(), if published.owed > published.last => {
                 let owed = published.owed;
-                published.publish(&*store, &fanout, owed, &[]).await;
+                published.publish(&*store, &fanout, owed, &[], &[]).await;
                 continue;
             }
         };
@@ -197,6 +220,7 @@ async fn run(
                     &*store,
                     &fanout,
                     &guard,
+                    &ladder,
                     &mut published,
                     &mut batch,
                     &mut replies,
@@ -208,11 +232,16 @@ async fn run(
                     batch.push(r);
                     replies.push(reply);
                 }
-                Command::Unban { ip, by, reply } => {
-                    let result = store.unban(&ip, &by).await.map_err(Arc::new);
+                Command::Unban {
+                    ip,
+                    by,
+                    forget,
+                    reply,
+                } => {
+                    let result = store.unban(&ip, &by, forget).await.map_err(Arc::new);
                     if let Ok(Some((event, _))) = &result {
                         published
-                            .publish(&*store, &fanout, event.id, std::slice::from_ref(event))
+                            .publish(&*store, &fanout, event.id, std::slice::from_ref(event), &[])
                             .await;
                     }
                     let _ = reply.send(result);
@@ -233,7 +262,9 @@ async fn run(
                         let mut fresh = vec![added.event.clone()];
                         fresh.extend(added.unbans.iter().cloned());
                         let highest = fresh.last().map_or(0, |e| e.id);
-                        published.publish(&*store, &fanout, highest, &fresh).await;
+                        published
+                            .publish(&*store, &fanout, highest, &fresh, &[])
+                            .await;
                     }
                     let _ = reply.send(result);
                 }
@@ -248,7 +279,7 @@ async fn run(
                     if let Ok(Some(event)) = &result {
                         guard.list.remove(&network);
                         published
-                            .publish(&*store, &fanout, event.id, std::slice::from_ref(event))
+                            .publish(&*store, &fanout, event.id, std::slice::from_ref(event), &[])
                             .await;
                     }
                     let _ = reply.send(result);
@@ -266,6 +297,7 @@ async fn run(
             &*store,
             &fanout,
             &guard,
+            &ladder,
             &mut published,
             &mut batch,
             &mut replies,
@@ -284,22 +316,37 @@ struct Published {
 
 impl Published {
     /// Publishes `fresh` (events just committed, in id order), first
-    /// filling any gap up to `highest` from the store.
-    async fn publish(&mut self, store: &dyn Store, fanout: &Fanout, highest: u64, fresh: &[Event]) {
+    /// filling any gap up to `highest` from the store. `rows` are ids the
+    /// same commit gave rows that are no events (coalesced reports): no
+    /// gap, nothing to publish.
+    async fn publish(
+        &mut self,
+        store: &dyn Store,
+        fanout: &Fanout,
+        highest: u64,
+        fresh: &[Event],
+        rows: &[u64],
+    ) {
         self.owed = self.owed.max(highest);
         let highest = self.owed;
-        let contiguous = fresh
+        let mut ids: Vec<u64> = fresh
+            .iter()
+            .map(|e| e.id)
+            .chain(rows.iter().copied())
+            .collect();
+        ids.sort_unstable();
+        let contiguous = ids
             .iter()
             .enumerate()
-            .all(|(i, e)| e.id == self.last + 1 + i as u64)
-            && fresh.last().map_or(self.last, |e| e.id) == highest;
+            .all(|(i, id)| *id == self.last + 1 + i as u64)
+            && ids.last().copied().unwrap_or(self.last) == highest;
         if contiguous || highest <= self.last {
             for e in fresh {
                 if e.id > self.last {
                     fanout.publish(Arc::new(e.clone()));
-                    self.last = e.id;
                 }
             }
+            self.last = self.last.max(highest);
             return;
         }
         // Something committed that was never published (an unknown
@@ -333,6 +380,7 @@ async fn commit_reports(
     store: &dyn Store,
     fanout: &Fanout,
     guard: &Guard,
+    ladder: &Ladder,
     published: &mut Published,
     batch: &mut Vec<NewReport>,
     replies: &mut Vec<Reply<Committed>>,
@@ -341,19 +389,37 @@ async fn commit_reports(
     if batch.is_empty() {
         return;
     }
-    match store.commit(batch).await {
+    let planned = match store.ladder_facts(batch).await {
+        Ok(facts) => {
+            plan(ladder, &facts, batch, now_ms());
+            store.commit(batch).await
+        }
+        Err(e) => Err(e),
+    };
+    match planned {
         Ok(results) => {
             debug!(batch = batch.len(), "committed");
-            let highest = results.iter().map(Committed::event_id).max().unwrap_or(0);
-            let mut fresh: Vec<Event> = results
+            let highest = results
                 .iter()
-                .filter_map(|r| match r {
-                    Committed::New(e) => Some(e.clone()),
-                    Committed::Duplicate(_) | Committed::Refused { .. } => None,
+                .map(|r| match r {
+                    Committed::Coalesced { row, .. } => *row,
+                    r => r.event_id(),
                 })
-                .collect();
+                .max()
+                .unwrap_or(0);
+            let mut fresh: Vec<Event> = Vec::new();
+            let mut rows: Vec<u64> = Vec::new();
+            for r in &results {
+                match r {
+                    Committed::New(e) => fresh.push(e.clone()),
+                    Committed::Coalesced { row, .. } => rows.push(*row),
+                    Committed::Duplicate(_) | Committed::Refused { .. } => {}
+                }
+            }
             fresh.sort_by_key(|e| e.id);
-            published.publish(store, fanout, highest, &fresh).await;
+            published
+                .publish(store, fanout, highest, &fresh, &rows)
+                .await;
             for (reply, r) in replies.drain(..).zip(results) {
                 let _ = reply.send(Ok(r));
             }
@@ -367,6 +433,84 @@ async fn commit_reports(
         }
     }
     batch.clear();
+}
+
+/// Where an address's latest ban is, as a batch is planned: stored, or
+/// the report at this index of the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Latest {
+    Stored(u64),
+    InBatch(usize),
+}
+
+/// Sets every report's [`Plan`] from the ladder, in batch order, carrying
+/// each address's latest ban through the batch. A re-send (its key stored
+/// already, or earlier in the batch) changes nothing: the store answers it
+/// with its first outcome whatever its plan. A ban the hub's own policy
+/// decided keeps its reason.
+fn plan(
+    ladder: &Ladder,
+    facts: &crate::hub::store::LadderFacts,
+    batch: &mut [NewReport],
+    now: i64,
+) {
+    let mut latest: std::collections::HashMap<String, (Latest, PastBan)> = facts
+        .latest
+        .iter()
+        .map(|(ip, (id, b))| (ip.clone(), (Latest::Stored(*id), *b)))
+        .collect();
+    let mut keys = std::collections::HashSet::new();
+    for (i, r) in batch.iter_mut().enumerate() {
+        let key = (r.host.clone(), r.seq);
+        let resend = facts.known.get(&key).is_some_and(|(_, b)| *b == r.ban);
+        let resend = !keys.insert(key) || resend;
+        let reason = match &r.plan {
+            Plan::New(t) => t.reason.clone(),
+            _ => String::new(),
+        };
+        let now_latest = latest.get(&r.ban.ip).copied();
+        let (plan, becomes) = match ladder.decide(now_latest.as_ref().map(|l| &l.1), now) {
+            Decision::Coalesce => match now_latest.map(|l| l.0) {
+                Some(Latest::Stored(id)) => (Plan::Coalesce(id), None),
+                Some(Latest::InBatch(j)) => (Plan::CoalesceWith(j), None),
+                None => unreachable!("the ladder coalesces only into a ban"),
+            },
+            Decision::Extend { rung, ends_ms } => match now_latest.map(|l| l.0) {
+                Some(Latest::Stored(id)) => {
+                    let term = BanTerm {
+                        ends_ms,
+                        rung,
+                        extends: id,
+                        reason,
+                    };
+                    (Plan::New(term), Some((rung, ends_ms)))
+                }
+                // A ban of this batch is never half over.
+                Some(Latest::InBatch(j)) => (Plan::CoalesceWith(j), None),
+                None => unreachable!("the ladder extends only a ban"),
+            },
+            Decision::New { rung, ends_ms } => {
+                let term = BanTerm {
+                    ends_ms,
+                    rung,
+                    extends: 0,
+                    reason,
+                };
+                (Plan::New(term), Some((rung, ends_ms)))
+            }
+        };
+        r.plan = plan;
+        if let (false, Some((rung, ends_ms))) = (resend, becomes) {
+            let ban = PastBan {
+                created_ms: now,
+                ends_ms,
+                rung,
+                lifted: false,
+                forgotten: false,
+            };
+            latest.insert(r.ban.ip.clone(), (Latest::InBatch(i), ban));
+        }
+    }
 }
 
 /// The allow-list as the store holds it, retried every second until the

@@ -279,6 +279,10 @@ pub async fn import_seed(
                 ip: ban.ip,
                 lifted_by: None,
                 lifts: None,
+                ends_ms: None,
+                rung: None,
+                extends: None,
+                reason: None,
             });
             let reporter_id = events.last().map_or(0, |e: &RawEvent| e.reporter_id);
             for (i, host_id) in column_hosts.iter().enumerate() {

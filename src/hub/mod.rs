@@ -42,6 +42,7 @@ pub mod committer;
 pub mod enrollment;
 pub mod fanout;
 pub mod fleet;
+pub mod ladder;
 pub mod listener;
 pub mod migrate;
 pub mod publish;
@@ -129,6 +130,9 @@ pub struct HubConfig {
     pub report_limit: rate_limit::ReportLimit,
     /// The fleet signal policy: thresholds, bound, dry run, rate limit.
     pub signals: signals::SignalConfig,
+    /// The escalation ladder every ban's term is decided by (`--ladder`,
+    /// `--ladder-window`).
+    pub ladder: ladder::Ladder,
 }
 
 impl HubConfig {
@@ -248,6 +252,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         store.clone(),
         fanout.clone(),
         fleet.clone(),
+        config.ladder.clone(),
         shutdown.clone(),
     );
     let signals = signals::Signals::spawn(
@@ -257,6 +262,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         fleet.clone(),
         shutdown.clone(),
     );
+    info!(ladder = %config.ladder, "escalation ladder");
     let enrollment = enrollment::EnrollmentService {
         store: Arc::clone(&store),
         signer: signer.clone(),

@@ -146,7 +146,7 @@ async fn read(
                     host: host.clone(),
                     seq: report.seq,
                     ban,
-                    reason: String::new(),
+                    plan: Default::default(),
                 };
                 PendingAck::Committing(report.seq, committer.report(new).await)
             }
@@ -198,6 +198,7 @@ fn fold(ack: &mut proto::Ack, pending_rx: &mut mpsc::Receiver<PendingAck>) -> Op
                     ack.seq = seq;
                     ack.event_id = c.event_id();
                     ack.duplicate = matches!(c, Committed::Duplicate(_));
+                    ack.coalesced = matches!(c, Committed::Coalesced { .. });
                     ack.count += 1;
                 }
                 Ok(Err(e)) => return Some(PendingAck::Failed(unavailable(e))),
@@ -228,7 +229,7 @@ async fn resolve(p: PendingAck) -> Result<proto::Ack, Status> {
                 rejected: String::new(),
                 count: 1,
                 allowed_by: String::new(),
-                coalesced: false,
+                coalesced: matches!(c, Committed::Coalesced { .. }),
             }),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(shutting_down()),

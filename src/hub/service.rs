@@ -255,12 +255,25 @@ impl hub_server::Hub for HubService {
         let ip = crate::ban::parse_ip(&request.get_ref().ip).ok_or_else(|| {
             Status::invalid_argument(format!("{:?} is not an IP address", request.get_ref().ip))
         })?;
-        match self.committer.unban(ip.to_string(), admin.clone()).await {
+        let forget = request.get_ref().forget;
+        match self
+            .committer
+            .unban(ip.to_string(), admin.clone(), forget)
+            .await
+        {
             Ok(Some((event, lifted))) => {
-                info!(%ip, by = %admin, event = event.id, lifted, "unbanned");
+                info!(%ip, by = %admin, event = event.id, lifted, forget, "unbanned");
                 Ok(Response::new(proto::UnbanResponse {
                     event_id: event.id,
                     lifted,
+                }))
+            }
+            // Nothing to lift, but the history is cleared all the same.
+            Ok(None) if forget => {
+                info!(%ip, by = %admin, "ladder history forgotten (no active ban)");
+                Ok(Response::new(proto::UnbanResponse {
+                    event_id: 0,
+                    lifted: 0,
                 }))
             }
             Ok(None) => Err(Status::not_found(format!("{ip} has no active ban"))),
@@ -451,7 +464,7 @@ impl HubService {
                 // growing wait before giving up.
                 let mut wait = std::time::Duration::from_secs(1);
                 for attempt in 1..=8 {
-                    match committer.unban(ip.to_string(), LIFTER.into()).await {
+                    match committer.unban(ip.to_string(), LIFTER.into(), false).await {
                         Ok(Some((event, lifted))) => {
                             info!(%ip, event = event.id, lifted,
                                 "a fleet address was banned; lifted on every host");

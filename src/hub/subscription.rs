@@ -140,10 +140,12 @@ pub fn start(
 }
 
 /// Whether `subscriber` receives this event: everything but its own bans
-/// (unbans, and allow-list changes, which every node must hold before the
-/// bans after them; `events_after` has the same rule for replay).
+/// without a fleet end (unbans, and allow-list changes, which every node
+/// must hold before the bans after them; a ban with a fleet end goes to its
+/// reporter too, which learns the fleet's end from it; `events_after` has
+/// the same rule for replay).
 fn visible(event: &Event, subscriber: &str) -> bool {
-    event.kind != EventKind::Ban || event.added_by != subscriber
+    event.kind != EventKind::Ban || event.term.ends_ms > 0 || event.added_by != subscriber
 }
 
 /// Feeds the queue until the subscriber goes away, the store fails, the

@@ -21,10 +21,10 @@ use super::{
     windows::{FleetVerdict, Signal, Windows},
 };
 use crate::{
-    ban::Ban,
+    ban::{Ban, BanTerm},
     hub::{
         committer::Committer,
-        store::{Committed, NewReport},
+        store::{Committed, NewReport, Plan},
     },
     shutdown::Shutdown,
 };
@@ -174,7 +174,11 @@ impl Aggregator {
             host: crate::hostname::FLEET.to_string(),
             seq: self.seq.next(),
             ban,
-            reason: v.reason.clone(),
+            // The ladder decides the term; the reason is the fleet's.
+            plan: Plan::New(BanTerm {
+                reason: v.reason.clone(),
+                ..Default::default()
+            }),
         };
         tokio::spawn(commit(committer, report));
     }
@@ -214,8 +218,13 @@ async fn commit(committer: Committer, report: NewReport) {
     for attempt in 1..=COMMIT_ATTEMPTS {
         match committer.report(report.clone()).await.await {
             Ok(Ok(Committed::New(e))) => {
-                info!(ip = %report.ban.ip, jail = %report.ban.jail, reason = %report.reason,
-                    event = e.id, "fleet ban");
+                info!(ip = %report.ban.ip, jail = %report.ban.jail, reason = %e.term.reason,
+                    event = e.id, rung = e.term.rung, "fleet ban");
+                return;
+            }
+            Ok(Ok(Committed::Coalesced { event_id, .. })) => {
+                info!(ip = %report.ban.ip, event = event_id,
+                    "fleet verdict recorded against the address's active ban");
                 return;
             }
             Ok(Ok(Committed::Duplicate(id))) => {
@@ -223,7 +232,7 @@ async fn commit(committer: Committer, report: NewReport) {
                 return;
             }
             Ok(Ok(Committed::Refused { entry, .. })) => {
-                info!(ip = %report.ban.ip, allowed_by = %entry, reason = %report.reason,
+                info!(ip = %report.ban.ip, allowed_by = %entry,
                     "fleet ban refused: the address is on the allow-list");
                 return;
             }
@@ -238,6 +247,6 @@ async fn commit(committer: Committer, report: NewReport) {
         tokio::time::sleep(wait).await;
         wait *= 2;
     }
-    warn!(ip = %report.ban.ip, reason = %report.reason,
+    warn!(ip = %report.ban.ip,
         "fleet ban given up: the store kept failing (the address is banned again if its signals go on)");
 }

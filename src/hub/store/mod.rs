@@ -48,7 +48,7 @@ mod sql;
 pub mod sqlite;
 
 /// Schema version this build writes; a store with a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// A driver's error, kept whole so that `source()` reaches its cause.
 pub type Source = Box<dyn std::error::Error + Send + Sync>;
@@ -98,7 +98,15 @@ impl StoreError {
     }
 }
 
-/// A report ready to commit: who sent it (from its certificate) and what.
+/// The `kind` of an `events` row that is not an event: a report coalesced
+/// into an active ban (its `extends`). It lives in `events` so that the
+/// one `(reporter_id, node_seq)` key recognises a re-sent report whether
+/// it became a ban or was coalesced; replay and listings never read it as
+/// an event.
+pub const COALESCED_KIND: i64 = 5;
+
+/// A report ready to commit: who sent it (from its certificate), what, and
+/// what the hub's policy decided for it.
 #[derive(Debug, Clone)]
 pub struct NewReport {
     /// The reporting host's name, from its certificate.
@@ -107,9 +115,57 @@ pub struct NewReport {
     pub seq: u64,
     /// The ban as the node reported it, already validated.
     pub ban: Ban,
-    /// Why the hub banned it, for a fleet ban (reporter
-    /// [`crate::hostname::FLEET`]); empty for a host's report.
-    pub reason: String,
+    /// What to store it as; the committer decides it with the ladder.
+    pub plan: Plan,
+}
+
+/// What the policy decided for one report; the store carries it out
+/// unless the report is a re-send (then it answers the first outcome).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// A new ban event with this term (a default term: no fleet end, as
+    /// before the ladder; `term.extends` set: an update of an active ban;
+    /// `term.reason` set: a ban the hub's fleet policy decided).
+    New(crate::ban::BanTerm),
+    /// Record it against this active ban: no new event.
+    Coalesce(u64),
+    /// Record it against the ban that the report at this index of the same
+    /// batch became (two reports of one address in one batch).
+    CoalesceWith(usize),
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan::New(Default::default())
+    }
+}
+
+/// What the ladder needs to know of a batch, read in one go before it is
+/// committed.
+#[derive(Debug, Clone, Default)]
+pub struct LadderFacts {
+    /// Reports of the batch already stored, by (host, seq): the ban they
+    /// were stored as or recorded against, and the ban they carried (a
+    /// re-send carries the same).
+    pub known: std::collections::HashMap<(String, u64), (u64, Ban)>,
+    /// Each address's latest ban (by id), with its id.
+    pub latest: std::collections::HashMap<String, (u64, crate::hub::ladder::PastBan)>,
+}
+
+/// A host that reported a ban: its event's reporter, or one whose reports
+/// were coalesced into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReporterRow {
+    /// The host's name.
+    pub host: String,
+    /// The jail of its first report.
+    pub jail: String,
+    /// How many reports.
+    pub count: u32,
+    /// First and last report, Unix ms.
+    pub first_ms: i64,
+    /// See `first_ms`.
+    pub last_ms: i64,
 }
 
 /// The outcome of one report in a batch.
@@ -117,8 +173,17 @@ pub struct NewReport {
 pub enum Committed {
     /// Stored now, as this event.
     New(Event),
-    /// Stored before (a re-send), as this event id.
+    /// Stored before (a re-send), as this event id (for a report that was
+    /// coalesced, the ban it was recorded against).
     Duplicate(u64),
+    /// Recorded against the active ban `event_id` (row `row`, an id no
+    /// event takes); nothing to fan out.
+    Coalesced {
+        /// The ban it was recorded against.
+        event_id: u64,
+        /// Its own row's id.
+        row: u64,
+    },
     /// Not an event: the address is on the allow-list (this entry, as
     /// shown to the node), and the report is in `refused_reports`. Only
     /// the committer gives this answer; a store's `commit` never does.
@@ -136,6 +201,7 @@ impl Committed {
         match self {
             Committed::New(e) => e.id,
             Committed::Duplicate(id) => *id,
+            Committed::Coalesced { event_id, .. } => *event_id,
             Committed::Refused { .. } => 0,
         }
     }
@@ -167,6 +233,11 @@ pub struct BanRow {
     pub lifted: bool,
     /// `(host, status)` for every known host, sorted by host.
     pub statuses: Vec<(String, Status)>,
+    /// Who reported it: the event's reporter first, then the hosts whose
+    /// reports were coalesced into it, by first report.
+    pub reporters: Vec<ReporterRow>,
+    /// An admin's `unban --forget` cleared it from the address's history.
+    pub forgotten: bool,
 }
 
 /// An allow-list entry as stored.
@@ -381,8 +452,18 @@ pub trait Store: Send + Sync + 'static {
         subscriber: &str,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError>;
-    /// Lifts every active ban of `ip`; `None` when none was active.
-    async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError>;
+    /// Lifts every active ban of `ip`; `None` when none was active. With
+    /// `forget`, also clears the address's ladder history (every ban up to
+    /// now), in the same transaction, active ban or not.
+    async fn unban(
+        &self,
+        ip: &str,
+        by: &str,
+        forget: bool,
+    ) -> Result<Option<(Event, u32)>, StoreError>;
+    /// What the ladder needs for `batch`: which of its reports are stored
+    /// already, and the latest ban of each of its addresses.
+    async fn ladder_facts(&self, batch: &[NewReport]) -> Result<LadderFacts, StoreError>;
     /// Stores hosts' statuses for events they applied, many hosts in one
     /// statement: `(host, event id, status)`.
     async fn set_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError>;
@@ -455,6 +536,9 @@ pub struct RawNames {
     pub admins: Vec<(String, i64)>,
     /// `(name in lower case, cert_ttl_s)` of every enrolled host.
     pub lifetimes: Vec<(String, i64)>,
+    /// `(ip, up_to, forgotten_ms, forgotten_by)` of every address whose
+    /// ladder history an admin cleared (`unban --forget`).
+    pub forgotten: Vec<(String, u64, i64, String)>,
 }
 
 /// A host row as stored.
@@ -497,6 +581,15 @@ pub struct RawEvent {
     pub lifted_by: Option<u64>,
     /// For an unban, the id of the latest ban event it lifted.
     pub lifts: Option<u64>,
+    /// For a ban: its fleet end, Unix ms (`None`: stored before the ladder).
+    pub ends_ms: Option<i64>,
+    /// For a ban: its rung (`None`: stored before the ladder).
+    pub rung: Option<i64>,
+    /// For a ban: the ban it extends; for a coalesced report (kind 5): the
+    /// ban it was recorded against.
+    pub extends: Option<u64>,
+    /// For a ban the hub's policy decided: why.
+    pub reason: Option<String>,
 }
 
 /// A status row as stored.
@@ -554,6 +647,67 @@ pub fn redact(url: &str) -> String {
 pub use crate::clock::now_ms;
 pub use schema::MAX_VIEW_HOSTS;
 
+/// The `events` row a report's [`Plan`] writes, shared by both backends'
+/// commits.
+pub(crate) struct Stored {
+    pub kind: i64,
+    pub ends_ms: Option<i64>,
+    pub rung: Option<i64>,
+    pub extends: Option<u64>,
+    pub reason: Option<String>,
+    term: crate::ban::BanTerm,
+}
+
+impl Stored {
+    /// The row for `plan`; `outcome(i)` is the event id report `i` of the
+    /// batch was stored as (a `CoalesceWith` names an earlier report).
+    pub fn of(plan: &Plan, outcome: impl Fn(usize) -> Option<u64>) -> Stored {
+        let into = match plan {
+            Plan::New(term) => {
+                return Stored {
+                    kind: 1,
+                    ends_ms: (term.ends_ms > 0).then_some(term.ends_ms),
+                    rung: (term.rung > 0).then_some(i64::from(term.rung)),
+                    extends: (term.extends > 0).then_some(term.extends),
+                    reason: (!term.reason.is_empty()).then(|| term.reason.clone()),
+                    term: term.clone(),
+                };
+            }
+            Plan::Coalesce(id) => *id,
+            Plan::CoalesceWith(i) => outcome(*i).unwrap_or(0),
+        };
+        if into == 0 {
+            // No ban to record it against (cannot happen: the committer
+            // names only earlier reports): never drop a report, ban it.
+            return Stored::of(&Plan::default(), outcome);
+        }
+        Stored {
+            kind: COALESCED_KIND,
+            ends_ms: None,
+            rung: None,
+            extends: Some(into),
+            reason: None,
+            term: Default::default(),
+        }
+    }
+
+    /// The outcome once the row is stored as `id`.
+    pub fn committed(self, id: u64, r: &NewReport, now: i64) -> Committed {
+        match (self.kind, self.extends) {
+            (COALESCED_KIND, Some(event_id)) => Committed::Coalesced { event_id, row: id },
+            _ => Committed::New(Event {
+                id,
+                kind: crate::ban::EventKind::Ban,
+                ban: r.ban.clone(),
+                added_by: r.host.clone(),
+                created_ms: now,
+                lifts: 0,
+                term: self.term,
+            }),
+        }
+    }
+}
+
 /// Joins bans with every known host's status (where a host has no row: 1
 /// for the reporter, 0 for the others).
 pub(crate) fn assemble_bans(
@@ -579,6 +733,8 @@ pub(crate) fn assemble_bans(
                 event,
                 lifted,
                 statuses,
+                reporters: Vec::new(),
+                forgotten: false,
             }
         })
         .collect()

@@ -125,9 +125,16 @@ pub const TABLES: &[Table] = &[
             ("ip", Ty::Str(64), NOT_NULL),
             ("lifted_by", Ty::U64, NULL),
             ("lifts", Ty::U64, NULL),
+            // Schema 2 (the escalation ladder); see `ADDED_COLUMNS`.
+            ("ends_ms", Ty::I64, NULL),
+            ("rung", Ty::Tiny, NULL),
+            ("extends", Ty::U64, NULL),
+            ("reason", Ty::Str(255), NULL),
         ],
         primary: &[],
-        // A report is (reporting host, node sequence): re-sends hit this key.
+        // A report is (reporting host, node sequence): re-sends hit this key,
+        // whether the report became a ban (kind 1) or was coalesced into an
+        // active one (kind 5, `extends` naming that ban).
         unique: &[("report", &["reporter_id", "node_seq"])],
         indexes: &[("ip", &["ip"]), ("added_by", &["added_by", "ip"])],
         clustered: false,
@@ -243,6 +250,32 @@ pub const TABLES: &[Table] = &[
         indexes: &[],
         clustered: false,
     },
+    // Addresses whose fleet history an admin cleared (`unban --forget`):
+    // bans with ids up to `up_to` no longer count on the ladder.
+    Table {
+        name: "forgotten",
+        columns: &[
+            ("ip", Ty::Str(64), NOT_NULL),
+            ("up_to", Ty::U64, NOT_NULL),
+            ("forgotten_ms", Ty::I64, NOT_NULL),
+            ("forgotten_by", Ty::Str(253), NOT_NULL),
+        ],
+        primary: &["ip"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
+];
+
+/// Columns added to tables after schema 1, as `(table, column)`: a store
+/// written by an earlier build gains them by `ALTER TABLE .. ADD COLUMN`
+/// at open (each is in its table's [`TABLES`] entry too, and NULL-able, so
+/// old rows read as "not given").
+pub const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("events", "ends_ms"),
+    ("events", "rung"),
+    ("events", "extends"),
+    ("events", "reason"),
 ];
 
 impl Dialect {
@@ -368,6 +401,28 @@ impl Dialect {
         }
     }
 
+    /// A query counting the columns named `?` (2nd) in table `?` (1st).
+    fn has_column(self) -> &'static str {
+        match self {
+            Dialect::MySql => {
+                "SELECT COUNT(*) FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?"
+            }
+            Dialect::Sqlite => "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?",
+        }
+    }
+
+    /// `ALTER TABLE` adding `column` of `table` as [`TABLES`] defines it.
+    fn add_column(self, table: &str, column: &str) -> Option<String> {
+        let t = TABLES.iter().find(|t| t.name == table)?;
+        let &(name, ty, null) = t.columns.iter().find(|c| c.0 == column)?;
+        Some(format!(
+            "ALTER TABLE {table} ADD COLUMN {name} {} {}",
+            self.column_type(ty),
+            if null { "NULL" } else { "NOT NULL" }
+        ))
+    }
+
     /// An expression turning milliseconds since the epoch into a datetime.
     fn datetime(self, ms: &str) -> String {
         match self {
@@ -388,13 +443,14 @@ impl Dialect {
     }
 }
 
-/// Creates missing tables and checks the schema version: a store written
-/// by a newer banmesh is refused rather than misread.
+/// Creates missing tables, adds missing columns and records the schema
+/// version: a store written by a newer banmesh is refused, untouched,
+/// rather than misread. Every step is idempotent, so a migration cut short
+/// (the database went away) is finished by the next start.
 pub async fn migrate(ex: &mut dyn Executor, d: Dialect) -> Result<(), StoreError> {
-    for t in TABLES {
-        for stmt in d.create_table(t) {
-            ex.exec(&stmt, vec![]).await?;
-        }
+    // The version first: nothing is altered in a store from a newer build.
+    for stmt in d.create_table(&TABLES[0]) {
+        ex.exec(&stmt, vec![]).await?;
     }
     let found = ex
         .query(
@@ -402,9 +458,36 @@ pub async fn migrate(ex: &mut dyn Executor, d: Dialect) -> Result<(), StoreError
             vec![],
         )
         .await?;
-    match found.first().map(|r| r.i64(0)).transpose()? {
-        Some(v) if v > SCHEMA_VERSION => Err(StoreError::NewerSchema { found: v }),
-        Some(_) => Ok(()),
+    let found = found.first().map(|r| r.i64(0)).transpose()?;
+    if let Some(v) = found.filter(|v| *v > SCHEMA_VERSION) {
+        return Err(StoreError::NewerSchema { found: v });
+    }
+    for t in TABLES {
+        for stmt in d.create_table(t) {
+            ex.exec(&stmt, vec![]).await?;
+        }
+    }
+    for &(table, column) in ADDED_COLUMNS {
+        let n = ex
+            .query(d.has_column(), vec![table.into(), column.into()])
+            .await?;
+        if n.first().map(|r| r.i64(0)).transpose()?.unwrap_or(0) == 0 {
+            let alter = d.add_column(table, column).ok_or_else(|| {
+                StoreError::query(format!("no column {table}.{column} in TABLES"))
+            })?;
+            tracing::info!(%table, %column, "adding a column to a store from an earlier build");
+            ex.exec(&alter, vec![]).await?;
+        }
+    }
+    match found {
+        Some(v) if v == SCHEMA_VERSION => Ok(()),
+        Some(_) => ex
+            .exec(
+                "UPDATE banmesh_meta SET v = ? WHERE k = 'schema_version'",
+                vec![SCHEMA_VERSION.into()],
+            )
+            .await
+            .map(drop),
         None => ex
             .exec(
                 "INSERT INTO banmesh_meta (k, v) VALUES ('schema_version', ?)",

@@ -24,12 +24,12 @@ use rusqlite::{
 };
 
 use super::{
-    Committed, NewReport, StoreError,
+    COALESCED_KIND, Committed, NewReport, StoreError, Stored,
     executor::{self, Backend, Done, Executor, HostIds, Row},
     schema::{self, Dialect},
     sql,
 };
-use crate::ban::{Event, EventKind, Status};
+use crate::ban::Status;
 
 fn q(e: rusqlite::Error) -> StoreError {
     StoreError::Query(Box::new(e))
@@ -253,33 +253,44 @@ impl Backend for SqliteStore {
         self.with(move |conn| {
             let tx = conn.transaction().map_err(q)?;
             let now = super::now_ms();
-            let mut out = Vec::with_capacity(batch.len());
+            let mut out: Vec<Committed> = Vec::with_capacity(batch.len());
             {
                 let mut find = tx
                     .prepare_cached(
-                        "SELECT id, ip, jailname, protocol, port FROM events WHERE reporter_id = ?1 AND node_seq = ?2",
+                        "SELECT id, kind, extends, ip, jailname, protocol, port FROM events \
+                         WHERE reporter_id = ?1 AND node_seq = ?2",
                     )
                     .map_err(q)?;
                 let mut insert = tx
                     .prepare_cached(
                         "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, \
-                         jailname, protocol, port, ip) VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                         jailname, protocol, port, ip, ends_ms, rung, extends, reason) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                     )
                     .map_err(q)?;
                 for (r, hid) in batch.iter().zip(&ids) {
                     let hid = *hid as i64;
                     let seq = r.seq as i64;
-                    type Row = (i64, String, String, String, String);
+                    type Row = (i64, i64, Option<i64>, String, String, String, String);
                     let existing: Option<Row> = find
                         .query_row(params![hid, seq], |r| {
-                            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                            Ok((
+                                r.get(0)?,
+                                r.get(1)?,
+                                r.get(2)?,
+                                r.get(3)?,
+                                r.get(4)?,
+                                r.get(5)?,
+                                r.get(6)?,
+                            ))
                         })
                         .optional()
                         .map_err(q)?;
                     let b = &r.ban;
                     let mut key = Some(seq);
-                    if let Some((id, ip, jail, protocol, port)) = existing {
+                    if let Some((id, kind, extends, ip, jail, protocol, port)) = existing {
                         if (ip, jail, protocol, port) == (b.ip.clone(), b.jail.clone(), b.protocol.clone(), b.port.clone()) {
+                            let id = if kind == COALESCED_KIND { extends.unwrap_or(0) } else { id };
                             out.push(Committed::Duplicate(id as u64));
                             continue;
                         }
@@ -288,8 +299,10 @@ impl Backend for SqliteStore {
                         tracing::warn!(host = %r.host, seq, ip = %b.ip, "sequence reused for a different ban; stored as a new report");
                         key = None;
                     }
+                    let row = Stored::of(&r.plan, |i| out.get(i).map(Committed::event_id));
                     insert
                         .execute(params![
+                            row.kind,
                             hid,
                             key,
                             r.host,
@@ -297,22 +310,15 @@ impl Backend for SqliteStore {
                             r.ban.jail,
                             r.ban.protocol,
                             r.ban.port,
-                            r.ban.ip
+                            r.ban.ip,
+                            row.ends_ms,
+                            row.rung,
+                            row.extends.map(|e| e as i64),
+                            row.reason,
                         ])
                         .map_err(q)?;
-                    let id = tx.last_insert_rowid();
-                    out.push(Committed::New(Event {
-                        id: id as u64,
-                        kind: EventKind::Ban,
-                        ban: r.ban.clone(),
-                        added_by: r.host.clone(),
-                        created_ms: now,
-                        lifts: 0,
-                        term: crate::ban::BanTerm {
-                            reason: r.reason.clone(),
-                            ..Default::default()
-                        },
-                    }));
+                    let id = tx.last_insert_rowid() as u64;
+                    out.push(row.committed(id, r, now));
                 }
             }
             tx.commit().map_err(q)?;

@@ -9,8 +9,8 @@ use mysql_async::{TxOpts, Value, prelude::*};
 
 use super::{MysqlStore, q};
 use crate::{
-    ban::{Event, EventKind, Status},
-    hub::store::{Committed, NewReport, StoreError, now_ms, sql},
+    ban::Status,
+    hub::store::{COALESCED_KIND, Committed, NewReport, Plan, StoreError, Stored, now_ms, sql},
 };
 
 /// What makes two reports the same ban, as stored.
@@ -45,8 +45,33 @@ fn report_keys(keys: &[(u64, u64)]) -> String {
         .join(" OR ")
 }
 
+/// The columns every `events` row a report writes gets, in order.
+const REPORT_COLUMNS: &str = "kind, reporter_id, node_seq, added_by, created_ms, jailname, \
+                              protocol, port, ip, ends_ms, rung, extends, reason";
+
+/// `r` as the values of [`REPORT_COLUMNS`], stored as `row`.
+fn values(row: &Stored, reporter: u64, seq: Option<u64>, r: &NewReport, now: i64) -> [Value; 13] {
+    [
+        row.kind.into(),
+        reporter.into(),
+        seq.into(),
+        r.host.as_str().into(),
+        now.into(),
+        r.ban.jail.as_str().into(),
+        r.ban.protocol.as_str().into(),
+        r.ban.port.as_str().into(),
+        r.ban.ip.as_str().into(),
+        row.ends_ms.into(),
+        row.rung.into(),
+        row.extends.into(),
+        row.reason.clone().into(),
+    ]
+}
+
 impl MysqlStore {
-    /// One multi-row `INSERT IGNORE` per batch (see the module doc).
+    /// One multi-row `INSERT IGNORE` per batch (see the module doc); a
+    /// second one for reports coalesced into a ban of the same batch,
+    /// whose id only the first tells.
     pub(super) async fn group_commit(
         &self,
         batch: &[NewReport],
@@ -64,119 +89,152 @@ impl MysqlStore {
             .copied()
             .zip(batch.iter().map(|r| r.seq))
             .collect();
+        let (second, first): (Vec<usize>, Vec<usize>) =
+            (0..batch.len()).partition(|&i| matches!(batch[i].plan, Plan::CoalesceWith(_)));
+        let now = now_ms();
+        let mut out: Vec<Option<Committed>> = vec![None; batch.len()];
+        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
+        for phase in [first, second] {
+            self.insert_phase(&mut tx, batch, &keys, &phase, &mut out, now)
+                .await?;
+        }
+        tx.commit().await.map_err(q)?;
+        out.into_iter()
+            .map(|c| c.ok_or_else(|| StoreError::query("a report of the batch got no outcome")))
+            .collect()
+    }
+
+    /// Stores the reports at `idx` of `batch` and fills their outcomes.
+    async fn insert_phase(
+        &self,
+        tx: &mut mysql_async::Transaction<'_>,
+        batch: &[NewReport],
+        keys: &[(u64, u64)],
+        idx: &[usize],
+        out: &mut [Option<Committed>],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if idx.is_empty() {
+            return Ok(());
+        }
         // One row per key: a key repeated within the batch is a re-send.
         let mut fresh = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for (i, key) in keys.iter().enumerate() {
-            if seen.insert(*key) {
+        for &i in idx {
+            if seen.insert(keys[i]) {
                 fresh.push(i);
             }
         }
-        let now = now_ms();
-        let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * 8);
+        let outcome = |out: &[Option<Committed>], i: usize| {
+            out.get(i).and_then(|c| c.as_ref()).map(Committed::event_id)
+        };
+        let stored: HashMap<usize, Stored> = fresh
+            .iter()
+            .map(|&i| (i, Stored::of(&batch[i].plan, |j| outcome(out, j))))
+            .collect();
+        let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * 13);
         for &i in &fresh {
-            let r = &batch[i];
-            params.extend([
-                keys[i].0.into(),
-                r.seq.into(),
-                r.host.as_str().into(),
-                now.into(),
-                r.ban.jail.as_str().into(),
-                r.ban.protocol.as_str().into(),
-                r.ban.port.as_str().into(),
-                r.ban.ip.as_str().into(),
-            ]);
+            params.extend(values(
+                &stored[&i],
+                keys[i].0,
+                Some(keys[i].1),
+                &batch[i],
+                now,
+            ));
         }
-        let rows = vec!["(1, ?, ?, ?, ?, ?, ?, ?, ?)"; fresh.len()].join(",");
-        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
+        let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; fresh.len()].join(",");
         // Re-sent reports hit the (reporter, seq) unique key and are skipped;
         // every value was validated, so IGNORE hides nothing else.
         tx.exec_drop(
-            format!(
-                "INSERT IGNORE INTO events (kind, reporter_id, node_seq, added_by, created_ms, \
-                 jailname, protocol, port, ip) VALUES {rows}"
-            ),
+            format!("INSERT IGNORE INTO events ({REPORT_COLUMNS}) VALUES {rows}"),
             params,
         )
         .await
         .map_err(q)?;
         let inserted = tx.affected_rows() as usize;
         let first = tx.last_insert_id().filter(|f| *f > 0);
-        // (reporter, seq) -> (id, the ban stored under it).
-        let mut known: HashMap<(u64, u64), (u64, BanKey)> = HashMap::with_capacity(fresh.len());
+        // (reporter, seq) -> (the id a re-send is answered with, the row's
+        // own id, the ban stored under it).
+        let mut known: HashMap<(u64, u64), (u64, u64, BanKey)> =
+            HashMap::with_capacity(fresh.len());
         // New rows got consecutive ids from the first (unless the server
         // interleaves auto-increment allocation, lock mode 2).
         let all_new = inserted == fresh.len() && self.consecutive_ids;
         let mut new_keys = std::collections::HashSet::new();
         if let (true, Some(first)) = (all_new, first) {
             for (n, &i) in fresh.iter().enumerate() {
-                known.insert(keys[i], (first + n as u64, BanKey::of(&batch[i].ban)));
+                let id = first + n as u64;
+                known.insert(keys[i], (id, id, BanKey::of(&batch[i].ban)));
                 new_keys.insert(keys[i]);
             }
         } else {
             // Some were stored before: look every key up. This statement's
             // rows have ids from `first` on; older ones are below it.
             let fresh_keys: Vec<(u64, u64)> = fresh.iter().map(|&i| keys[i]).collect();
-            type Row = (u64, u64, u64, String, String, String, String);
+            type Row = (
+                u64,
+                i64,
+                Option<u64>,
+                u64,
+                u64,
+                String,
+                String,
+                String,
+                String,
+            );
             let rows: Vec<Row> = tx
                 .query(format!(
-                    "SELECT id, reporter_id, node_seq, ip, jailname, protocol, port FROM events WHERE {}",
+                    "SELECT id, kind, extends, reporter_id, node_seq, ip, jailname, protocol, port \
+                     FROM events WHERE {}",
                     report_keys(&fresh_keys)
                 ))
                 .await
                 .map_err(q)?;
-            for (id, h, s, ip, jail, protocol, port) in rows {
+            for (id, kind, extends, h, s, ip, jail, protocol, port) in rows {
                 if inserted > 0 && first.is_some_and(|f| id >= f) {
                     new_keys.insert((h, s));
                 }
-                known.insert((h, s), (id, BanKey(ip, jail, protocol, port)));
+                let answer = if kind == COALESCED_KIND {
+                    extends.unwrap_or(0)
+                } else {
+                    id
+                };
+                known.insert((h, s), (answer, id, BanKey(ip, jail, protocol, port)));
             }
         }
-
         let fresh: std::collections::HashSet<usize> = fresh
             .into_iter()
             .filter(|&i| new_keys.contains(&keys[i]))
             .collect();
-        let event = |id: u64, r: &NewReport| {
-            Committed::New(Event {
-                id,
-                kind: EventKind::Ban,
-                ban: r.ban.clone(),
-                added_by: r.host.clone(),
-                created_ms: now,
-                lifts: 0,
-                term: crate::ban::BanTerm {
-                    reason: r.reason.clone(),
-                    ..Default::default()
-                },
-            })
-        };
-        let mut out = Vec::with_capacity(batch.len());
-        for (i, key) in keys.iter().enumerate() {
+        for &i in idx {
             let r = &batch[i];
-            let (id, stored) = &known[key];
+            let key = keys[i];
+            let (answer, id, stored_ban) = &known[&key];
             if fresh.contains(&i) {
-                out.push(event(*id, r));
-            } else if *stored == BanKey::of(&r.ban) {
-                out.push(Committed::Duplicate(*id));
+                let row = Stored::of(&r.plan, |j| outcome(out, j));
+                out[i] = Some(row.committed(*id, r, now));
+            } else if *stored_ban == BanKey::of(&r.ban) {
+                out[i] = Some(Committed::Duplicate(*answer));
             } else {
                 // The same (host, seq) for another ban: the node's sequence
                 // was reset (restored from a backup?). Not a re-send: store
                 // it, without the key, and say so.
                 tracing::warn!(host = %r.host, seq = r.seq, ip = %r.ban.ip, "sequence reused for a different ban; stored as a new report");
+                let row = Stored::of(&r.plan, |j| outcome(out, j));
                 tx.exec_drop(
-                    "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, jailname, \
-                     protocol, port, ip) VALUES (1, ?, NULL, ?, ?, ?, ?, ?, ?)",
-                    (key.0, &r.host, now, &r.ban.jail, &r.ban.protocol, &r.ban.port, &r.ban.ip),
+                    format!(
+                        "INSERT INTO events ({REPORT_COLUMNS}) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    ),
+                    values(&row, key.0, None, r, now).to_vec(),
                 )
                 .await
                 .map_err(q)?;
                 let id = tx.last_insert_id().unwrap_or(0);
-                out.push(event(id, r));
+                out[i] = Some(row.committed(id, r, now));
             }
         }
-        tx.commit().await.map_err(q)?;
-        Ok(out)
+        Ok(())
     }
 
     /// Many hosts' statuses in one upsert per 5,000 rows.

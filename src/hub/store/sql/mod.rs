@@ -150,8 +150,17 @@ impl<B: Backend> Store for B {
         events::events_after(self, after, subscriber, limit).await
     }
 
-    async fn unban(&self, ip: &str, by: &str) -> Result<Option<(Event, u32)>, StoreError> {
-        events::unban(self, ip, by).await
+    async fn unban(
+        &self,
+        ip: &str,
+        by: &str,
+        forget: bool,
+    ) -> Result<Option<(Event, u32)>, StoreError> {
+        events::unban(self, ip, by, forget).await
+    }
+
+    async fn ladder_facts(&self, batch: &[NewReport]) -> Result<super::LadderFacts, StoreError> {
+        events::ladder_facts(self, batch).await
     }
 
     async fn set_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError> {

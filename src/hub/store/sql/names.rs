@@ -146,10 +146,20 @@ pub async fn dump<B: Backend + ?Sized>(b: &B) -> Result<RawNames, StoreError> {
         .iter()
         .map(|r| Ok((r.text(0)?, r.i64(1)?)))
         .collect::<Result<_, StoreError>>()?;
+    let forgotten = ex
+        .query(
+            "SELECT ip, up_to, forgotten_ms, forgotten_by FROM forgotten ORDER BY ip",
+            vec![],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.u64(1)?, r.i64(2)?, r.text(3)?)))
+        .collect::<Result<_, StoreError>>()?;
     Ok(RawNames {
         revoked,
         admins,
         lifetimes,
+        forgotten,
     })
 }
 
@@ -189,6 +199,15 @@ pub async fn load<B: Backend + ?Sized>(b: &B, n: &RawNames) -> Result<(), StoreE
         ex.exec(
             &format!("{ignore} INTO host_lifetimes (name_key, cert_ttl_s) VALUES (?, ?)"),
             params![key.to_ascii_lowercase(), *ttl],
+        )
+        .await?;
+    }
+    for (ip, up_to, ms, by) in &n.forgotten {
+        ex.exec(
+            &format!(
+                "{ignore} INTO forgotten (ip, up_to, forgotten_ms, forgotten_by) VALUES (?, ?, ?, ?)"
+            ),
+            params![ip, *up_to, *ms, by],
         )
         .await?;
     }

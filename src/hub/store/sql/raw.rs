@@ -57,7 +57,8 @@ pub async fn dump_events<B: Backend + ?Sized>(
     let mut ex = b.session().await?;
     ex.query(
         "SELECT id, kind, reporter_id, node_seq, added_by, created_ms, jailname, protocol, \
-         port, ip, lifted_by, lifts FROM events WHERE id > ? ORDER BY id LIMIT ?",
+         port, ip, lifted_by, lifts, ends_ms, rung, extends, reason FROM events \
+         WHERE id > ? ORDER BY id LIMIT ?",
         params![after, limit as u64],
     )
     .await?
@@ -76,6 +77,10 @@ pub async fn dump_events<B: Backend + ?Sized>(
             ip: r.text(9)?,
             lifted_by: r.opt_u64(10)?,
             lifts: r.opt_u64(11)?,
+            ends_ms: r.opt_i64(12)?,
+            rung: r.opt_i64(13)?,
+            extends: r.opt_u64(14)?,
+            reason: r.opt_text(15)?,
         })
     })
     .collect()
@@ -133,12 +138,16 @@ pub async fn load<B: Backend + ?Sized>(
             &e.port,
             &e.ip,
             e.lifted_by,
-            e.lifts
+            e.lifts,
+            e.ends_ms,
+            e.rung,
+            e.extends,
+            e.reason.as_deref()
         ]
     });
     let into = "events (id, kind, reporter_id, node_seq, added_by, created_ms, \
-                jailname, protocol, port, ip, lifted_by, lifts)";
-    insert_ignore(&mut *ex, d, into, 12, 1000, e.collect()).await?;
+                jailname, protocol, port, ip, lifted_by, lifts, ends_ms, rung, extends, reason)";
+    insert_ignore(&mut *ex, d, into, 16, 1000, e.collect()).await?;
     let s = statuses
         .iter()
         .flat_map(|s| params![s.event_id, s.host_id, s.status]);
