@@ -380,6 +380,20 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_pauses_for_the_hubs_wait_within_bounds() {
+        let mut st = tonic::Status::resource_exhausted("slow down");
+        assert_eq!(retry_after(&st), Duration::from_secs(1), "no header");
+        st.metadata_mut()
+            .insert(crate::proto::RETRY_AFTER_HEADER, "100".parse().unwrap());
+        assert_eq!(retry_after(&st), Duration::from_millis(100));
+        st.metadata_mut().insert(
+            crate::proto::RETRY_AFTER_HEADER,
+            "99999999".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&st), MAX_PAUSE);
+    }
+
+    #[test]
     fn quiet_logs_once_per_period() {
         let mut q = Quiet::default();
         assert_eq!(q.due(), Some(1));
