@@ -676,8 +676,10 @@ async fn a_flood_of_signals_does_not_slow_bans() {
             flooding.store(false, Ordering::Relaxed);
         })
     };
+    let cpu_before = [cpu_secs(&flooder.node), cpu_secs_of(&hub.proc)];
     let loaded = bans(101, 20).await;
     flood.join().unwrap();
+    let cpu = [cpu_secs(&flooder.node), cpu_secs_of(&hub.proc)];
     let median = |v: &[Duration]| v[v.len() / 2];
     let max = |v: &[Duration]| v[v.len() - 1];
     println!(
@@ -688,11 +690,38 @@ async fn a_flood_of_signals_does_not_slow_bans() {
         median(&loaded),
         max(&loaded)
     );
+    println!(
+        "CPU during the flood (debug builds): f1's node {:.1} s, the hub {:.1} s",
+        cpu[0] - cpu_before[0],
+        cpu[1] - cpu_before[1]
+    );
     let node_log = flooder.node_log();
     for line in node_log.lines().filter(|l| l.contains("signal")) {
         println!("f1: {line}");
     }
     let _ = hub;
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc`.
+fn cpu_secs_of(proc: &Proc) -> f64 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{}/stat", proc.child.id())).unwrap_or_default();
+    // Fields after the command name `(...)`: utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |r| r.1)
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn cpu_secs(node: &Node) -> f64 {
+    node.proc.as_ref().map_or(0.0, cpu_secs_of)
 }
 
 /// A pause of 0-200 ms between bans, so they arrive at random phase.
