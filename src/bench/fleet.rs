@@ -73,6 +73,17 @@ pub struct HubProc {
 impl HubProc {
     /// Starts a hub on a fresh database `db` of the MariaDB server at `server`.
     pub async fn start(root: &Path, pki: &Pki, server: &str, db: &str) -> anyhow::Result<HubProc> {
+        Self::start_with(root, pki, server, db, &[]).await
+    }
+
+    /// [`start`](Self::start) with more hub flags.
+    pub async fn start_with(
+        root: &Path,
+        pki: &Pki,
+        server: &str,
+        db: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<HubProc> {
         let mut c = mysql_async::Conn::from_url(server)
             .await
             .with_context(|| "cannot reach MariaDB for the benchmark (see --mysql)")?;
@@ -97,6 +108,7 @@ impl HubProc {
                 "--report-rate",
                 "off",
             ])
+            .args(extra)
             .arg("--cert")
             .arg(&tls.cert)
             .arg("--key")

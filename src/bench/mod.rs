@@ -17,12 +17,19 @@
 //!   every ban is checked against all of them and passes): the cost of the
 //!   hub's and every node's check, next to the same run without a list.
 //!
+//! - fleet signals ([`signals`]): signals aggregated per second, alone and
+//!   over gRPC; a threshold-crossing signal to the fleet ban applied on 10
+//!   nodes; the hub's RSS with 1,000,000 addresses in the signal windows.
+//!
 //! `--quick` keeps it under a minute for CI; the full run is the README's.
 //!
 //! # Layout
 //! - `mod.rs`: the flags, the scenarios and the report.
 //! - [`fleet`]: the PKI, the hub child process and the in-process nodes.
+//! - [`signals`]: the fleet signal scenarios (aggregation, gRPC ingest,
+//!   threshold to ban, memory with 1,000,000 addresses).
 pub mod fleet;
+pub mod signals;
 
 use std::{
     collections::HashMap,
@@ -63,6 +70,9 @@ pub struct BenchArgs {
     /// Run only the propagation scenarios (with and without the allow-list).
     #[arg(long)]
     pub propagation_only: bool,
+    /// Run only the fleet signal scenarios.
+    #[arg(long, conflicts_with = "propagation_only")]
+    pub signals_only: bool,
 }
 
 /// Percentiles of a sample, in milliseconds.
@@ -100,6 +110,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     results.insert("machine".into(), json!(machine()));
     results.insert("quick".into(), json!(args.quick));
 
+    if args.signals_only {
+        signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
+        print_table(&results);
+        println!("{}", serde_json::Value::Object(results));
+        return Ok(());
+    }
     let mut prop = Vec::new();
     let mut prop_allow = Vec::new();
     for &n in &sizes {
@@ -146,6 +162,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "report".into(),
         report_wall_time(root, &pki, &args.mysql).await?,
     );
+    signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
 
     print_table(&results);
     println!("{}", serde_json::Value::Object(results));
@@ -555,6 +572,7 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
             );
         }
     }
+    signals::print(r);
     if r.get("ingest").is_none() {
         return;
     }

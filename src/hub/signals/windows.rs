@@ -747,6 +747,13 @@ mod tests {
     }
 
     #[test]
+    fn an_address_costs_what_the_budget_says() {
+        // The README's per-address figure rests on these.
+        assert_eq!(std::mem::size_of::<Mark>(), 12);
+        assert_eq!(std::mem::size_of::<Slot>(), 56);
+    }
+
+    #[test]
     fn ipv4_mapped_addresses_are_their_ipv4_address() {
         let mut w = Windows::new(thresholds(), 10);
         failure(&mut w, "::ffff:192.0.2.1", "a", 100);
