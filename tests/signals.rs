@@ -516,6 +516,23 @@ fn nflog_hands_over_closed_port_answers_and_setup_probes_is_exact() {
     let stop = Arc::new(AtomicBool::new(false));
     let reader = read_probes(&host.0, 9, stop.clone());
     let read = best(&attacker.0);
+    // A group has one reader per namespace: a second node (or another
+    // NFLOG reader) is refused, which the node turns into one warning.
+    let second = in_netns(&host.0, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { nflog::NflogSocket::bind(9).err().map(|e| e.kind()) })
+    })
+    .join()
+    .unwrap();
+    // The kernel answers EPERM: the group's instance belongs to another socket.
+    assert_eq!(
+        second,
+        Some(std::io::ErrorKind::PermissionDenied),
+        "a second reader of group 9"
+    );
     // Closed UDP ports, and a listening TCP port (which must yield nothing).
     let l = in_netns(&host.0, || TcpListener::bind("0.0.0.0:8080").unwrap())
         .join()

@@ -12,7 +12,7 @@
 //! per group and flushes a batch when it is full or after a timeout; the
 //! node sets that timeout to 10 ms (the default, 1 s, would hold a lone
 //! probe that long). A group has one listener per
-//! namespace: binding one another process holds fails with EBUSY.
+//! namespace: binding one another socket holds fails with EPERM.
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -103,7 +103,7 @@ fn config_request(seq: u32, group: u16, attr_type: u16, attr: &[u8]) -> Vec<u8> 
 impl NflogSocket {
     /// Binds `group` in this network namespace and asks for the first
     /// [`COPY_RANGE`] bytes of each packet. Fails with EPERM without
-    /// CAP_NET_ADMIN, EBUSY when another listener holds the group, and
+    /// CAP_NET_ADMIN or when another socket holds the group, and
     /// EPROTONOSUPPORT/ENOENT without the kernel's nfnetlink_log.
     pub fn bind(group: u16) -> io::Result<NflogSocket> {
         // SAFETY: plain socket(2); the fd is owned right after.

@@ -119,14 +119,15 @@ fn v6(p: &[u8]) -> Option<Probe> {
 
 /// Reads the NFLOG `group` and offers a probe signal per answer to a
 /// closed port not in `ignore_ports`, until `shutdown`. Where the group
-/// cannot be bound (no CAP_NET_ADMIN, no nfnetlink_log, another listener)
+/// cannot be bound (no CAP_NET_ADMIN, no nfnetlink_log, another listener:
+/// EPERM for both of the first and the last)
 /// it logs one warning and returns: failures still flow.
 pub async fn run(group: u16, ignore_ports: HashSet<u16>, signals: Signals, mut shutdown: Shutdown) {
     let socket = match nflog::NflogSocket::bind(group) {
         Ok(s) => s,
         Err(e) => {
             warn!(group, error = %e,
-                "cannot read NFLOG group: probe signals are off (failure signals still flow); run as root with nfnetlink_log available, and `banmesh node setup-probes --nflog-group N`");
+                "cannot read NFLOG group: probe signals are off (failure signals still flow); run as root with nfnetlink_log available, with a group no other process reads (permission denied: also another reader), and `banmesh node setup-probes --nflog-group N`");
             return;
         }
     };
