@@ -358,11 +358,13 @@ async fn probes_of_closed_ports_are_banned_fleet_wide_and_open_ports_never_count
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
+    let (bound_tx, bound) = std::sync::mpsc::channel();
     let listener = {
         let (stop, accepted) = (stop.clone(), listening.clone());
         in_netns(&p1.ns, move || {
             let l = TcpListener::bind("0.0.0.0:8080").unwrap();
             l.set_nonblocking(true).unwrap();
+            bound_tx.send(()).unwrap();
             while !stop.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok(_) => {
@@ -374,6 +376,7 @@ async fn probes_of_closed_ports_are_banned_fleet_wide_and_open_ports_never_count
         })
     };
 
+    bound.recv_timeout(DEADLINE).expect("the listener bound");
     // The attacker (10.214.0.2) connects 100 times to the listening port.
     let refused = in_netns(&attacker.0, move || connect_all(target, [8080; 100]))
         .join()

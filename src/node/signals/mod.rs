@@ -263,6 +263,7 @@ pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
     let stats = queue.stats.clone();
     let mut refused = Quiet::default();
     let mut full = Quiet::default();
+    let mut resumed = Quiet::default();
     let mut reported_full = 0;
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut backoff = Backoff::default();
@@ -298,7 +299,8 @@ pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
                 stats
                     .ignored
                     .fetch_add(u64::from(ack.ignored), Ordering::Relaxed);
-                if !stats.flowing.swap(true, Ordering::Relaxed) {
+                // Logged at most once per period, like the refusals it follows.
+                if !stats.flowing.swap(true, Ordering::Relaxed) && resumed.due().is_some() {
                     info!("signals flow to the hub");
                 }
             }
