@@ -376,7 +376,7 @@ pub enum NodeAction {
 #[derive(Args, Debug)]
 pub struct ProbeSetupArgs {
     /// NFLOG group the rules log to; give the node the same `--probe-nflog-group`.
-    #[arg(long, default_value_t = node::signals::probe_rule::DEFAULT_GROUP)]
+    #[arg(long, value_name = "N", default_value_t = node::signals::probe_rule::DEFAULT_GROUP)]
     pub nflog_group: u16,
     /// Remove banmesh's rules and chain instead.
     #[arg(long)]
