@@ -223,6 +223,29 @@ async fn hub_with_thresholds(root: &std::path::Path, pki: &Pki, db: &TestDb) -> 
     .await
 }
 
+/// Binds an NFLOG group in the root namespace and holds it until the
+/// returned sender is dropped; the group's number.
+fn hold_nflog_group() -> (std::sync::mpsc::Sender<()>, u16) {
+    let group = 40_000 + (std::process::id() % 20_000) as u16;
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let socket = rt.block_on(async { nflog::NflogSocket::bind(group) });
+        ready_tx.send(socket.is_ok()).unwrap();
+        let _ = released.recv();
+        drop(socket);
+    });
+    assert!(
+        ready.recv_timeout(DEADLINE).unwrap(),
+        "bind NFLOG group {group}"
+    );
+    (release, group)
+}
+
 /// Waits until a host's node follows fail2ban's log (it starts at the
 /// log's end, so failures written before that are history).
 async fn following(h: &F2bHost) {
@@ -256,6 +279,22 @@ async fn spread_out_guessing_is_banned_fleet_wide() {
     for name in ["g1", "g2", "g3"] {
         hosts.push(F2bHost::start(root.path(), &pki, name, &hub.url).await);
     }
+    // g1 is also told to read an NFLOG group another reader holds: it
+    // says so once and its failures must flow all the same.
+    let (_held, group) = hold_nflog_group();
+    hosts[0].node.stop();
+    hosts[0]
+        .node
+        .extra
+        .extend(["--probe-nflog-group".into(), group.to_string().into()]);
+    hosts[0].node.restart().await;
+    wait_for("g1 to warn that probes are off", DEADLINE, || {
+        let warned = hosts[0]
+            .node_log()
+            .contains("probe signals are off (failure signals still flow)");
+        async move { warned }
+    })
+    .await;
     for h in &hosts {
         following(h).await;
     }
