@@ -222,15 +222,22 @@ pub async fn run(socket: PathBuf, signals: Signals, mut shutdown: Shutdown) {
         }
     };
     fail2ban.close().await;
+    // Reading and parsing run on a blocking thread of their own: a flood of
+    // log lines costs CPU, never a turn of the runtime the ban path's
+    // tasks (publisher, subscriber, apply) run on.
+    let span = tracing::Span::current();
+    let follow =
+        tokio::task::spawn_blocking(move || span.in_scope(|| follow(&path, &signals, &shutdown)));
+    if let Err(e) = follow.await {
+        warn!(error = %e, "fail2ban log follower failed; failure signals are off");
+    }
+}
+
+/// The follower's loop: every [`POLL`], the new lines, until `shutdown`.
+fn follow(path: &Path, signals: &Signals, shutdown: &Shutdown) {
     info!(log = %path.display(), "following fail2ban's log for failures");
-    let mut follower = Follower::at_end(&path);
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.recv() => break,
-        }
+    let mut follower = Follower::at_end(path);
+    while !shutdown.is_shutdown() {
         for line in follower.poll() {
             if let Some((jail, ip)) = parse_found(&line)
                 && !own_jail(jail)
@@ -242,6 +249,7 @@ pub async fn run(socket: PathBuf, signals: Signals, mut shutdown: Shutdown) {
                 });
             }
         }
+        std::thread::sleep(POLL);
     }
     debug!("fail2ban log follower stopped");
 }
