@@ -112,7 +112,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     if args.signals_only {
         signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
-        print_table(&results);
+        println!("banmesh bench ({})", results["machine"].as_str().unwrap_or(""));
+        signals::print(&results);
         println!("{}", serde_json::Value::Object(results));
         return Ok(());
     }
