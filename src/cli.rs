@@ -314,7 +314,7 @@ pub struct SignalArgs {
     /// The window --probe-ports probes must fall in.
     #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
     pub probe_findtime: Duration,
-    /// Most addresses the signal windows hold (about 200 bytes each; the
+    /// Most addresses the signal windows hold (about 150 bytes each; the
     /// address signalled longest ago is dropped first, and counted).
     #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_MAX_ADDRESSES)]
     pub signal_max_addresses: usize,

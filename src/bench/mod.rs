@@ -112,7 +112,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     if args.signals_only {
         signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
-        println!("banmesh bench ({})", results["machine"].as_str().unwrap_or(""));
+        println!(
+            "banmesh bench ({})",
+            results["machine"].as_str().unwrap_or("")
+        );
         signals::print(&results);
         println!("{}", serde_json::Value::Object(results));
         return Ok(());

@@ -48,7 +48,10 @@ fn addr(i: u32) -> String {
     format!("10.{}.{}.{}", i >> 16, (i >> 8) & 0xff, i & 0xff)
 }
 
-async fn client(hub: &str, tls: &crate::tls::TlsFiles) -> anyhow::Result<HubClient<tonic::transport::Channel>> {
+async fn client(
+    hub: &str,
+    tls: &crate::tls::TlsFiles,
+) -> anyhow::Result<HubClient<tonic::transport::Channel>> {
     Ok(crate::admin::client(hub, tls).await?)
 }
 
@@ -74,7 +77,9 @@ pub fn aggregation(total: usize, addresses: u32) -> serde_json::Value {
         let n = BATCH.min(total - sent);
         let signals = (0..n)
             .map(|_| {
-                k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                k = k
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 Incoming {
                     ip: ips[((k >> 33) % u64::from(addresses)) as usize],
                     at_ms: now,
@@ -148,10 +153,12 @@ pub async fn ingest(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    Ok(json!({"hosts": hosts, "signals": hosts * each, "accepted": accepted,
+    Ok(
+        json!({"hosts": hosts, "signals": hosts * each, "accepted": accepted,
         "dropped_when_busy": dropped, "accept_seconds": round(accept_secs),
         "accepted_per_second": (accepted as f64 / accept_secs).round(),
-        "seconds": round(secs), "per_second": (accepted as f64 / secs).round()}))
+        "seconds": round(secs), "per_second": (accepted as f64 / secs).round()}),
+    )
 }
 
 /// From the threshold-crossing signal to the fleet ban applied on every
@@ -254,9 +261,11 @@ pub async fn memory(
     };
     let (after, peak) = hub.rss();
     let delta = after.saturating_sub(before);
-    Ok(json!({"addresses": tracked, "hub_rss_before_mb": before / (1 << 20),
+    Ok(
+        json!({"addresses": tracked, "hub_rss_before_mb": before / (1 << 20),
         "hub_rss_after_mb": after / (1 << 20), "hub_peak_rss_mb": peak / (1 << 20),
-        "bytes_per_address": delta / tracked.max(1)}))
+        "bytes_per_address": delta / tracked.max(1)}),
+    )
 }
 
 /// Runs the signal scenarios into `results`.
@@ -276,7 +285,10 @@ pub async fn run(
     results.insert("signal_aggregation".into(), aggregation(total, addresses));
     eprintln!("signal ingest over gRPC ...");
     let each = if quick { 100_000 } else { 500_000 };
-    results.insert("signal_ingest".into(), ingest(root, pki, mysql, 4, each).await?);
+    results.insert(
+        "signal_ingest".into(),
+        ingest(root, pki, mysql, 4, each).await?,
+    );
     eprintln!("threshold crossing to fleet ban on 10 nodes ...");
     let samples = if quick { 20 } else { 100 };
     results.insert(
@@ -285,7 +297,10 @@ pub async fn run(
     );
     eprintln!("hub memory with addresses in the signal windows ...");
     let addresses = if quick { 100_000 } else { 1_000_000 };
-    results.insert("signal_memory".into(), memory(root, pki, mysql, addresses).await?);
+    results.insert(
+        "signal_memory".into(),
+        memory(root, pki, mysql, addresses).await?,
+    );
     Ok(())
 }
 
@@ -301,11 +316,7 @@ pub fn print(r: &serde_json::Map<String, serde_json::Value>) {
     let i = &r["signal_ingest"];
     println!(
         "signal ingest over gRPC: {} signals/s aggregated, {} /s accepted ({} hosts, {} signals, {} dropped while the aggregator was busy)",
-        i["per_second"],
-        i["accepted_per_second"],
-        i["hosts"],
-        i["signals"],
-        i["dropped_when_busy"]
+        i["per_second"], i["accepted_per_second"], i["hosts"], i["signals"], i["dropped_when_busy"]
     );
     let b = &r["signal_to_ban"]["latency"];
     println!(
