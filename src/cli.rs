@@ -205,10 +205,10 @@ pub enum HubAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Show the fleet policy: signal thresholds, dry run, the signal
-    /// windows' fill (and the escalation ladder, when the hub has one).
+    /// Show the fleet policy in force: the escalation ladder and its window,
+    /// the signal thresholds, dry run, and how full the signal windows are.
     Policy {
-        /// The hub to ask, and the certificate to ask with (any fleet certificate).
+        /// The hub to ask, and the certificate to ask with.
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -281,6 +281,8 @@ pub struct HubArgs {
     /// The escalation ladder: fleet ban durations (s, m, h, d), first
     /// offence first. An address banned again while an earlier ban of it
     /// ended within --ladder-window gets the next rung; the top one holds.
+    /// `off`: bans carry no fleet end (each host's jail bantime applies)
+    /// and reports of a banned address are not coalesced.
     #[arg(long, value_name = "DURATIONS", default_value = hub::ladder::DEFAULT_LADDER)]
     pub ladder: String,
     /// How long a ban's end counts in an address's history.
@@ -314,7 +316,7 @@ pub struct SignalArgs {
     /// The window --probe-ports probes must fall in.
     #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
     pub probe_findtime: Duration,
-    /// Most addresses the signal windows hold (about 200 bytes each; the
+    /// Most addresses the signal windows hold (about 150 bytes each; the
     /// address signalled longest ago is dropped first, and counted).
     #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_MAX_ADDRESSES)]
     pub signal_max_addresses: usize,
@@ -498,6 +500,10 @@ pub struct ReportArgs {
 pub struct UnbanArgs {
     /// IP to lift everywhere.
     pub ip: String,
+    /// Also clear the address's fleet history: its next ban starts again
+    /// on the ladder's first rung (a plain unban keeps its place).
+    #[arg(long)]
+    pub forget: bool,
     /// Hub address.
     #[arg(long, default_value = "https://127.0.0.1:7443")]
     pub hub: String,
@@ -515,7 +521,8 @@ pub struct BansArgs {
     /// This host's (or an admin's) certificate, key and the fleet CA.
     #[command(flatten)]
     pub tls: TlsArgs,
-    /// Only this IP.
+    /// Only this IP: its whole history, every ban of it (lifted, ended,
+    /// forgotten) with its rung and reporters.
     #[arg(long)]
     pub ip: Option<String>,
     /// At most this many bans.
@@ -655,7 +662,7 @@ pub fn main() -> std::process::ExitCode {
             runtime().block_on(async {
                 print!(
                     "{}",
-                    admin::unban(&args.hub, &(&args.tls).into(), &args.ip).await?
+                    admin::unban(&args.hub, &(&args.tls).into(), &args.ip, args.forget).await?
                 );
                 Ok(())
             })
@@ -810,8 +817,13 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let ladder = hub::ladder::Ladder::parse(&args.ladder, &args.ladder_window)
-        .context("bad --ladder or --ladder-window")?;
+    let ladder = match args.ladder.as_str() {
+        "off" => None,
+        rungs => Some(
+            hub::ladder::Ladder::parse(rungs, &args.ladder_window)
+                .context("bad --ladder or --ladder-window")?,
+        ),
+    };
     let config = hub::HubConfig {
         ladder,
         db,
@@ -920,7 +932,7 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
             );
         }
         HubAction::Policy { admin: a } => {
-            print!("{}", admin::policy::policy(&a.hub, &(&a.tls).into()).await?);
+            print!("{}", admin::bans::policy(&a.hub, &(&a.tls).into()).await?);
         }
         HubAction::Migrate { from, to, force } => {
             print!(

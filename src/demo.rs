@@ -92,7 +92,7 @@ async fn fleet(
         ca_key: None,
         report_limit: Default::default(),
         signals: Default::default(),
-        ladder: Default::default(),
+        ladder: Some(Default::default()),
     };
     println!("banmesh demo: a throwaway fleet in {}", root.display());
     println!(
@@ -240,7 +240,9 @@ async fn watch(
                     continue;
                 };
                 let origin = sent.lock().unwrap().get(ip).cloned();
-                if let Some((from, at)) = origin {
+                // The reporter receives its own ban back too (it carries the
+                // fleet's end); the table shows bans crossing the fleet.
+                if let Some((from, at)) = origin.filter(|(from, _)| *from != name) {
                     let ms = at.elapsed().as_secs_f64() * 1000.0;
                     let row = format!("{from:<12} {ip:<16} {name:<12} {ms:>7.1} ms\n");
                     let _ = out.write_all(row.as_bytes()).await;

@@ -26,7 +26,7 @@ async fn an_operator_lists_bans_and_hosts_and_lifts_a_ban() {
     assert!(ok, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "a header and one ban: {out}");
-    // The seed's columns, then one status column per host.
+    // The seed's columns, the ladder's term, then one status column per host.
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
@@ -38,16 +38,22 @@ async fn an_operator_lists_bans_and_hosts_and_lifts_a_ban() {
             "protocol",
             "port",
             "ip",
+            "rung",
+            "ends",
+            "state",
+            "reporters",
             "host_nodea",
             "host_nodeb"
         ],
         "{out}"
     );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
-    assert_eq!(row.len(), 10, "created is a date and a time: {out}");
+    assert_eq!(row.len(), 14, "created is a date and a time: {out}");
     assert_eq!(row[1], "node-a", "{out}");
     assert_eq!(&row[4..8], ["sshd", "tcp", "22", "198.51.100.40"], "{out}");
-    assert_eq!(row[8], "1", "the reporter's own status is 1: {out}");
+    assert_eq!(row[8], "1", "the first rung: {out}");
+    assert_eq!(&row[10..12], ["active", "node-a"], "{out}");
+    assert_eq!(row[12], "1", "the reporter's own status is 1: {out}");
 
     let (ok, out, err) = hub_cli(&["hub", "hosts"], &hub, &ops);
     assert!(ok, "{err}");

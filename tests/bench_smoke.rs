@@ -18,6 +18,10 @@ fn bench_quick_runs_every_scenario() {
             "1000",
             "--allow-entries",
             "300",
+            "--wave-hosts",
+            "5",
+            "--wave-addresses",
+            "40",
         ])
         .args(["--mysql", &common::mysql_server()])
         // Should it fail, the nodes' warnings say why.
@@ -40,4 +44,9 @@ fn bench_quick_runs_every_scenario() {
     assert_eq!(json["fanout"]["deliveries"], 50 * 2000);
     assert_eq!(json["catch_up"]["bans"], 5000);
     assert_eq!(json["report"]["n"], 200);
+    // The scanning wave: five hosts report the same 40 addresses; one fleet
+    // ban each, delivered once to every host.
+    assert_eq!(json["wave"]["fleet_bans"], 40);
+    assert_eq!(json["wave"]["deliveries_per_host_min"], 40);
+    assert_eq!(json["wave"]["deliveries_per_host_max"], 40);
 }

@@ -196,6 +196,11 @@ async fn the_shared_jail_s_ignore_list_holds_on_every_path() {
         },
     )
     .await;
+    // Its first fleet ban (refused here) is still active, and a report of
+    // an address with an active fleet ban is recorded against it, not sent
+    // out again: lift it first, so the next report is a new fleet ban.
+    let (ok, out, err) = hub_cli(&["unban", late], &hub, &pki.admin("ops"));
+    assert!(ok, "{out}{err}");
     report_and_wait(&db, &h1, &h2, late, 1).await;
     wait_for(
         "the address banned once no longer ignored",

@@ -184,8 +184,11 @@ async fn the_hub_refuses_a_store_from_a_newer_version() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    let this = banmesh::hub::store::SCHEMA_VERSION;
     assert!(
-        err.contains("schema version 99, newer than this build's 1"),
+        err.contains(&format!(
+            "schema version 99, newer than this build's {this}"
+        )),
         "{err}"
     );
 }

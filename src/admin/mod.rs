@@ -13,14 +13,12 @@
 //! - [`bans`]: unban an address fleet-wide; list bans with every host's
 //!   status in the seed's table shape.
 //! - [`membership`]: enrolment tokens, revocation, the hosts list.
-//! - [`policy`]: the fleet policy in force (`hub policy`).
 //! - [`data`]: copying a hub's data between stores; importing the seed's
 //!   `ip_table`.
 pub mod allow;
 pub mod bans;
 pub mod data;
 pub mod membership;
-pub mod policy;
 
 pub use bans::{seed_table, unban};
 

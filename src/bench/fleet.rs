@@ -76,7 +76,7 @@ impl HubProc {
         Self::start_with(root, pki, server, db, &[]).await
     }
 
-    /// [`start`](Self::start) with more hub flags.
+    /// [`HubProc::start`] with extra hub flags (`--ladder off`, say).
     pub async fn start_with(
         root: &Path,
         pki: &Pki,
@@ -115,6 +115,7 @@ impl HubProc {
             .arg(&tls.key)
             .arg("--ca")
             .arg(&tls.ca)
+            .args(extra)
             .env("RUST_LOG", "warn,banmesh::hub=info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -257,12 +258,9 @@ pub async fn publishers(
     reports_each: usize,
     stop: Shutdown,
 ) -> anyhow::Result<Vec<(Arc<Outbox>, tokio::task::JoinHandle<()>)>> {
-    let mut out = Vec::new();
-    for i in 0..count {
-        let name = format!("pub-{i}");
-        let dir = root.join(&name);
-        let (outbox, _) = Outbox::open(&dir, usize::MAX)?;
-        let bans: Vec<crate::ban::Ban> = (0..reports_each)
+    let names: Vec<String> = (0..count).map(|i| format!("pub-{i}")).collect();
+    publishers_of(root, pki, hub, &names, stop, |i| {
+        (0..reports_each)
             .map(|j| {
                 let n = (i * reports_each + j) as u32;
                 crate::ban::Ban::new(
@@ -272,11 +270,30 @@ pub async fn publishers(
                     &std::net::Ipv4Addr::from(0x0A00_0000 + n).to_string(),
                 )
             })
-            .collect::<Result<_, _>>()?;
-        for chunk in bans.chunks(10_000) {
+            .collect::<Result<_, _>>()
+            .map_err(Into::into)
+    })
+    .await
+}
+
+/// Publish-only nodes named `names`, host `i`'s outbox pre-filled with
+/// `bans(i)` before any publisher starts.
+pub async fn publishers_of(
+    root: &Path,
+    pki: &Pki,
+    hub: &str,
+    names: &[String],
+    stop: Shutdown,
+    bans: impl Fn(usize) -> anyhow::Result<Vec<crate::ban::Ban>>,
+) -> anyhow::Result<Vec<(Arc<Outbox>, tokio::task::JoinHandle<()>)>> {
+    let mut out = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = root.join(name);
+        let (outbox, _) = Outbox::open(&dir, usize::MAX)?;
+        for chunk in bans(i)?.chunks(10_000) {
             outbox.append_batch(chunk)?;
         }
-        out.push((Arc::new(outbox), name, dir));
+        out.push((Arc::new(outbox), name.clone(), dir));
     }
     let mut started = Vec::new();
     for (outbox, name, _) in out {
@@ -327,4 +344,44 @@ pub async fn subscribers(
         }));
     }
     Ok((received, tasks))
+}
+
+/// One subscriber per host name, each counting the ban events it received
+/// (unbans and allow-list events are not counted): deliveries per host.
+pub async fn counting_subscribers(
+    pki: &Pki,
+    hub: &str,
+    names: &[String],
+    stop: Shutdown,
+) -> anyhow::Result<(
+    Vec<Arc<std::sync::atomic::AtomicU64>>,
+    Vec<tokio::task::JoinHandle<()>>,
+)> {
+    let mut counts = Vec::new();
+    let mut tasks = Vec::new();
+    for name in names {
+        let tls = pki.host(name)?;
+        let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
+        let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<crate::ban::Event>>(64);
+        let position = Arc::new(node::position::Position::at(
+            PathBuf::from("/dev/null/none"),
+            0,
+        ));
+        tasks.push(tokio::spawn(
+            node::subscriber::run(link, position, batch_tx, stop.clone())
+                .instrument(tracing::info_span!("node", host = %name)),
+        ));
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        counts.push(counter.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(b) = batch_rx.recv().await {
+                let bans = b
+                    .iter()
+                    .filter(|e| e.kind == crate::ban::EventKind::Ban)
+                    .count();
+                counter.fetch_add(bans as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+    Ok((counts, tasks))
 }

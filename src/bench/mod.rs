@@ -16,10 +16,15 @@
 //!   an allow-list of N networks (none covering the bench's addresses, so
 //!   every ban is checked against all of them and passes): the cost of the
 //!   hub's and every node's check, next to the same run without a list.
-//!
 //! - fleet signals ([`signals`]): signals aggregated per second, alone and
 //!   over gRPC; a threshold-crossing signal to the fleet ban applied on 10
 //!   nodes; the hub's RSS with 1,000,000 addresses in the signal windows.
+//! - a scanning wave: the same addresses reported by many hosts at once;
+//!   ban deliveries per host (one per address when reports coalesce into
+//!   one fleet ban) and the time until the fleet is quiet;
+//! - with `--ladder-compare`, propagation, ingest and the wave again with
+//!   the hub's `--ladder off` (no fleet terms, no coalescing): the ladder's
+//!   cost (one read per commit) next to the same runs without it.
 //!
 //! `--quick` keeps it under a minute for CI; the full run is the README's.
 //!
@@ -73,7 +78,20 @@ pub struct BenchArgs {
     /// Run only the fleet signal scenarios.
     #[arg(long, conflicts_with = "propagation_only")]
     pub signals_only: bool,
+    /// Also run propagation, ingest and the scanning wave with the hub's
+    /// `--ladder off`, next to the default ladder.
+    #[arg(long)]
+    pub ladder_compare: bool,
+    /// Hosts reporting in the scanning wave (default 100; quick 20).
+    #[arg(long)]
+    pub wave_hosts: Option<usize>,
+    /// Addresses every host of the wave reports (default 1,000; quick 200).
+    #[arg(long)]
+    pub wave_addresses: Option<usize>,
 }
+
+/// The hub's flags with the ladder off (the comparison runs).
+const LADDER_OFF: &[&str] = &["--ladder", "off"];
 
 /// Percentiles of a sample, in milliseconds.
 fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
@@ -112,24 +130,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     if args.signals_only {
         signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
-        print_table(&results);
+        println!(
+            "banmesh bench ({})",
+            results["machine"].as_str().unwrap_or("")
+        );
+        signals::print(&results);
         println!("{}", serde_json::Value::Object(results));
         return Ok(());
     }
     let mut prop = Vec::new();
     let mut prop_allow = Vec::new();
+    let mut prop_off = Vec::new();
     for &n in &sizes {
         eprintln!("propagation with {n} nodes ...");
-        prop.push(propagation(root, &pki, &args.mysql, n, args.quick, 0).await?);
+        prop.push(propagation(root, &pki, &args.mysql, n, args.quick, 0, &[]).await?);
         if args.allow_entries > 0 {
             let k = args.allow_entries;
             eprintln!("propagation with {n} nodes and {k} allow-list networks ...");
-            prop_allow.push(propagation(root, &pki, &args.mysql, n, args.quick, k).await?);
+            prop_allow.push(propagation(root, &pki, &args.mysql, n, args.quick, k, &[]).await?);
+        }
+        if args.ladder_compare {
+            eprintln!("propagation with {n} nodes, ladder off ...");
+            let p = propagation(root, &pki, &args.mysql, n, args.quick, 0, LADDER_OFF).await?;
+            prop_off.push(p);
         }
     }
     results.insert("propagation".into(), json!(prop));
     if args.allow_entries > 0 {
         results.insert("propagation_allow_list".into(), json!(prop_allow));
+    }
+    if args.ladder_compare {
+        results.insert("propagation_ladder_off".into(), json!(prop_off));
     }
     if args.propagation_only {
         print_table(&results);
@@ -143,8 +174,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         (20, 100_000)
     };
     let each = args.ingest.unwrap_or(each);
-    let ingested = ingest(root, &pki, &args.mysql, publishers, each).await?;
+    let ingested = ingest(root, &pki, &args.mysql, publishers, each, &[]).await?;
     results.insert("ingest".into(), ingested);
+    if args.ladder_compare {
+        eprintln!("ingest, ladder off ...");
+        let off = ingest(root, &pki, &args.mysql, publishers, each, LADDER_OFF).await?;
+        results.insert("ingest_ladder_off".into(), off);
+    }
+    let hosts = args.wave_hosts.unwrap_or(if args.quick { 20 } else { 100 });
+    let addrs = args
+        .wave_addresses
+        .unwrap_or(if args.quick { 200 } else { 1000 });
+    eprintln!("scanning wave: {addrs} addresses from {hosts} hosts ...");
+    let w = wave(root, &pki, &args.mysql, hosts, addrs, &[]).await?;
+    results.insert("wave".into(), w);
+    if args.ladder_compare {
+        eprintln!("scanning wave, ladder off ...");
+        let w = wave(root, &pki, &args.mysql, hosts, addrs, LADDER_OFF).await?;
+        results.insert("wave_ladder_off".into(), w);
+    }
     eprintln!("fan-out and subscribers held ...");
     let subs = args
         .subscribers
@@ -268,9 +316,11 @@ async fn propagation(
     n: usize,
     quick: bool,
     allow: usize,
+    hub_args: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
-    let dir = root.join(format!("prop-{n}-{allow}"));
-    let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
+    let ladder = hub_args != LADDER_OFF;
+    let dir = root.join(format!("prop-{n}-{allow}-{ladder}"));
+    let hub = fleet::HubProc::start_with(&dir, pki, mysql, DB, hub_args).await?;
     let last_allow = if allow > 0 {
         fill_allow_list(pki, &hub.url, allow).await?
     } else {
@@ -346,7 +396,7 @@ async fn propagation(
     let (_, peak) = hub.rss();
     nodes.stop().await;
     Ok(
-        json!({"nodes": n, "allow_entries": allow, "steady": percentiles(steady), "burst": percentiles(burst), "hub_peak_rss_mb": peak / (1 << 20)}),
+        json!({"nodes": n, "allow_entries": allow, "ladder": ladder, "steady": percentiles(steady), "burst": percentiles(burst), "hub_peak_rss_mb": peak / (1 << 20)}),
     )
 }
 
@@ -380,9 +430,11 @@ async fn ingest(
     mysql: &str,
     publishers: usize,
     each: usize,
+    hub_args: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
-    let dir = root.join("ingest");
-    let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
+    let ladder = hub_args != LADDER_OFF;
+    let dir = root.join(format!("ingest-{ladder}"));
+    let hub = fleet::HubProc::start_with(&dir, pki, mysql, DB, hub_args).await?;
     let (trigger, stop) = shutdown::channel();
     let t0 = Instant::now();
     let started = fleet::publishers(&dir, pki, &hub.url, publishers, each, stop).await?;
@@ -403,7 +455,7 @@ async fn ingest(
     trigger.trigger();
     let (_, peak) = hub.rss();
     Ok(
-        json!({"reports": total, "publishers": publishers, "seconds": round(secs), "per_second": (total as f64 / secs).round(), "outbox_fill_seconds": round(load_secs), "hub_peak_rss_mb": peak / (1 << 20)}),
+        json!({"reports": total, "publishers": publishers, "ladder": ladder, "seconds": round(secs), "per_second": (total as f64 / secs).round(), "outbox_fill_seconds": round(load_secs), "hub_peak_rss_mb": peak / (1 << 20)}),
     )
 }
 
@@ -500,6 +552,103 @@ async fn catch_up(
     Ok(json!({"bans": bans, "seconds": round(secs), "per_second": (bans as f64 / secs).round()}))
 }
 
+/// A scanning wave: `hosts` hosts report the same `addrs` addresses at
+/// once (pre-filled outboxes, published concurrently). Every host also
+/// subscribes and counts the ban events it receives: with the ladder, one
+/// per address (the reports coalesce into one fleet ban each, which every
+/// host receives, its reporters included); without, one per other host's
+/// report. Quiet: every report acknowledged and no delivery for a second;
+/// its time is the last delivery's (or acknowledgement's), from the start.
+async fn wave(
+    root: &Path,
+    pki: &fleet::Pki,
+    mysql: &str,
+    hosts: usize,
+    addrs: usize,
+    hub_args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let ladder = hub_args != LADDER_OFF;
+    let dir = root.join(format!("wave-{ladder}"));
+    let hub = fleet::HubProc::start_with(&dir, pki, mysql, DB, hub_args).await?;
+    let names: Vec<String> = (0..hosts).map(|i| format!("wave-{i}")).collect();
+    let (trigger, stop) = shutdown::channel();
+    let (counts, _subs) = fleet::counting_subscribers(pki, &hub.url, &names, stop.clone()).await?;
+    let mut client = crate::admin::client(&hub.url, &pki.host(&names[0])?).await?;
+    let t_sub = Instant::now();
+    loop {
+        let held = client
+            .hosts(crate::proto::HostsRequest {})
+            .await?
+            .into_inner()
+            .hosts
+            .iter()
+            .filter(|h| h.subscribed)
+            .count();
+        if held >= hosts {
+            break;
+        }
+        anyhow::ensure!(
+            t_sub.elapsed() < Duration::from_secs(120),
+            "only {held} of {hosts} wave subscribers connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t0 = Instant::now();
+    let pubs = fleet::publishers_of(&dir, pki, &hub.url, &names, stop.clone(), |_| {
+        (0..addrs as u32)
+            .map(|j| Ban::new("sshd", "tcp", "22", &ip(80, j)).map_err(Into::into))
+            .collect()
+    })
+    .await?;
+    let total = |counts: &[std::sync::Arc<std::sync::atomic::AtomicU64>]| -> u64 {
+        counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    };
+    let (mut seen, mut last_change, mut acked_at) = (0, t0, None);
+    loop {
+        let now = Instant::now();
+        let delivered = total(&counts);
+        if delivered != seen {
+            (seen, last_change) = (delivered, now);
+        }
+        let left: usize = pubs.iter().map(|(o, _)| o.pending()).sum();
+        if left == 0 && acked_at.is_none() {
+            acked_at = Some(now);
+        }
+        if left == 0 && now.duration_since(last_change) > Duration::from_secs(1) {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(600),
+            "the wave did not settle: {left} reports unacknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let acked = acked_at.unwrap_or(last_change);
+    let quiet = last_change.max(acked).duration_since(t0).as_secs_f64();
+    let per_host: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    trigger.trigger();
+    let mut c = mysql_async::Conn::from_url(format!("{mysql}/{DB}")).await?;
+    use mysql_async::prelude::Queryable;
+    let fleet_bans: Option<u64> = c
+        .query_first("SELECT COUNT(*) FROM events WHERE kind = 1")
+        .await?;
+    c.disconnect().await?;
+    let (_, peak) = hub.rss();
+    Ok(json!({
+        "hosts": hosts,
+        "addresses": addrs,
+        "ladder": ladder,
+        "reports": hosts * addrs,
+        "fleet_bans": fleet_bans.unwrap_or(0),
+        "deliveries_per_host_min": per_host.iter().min().copied().unwrap_or(0),
+        "deliveries_per_host_max": per_host.iter().max().copied().unwrap_or(0),
+        "deliveries": per_host.iter().sum::<u64>(),
+        "seconds_to_ack": round(acked.duration_since(t0).as_secs_f64()),
+        "seconds_to_quiet": round(quiet),
+        "hub_peak_rss_mb": peak / (1 << 20),
+    }))
+}
+
 /// `banmesh report`'s wall time: the real binary, 200 times, one node.
 async fn report_wall_time(
     root: &Path,
@@ -550,16 +699,18 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
         "propagation (report -> all applied)", "p50 ms", "p99 ms", "max ms"
     );
     let rows = r["propagation"].as_array().into_iter().flatten();
-    let allowed = r
-        .get("propagation_allow_list")
-        .and_then(|v| v.as_array())
-        .into_iter()
-        .flatten();
-    for p in rows.chain(allowed) {
-        let list = match p["allow_entries"].as_u64() {
+    let more = |k: &str| r.get(k).and_then(|v| v.as_array()).into_iter().flatten();
+    for p in rows
+        .chain(more("propagation_allow_list"))
+        .chain(more("propagation_ladder_off"))
+    {
+        let mut list = match p["allow_entries"].as_u64() {
             Some(k) if k > 0 => format!(", {k} allowed"),
             _ => String::new(),
         };
+        if p["ladder"] == false {
+            list.push_str(", no ladder");
+        }
         for mode in ["steady", "burst"] {
             let v = &p[mode];
             println!(
@@ -581,6 +732,29 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
         "ingest: {} reports/s committed ({} reports in {} s from {} publishers)",
         i["per_second"], i["reports"], i["seconds"], i["publishers"]
     );
+    if let Some(i) = r.get("ingest_ladder_off") {
+        println!(
+            "ingest, no ladder: {} reports/s committed ({} reports in {} s)",
+            i["per_second"], i["reports"], i["seconds"]
+        );
+    }
+    for (key, label) in [
+        ("wave", "scanning wave"),
+        ("wave_ladder_off", "scanning wave, no ladder"),
+    ] {
+        if let Some(w) = r.get(key) {
+            println!(
+                "{label}: {} addresses x {} hosts: {} fleet bans, {}-{} deliveries per host, acked in {} s, quiet after {} s",
+                w["addresses"],
+                w["hosts"],
+                w["fleet_bans"],
+                w["deliveries_per_host_min"],
+                w["deliveries_per_host_max"],
+                w["seconds_to_ack"],
+                w["seconds_to_quiet"]
+            );
+        }
+    }
     let f = &r["fanout"];
     println!(
         "fan-out: {} deliveries/s ({} subscribers x {} events); hub RSS {} MB holding them, peak {} MB",

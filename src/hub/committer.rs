@@ -97,7 +97,7 @@ impl Committer {
         store: Arc<dyn Store>,
         fanout: Fanout,
         fleet: FleetAddrs,
-        ladder: Ladder,
+        ladder: Option<Ladder>,
         shutdown: Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -167,7 +167,7 @@ async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
     fleet: FleetAddrs,
-    ladder: Ladder,
+    ladder: Option<Ladder>,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: Shutdown,
 ) {
@@ -220,7 +220,7 @@ async fn run(
                     &*store,
                     &fanout,
                     &guard,
-                    &ladder,
+                    ladder.as_ref(),
                     &mut published,
                     &mut batch,
                     &mut replies,
@@ -297,7 +297,7 @@ async fn run(
             &*store,
             &fanout,
             &guard,
-            &ladder,
+            ladder.as_ref(),
             &mut published,
             &mut batch,
             &mut replies,
@@ -380,7 +380,7 @@ async fn commit_reports(
     store: &dyn Store,
     fanout: &Fanout,
     guard: &Guard,
-    ladder: &Ladder,
+    ladder: Option<&Ladder>,
     published: &mut Published,
     batch: &mut Vec<NewReport>,
     replies: &mut Vec<Reply<Committed>>,
@@ -389,9 +389,17 @@ async fn commit_reports(
     if batch.is_empty() {
         return;
     }
-    let planned = match store.ladder_facts(batch).await {
+    // With the ladder off, every report keeps its default plan: a ban
+    // with no fleet term, as before the ladder.
+    let facts = match ladder {
+        Some(l) => store.ladder_facts(batch).await.map(|f| Some((l, f))),
+        None => Ok(None),
+    };
+    let planned = match facts {
         Ok(facts) => {
-            plan(ladder, &facts, batch, now_ms());
+            if let Some((ladder, facts)) = facts {
+                plan(ladder, &facts, batch, now_ms());
+            }
             store.commit(batch).await
         }
         Err(e) => Err(e),
@@ -469,27 +477,37 @@ fn plan(
             _ => String::new(),
         };
         let now_latest = latest.get(&r.ban.ip).copied();
-        let (plan, becomes) = match ladder.decide(now_latest.as_ref().map(|l| &l.1), now) {
-            Decision::Coalesce => match now_latest.map(|l| l.0) {
-                Some(Latest::Stored(id)) => (Plan::Coalesce(id), None),
-                Some(Latest::InBatch(j)) => (Plan::CoalesceWith(j), None),
-                None => unreachable!("the ladder coalesces only into a ban"),
-            },
-            Decision::Extend { rung, ends_ms } => match now_latest.map(|l| l.0) {
-                Some(Latest::Stored(id)) => {
-                    let term = BanTerm {
-                        ends_ms,
-                        rung,
-                        extends: id,
-                        reason,
-                    };
-                    (Plan::New(term), Some((rung, ends_ms)))
-                }
-                // A ban of this batch is never half over.
-                Some(Latest::InBatch(j)) => (Plan::CoalesceWith(j), None),
-                None => unreachable!("the ladder extends only a ban"),
-            },
-            Decision::New { rung, ends_ms } => {
+        let decision = ladder.decide(now_latest.as_ref().map(|l| &l.1), now);
+        // The ladder coalesces and extends only when there is a latest
+        // ban, so `at` is known in those arms.
+        let at = now_latest.map(|l| l.0);
+        let (plan, becomes) = match (decision, at) {
+            (Decision::Coalesce, Some(Latest::Stored(id))) => (Plan::Coalesce(id), None),
+            // A ban of this batch is never half over: coalesced too.
+            (Decision::Coalesce | Decision::Extend { .. }, Some(Latest::InBatch(j))) => {
+                (Plan::CoalesceWith(j), None)
+            }
+            (Decision::Extend { rung, ends_ms }, Some(Latest::Stored(id))) => {
+                let term = BanTerm {
+                    ends_ms,
+                    rung,
+                    extends: id,
+                    reason,
+                };
+                (Plan::New(term), Some((rung, ends_ms)))
+            }
+            (Decision::New { rung, ends_ms }, _) | (Decision::Extend { rung, ends_ms }, None) => {
+                let term = BanTerm {
+                    ends_ms,
+                    rung,
+                    extends: 0,
+                    reason,
+                };
+                (Plan::New(term), Some((rung, ends_ms)))
+            }
+            (Decision::Coalesce, None) => {
+                let rung = ladder.next_rung(None, now);
+                let ends_ms = now + ladder.duration(rung).as_millis() as i64;
                 let term = BanTerm {
                     ends_ms,
                     rung,
@@ -527,5 +545,114 @@ async fn load_allow_list(store: &dyn Store, shutdown: &mut Shutdown) -> Option<A
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ban::Ban, hub::store::LadderFacts};
+
+    const NOW: i64 = 1_000_000_000_000;
+    const MIN: i64 = 60_000;
+
+    fn report(host: &str, seq: u64, ip: &str) -> NewReport {
+        NewReport {
+            host: host.into(),
+            seq,
+            ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
+            plan: Plan::default(),
+        }
+    }
+
+    fn past(created_ms: i64, ends_ms: i64, rung: u32) -> PastBan {
+        PastBan {
+            created_ms,
+            ends_ms,
+            rung,
+            lifted: false,
+            forgotten: false,
+        }
+    }
+
+    fn term(rung: u32, minutes: i64, extends: u64) -> Plan {
+        Plan::New(BanTerm {
+            ends_ms: NOW + minutes * MIN,
+            rung,
+            extends,
+            reason: String::new(),
+        })
+    }
+
+    #[test]
+    fn a_batch_makes_one_ban_per_address_and_extends_a_ban_half_over() {
+        let ladder = Ladder::default();
+        let mut facts = LadderFacts::default();
+        // Y: active, just started. Z: active, 50 of 60 minutes gone.
+        facts
+            .latest
+            .insert("192.0.2.2".into(), (10, past(NOW - MIN, NOW + 59 * MIN, 2)));
+        facts.latest.insert(
+            "192.0.2.3".into(),
+            (20, past(NOW - 50 * MIN, NOW + 10 * MIN, 2)),
+        );
+        let mut batch = vec![
+            report("a", 1, "192.0.2.1"),
+            report("b", 1, "192.0.2.1"),
+            report("c", 1, "192.0.2.2"),
+            report("d", 1, "192.0.2.3"),
+            report("a", 1, "192.0.2.1"),
+            report("e", 1, "192.0.2.3"),
+        ];
+        plan(&ladder, &facts, &mut batch, NOW);
+        let plans: Vec<Plan> = batch.iter().map(|r| r.plan.clone()).collect();
+        assert_eq!(
+            plans,
+            [
+                term(1, 15, 0),
+                Plan::CoalesceWith(0),
+                Plan::Coalesce(10),
+                term(3, 6 * 60, 20),
+                Plan::CoalesceWith(0),
+                Plan::CoalesceWith(3),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resend_changes_nothing_for_the_reports_after_it() {
+        let ladder = Ladder::default();
+        let mut facts = LadderFacts::default();
+        let w = "198.51.100.4";
+        // W's last ban (rung 1) ended ten minutes ago; host e's report of
+        // it is re-sent in the same batch as a fresh report from f.
+        facts
+            .latest
+            .insert(w.into(), (30, past(NOW - 25 * MIN, NOW - 10 * MIN, 1)));
+        let resent = report("e", 1, w);
+        facts
+            .known
+            .insert(("e".into(), 1), (30, resent.ban.clone()));
+        let mut batch = vec![resent, report("f", 1, w)];
+        plan(&ladder, &facts, &mut batch, NOW);
+        // The re-send is answered with its first outcome by the store;
+        // f's report is a new ban of its own, not coalesced into nothing.
+        assert_eq!(batch[1].plan, term(2, 60, 0));
+    }
+
+    #[test]
+    fn a_fleet_policy_ban_keeps_its_reason() {
+        let ladder = Ladder::default();
+        let mut r = report("fleet", 1, "192.0.2.9");
+        r.plan = Plan::New(BanTerm {
+            reason: "10 failures on 5 hosts".into(),
+            ..Default::default()
+        });
+        let mut batch = vec![r];
+        plan(&ladder, &LadderFacts::default(), &mut batch, NOW);
+        let Plan::New(t) = &batch[0].plan else {
+            panic!("{:?}", batch[0].plan)
+        };
+        assert_eq!((t.rung, t.reason.as_str()), (1, "10 failures on 5 hosts"));
     }
 }

@@ -91,7 +91,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, LadderError> {
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
     for (unit, per) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s >= per && s % per == 0 {
+        if s >= per && s.is_multiple_of(per) {
             return format!("{}{unit}", s / per);
         }
     }

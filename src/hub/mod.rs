@@ -131,8 +131,9 @@ pub struct HubConfig {
     /// The fleet signal policy: thresholds, bound, dry run, rate limit.
     pub signals: signals::SignalConfig,
     /// The escalation ladder every ban's term is decided by (`--ladder`,
-    /// `--ladder-window`).
-    pub ladder: ladder::Ladder,
+    /// `--ladder-window`); `None` (`--ladder off`): bans carry no fleet
+    /// term and are not coalesced, as before the ladder.
+    pub ladder: Option<ladder::Ladder>,
 }
 
 impl HubConfig {
@@ -262,7 +263,10 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         fleet.clone(),
         shutdown.clone(),
     );
-    info!(ladder = %config.ladder, "escalation ladder");
+    match &config.ladder {
+        Some(l) => info!(ladder = %l, "escalation ladder"),
+        None => info!("escalation ladder off: no fleet terms, no coalescing"),
+    }
     let enrollment = enrollment::EnrollmentService {
         store: Arc::clone(&store),
         signer: signer.clone(),
@@ -282,6 +286,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         signer,
         hub_names,
         shutdown: shutdown.clone(),
+        ladder: config.ladder.clone(),
     };
     let (reflection, reflection_alpha) = crate::proto::reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();

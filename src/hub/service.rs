@@ -75,6 +75,8 @@ pub struct HubService {
     pub hub_names: Arc<enrollment::HubNames>,
     /// Ends streams and refuses new work when the hub stops.
     pub shutdown: Shutdown,
+    /// The escalation ladder in force (`None`: off), shown by `Policy`.
+    pub ladder: Option<super::ladder::Ladder>,
 }
 
 pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -411,8 +413,17 @@ impl hub_server::Hub for HubService {
         &self,
         request: Request<proto::PolicyRequest>,
     ) -> Result<Response<proto::PolicyResponse>, Status> {
+        // Any fleet member may read it: a node shows it, an admin checks it.
         self.access.member(&request)?;
-        Ok(Response::new(self.signals.policy()))
+        Ok(Response::new(proto::PolicyResponse {
+            ladder_s: self
+                .ladder
+                .iter()
+                .flat_map(|l| l.rungs().iter().map(|d| d.as_secs()))
+                .collect(),
+            ladder_window_s: self.ladder.as_ref().map_or(0, |l| l.window().as_secs()),
+            ..self.signals.policy()
+        }))
     }
 
     async fn renew(
@@ -516,8 +527,18 @@ fn ban_record(b: BanRow) -> proto::BanRecord {
         event: Some(b.event.to_proto()),
         lifted: b.lifted,
         statuses_omitted: 0,
-        reporters: Vec::new(),
-        forgotten: false,
+        reporters: b
+            .reporters
+            .into_iter()
+            .map(|r| proto::Reporter {
+                host: r.host,
+                jail: r.jail,
+                count: r.count,
+                first_ms: r.first_ms,
+                last_ms: r.last_ms,
+            })
+            .collect(),
+        forgotten: b.forgotten,
         statuses: b
             .statuses
             .into_iter()

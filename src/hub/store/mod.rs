@@ -144,9 +144,10 @@ impl Default for Plan {
 /// committed.
 #[derive(Debug, Clone, Default)]
 pub struct LadderFacts {
-    /// Reports of the batch already stored, by (host, seq): the ban they
-    /// were stored as or recorded against, and the ban they carried (a
-    /// re-send carries the same).
+    /// Reports of the batch already stored, by (host, seq), among those of
+    /// addresses the batch holds more than once: the ban they were stored
+    /// as or recorded against, and the ban they carried (a re-send carries
+    /// the same).
     pub known: std::collections::HashMap<(String, u64), (u64, Ban)>,
     /// Each address's latest ban (by id), with its id.
     pub latest: std::collections::HashMap<String, (u64, crate::hub::ladder::PastBan)>,
@@ -461,8 +462,9 @@ pub trait Store: Send + Sync + 'static {
         by: &str,
         forget: bool,
     ) -> Result<Option<(Event, u32)>, StoreError>;
-    /// What the ladder needs for `batch`: which of its reports are stored
-    /// already, and the latest ban of each of its addresses.
+    /// What the ladder needs for `batch`: which of its reports (of an
+    /// address it holds more than once) are stored already, and the latest
+    /// ban of each of its addresses.
     async fn ladder_facts(&self, batch: &[NewReport]) -> Result<LadderFacts, StoreError>;
     /// Stores hosts' statuses for events they applied, many hosts in one
     /// statement: `(host, event id, status)`.
@@ -493,7 +495,8 @@ pub trait Store: Send + Sync + 'static {
     async fn refuse(&self, refused: &[(NewReport, String)]) -> Result<(), StoreError>;
     /// Up to `limit` refused reports with ids above `after`, in id order.
     async fn refused(&self, after: u64, limit: usize) -> Result<Vec<RefusedRow>, StoreError>;
-    /// Highest event id stored (0 when empty).
+    /// Highest event id stored (0 when empty); coalesced reports' rows are
+    /// not events.
     async fn last_event_id(&self) -> Result<u64, StoreError>;
     /// Highest report sequence stored for a host (0 when none): told to
     /// the node when it publishes, so a node whose outbox was reset (from a

@@ -158,8 +158,11 @@ pub async fn unban<B: Backend + ?Sized>(
     Ok(out)
 }
 
-/// `Store::ladder_facts` for any backend: two reads, one for the batch's
-/// report keys, one for its addresses' latest bans.
+/// `Store::ladder_facts` for any backend: one read for the addresses'
+/// latest bans, and one for the report keys of addresses the batch holds
+/// more than once (only there does knowing a re-send change a plan: the
+/// store answers a re-send with its first outcome whatever its plan), so a
+/// batch of distinct addresses costs one read.
 pub async fn ladder_facts<B: Backend + ?Sized>(
     b: &B,
     batch: &[NewReport],
@@ -169,9 +172,13 @@ pub async fn ladder_facts<B: Backend + ?Sized>(
         return Ok(facts);
     }
     let mut ex = b.session().await?;
+    let mut per_ip: HashMap<&str, usize> = HashMap::new();
+    for r in batch {
+        *per_ip.entry(r.ban.ip.as_str()).or_default() += 1;
+    }
     // Keys: hosts not yet stored have no reports stored either.
     let mut by_host: HashMap<u64, (&str, Vec<String>)> = HashMap::new();
-    for r in batch {
+    for r in batch.iter().filter(|r| per_ip[r.ban.ip.as_str()] > 1) {
         if let Some(id) = b.host_ids().get(&r.host) {
             by_host
                 .entry(id)
@@ -351,7 +358,17 @@ fn merge_reporter(into: &mut Vec<ReporterRow>, row: ReporterRow) {
 /// `Store::last_event_id` for any backend.
 pub async fn last_event_id<B: Backend + ?Sized>(b: &B) -> Result<u64, StoreError> {
     let mut ex = b.session().await?;
-    let r = ex.query("SELECT MAX(id) FROM events", vec![]).await?;
+    // Coalesced reports' rows are no events: a node that applied every
+    // event must not look behind. Read backwards along the key: it stops
+    // at the first event.
+    let r = ex
+        .query(
+            &format!(
+                "SELECT id FROM events WHERE kind <> {COALESCED_KIND} ORDER BY id DESC LIMIT 1"
+            ),
+            vec![],
+        )
+        .await?;
     Ok(r.first()
         .map(|r| r.opt_u64(0))
         .transpose()?
