@@ -205,7 +205,8 @@ pub enum HubAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Show the fleet policy in force: the escalation ladder and its window.
+    /// Show the fleet policy in force: the escalation ladder and its window,
+    /// the signal thresholds, dry run, and how full the signal windows are.
     Policy {
         /// The hub to ask, and the certificate to ask with.
         #[command(flatten)]
@@ -287,6 +288,69 @@ pub struct HubArgs {
     /// How long a ban's end counts in an address's history.
     #[arg(long, value_name = "DURATION", default_value = hub::ladder::DEFAULT_WINDOW)]
     pub ladder_window: String,
+    /// The fleet signal policy.
+    #[command(flatten)]
+    pub signals: SignalArgs,
+}
+
+/// The hub's fleet signal policy: when hosts' observations become a
+/// fleet ban (README "Fleet signals" gives the defaults' reasons).
+#[derive(Args, Debug)]
+pub struct SignalArgs {
+    /// Failures of one address, summed over hosts, that ban it fleet-wide
+    /// (jail banmesh-fleet); 0 turns failure signals off.
+    #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_FLEET_MAXRETRY)]
+    pub fleet_maxretry: u32,
+    /// The window --fleet-maxretry failures must fall in.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub fleet_findtime: Duration,
+    /// Distinct hosts that must have seen those failures (one host's own
+    /// jail covers the single-host case).
+    #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_FLEET_MIN_HOSTS)]
+    pub fleet_min_hosts: u32,
+    /// Distinct closed ports an address may probe, on one host or across
+    /// hosts, before it is banned fleet-wide (jail banmesh-portscan); 0
+    /// turns probe signals off.
+    #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_PROBE_PORTS)]
+    pub probe_ports: u32,
+    /// The window --probe-ports probes must fall in.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub probe_findtime: Duration,
+    /// Most addresses the signal windows hold (about 150 bytes each; the
+    /// address signalled longest ago is dropped first, and counted).
+    #[arg(long, value_name = "N", default_value_t = hub::signals::windows::DEFAULT_MAX_ADDRESSES)]
+    pub signal_max_addresses: usize,
+    /// Log what the signal thresholds would ban, ban nothing.
+    #[arg(long)]
+    pub signals_dry_run: bool,
+    /// Signals one host may send: N/s, N/min or N/h, or off. Past it (and
+    /// the burst) the host's batches are refused and it drops them; its
+    /// bans are not affected.
+    #[arg(long, value_name = "RATE", default_value = hub::signals::limit::DEFAULT_RATE)]
+    pub signal_rate: hub::rate_limit::ReportRate,
+    /// Signals one host may send at once, above --signal-rate.
+    #[arg(long, value_name = "N", default_value_t = hub::signals::limit::DEFAULT_BURST)]
+    pub signal_burst: u32,
+}
+
+impl From<&SignalArgs> for hub::signals::SignalConfig {
+    fn from(a: &SignalArgs) -> Self {
+        hub::signals::SignalConfig {
+            thresholds: hub::signals::windows::Thresholds {
+                fleet_maxretry: a.fleet_maxretry,
+                fleet_findtime: a.fleet_findtime,
+                fleet_min_hosts: a.fleet_min_hosts,
+                probe_ports: a.probe_ports,
+                probe_findtime: a.probe_findtime,
+            },
+            max_addresses: a.signal_max_addresses,
+            dry_run: a.signals_dry_run,
+            limit: hub::signals::limit::SignalLimit {
+                rate: a.signal_rate,
+                burst: a.signal_burst,
+            },
+        }
+    }
 }
 
 /// `banmesh node`: run the node daemon (no subcommand) or set fail2ban up for it.
@@ -306,6 +370,19 @@ pub struct NodeCommand {
 pub enum NodeAction {
     /// Write the `shared` jail, its filter, shared.log and the reporting ban action.
     SetupFail2ban(SetupArgs),
+    /// Install (or --remove) the OUTPUT rules that hand the kernel's answers to closed ports to an NFLOG group.
+    SetupProbes(ProbeSetupArgs),
+}
+
+/// Flags of `banmesh node setup-probes`.
+#[derive(Args, Debug)]
+pub struct ProbeSetupArgs {
+    /// NFLOG group the rules log to; give the node the same `--probe-nflog-group`.
+    #[arg(long, value_name = "N", default_value_t = node::signals::probe_rule::DEFAULT_GROUP)]
+    pub nflog_group: u16,
+    /// Remove banmesh's rules and chain instead.
+    #[arg(long)]
+    pub remove: bool,
 }
 
 /// The shared jail's bantime `setup-fail2ban` writes by default: the
@@ -387,6 +464,17 @@ pub struct NodeArgs {
     /// Also serve status, health and reflection over mTLS here, for grpcurl (e.g. 0.0.0.0:7444).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Do not send the hub a signal per failure fail2ban's filters find
+    /// here (by default they go, read from fail2ban's own log).
+    #[arg(long)]
+    pub no_failure_signals: bool,
+    /// Send the hub a signal per connection attempt to a closed port, read
+    /// from this NFLOG group (install its rules with `banmesh node setup-probes`).
+    #[arg(long, value_name = "N")]
+    pub probe_nflog_group: Option<u16>,
+    /// Closed ports whose probes are not reported (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    pub probe_ignore_ports: Vec<u16>,
 }
 
 /// The seed's `add2db.py` flags. `-pr` is accepted too (rewritten to
@@ -566,6 +654,10 @@ pub fn main() -> std::process::ExitCode {
                 action: Some(NodeAction::SetupFail2ban(args)),
                 ..
             } => setup_fail2ban(args),
+            NodeCommand {
+                action: Some(NodeAction::SetupProbes(args)),
+                ..
+            } => setup_probes(args),
             NodeCommand { run, .. } => {
                 init_logging("info");
                 runtime().block_on(run_node(run))
@@ -748,6 +840,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
             rate: args.report_rate,
             burst: args.report_burst,
         },
+        signals: (&args.signals).into(),
     };
     until_signal(|stop| hub::run(listener, config, stop)).await
 }
@@ -781,6 +874,32 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
         }
     }
     println!("{}", next_steps());
+    Ok(())
+}
+
+/// `banmesh node setup-probes`: runs iptables/ip6tables once (a setup
+/// command, not the ban path).
+fn setup_probes(args: ProbeSetupArgs) -> anyhow::Result<()> {
+    use node::signals::probe_rule::{self, Outcome};
+    let outcomes = if args.remove {
+        probe_rule::remove()?
+    } else {
+        probe_rule::install(args.nflog_group)?
+    };
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Written(t) => println!("wrote      {t} chain {}", probe_rule::CHAIN),
+            Outcome::Unchanged(t) => println!("unchanged  {t} chain {}", probe_rule::CHAIN),
+            Outcome::Removed(t) => println!("removed    {t} chain {}", probe_rule::CHAIN),
+            Outcome::Absent(t) => println!("absent     {t} chain {}", probe_rule::CHAIN),
+        }
+    }
+    if !args.remove {
+        println!(
+            "Next: start the node with --probe-nflog-group {} (it reads the group; failures of fail2ban's filters flow without it).",
+            args.nflog_group
+        );
+    }
     Ok(())
 }
 
@@ -854,6 +973,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         renew_before: args.renew_before,
         listen: args.listen,
         observer: None,
+        failure_signals: !args.no_failure_signals,
+        probe_nflog_group: args.probe_nflog_group,
+        probe_ignore_ports: args.probe_ignore_ports,
     };
     until_signal(|stop| node::run(config, stop)).await
 }

@@ -91,6 +91,7 @@ async fn fleet(
         tls: issue(&pki, "hub", ca::Role::Hub)?,
         ca_key: None,
         report_limit: Default::default(),
+        signals: Default::default(),
         ladder: Some(Default::default()),
     };
     println!("banmesh demo: a throwaway fleet in {}", root.display());

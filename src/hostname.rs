@@ -19,6 +19,9 @@ use thiserror::Error;
 pub const MAX_LEN: usize = 253;
 /// The longest label between dots.
 pub const MAX_LABEL: usize = 63;
+/// The reporter of the hub's own fleet bans (signal thresholds crossed):
+/// no host may take the name, so a ban by `fleet` is never a host's.
+pub const FLEET: &str = "fleet";
 
 /// Why a name is not a host name.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -75,6 +78,9 @@ pub fn validate(name: &str) -> Result<(), BadHostName> {
     if last.bytes().all(|b| b.is_ascii_digit()) {
         return bad("the last label is not all digits, so it is never an IP address");
     }
+    if name.eq_ignore_ascii_case(FLEET) {
+        return bad("\"fleet\" is the reporter of the hub's own fleet bans");
+    }
     Ok(())
 }
 
@@ -114,6 +120,8 @@ mod tests {
             "a b",
             "a\nb",
             "a/b",
+            "fleet",
+            "FLEET",
             "127.0.0.1",
             "10.0.0.300",
             "1234",

@@ -114,6 +114,13 @@ impl fmt::Display for Policy {
         if p.dry_run {
             writeln!(f, "dry run        thresholds are logged, not acted on")?;
         }
+        if p.max_tracked_addresses > 0 {
+            writeln!(
+                f,
+                "signal windows {} of at most {} addresses, {} dropped (oldest first)",
+                p.tracked_addresses, p.max_tracked_addresses, p.dropped_addresses
+            )?;
+        }
         Ok(())
     }
 }

@@ -108,6 +108,7 @@ impl HubProc {
                 "--report-rate",
                 "off",
             ])
+            .args(extra)
             .arg("--cert")
             .arg(&tls.cert)
             .arg("--key")

@@ -16,7 +16,9 @@
 //!   an allow-list of N networks (none covering the bench's addresses, so
 //!   every ban is checked against all of them and passes): the cost of the
 //!   hub's and every node's check, next to the same run without a list.
-//!
+//! - fleet signals ([`signals`]): signals aggregated per second, alone and
+//!   over gRPC; a threshold-crossing signal to the fleet ban applied on 10
+//!   nodes; the hub's RSS with 1,000,000 addresses in the signal windows.
 //! - a scanning wave: the same addresses reported by many hosts at once;
 //!   ban deliveries per host (one per address when reports coalesce into
 //!   one fleet ban) and the time until the fleet is quiet;
@@ -29,7 +31,10 @@
 //! # Layout
 //! - `mod.rs`: the flags, the scenarios and the report.
 //! - [`fleet`]: the PKI, the hub child process and the in-process nodes.
+//! - [`signals`]: the fleet signal scenarios (aggregation, gRPC ingest,
+//!   threshold to ban, memory with 1,000,000 addresses).
 pub mod fleet;
+pub mod signals;
 
 use std::{
     collections::HashMap,
@@ -70,6 +75,9 @@ pub struct BenchArgs {
     /// Run only the propagation scenarios (with and without the allow-list).
     #[arg(long)]
     pub propagation_only: bool,
+    /// Run only the fleet signal scenarios.
+    #[arg(long, conflicts_with = "propagation_only")]
+    pub signals_only: bool,
     /// Also run propagation, ingest and the scanning wave with the hub's
     /// `--ladder off`, next to the default ladder.
     #[arg(long)]
@@ -120,6 +128,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     results.insert("machine".into(), json!(machine()));
     results.insert("quick".into(), json!(args.quick));
 
+    if args.signals_only {
+        signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
+        println!(
+            "banmesh bench ({})",
+            results["machine"].as_str().unwrap_or("")
+        );
+        signals::print(&results);
+        println!("{}", serde_json::Value::Object(results));
+        return Ok(());
+    }
     let mut prop = Vec::new();
     let mut prop_allow = Vec::new();
     let mut prop_off = Vec::new();
@@ -192,6 +210,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "report".into(),
         report_wall_time(root, &pki, &args.mysql).await?,
     );
+    signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
 
     print_table(&results);
     println!("{}", serde_json::Value::Object(results));
@@ -704,6 +723,7 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
             );
         }
     }
+    signals::print(r);
     if r.get("ingest").is_none() {
         return;
     }

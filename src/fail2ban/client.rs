@@ -304,6 +304,16 @@ impl Fail2ban {
             .ok_or_else(|| Fail2banError::Protocol(v.to_string()))
     }
 
+    /// Where fail2ban writes its own log (`get logtarget`): a file path, or
+    /// `SYSLOG`, `STDOUT`, `STDERR`, `SYSTEMD-JOURNAL`. The node follows
+    /// that file for the failures fail2ban's filters find.
+    pub async fn log_target(&mut self) -> Result<String, Fail2banError> {
+        let v = self.request(&["get", "logtarget"]).await?;
+        text(&v)
+            .map(str::to_string)
+            .ok_or_else(|| Fail2banError::Protocol(v.to_string()))
+    }
+
     /// Bans IPs in a jail at once; returns how many were newly banned.
     pub async fn ban(&mut self, jail: &str, ips: &[&str]) -> Result<i64, Fail2banError> {
         let mut cmd = vec!["set", jail, "banip"];

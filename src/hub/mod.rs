@@ -21,6 +21,8 @@
 //! - [`rate_limit`]: the per-host report limit that contains a flooding
 //!   host (its reports wait in its outbox), on [`throttle`]'s buckets.
 //! - [`fleet`]: the fleet's own addresses, which the allow-list always holds.
+//! - [`signals`]: hosts' observations (failures, closed-port probes)
+//!   aggregated into fleet bans by thresholds (`hub policy`).
 //! - [`statuses`]: hosts' statuses, written in groups.
 //! - [`access`]: who may call what, and revocation.
 //! - [`allow`]: the allow-list check on every report, and its admin RPCs.
@@ -46,6 +48,7 @@ pub mod migrate;
 pub mod publish;
 pub mod rate_limit;
 pub mod service;
+pub mod signals;
 pub mod statuses;
 pub mod store;
 pub mod subscription;
@@ -125,6 +128,8 @@ pub struct HubConfig {
     pub ca_key: Option<PathBuf>,
     /// The per-host report limit (`--report-rate`, `--report-burst`).
     pub report_limit: rate_limit::ReportLimit,
+    /// The fleet signal policy: thresholds, bound, dry run, rate limit.
+    pub signals: signals::SignalConfig,
     /// The escalation ladder every ban's term is decided by (`--ladder`,
     /// `--ladder-window`); `None` (`--ladder off`): bans carry no fleet
     /// term and are not coalesced, as before the ladder.
@@ -251,6 +256,13 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         config.ladder.clone(),
         shutdown.clone(),
     );
+    let signals = signals::Signals::spawn(
+        config.signals,
+        store.clone(),
+        committer.clone(),
+        fleet.clone(),
+        shutdown.clone(),
+    );
     match &config.ladder {
         Some(l) => info!(ladder = %l, "escalation ladder"),
         None => info!("escalation ladder off: no fleet terms, no coalescing"),
@@ -267,6 +279,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         statuses: statuses::StatusWriter::spawn(Arc::clone(&store)),
         store: Arc::clone(&store),
         committer,
+        signals,
         fanout,
         fleet,
         access: access.clone(),

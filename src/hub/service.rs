@@ -15,6 +15,7 @@ use super::{
     fleet::{FleetAddrs, LIFTER},
     publish,
     rate_limit::{BACKLOG_HEADER, ReportLimits},
+    signals::Signals,
     statuses::{StatusWriter, WriteError},
     store::{BanFilter, BanRow, Store},
     subscription,
@@ -58,6 +59,8 @@ pub struct HubService {
     pub statuses: StatusWriter,
     /// Group-commits published reports.
     pub committer: Committer,
+    /// Hosts' signals, aggregated into fleet bans.
+    pub signals: Arc<Signals>,
     /// Each host's report rate limit.
     pub limits: Arc<ReportLimits>,
     /// Live subscribers, and the ring new events are broadcast on.
@@ -398,9 +401,12 @@ impl hub_server::Hub for HubService {
 
     async fn send_signals(
         &self,
-        _request: Request<proto::SignalBatch>,
+        request: Request<proto::SignalBatch>,
     ) -> Result<Response<proto::SignalBatchAck>, Status> {
-        Err(Status::unimplemented("this hub does not take signals yet"))
+        // The observer is the certificate's host, never a field.
+        let host = self.access.host(&request)?.name;
+        let ack = self.signals.take(&host, &request.get_ref().signals)?;
+        Ok(Response::new(ack))
     }
 
     async fn policy(
@@ -416,7 +422,7 @@ impl hub_server::Hub for HubService {
                 .flat_map(|l| l.rungs().iter().map(|d| d.as_secs()))
                 .collect(),
             ladder_window_s: self.ladder.as_ref().map_or(0, |l| l.window().as_secs()),
-            ..Default::default()
+            ..self.signals.policy()
         }))
     }
 

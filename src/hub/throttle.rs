@@ -85,6 +85,20 @@ impl Bucket {
         ok
     }
 
+    /// Takes `n` tokens at once (a batch), when the bucket holds them or,
+    /// for a batch larger than the burst, when it is full: the level then
+    /// goes below zero, a debt earned back before the next batch. False
+    /// (and nothing taken) otherwise.
+    pub fn take_n(&mut self, rate: &Rate, n: f64, now: Instant) -> bool {
+        let level = self.level(rate, now);
+        let ok = level >= n.min(rate.burst);
+        *self = Bucket {
+            tokens: if ok { level - n } else { level },
+            at: now,
+        };
+        ok
+    }
+
     /// How long from `now` until the bucket holds `tokens` (at most the
     /// burst); zero if it already does.
     pub fn time_until(&self, rate: &Rate, tokens: f64, now: Instant) -> Duration {

@@ -33,6 +33,8 @@ pub struct LocalService {
     pub position: Arc<Position>,
     /// Whether the last ban through fail2ban's socket worked.
     pub fast_path: Arc<AtomicBool>,
+    /// The signal path's counters: whether signals flow, how many dropped.
+    pub signals: Arc<super::signals::SignalStats>,
 }
 
 #[tonic::async_trait]
@@ -75,6 +77,8 @@ impl node_server::Node for LocalService {
             outbox_pending: self.outbox.pending() as u64,
             last_applied_event_id: self.position.get(),
             fast_path: self.fast_path.load(Ordering::Relaxed),
+            signals_flowing: self.signals.flowing.load(Ordering::Relaxed),
+            signals_dropped: self.signals.dropped(),
         }))
     }
 }

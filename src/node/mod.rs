@@ -37,6 +37,10 @@
 //! - [`status_journal`]: every status decided, on disk until the hub has it.
 //! - [`status_reporter`]: status journal -> hub.
 //!
+//! Signals (hints, never on disk, never ahead of a ban):
+//! - [`signals`]: failures from fail2ban's log and probes of closed ports
+//!   from NFLOG, batched to the hub's `SendSignals`.
+//!
 //! Around them:
 //! - [`link`]: TLS channel to the hub and reconnect backoff.
 //! - [`renewal`]: renews the node's certificate before it expires.
@@ -56,6 +60,7 @@ pub mod position;
 pub mod publisher;
 pub mod renewal;
 pub mod shared_log;
+pub mod signals;
 pub mod spool;
 pub mod state_file;
 pub mod status_journal;
@@ -163,6 +168,14 @@ pub struct NodeConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// Told of every batch applied (the demo and the benchmark).
     pub observer: Option<apply::Observer>,
+    /// Send the hub a failure signal for each failure fail2ban's filters
+    /// find here (read from fail2ban's log; needs `fail2ban_socket`).
+    pub failure_signals: bool,
+    /// Read probes of closed ports from this NFLOG group (see
+    /// `banmesh node setup-probes`); `None`: no probe signals.
+    pub probe_nflog_group: Option<u16>,
+    /// Closed ports whose probes are not reported.
+    pub probe_ignore_ports: Vec<u16>,
 }
 
 impl NodeConfig {
@@ -182,6 +195,9 @@ impl NodeConfig {
             renew_before: renewal::DEFAULT_RENEW_BEFORE,
             listen: None,
             observer,
+            failure_signals: true,
+            probe_nflog_group: None,
+            probe_ignore_ports: Vec::new(),
         }
     }
 }
@@ -285,6 +301,39 @@ async fn serve(
     spool::log(spool::ingest(&outbox, &spool_dir));
     info!(socket = %config.socket.display(), pending = recovery.pending, applied = position.get(), "node started");
 
+    // Signals have their own queue and sender: a flood of them never
+    // waits in front of a ban.
+    let (signal_tx, signal_queue) = signals::queue(signals::QUEUE);
+    let mut signal_tasks = vec![spawn_in(
+        &span,
+        signals::run(signal_queue, link.clone(), shutdown.clone()),
+    )];
+    match (&config.fail2ban_socket, config.failure_signals) {
+        (Some(socket), true) => signal_tasks.push(spawn_in(
+            &span,
+            signals::fail2ban_log::run(socket.clone(), signal_tx.clone(), shutdown.clone()),
+        )),
+        (None, true) => {
+            tracing::debug!(
+                "no fail2ban socket: failure signals are off (the node cannot ask fail2ban where it logs)"
+            )
+        }
+        _ => {}
+    }
+    if let Some(group) = config.probe_nflog_group {
+        signal_tasks.push(spawn_in(
+            &span,
+            signals::probes::run(
+                group,
+                config.probe_ignore_ports.iter().copied().collect(),
+                signal_tx.clone(),
+                shutdown.clone(),
+            ),
+        ));
+    }
+    let signal_stats = signal_tx.stats().clone();
+    drop(signal_tx);
+
     // A few batches may wait for the apply task; beyond that the
     // subscriber waits, and the hub moves it back to replay.
     let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(4);
@@ -339,6 +388,7 @@ async fn serve(
         connected,
         position,
         fast_path,
+        signals: signal_stats,
     };
     let local = Arc::new(local);
     let inspection = match config.listen {
@@ -361,7 +411,7 @@ async fn serve(
             Ok(Ok(())) => {}
         }
     }
-    for t in tasks.into_iter().chain(ignore_refresh) {
+    for t in tasks.into_iter().chain(ignore_refresh).chain(signal_tasks) {
         if tokio::time::timeout(Duration::from_secs(5), t)
             .await
             .is_err()

@@ -59,7 +59,8 @@ pub async fn events_after<B: Backend + ?Sized>(
     // fleet's end that way); one without (from before the ladder) does
     // not. Bans lifted or ended are not replayed; coalesced reports
     // (kind 5) are no events at all.
-    let me = b.host_ids().get(subscriber).unwrap_or(0);
+    // Reporter 0 is the hub's own (`fleet` bans): an admin excludes none.
+    let me = b.host_ids().get(subscriber).unwrap_or(i64::MAX as u64);
     let mut ex = b.session().await?;
     ex.query(
         &format!(

@@ -31,6 +31,11 @@ mod raw;
 /// Names match case-insensitively (see `Dialect::name_is`): `WEB-1` is
 /// host `web-1`, under the name it first connected with.
 pub async fn host_id<B: Backend + ?Sized>(b: &B, name: &str) -> Result<u64, StoreError> {
+    // The hub's own fleet bans: reporter 0 (as admins' unbans), no hosts
+    // row, so no `ip_table` column and no host in `hub hosts`.
+    if name.eq_ignore_ascii_case(crate::hostname::FLEET) {
+        return Ok(0);
+    }
     if let Some(id) = b.host_ids().get(name) {
         return Ok(id);
     }
