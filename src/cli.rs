@@ -47,6 +47,60 @@ pub enum Command {
     Enroll(EnrollArgs),
     /// Measure propagation latency, ingest, fan-out, catch-up and report time on MariaDB.
     Bench(crate::bench::BenchArgs),
+    /// Check a daemon's config file, or show its effective settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `banmesh config`: the daemons' files, without starting anything.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check a config file: exit 0 if the daemon would start with it, 1 naming the file, line and key if not.
+    Check {
+        /// Whose file (default: from the file's name, hub.toml or node.toml; without --config, both default files that exist).
+        #[arg(value_enum)]
+        daemon: Option<crate::config::Daemon>,
+        /// The file (default: /etc/banmesh/hub.toml or node.toml).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective settings of `banmesh hub|node [FLAGS]` and where each came from (secrets redacted).
+    Show {
+        /// Whose settings.
+        #[arg(value_enum)]
+        daemon: crate::config::Daemon,
+        /// The daemon's flags, as it would be started with them (e.g. --config PATH).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+/// Flags every daemon has: its config file and its logging.
+#[derive(Args, Debug, Clone)]
+pub struct ServiceArgs {
+    /// Config file (default: /etc/banmesh/hub.toml or node.toml, if present).
+    /// Its keys are this command's long flag names; flags and BANMESH_*
+    /// variables override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// What to log: a level (error, warn, info, debug, trace) or tracing
+    /// directives (info,banmesh::hub=debug). RUST_LOG wins while this is
+    /// left at its default. SIGHUP re-reads it from the config file.
+    #[arg(long, value_name = "FILTER", default_value = "info", value_parser = crate::logging::parse_filter)]
+    pub log_level: String,
+    /// Log line format: text for people, json for a log pipeline (one
+    /// object per line, with the spans naming the peer host).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Flags of `banmesh enroll`.
@@ -271,6 +325,9 @@ pub struct HubArgs {
     /// Reports one host may send at once, above --report-rate.
     #[arg(long, value_name = "N", default_value_t = hub::rate_limit::DEFAULT_BURST)]
     pub report_burst: u32,
+    /// Config file and logging.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// `banmesh node`: run the node daemon (no subcommand) or set fail2ban up for it.
@@ -365,6 +422,9 @@ pub struct NodeArgs {
     /// Also serve status, health and reflection over mTLS here, for grpcurl (e.g. 0.0.0.0:7444).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Config file and logging.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// The seed's `add2db.py` flags. `-pr` is accepted too (rewritten to
@@ -494,6 +554,36 @@ fn init_logging(default: &str) {
         .init();
 }
 
+/// A daemon's process-wide parts: its log output and its `SIGHUP` reload.
+struct Service {
+    reloader: Option<crate::config::reload::Reloader>,
+}
+
+impl Service {
+    fn start(
+        args: &ServiceArgs,
+        argv: Vec<std::ffi::OsString>,
+        effective: Option<crate::config::Effective>,
+    ) -> Service {
+        let level_is_default = effective.as_ref().is_none_or(|e| {
+            e.sources
+                .iter()
+                .any(|(id, s)| id == "log_level" && *s == crate::config::Source::Default)
+        });
+        let log = crate::logging::init(&args.log_level, level_is_default, args.log_format);
+        Service {
+            reloader: effective.map(|e| crate::config::reload::Reloader::new(argv, e, log)),
+        }
+    }
+
+    /// Starts handling `SIGHUP` (inside the runtime).
+    fn serve(self) {
+        if let Some(r) = self.reloader {
+            r.spawn();
+        }
+    }
+}
+
 /// Runs a daemon future until SIGINT/SIGTERM, then lets it finish.
 async fn until_signal<F, Fut, E>(run: F) -> anyhow::Result<()>
 where
@@ -514,8 +604,20 @@ where
 
 /// Entry point for the binary: returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse_from(seed_args(std::env::args()));
-    let result = match cli.command {
+    let argv: Vec<std::ffi::OsString> = seed_args(std::env::args())
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let loaded = match crate::config::load(argv.clone()) {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => {
+            eprintln!("banmesh: {e}");
+            return std::process::ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let effective = loaded.effective;
+    let result = match loaded.cli.command {
         Command::Report(args) => return report(args),
         Command::Ca(cmd) => {
             init_logging("warn");
@@ -530,8 +632,8 @@ pub fn main() -> std::process::ExitCode {
                 runtime().block_on(hub_action(action))
             }
             HubCommand { run, .. } => {
-                init_logging("info");
-                runtime().block_on(run_hub(run))
+                let service = Service::start(&run.service, argv, effective);
+                runtime().block_on(run_hub(run, service))
             }
         },
         Command::Node(node) => match *node {
@@ -540,8 +642,8 @@ pub fn main() -> std::process::ExitCode {
                 ..
             } => setup_fail2ban(args),
             NodeCommand { run, .. } => {
-                init_logging("info");
-                runtime().block_on(run_node(run))
+                let service = Service::start(&run.service, argv, effective);
+                runtime().block_on(run_node(run, service))
             }
         },
         Command::Unban(args) => {
@@ -592,6 +694,7 @@ pub fn main() -> std::process::ExitCode {
             init_logging("warn");
             runtime().block_on(enroll(args))
         }
+        Command::Config(cmd) => return crate::config::command::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -696,7 +799,8 @@ fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
     Ok(line.to_string())
 }
 
-async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
+async fn run_hub(args: HubArgs, service: Service) -> anyhow::Result<()> {
+    service.serve();
     let db = match (args.db, args.db_file) {
         (None, Some(file)) => Some(read_secret(&file, "the store URL")?),
         (db, _) => db,
@@ -802,7 +906,8 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+async fn run_node(args: NodeArgs, service: Service) -> anyhow::Result<()> {
+    service.serve();
     let config = node::NodeConfig {
         hubs: args.hubs,
         tls: (&args.tls).into(),

@@ -15,8 +15,10 @@
 //! - [`admin`]: operator commands: unban, bans, hosts, tokens, revoke, migrate, import-seed.
 //! - [`enroll`]: `banmesh enroll`, a new server trading a token for its certificate.
 //! - [`fail2ban`]: fail2ban's control socket and the configuration banmesh installs.
+//! - [`logging`]: text or JSON log lines, and the filter SIGHUP changes.
 //! - [`tls`]: mTLS configuration and peer identity.
 //! - [`ca`]: the fleet CA: make it, sign hosts and admins.
+//! - [`config`]: the daemons' config files, `BANMESH_*` variables and flags, merged.
 //! - [`clock`]: the fleet's clock (Unix milliseconds), shared by hub and node.
 //! - [`shutdown`]: graceful shutdown as a value.
 //! - [`cli`]: the `clap` definitions and dispatch behind the `banmesh` binary.
@@ -33,11 +35,13 @@ pub mod bench;
 pub mod ca;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod demo;
 pub mod enroll;
 pub mod fail2ban;
 pub mod hostname;
 pub mod hub;
+pub mod logging;
 pub mod node;
 pub mod proto;
 pub mod report;
