@@ -578,6 +578,7 @@ impl Service {
 
     /// Starts handling `SIGHUP` (inside the runtime).
     fn serve(self) {
+        crate::systemd::spawn_watchdog();
         if let Some(r) = self.reloader {
             r.spawn();
         }
@@ -594,6 +595,7 @@ where
     let (trigger, stop) = shutdown::channel();
     tokio::spawn(async move {
         shutdown::os_signal().await;
+        crate::systemd::stopping();
         trigger.trigger();
         // Keep the trigger alive until the process exits.
         std::future::pending::<()>().await;

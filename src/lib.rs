@@ -20,6 +20,7 @@
 //! - [`ca`]: the fleet CA: make it, sign hosts and admins.
 //! - [`config`]: the daemons' config files, `BANMESH_*` variables and flags, merged.
 //! - [`clock`]: the fleet's clock (Unix milliseconds), shared by hub and node.
+//! - [`systemd`]: readiness and watchdog pings for `Type=notify` units.
 //! - [`shutdown`]: graceful shutdown as a value.
 //! - [`cli`]: the `clap` definitions and dispatch behind the `banmesh` binary.
 //! - [`demo`]: a throwaway local fleet for a first look.
@@ -46,4 +47,5 @@ pub mod node;
 pub mod proto;
 pub mod report;
 pub mod shutdown;
+pub mod systemd;
 pub mod tls;

@@ -269,6 +269,9 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     health.set_serving::<HubServer<service::HubService>>().await;
 
     info!(addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
+    // The store is open and the listener bound (connections wait in its
+    // backlog until `serve` below takes them).
+    crate::systemd::ready("hub serving");
     Server::builder()
         .trace_fn(request_span)
         // A node needs a handful of streams per connection (Publish,

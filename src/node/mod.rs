@@ -345,6 +345,8 @@ async fn serve(
         None => None,
     };
     let request_span = span.clone();
+    // The report socket is bound and the outbox loaded.
+    crate::systemd::ready("node serving");
     let served = Server::builder()
         .trace_fn(move |_| request_span.clone())
         .add_service(NodeServer::from_arc(local))

@@ -345,6 +345,7 @@ pub async fn run(
             }
             // A quiet spell must not leave the position file behind.
             _ = save.tick() => {
+                crate::systemd::beat();
                 if let Err(e) = position.flush() {
                     warn!(error = %e, "cannot save the applied position");
                 }
