@@ -211,7 +211,8 @@ fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
 /// current batch before returning.
 pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
     let name = config.tls.own_name()?;
-    let span = tracing::info_span!("node", host = %name);
+    // `hub`: the peer of the node's streams, on each of their lines.
+    let span = tracing::info_span!("node", host = %name, hub = %config.hubs.join(" "));
     serve(config, name, shutdown, span.clone())
         .instrument(span)
         .await
