@@ -47,9 +47,26 @@ pub enum Command {
     Enroll(EnrollArgs),
     /// Measure propagation latency, ingest, fan-out, catch-up and report time on MariaDB.
     Bench(crate::bench::BenchArgs),
+    /// The local node's health: hub, lag, outbox, fail2ban, certificate, last error (exit 1 on a problem, 2 if the node does not answer).
+    Status(StatusArgs),
     /// Check a daemon's config file, or show its effective settings.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// Flags of `banmesh status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The node's unix socket.
+    #[arg(long, default_value = node::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Events received but not yet applied past which the node is behind.
+    #[arg(long, value_name = "EVENTS", default_value_t = 1000)]
+    pub max_lag: u64,
+    /// Certificate validity left under which the check fails (renewal
+    /// should have run long before).
+    #[arg(long, default_value = "14d", value_parser = humantime::parse_duration)]
+    pub cert_warn: Duration,
 }
 
 /// `banmesh config`: the daemons' files, without starting anything.
@@ -697,6 +714,7 @@ pub fn main() -> std::process::ExitCode {
             runtime().block_on(enroll(args))
         }
         Command::Config(cmd) => return crate::config::command::run(cmd),
+        Command::Status(args) => return status(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -925,6 +943,52 @@ async fn run_node(args: NodeArgs, service: Service) -> anyhow::Result<()> {
         observer: None,
     };
     until_signal(|stop| node::run(config, stop)).await
+}
+
+/// `banmesh status`: 0 healthy, 1 a problem (named), 2 no answer.
+fn status(args: StatusArgs) -> std::process::ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    let answer = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::report::node_status(&args.socket),
+        )
+        .await
+    });
+    let s = match answer {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            println!(
+                "PROBLEM      the node does not answer on {}: {e}",
+                args.socket.display()
+            );
+            return std::process::ExitCode::from(2);
+        }
+        Err(_) => {
+            println!(
+                "PROBLEM      the node did not answer on {} within 10 s",
+                args.socket.display()
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let (text, problems) = crate::status::assess(
+        &s,
+        crate::clock::now_ms(),
+        crate::status::Thresholds {
+            max_lag: args.max_lag,
+            cert_warn: args.cert_warn,
+        },
+    );
+    print!("{text}");
+    if problems.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
 }
 
 /// `banmesh report`: exit 0 once the node has the ban on disk; 2 for a bad

@@ -12,6 +12,7 @@
 //! - [`hub`]: the hub daemon: store, group committer, fan-out, subscriptions.
 //! - [`node`]: the node daemon: outbox, publisher, subscriber, apply.
 //! - [`report`]: the `banmesh report` client fail2ban's action runs.
+//! - [`status`]: `banmesh status`, the local node's health for people and monitoring.
 //! - [`admin`]: operator commands: unban, bans, hosts, tokens, revoke, migrate, import-seed.
 //! - [`enroll`]: `banmesh enroll`, a new server trading a token for its certificate.
 //! - [`fail2ban`]: fail2ban's control socket and the configuration banmesh installs.
@@ -47,5 +48,6 @@ pub mod node;
 pub mod proto;
 pub mod report;
 pub mod shutdown;
+pub mod status;
 pub mod systemd;
 pub mod tls;

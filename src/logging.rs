@@ -10,6 +10,51 @@ use tracing_subscriber::{
 
 use crate::cli::LogFormat;
 
+/// The last warning or error logged: (unix ms, message with its fields).
+static LAST_PROBLEM: std::sync::Mutex<Option<(i64, String)>> = std::sync::Mutex::new(None);
+
+/// The last warning or error this process logged, for `banmesh status`.
+pub fn last_problem() -> Option<(i64, String)> {
+    LAST_PROBLEM.lock().ok()?.clone()
+}
+
+/// Keeps the last warning or error (what `status` shows as last error).
+struct LastProblem;
+
+struct Text(String);
+
+impl tracing::field::Visit for Text {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.record_debug(field, &format_args!("{value}"));
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LastProblem {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if *event.metadata().level() > tracing::Level::WARN {
+            return;
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        if let Ok(mut last) = LAST_PROBLEM.lock() {
+            *last = Some((crate::clock::now_ms(), text.0));
+        }
+    }
+}
+
 /// Changes the live filter (what `SIGHUP` does with a new `log-level`).
 #[derive(Clone)]
 pub struct LogHandle(reload::Handle<EnvFilter, Registry>);
@@ -42,7 +87,9 @@ fn filter(level: &str, level_is_default: bool) -> EnvFilter {
 /// Installs the process's subscriber.
 pub fn init(level: &str, level_is_default: bool, format: LogFormat) -> LogHandle {
     let (filter, handle) = reload::Layer::new(filter(level, level_is_default));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(LastProblem);
     let result = match format {
         LogFormat::Text => registry
             .with(

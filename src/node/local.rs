@@ -33,6 +33,8 @@ pub struct LocalService {
     pub position: Arc<Position>,
     /// Whether the last ban through fail2ban's socket worked.
     pub fast_path: Arc<AtomicBool>,
+    /// Hubs, certificate, fail2ban: read when `status` asks.
+    pub health: super::health::Health,
 }
 
 #[tonic::async_trait]
@@ -75,6 +77,15 @@ impl node_server::Node for LocalService {
             outbox_pending: self.outbox.pending() as u64,
             last_applied_event_id: self.position.get(),
             fast_path: self.fast_path.load(Ordering::Relaxed),
+            hubs: self.health.hubs.join(" "),
+            received_event_id: self.position.received(),
+            cert_expires_ms: self.health.cert_expires_ms().unwrap_or(0),
+            fail2ban_socket_used: self.health.fail2ban_socket.is_some(),
+            fail2ban_reachable: self.health.fail2ban_reachable().await,
+            last_error: crate::logging::last_problem()
+                .map(|p| p.1)
+                .unwrap_or_default(),
+            last_error_ms: crate::logging::last_problem().map_or(0, |p| p.0),
         }))
     }
 }

@@ -38,12 +38,14 @@
 //! Around them:
 //! - [`link`]: TLS channel to the hub and reconnect backoff.
 //! - [`renewal`]: renews the node's certificate before it expires.
+//! - [`health`]: what `banmesh status` reads at request time.
 //! - [`inspect`]: the optional mTLS port for grpcurl (status, health, reflection).
 //! - [`state_file`]: how every file above is opened: never through a
 //!   symbolic link, readable by its owner only.
 pub mod allow_list;
 pub mod apply;
 pub mod deferred;
+pub mod health;
 pub mod ignore;
 pub mod inspect;
 pub mod link;
@@ -336,6 +338,11 @@ async fn serve(
         connected,
         position,
         fast_path,
+        health: health::Health {
+            hubs: config.hubs.clone(),
+            tls: config.tls.clone(),
+            fail2ban_socket: config.fail2ban_socket.clone(),
+        },
     };
     let local = Arc::new(local);
     let inspection = match config.listen {

@@ -51,7 +51,14 @@ pub async fn run(
             Ok(stream) => {
                 info!(after, "subscribed to hub");
                 backoff.reset();
-                follow(stream.into_inner(), &mut received, &batches, &mut shutdown).await
+                follow(
+                    stream.into_inner(),
+                    &mut received,
+                    &position,
+                    &batches,
+                    &mut shutdown,
+                )
+                .await
             }
             Err(e) => e,
         };
@@ -72,6 +79,7 @@ pub async fn run(
 async fn follow(
     mut stream: tonic::Streaming<proto::Event>,
     received: &mut u64,
+    position: &Position,
     batches: &mpsc::Sender<Vec<Event>>,
     shutdown: &mut Shutdown,
 ) -> tonic::Status {
@@ -87,6 +95,7 @@ async fn follow(
                 Some(Ok(e)) => match Event::from_proto(&e) {
                     Ok(ev) if ev.id > *received => {
                         *received = ev.id;
+                        position.note_received(ev.id);
                         batch.push(ev);
                     }
                     Ok(_) => {}
