@@ -109,6 +109,10 @@ pub struct ServiceArgs {
     /// object per line, with the spans naming the peer host).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics over plain HTTP at http://ADDR/metrics
+    /// (e.g. 127.0.0.1:9464; keep it on a local or private address).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `--log-format`.
@@ -821,6 +825,12 @@ fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
 
 async fn run_hub(args: HubArgs, service: Service) -> anyhow::Result<()> {
     service.serve();
+    let (_stop_metrics, stop) = shutdown::channel();
+    if let Some(addr) = args.service.metrics {
+        crate::metrics::serve(addr, crate::metrics::hub::exposition(), stop)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     let db = match (args.db, args.db_file) {
         (None, Some(file)) => Some(read_secret(&file, "the store URL")?),
         (db, _) => db,
@@ -928,6 +938,12 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
 
 async fn run_node(args: NodeArgs, service: Service) -> anyhow::Result<()> {
     service.serve();
+    let (_stop_metrics, stop) = shutdown::channel();
+    if let Some(addr) = args.service.metrics {
+        crate::metrics::serve(addr, crate::metrics::node::exposition(), stop)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     let config = node::NodeConfig {
         hubs: args.hubs,
         tls: (&args.tls).into(),

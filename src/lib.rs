@@ -16,6 +16,7 @@
 //! - [`admin`]: operator commands: unban, bans, hosts, tokens, revoke, migrate, import-seed.
 //! - [`enroll`]: `banmesh enroll`, a new server trading a token for its certificate.
 //! - [`fail2ban`]: fail2ban's control socket and the configuration banmesh installs.
+//! - [`metrics`]: Prometheus metrics of both daemons (`--metrics ADDR`).
 //! - [`logging`]: text or JSON log lines, and the filter SIGHUP changes.
 //! - [`tls`]: mTLS configuration and peer identity.
 //! - [`ca`]: the fleet CA: make it, sign hosts and admins.
@@ -44,6 +45,7 @@ pub mod fail2ban;
 pub mod hostname;
 pub mod hub;
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod proto;
 pub mod report;

@@ -232,6 +232,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     let fanout = fanout::Fanout::default();
+    crate::metrics::hub::attach(fanout.clone());
     let fleet = fleet::FleetAddrs::from_rows(store.fleet_addresses().await?);
     if let Ok(addr) = tcp.local_addr().map(|a| a.ip())
         && !addr.is_unspecified()

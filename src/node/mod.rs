@@ -274,6 +274,7 @@ async fn serve(
         )
     });
     let fast_path = applier.fast_path_up.clone();
+    crate::metrics::node::attach(outbox.clone(), fast_path.clone());
     let (channels, link) = link::Link::new(link::channel(&config.hubs, &config.tls)?);
     let connected = Arc::new(AtomicBool::new(false));
     let listener = bind_socket(&config.socket)?;

@@ -50,6 +50,8 @@ pub async fn run(
         let error = match result {
             Ok(stream) => {
                 info!(after, "subscribed to hub");
+                crate::metrics::node::get().hub_connected.set(1);
+                crate::metrics::node::get().hub_connects.inc();
                 backoff.reset();
                 follow(
                     stream.into_inner(),
@@ -65,6 +67,7 @@ pub async fn run(
         if shutdown.is_shutdown() {
             break;
         }
+        crate::metrics::node::get().hub_connected.set(0);
         let delay = backoff.next_delay();
         warn!(error = %error, retry_in = ?delay, "subscription to hub lost");
         tokio::select! {

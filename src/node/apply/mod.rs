@@ -272,6 +272,7 @@ impl Applier {
                 }
                 Err(err) => {
                     tracing::error!(path = %self.log.path().display(), error = %err, "cannot write shared.log");
+                    crate::metrics::node::get().shared_log_errors.inc();
                     // Banned through the socket, the IP is banned all the same.
                     let st = |e: &&Event| {
                         if confirmed.contains(e.ban.ip.as_str()) {
@@ -324,7 +325,8 @@ pub async fn run(
                 // Bans whose lines a crash left ahead of the position file.
                 let batch: Vec<Event> = batch.into_iter().filter(|e| !position.written(e)).collect();
                 if !batch.is_empty() {
-                    applier.apply(&batch).await;
+                    let statuses = applier.apply(&batch).await;
+                    crate::metrics::node::applied_batch(&batch, &statuses);
                 }
                 // An allow-list change not yet on disk keeps the position
                 // before it, so a restart replays it (save is retried with
