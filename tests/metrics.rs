@@ -79,7 +79,7 @@ async fn counters_match_a_small_fleet_run() {
         ]
     };
     let n1 = Node::start_with(dir.path(), &pki, "n1", &hub.url, metrics(m1)).await;
-    let n2 = Node::start_with(dir.path(), &pki, "n2", &hub.url, metrics(m2)).await;
+    let _n2 = Node::start_with(dir.path(), &pki, "n2", &hub.url, metrics(m2)).await;
 
     for ip in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
         let (ok, err) = n1.report("sshd", "tcp", "22", ip);
