@@ -52,6 +52,24 @@ pub enum Command {
     /// Check a daemon's config file, or show its effective settings.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Write the man pages or print shell completions (for packaging).
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+/// `banmesh generate`: files the package ships, made from this CLI definition.
+#[derive(Subcommand, Debug)]
+pub enum GenerateCommand {
+    /// Write banmesh.1 and a page per subcommand (banmesh-hub.1, ...) into DIR.
+    Man {
+        /// Output directory.
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Flags of `banmesh status`.
@@ -719,6 +737,18 @@ pub fn main() -> std::process::ExitCode {
         }
         Command::Config(cmd) => return crate::config::command::run(cmd),
         Command::Status(args) => return status(args),
+        Command::Generate(GenerateCommand::Man { dir }) => std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::generate_to(crate::config::definition(), &dir))
+            .with_context(|| format!("cannot write man pages to {}", dir.display())),
+        Command::Generate(GenerateCommand::Completions { shell }) => {
+            clap_complete::generate(
+                shell,
+                &mut crate::config::command(),
+                "banmesh",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

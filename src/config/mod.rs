@@ -105,9 +105,18 @@ pub fn env_name(long: &str) -> String {
     format!("BANMESH_{}", long.to_uppercase().replace('-', "_"))
 }
 
-/// The `banmesh` command with a `BANMESH_*` variable on every daemon flag
-/// that does not name one already (`--db` keeps `BANMESH_DB`).
+/// The `banmesh` command, built (help flags added), with a `BANMESH_*`
+/// variable on every daemon flag that does not name one already (`--db`
+/// keeps `BANMESH_DB`).
 pub fn command() -> Command {
+    let mut cmd = definition();
+    cmd.build();
+    cmd
+}
+
+/// [`command`] before clap builds it: what the man pages are made from
+/// (without a page for each `help` subcommand).
+pub fn definition() -> Command {
     let mut cmd = Cli::command();
     for daemon in Daemon::ALL {
         cmd = cmd.mut_subcommand(daemon.name(), |sub| {
@@ -124,7 +133,6 @@ pub fn command() -> Command {
             })
         });
     }
-    cmd.build();
     cmd
 }
 
