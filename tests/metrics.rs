@@ -91,11 +91,31 @@ async fn counters_match_a_small_fleet_run() {
     })
     .await;
 
+    // One report the fleet allow-list refuses.
+    let (ok, _, err) = hub_cli(
+        &["allow", "add", "198.51.100.0/24"],
+        &hub,
+        &pki.admin("ops"),
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = n1.report("sshd", "tcp", "22", "198.51.100.9");
+    assert!(ok, "{err}");
+    wait_for("the refusal to be counted", Duration::from_secs(30), || {
+        let text = scrape(hub_metrics);
+        async move {
+            value(
+                &text,
+                "banmesh_hub_reports_total{outcome=\"refused\",reason=\"allow_list\"}",
+            ) == Some(1.0)
+        }
+    })
+    .await;
+
     let hub_text = scrape(hub_metrics);
     promtool(&hub_text);
     assert_eq!(
         value(&hub_text, "banmesh_hub_reports_received_total"),
-        Some(3.0),
+        Some(4.0),
         "{hub_text}"
     );
     assert_eq!(
@@ -111,12 +131,13 @@ async fn counters_match_a_small_fleet_run() {
         Some(2.0),
         "{hub_text}"
     );
-    // Three events to n2; a node is not sent its own bans.
-    assert_eq!(
-        value(&hub_text, "banmesh_hub_deliveries_total"),
-        Some(3.0),
-        "{hub_text}"
-    );
+    // Three bans to n2 (a node is not sent its own bans), and the
+    // allow-list change to both.
+    wait_for("five deliveries", Duration::from_secs(30), || {
+        let text = scrape(hub_metrics);
+        async move { value(&text, "banmesh_hub_deliveries_total") == Some(5.0) }
+    })
+    .await;
     for host in ["n1", "n2"] {
         wait_for(
             &format!("{host} to catch up"),
@@ -182,6 +203,9 @@ async fn counters_match_a_small_fleet_run() {
     assert!(queried >= 10);
     // No address is ever a label.
     for text in [&hub_text, &n1_text, &n2_text] {
-        assert!(!text.contains("192.0.2."), "{text}");
+        assert!(
+            !text.contains("192.0.2.") && !text.contains("198.51.100."),
+            "{text}"
+        );
     }
 }
