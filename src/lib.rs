@@ -19,6 +19,7 @@
 //! - [`metrics`]: Prometheus metrics of both daemons (`--metrics ADDR`).
 //! - [`logging`]: text or JSON log lines, and the filter SIGHUP changes.
 //! - [`tls`]: mTLS configuration and peer identity.
+//! - [`certificate_reload`]: the hub's certificate, re-read on SIGHUP.
 //! - [`ca`]: the fleet CA: make it, sign hosts and admins.
 //! - [`config`]: the daemons' config files, `BANMESH_*` variables and flags, merged.
 //! - [`clock`]: the fleet's clock (Unix milliseconds), shared by hub and node.
@@ -36,6 +37,7 @@ pub mod allow;
 pub mod ban;
 pub mod bench;
 pub mod ca;
+pub mod certificate_reload;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -309,6 +309,43 @@ async fn a_hub_runs_from_its_file_and_reloads_on_sighup() {
     // Still serving on the old address.
     assert!(listening_ports(hub.proc.child.id()).contains(&hub.port));
 
+    // A renewed hub certificate: SIGHUP makes new handshakes present it.
+    assert!(presented_days(hub.port) > 80);
+    let sans = ["localhost".to_string(), "127.0.0.1".to_string()];
+    std::fs::remove_file(&tls.cert).unwrap();
+    std::fs::remove_file(&tls.key).unwrap();
+    banmesh::ca::issue(
+        &pki.dir,
+        &banmesh::ca::HostCert {
+            name: "hub",
+            sans: &sans,
+            valid_for: Duration::from_secs(10 * 86_400),
+            role: banmesh::ca::Role::Hub,
+        },
+    )
+    .unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(
+        "the hub to present the renewed certificate",
+        Duration::from_secs(10),
+        || {
+            let days = presented_days(hub.port);
+            async move { days <= 10 }
+        },
+    )
+    .await;
+    assert!(
+        hub.proc
+            .log_text()
+            .contains("SIGHUP: certificate and key re-read")
+    );
+
     // A broken file on SIGHUP changes nothing.
     std::fs::write(&path, "listen = 1\n").unwrap();
     assert!(
@@ -330,4 +367,28 @@ async fn a_hub_runs_from_its_file_and_reloads_on_sighup() {
     )
     .await;
     assert!(listening_ports(hub.proc.child.id()).contains(&hub.port));
+}
+
+/// Days left on the certificate the hub on `port` presents now (openssl
+/// s_client, as an operator would check it).
+fn presented_days(port: u16) -> i64 {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null \
+             | openssl x509 -noout -enddate"
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let date = text
+        .trim()
+        .strip_prefix("notAfter=")
+        .unwrap_or_else(|| panic!("{text}"));
+    let out = std::process::Command::new("date")
+        .args(["-d", date, "+%s"])
+        .output()
+        .unwrap();
+    let end: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    (end - banmesh::clock::now_ms() / 1000) / 86_400
 }

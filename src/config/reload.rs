@@ -1,11 +1,12 @@
 //! `SIGHUP`: read the settings again, apply what can change live, and say
 //! in the log what was applied and what waits for a restart.
 //!
-//! Live: `log-level`. Everything else (listen addresses, store, paths,
-//! certificate paths, limits) is read once at start; a changed value is
-//! named in the log as needing `systemctl restart`. Certificate *files*
-//! need no signal: a node renews its own and reconnects with them, and a
-//! renewed hub certificate takes a restart (said in the log too).
+//! Live: `log-level`, and the hub's certificate and key files (re-read by
+//! [`crate::certificate_reload`]: new handshakes present the renewed
+//! pair). Everything else (listen addresses, store, paths, certificate
+//! paths, limits) is read once at start; a changed value is named in the
+//! log as needing `systemctl restart`. A node renews its own certificate
+//! and reconnects with it, without a signal.
 use std::ffi::OsString;
 
 use tracing::{info, warn};
@@ -74,6 +75,16 @@ impl Reloader {
                 return;
             }
         };
+        for (cert, result) in crate::certificate_reload::reload_all() {
+            match result {
+                Ok(()) => {
+                    info!(%cert, "SIGHUP: certificate and key re-read; new connections present them")
+                }
+                Err(e) => {
+                    warn!(%cert, error = %e, "SIGHUP: certificate not re-read; the old one stays")
+                }
+            }
+        }
         let cmd = super::command();
         let mut applied = Vec::new();
         let mut restart = Vec::new();
