@@ -47,6 +47,99 @@ pub enum Command {
     Enroll(EnrollArgs),
     /// Measure propagation latency, ingest, fan-out, catch-up and report time on MariaDB.
     Bench(crate::bench::BenchArgs),
+    /// The local node's health: hub, lag, outbox, fail2ban, certificate, last error (exit 1 on a problem, 2 if the node does not answer).
+    Status(StatusArgs),
+    /// Check a daemon's config file, or show its effective settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Write the man pages or print shell completions (for packaging).
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+/// `banmesh generate`: files the package ships, made from this CLI definition.
+#[derive(Subcommand, Debug)]
+pub enum GenerateCommand {
+    /// Write banmesh.1 and a page per subcommand (banmesh-hub.1, ...) into DIR.
+    Man {
+        /// Output directory.
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Flags of `banmesh status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The node's unix socket.
+    #[arg(long, default_value = node::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Events received but not yet applied past which the node is behind.
+    #[arg(long, value_name = "EVENTS", default_value_t = 1000)]
+    pub max_lag: u64,
+    /// Certificate validity left under which the check fails (renewal
+    /// should have run long before).
+    #[arg(long, default_value = "14d", value_parser = humantime::parse_duration)]
+    pub cert_warn: Duration,
+}
+
+/// `banmesh config`: the daemons' files, without starting anything.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check a config file: exit 0 if the daemon would start with it, 1 naming the file, line and key if not.
+    Check {
+        /// Whose file (default: from the file's name, hub.toml or node.toml; without --config, both default files that exist).
+        #[arg(value_enum)]
+        daemon: Option<crate::config::Daemon>,
+        /// The file (default: /etc/banmesh/hub.toml or node.toml).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective settings of `banmesh hub|node [FLAGS]` and where each came from (secrets redacted).
+    Show {
+        /// Whose settings.
+        #[arg(value_enum)]
+        daemon: crate::config::Daemon,
+        /// The daemon's flags, as it would be started with them (e.g. --config PATH).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+/// Flags every daemon has: its config file and its logging.
+#[derive(Args, Debug, Clone)]
+pub struct ServiceArgs {
+    /// Config file (default: /etc/banmesh/hub.toml or node.toml, if present).
+    /// Its keys are this command's long flag names; flags and BANMESH_*
+    /// variables override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// What to log: a level (error, warn, info, debug, trace) or tracing
+    /// directives (info,banmesh::hub=debug). RUST_LOG wins while this is
+    /// left at its default. SIGHUP re-reads it from the config file.
+    #[arg(long, value_name = "FILTER", default_value = "info", value_parser = crate::logging::parse_filter)]
+    pub log_level: String,
+    /// Log line format: text for people, json for a log pipeline (one
+    /// object per line, with the spans naming the peer host).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Serve Prometheus metrics over plain HTTP at http://ADDR/metrics
+    /// (e.g. 127.0.0.1:9464; keep it on a local or private address).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Flags of `banmesh enroll`.
@@ -291,6 +384,9 @@ pub struct HubArgs {
     /// The fleet signal policy.
     #[command(flatten)]
     pub signals: SignalArgs,
+    /// Config file and logging.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// The hub's fleet signal policy: when hosts' observations become a
@@ -475,6 +571,9 @@ pub struct NodeArgs {
     /// Closed ports whose probes are not reported (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
     pub probe_ignore_ports: Vec<u16>,
+    /// Config file and logging.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 /// The seed's `add2db.py` flags. `-pr` is accepted too (rewritten to
@@ -609,6 +708,37 @@ fn init_logging(default: &str) {
         .init();
 }
 
+/// A daemon's process-wide parts: its log output and its `SIGHUP` reload.
+struct Service {
+    reloader: Option<crate::config::reload::Reloader>,
+}
+
+impl Service {
+    fn start(
+        args: &ServiceArgs,
+        argv: Vec<std::ffi::OsString>,
+        effective: Option<crate::config::Effective>,
+    ) -> Service {
+        let level_is_default = effective.as_ref().is_none_or(|e| {
+            e.sources
+                .iter()
+                .any(|(id, s)| id == "log_level" && *s == crate::config::Source::Default)
+        });
+        let log = crate::logging::init(&args.log_level, level_is_default, args.log_format);
+        Service {
+            reloader: effective.map(|e| crate::config::reload::Reloader::new(argv, e, log)),
+        }
+    }
+
+    /// Starts handling `SIGHUP` (inside the runtime).
+    fn serve(self) {
+        crate::systemd::spawn_watchdog();
+        if let Some(r) = self.reloader {
+            r.spawn();
+        }
+    }
+}
+
 /// Runs a daemon future until SIGINT/SIGTERM, then lets it finish.
 async fn until_signal<F, Fut, E>(run: F) -> anyhow::Result<()>
 where
@@ -619,6 +749,7 @@ where
     let (trigger, stop) = shutdown::channel();
     tokio::spawn(async move {
         shutdown::os_signal().await;
+        crate::systemd::stopping();
         trigger.trigger();
         // Keep the trigger alive until the process exits.
         std::future::pending::<()>().await;
@@ -629,8 +760,20 @@ where
 
 /// Entry point for the binary: returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse_from(seed_args(std::env::args()));
-    let result = match cli.command {
+    let argv: Vec<std::ffi::OsString> = seed_args(std::env::args())
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let loaded = match crate::config::load(argv.clone()) {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => {
+            eprintln!("banmesh: {e}");
+            return std::process::ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let effective = loaded.effective;
+    let result = match loaded.cli.command {
         Command::Report(args) => return report(args),
         Command::Ca(cmd) => {
             init_logging("warn");
@@ -645,8 +788,8 @@ pub fn main() -> std::process::ExitCode {
                 runtime().block_on(hub_action(action))
             }
             HubCommand { run, .. } => {
-                init_logging("info");
-                runtime().block_on(run_hub(run))
+                let service = Service::start(&run.service, argv, effective);
+                runtime().block_on(run_hub(run, service))
             }
         },
         Command::Node(node) => match *node {
@@ -659,8 +802,8 @@ pub fn main() -> std::process::ExitCode {
                 ..
             } => setup_probes(args),
             NodeCommand { run, .. } => {
-                init_logging("info");
-                runtime().block_on(run_node(run))
+                let service = Service::start(&run.service, argv, effective);
+                runtime().block_on(run_node(run, service))
             }
         },
         Command::Unban(args) => {
@@ -710,6 +853,20 @@ pub fn main() -> std::process::ExitCode {
         Command::Enroll(args) => {
             init_logging("warn");
             runtime().block_on(enroll(args))
+        }
+        Command::Config(cmd) => return crate::config::command::run(cmd),
+        Command::Status(args) => return status(args),
+        Command::Generate(GenerateCommand::Man { dir }) => std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::generate_to(crate::config::definition(), &dir))
+            .with_context(|| format!("cannot write man pages to {}", dir.display())),
+        Command::Generate(GenerateCommand::Completions { shell }) => {
+            clap_complete::generate(
+                shell,
+                &mut crate::config::command(),
+                "banmesh",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
     };
     match result {
@@ -815,7 +972,14 @@ fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
     Ok(line.to_string())
 }
 
-async fn run_hub(args: HubArgs) -> anyhow::Result<()> {
+async fn run_hub(args: HubArgs, service: Service) -> anyhow::Result<()> {
+    service.serve();
+    let (_stop_metrics, stop) = shutdown::channel();
+    if let Some(addr) = args.service.metrics {
+        crate::metrics::serve(addr, crate::metrics::hub::exposition(), stop)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     let db = match (args.db, args.db_file) {
         (None, Some(file)) => Some(read_secret(&file, "the store URL")?),
         (db, _) => db,
@@ -959,7 +1123,14 @@ async fn hub_action(action: HubAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+async fn run_node(args: NodeArgs, service: Service) -> anyhow::Result<()> {
+    service.serve();
+    let (_stop_metrics, stop) = shutdown::channel();
+    if let Some(addr) = args.service.metrics {
+        crate::metrics::serve(addr, crate::metrics::node::exposition(), stop)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     let config = node::NodeConfig {
         hubs: args.hubs,
         tls: (&args.tls).into(),
@@ -978,6 +1149,52 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         probe_ignore_ports: args.probe_ignore_ports,
     };
     until_signal(|stop| node::run(config, stop)).await
+}
+
+/// `banmesh status`: 0 healthy, 1 a problem (named), 2 no answer.
+fn status(args: StatusArgs) -> std::process::ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("start the tokio runtime");
+    let answer = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::report::node_status(&args.socket),
+        )
+        .await
+    });
+    let s = match answer {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            println!(
+                "PROBLEM      the node does not answer on {}: {e}",
+                args.socket.display()
+            );
+            return std::process::ExitCode::from(2);
+        }
+        Err(_) => {
+            println!(
+                "PROBLEM      the node did not answer on {} within 10 s",
+                args.socket.display()
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let (text, problems) = crate::status::assess(
+        &s,
+        crate::clock::now_ms(),
+        crate::status::Thresholds {
+            max_lag: args.max_lag,
+            cert_warn: args.cert_warn,
+        },
+    );
+    print!("{text}");
+    if problems.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
 }
 
 /// `banmesh report`: exit 0 once the node has the ban on disk; 2 for a bad

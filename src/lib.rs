@@ -12,12 +12,18 @@
 //! - [`hub`]: the hub daemon: store, group committer, fan-out, subscriptions.
 //! - [`node`]: the node daemon: outbox, publisher, subscriber, apply.
 //! - [`report`]: the `banmesh report` client fail2ban's action runs.
+//! - [`status`]: `banmesh status`, the local node's health for people and monitoring.
 //! - [`admin`]: operator commands: unban, bans, hosts, tokens, revoke, migrate, import-seed.
 //! - [`enroll`]: `banmesh enroll`, a new server trading a token for its certificate.
 //! - [`fail2ban`]: fail2ban's control socket and the configuration banmesh installs.
+//! - [`metrics`]: Prometheus metrics of both daemons (`--metrics ADDR`).
+//! - [`logging`]: text or JSON log lines, and the filter SIGHUP changes.
 //! - [`tls`]: mTLS configuration and peer identity.
+//! - [`certificate_reload`]: the hub's certificate, re-read on SIGHUP.
 //! - [`ca`]: the fleet CA: make it, sign hosts and admins.
+//! - [`config`]: the daemons' config files, `BANMESH_*` variables and flags, merged.
 //! - [`clock`]: the fleet's clock (Unix milliseconds), shared by hub and node.
+//! - [`systemd`]: readiness and watchdog pings for `Type=notify` units.
 //! - [`shutdown`]: graceful shutdown as a value.
 //! - [`cli`]: the `clap` definitions and dispatch behind the `banmesh` binary.
 //! - [`demo`]: a throwaway local fleet for a first look.
@@ -31,15 +37,21 @@ pub mod allow;
 pub mod ban;
 pub mod bench;
 pub mod ca;
+pub mod certificate_reload;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod demo;
 pub mod enroll;
 pub mod fail2ban;
 pub mod hostname;
 pub mod hub;
+pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod proto;
 pub mod report;
 pub mod shutdown;
+pub mod status;
+pub mod systemd;
 pub mod tls;

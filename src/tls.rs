@@ -121,15 +121,31 @@ impl TlsFiles {
                 })
         };
         let ca = certs(&self.ca)?;
-        let mut chain = certs(&self.cert)?;
-        chain.extend(ca.iter().cloned());
-        let key =
-            PrivateKeyDer::from_pem_slice(&read_key(&self.key)?).map_err(|_| TlsError::NoKey {
-                path: self.key.clone(),
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // The pair is read again on SIGHUP (certificate_reload).
+        let files = self.clone();
+        let key_provider = provider.clone();
+        let load = move || -> Result<rustls::sign::CertifiedKey, TlsError> {
+            let mut chain = certs(&files.cert)?;
+            chain.extend(certs(&files.ca)?);
+            let key = PrivateKeyDer::from_pem_slice(&read_key(&files.key)?).map_err(|_| {
+                TlsError::NoKey {
+                    path: files.key.clone(),
+                }
             })?;
+            let pair = rustls::sign::CertifiedKey::from_der(chain, key, &key_provider)
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            pair.keys_match()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            Ok(pair)
+        };
+        let resolver = crate::certificate_reload::ReloadingCert::new(
+            self.cert.display().to_string(),
+            Box::new(move || load().map_err(|e| e.to_string())),
+        )
+        .map_err(TlsError::Config)?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add_parsable_certificates(ca);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = |e: &dyn std::fmt::Display| TlsError::Config(e.to_string());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
@@ -142,8 +158,7 @@ impl TlsFiles {
             .with_safe_default_protocol_versions()
             .map_err(|e| config(&e))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .map_err(|e| config(&e))?;
+            .with_cert_resolver(resolver);
         server.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(server))
     }

@@ -150,6 +150,7 @@ impl Fail2ban {
     /// Sends one command and returns fail2ban's result (code 0), or why it
     /// refused (code 1).
     pub async fn request(&mut self, command: &[&str]) -> Result<Value, Fail2banError> {
+        let _timer = crate::metrics::node::RoundTrip::start();
         let frame = [pickle::encode_str_list(command), END.to_vec()].concat();
         let mut answer = None;
         // A kept-alive connection may have died since the last request

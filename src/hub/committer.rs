@@ -195,9 +195,13 @@ async fn run(
     };
     let mut published = Published { last, owed: last };
     let mut retry = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut beat = tokio::time::interval(crate::systemd::BEAT);
     loop {
+        crate::systemd::beat();
         let first = tokio::select! {
             cmd = rx.recv() => cmd,
+            // The watchdog's sign of life while idle.
+            _ = beat.tick() => continue,
             _ = shutdown.recv(), if !shutdown.is_shutdown() => {
                 // Stop taking new commands; those already queued still commit.
                 rx.close();

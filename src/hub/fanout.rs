@@ -52,6 +52,8 @@ pub struct Fanout {
     subscribed: Registry,
     /// Numbers streams, so that a guard finds its own entry.
     next_stream: Arc<AtomicU64>,
+    /// The last event id published (the metrics' lag is this less a position).
+    head: Arc<AtomicU64>,
 }
 
 impl Default for Fanout {
@@ -60,6 +62,7 @@ impl Default for Fanout {
             tx: broadcast::channel(RING).0,
             subscribed: Arc::default(),
             next_stream: Arc::default(),
+            head: Arc::default(),
         }
     }
 }
@@ -68,7 +71,21 @@ impl Fanout {
     /// Hands a committed event to every live subscriber. Called by the
     /// committer only, in id order.
     pub fn publish(&self, event: Arc<Event>) {
+        self.head.fetch_max(event.id, Ordering::Relaxed);
         let _ = self.tx.send(event);
+    }
+
+    /// The last event id published live.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Relaxed)
+    }
+
+    /// Every subscribed host and the furthest event id it has passed.
+    pub fn positions(&self) -> Vec<(String, u64)> {
+        let map = self.subscribed.lock().unwrap();
+        map.iter()
+            .map(|(host, s)| (host.clone(), s.position.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// A receiver that sees every event published from now on.

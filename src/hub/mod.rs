@@ -242,6 +242,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     let fanout = fanout::Fanout::default();
+    crate::metrics::hub::attach(fanout.clone());
     let fleet = fleet::FleetAddrs::from_rows(store.fleet_addresses().await?);
     if let Ok(addr) = tcp.local_addr().map(|a| a.ip())
         && !addr.is_unspecified()
@@ -293,6 +294,9 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     health.set_serving::<HubServer<service::HubService>>().await;
 
     info!(addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
+    // The store is open and the listener bound (connections wait in its
+    // backlog until `serve` below takes them).
+    crate::systemd::ready("hub serving");
     Server::builder()
         .trace_fn(request_span)
         // A node needs a handful of streams per connection (Publish,

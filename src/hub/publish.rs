@@ -124,7 +124,9 @@ async fn read(
             }
             None => break,
         };
+        crate::metrics::hub::get().reports.inc();
         if let Err(wait) = gate.admit() {
+            crate::metrics::hub::refused("rate_limited");
             // Not taken: it and all sent after it stay in the outbox.
             let _ = pending_tx
                 .send(PendingAck::Failed(gate.exhausted(wait)))
@@ -134,6 +136,7 @@ async fn read(
         let pending = match Ban::from_proto(report.ban.as_ref()) {
             Err(e) => {
                 warn!(seq = report.seq, reason = %e, "report refused");
+                crate::metrics::hub::refused("invalid");
                 PendingAck::Ready(proto::Ack {
                     seq: report.seq,
                     rejected: e.to_string(),
@@ -195,6 +198,7 @@ fn fold(ack: &mut proto::Ack, pending_rx: &mut mpsc::Receiver<PendingAck>) -> Op
                     return Some(PendingAck::Ready(refused_ack(seq, &ip, entry)));
                 }
                 Ok(Ok(c)) => {
+                    crate::metrics::hub::committed(&c);
                     ack.seq = seq;
                     ack.event_id = c.event_id();
                     ack.duplicate = matches!(c, Committed::Duplicate(_));
@@ -222,15 +226,18 @@ async fn resolve(p: PendingAck) -> Result<proto::Ack, Status> {
         PendingAck::Failed(status) => Err(status),
         PendingAck::Committing(seq, rx) => match rx.await {
             Ok(Ok(Committed::Refused { ip, entry })) => Ok(refused_ack(seq, &ip, entry)),
-            Ok(Ok(c)) => Ok(proto::Ack {
-                seq,
-                event_id: c.event_id(),
-                duplicate: matches!(c, Committed::Duplicate(_)),
-                rejected: String::new(),
-                count: 1,
-                allowed_by: String::new(),
-                coalesced: matches!(c, Committed::Coalesced { .. }),
-            }),
+            Ok(Ok(c)) => {
+                crate::metrics::hub::committed(&c);
+                Ok(proto::Ack {
+                    seq,
+                    event_id: c.event_id(),
+                    duplicate: matches!(c, Committed::Duplicate(_)),
+                    rejected: String::new(),
+                    count: 1,
+                    allowed_by: String::new(),
+                    coalesced: matches!(c, Committed::Coalesced { .. }),
+                })
+            }
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(shutting_down()),
         },
@@ -239,6 +246,7 @@ async fn resolve(p: PendingAck) -> Result<proto::Ack, Status> {
 
 /// The ack of a report of `ip` refused by the allow-list `entry`.
 fn refused_ack(seq: u64, ip: &str, entry: String) -> proto::Ack {
+    crate::metrics::hub::refused("allow_list");
     proto::Ack {
         seq,
         rejected: format!("{ip} is on the fleet allow-list ({entry}): not shared"),

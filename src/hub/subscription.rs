@@ -82,6 +82,9 @@ impl Stream for Events {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
         let mut queue = self.0.lock().unwrap();
         let polled = queue.rx.poll_recv(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            crate::metrics::hub::get().deliveries.inc();
+        }
         if polled.is_pending() {
             match &mut queue.waker {
                 Some(w) => w.clone_from(cx.waker()),

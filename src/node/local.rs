@@ -35,6 +35,8 @@ pub struct LocalService {
     pub fast_path: Arc<AtomicBool>,
     /// The signal path's counters: whether signals flow, how many dropped.
     pub signals: Arc<super::signals::SignalStats>,
+    /// Hubs, certificate, fail2ban: read when `status` asks.
+    pub health: super::health::Health,
 }
 
 #[tonic::async_trait]
@@ -79,6 +81,15 @@ impl node_server::Node for LocalService {
             fast_path: self.fast_path.load(Ordering::Relaxed),
             signals_flowing: self.signals.flowing.load(Ordering::Relaxed),
             signals_dropped: self.signals.dropped(),
+            hubs: self.health.hubs.join(" "),
+            received_event_id: self.position.received(),
+            cert_expires_ms: self.health.cert_expires_ms().unwrap_or(0),
+            fail2ban_socket_used: self.health.fail2ban_socket.is_some(),
+            fail2ban_reachable: self.health.fail2ban_reachable().await,
+            last_error: crate::logging::last_problem()
+                .map(|p| p.1)
+                .unwrap_or_default(),
+            last_error_ms: crate::logging::last_problem().map_or(0, |p| p.0),
         }))
     }
 }

@@ -44,12 +44,14 @@
 //! Around them:
 //! - [`link`]: TLS channel to the hub and reconnect backoff.
 //! - [`renewal`]: renews the node's certificate before it expires.
+//! - [`health`]: what `banmesh status` reads at request time.
 //! - [`inspect`]: the optional mTLS port for grpcurl (status, health, reflection).
 //! - [`state_file`]: how every file above is opened: never through a
 //!   symbolic link, readable by its owner only.
 pub mod allow_list;
 pub mod apply;
 pub mod deferred;
+pub mod health;
 pub mod ignore;
 pub mod inspect;
 pub mod lifts;
@@ -230,7 +232,8 @@ fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
 /// current batch before returning.
 pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
     let name = config.tls.own_name()?;
-    let span = tracing::info_span!("node", host = %name);
+    // `hub`: the peer of the node's streams, on each of their lines.
+    let span = tracing::info_span!("node", host = %name, hub = %config.hubs.join(" "));
     serve(config, name, shutdown, span.clone())
         .instrument(span)
         .await
@@ -291,6 +294,7 @@ async fn serve(
         )
     });
     let fast_path = applier.fast_path_up.clone();
+    crate::metrics::node::attach(outbox.clone(), fast_path.clone());
     let (channels, link) = link::Link::new(link::channel(&config.hubs, &config.tls)?);
     let connected = Arc::new(AtomicBool::new(false));
     let listener = bind_socket(&config.socket)?;
@@ -389,6 +393,11 @@ async fn serve(
         position,
         fast_path,
         signals: signal_stats,
+        health: health::Health {
+            hubs: config.hubs.clone(),
+            tls: config.tls.clone(),
+            fail2ban_socket: config.fail2ban_socket.clone(),
+        },
     };
     let local = Arc::new(local);
     let inspection = match config.listen {
@@ -399,6 +408,8 @@ async fn serve(
         None => None,
     };
     let request_span = span.clone();
+    // The report socket is bound and the outbox loaded.
+    crate::systemd::ready("node serving");
     let served = Server::builder()
         .trace_fn(move |_| request_span.clone())
         .add_service(NodeServer::from_arc(local))

@@ -38,6 +38,9 @@ const POSITION_SAVE: Duration = Duration::from_millis(500);
 pub struct Position {
     path: PathBuf,
     id: AtomicU64,
+    /// The highest id received from the hub (applied or not): the
+    /// status's lag is this less [`Position::get`].
+    received: AtomicU64,
     /// The id last written to the file, and when.
     saved: Mutex<(u64, Instant)>,
     /// Lines of `shared.log` after the saved position: event id -> IP.
@@ -67,6 +70,7 @@ impl Position {
         Position {
             path,
             id: AtomicU64::new(id),
+            received: AtomicU64::new(id),
             saved: Mutex::new((id, Instant::now())),
             logged: Mutex::default(),
         }
@@ -75,6 +79,16 @@ impl Position {
     /// The last applied event id.
     pub fn get(&self) -> u64 {
         self.id.load(Ordering::Relaxed)
+    }
+
+    /// Notes an event id received from the hub (the subscriber).
+    pub fn note_received(&self, id: u64) {
+        self.received.fetch_max(id, Ordering::Relaxed);
+    }
+
+    /// The highest event id received from the hub, at least the applied one.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed).max(self.get())
     }
 
     /// Whether `shared.log` already holds this ban's line (written before

@@ -50,14 +50,24 @@ pub async fn run(
         let error = match result {
             Ok(stream) => {
                 info!(after, "subscribed to hub");
+                crate::metrics::node::get().hub_connected.set(1);
+                crate::metrics::node::get().hub_connects.inc();
                 backoff.reset();
-                follow(stream.into_inner(), &mut received, &batches, &mut shutdown).await
+                follow(
+                    stream.into_inner(),
+                    &mut received,
+                    &position,
+                    &batches,
+                    &mut shutdown,
+                )
+                .await
             }
             Err(e) => e,
         };
         if shutdown.is_shutdown() {
             break;
         }
+        crate::metrics::node::get().hub_connected.set(0);
         let delay = backoff.next_delay();
         warn!(error = %error, retry_in = ?delay, "subscription to hub lost");
         tokio::select! {
@@ -72,6 +82,7 @@ pub async fn run(
 async fn follow(
     mut stream: tonic::Streaming<proto::Event>,
     received: &mut u64,
+    position: &Position,
     batches: &mpsc::Sender<Vec<Event>>,
     shutdown: &mut Shutdown,
 ) -> tonic::Status {
@@ -87,6 +98,7 @@ async fn follow(
                 Some(Ok(e)) => match Event::from_proto(&e) {
                     Ok(ev) if ev.id > *received => {
                         *received = ev.id;
+                        position.note_received(ev.id);
                         batch.push(ev);
                     }
                     Ok(_) => {}

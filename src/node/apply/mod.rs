@@ -354,6 +354,7 @@ impl Applier {
                 }
                 Err(err) => {
                     tracing::error!(path = %self.log.path().display(), error = %err, "cannot write shared.log");
+                    crate::metrics::node::get().shared_log_errors.inc();
                     // Banned through the socket, the IP is banned all the same.
                     let st = |e: &&Event| {
                         if confirmed.contains(e.ban.ip.as_str()) {
@@ -418,7 +419,8 @@ pub async fn run(
                 // Bans whose lines a crash left ahead of the position file.
                 let batch: Vec<Event> = batch.into_iter().filter(|e| !position.written(e)).collect();
                 if !batch.is_empty() {
-                    applier.apply(&batch).await;
+                    let statuses = applier.apply(&batch).await;
+                    crate::metrics::node::applied_batch(&batch, &statuses);
                 }
                 // An allow-list change not yet on disk keeps the position
                 // before it, so a restart replays it (save is retried with
@@ -440,6 +442,7 @@ pub async fn run(
             }
             // A quiet spell must not leave the position file behind.
             _ = save.tick() => {
+                crate::systemd::beat();
                 if let Err(e) = position.flush() {
                     warn!(error = %e, "cannot save the applied position");
                 }
