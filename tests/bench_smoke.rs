@@ -49,4 +49,9 @@ fn bench_quick_runs_every_scenario() {
     assert_eq!(json["wave"]["fleet_bans"], 40);
     assert_eq!(json["wave"]["deliveries_per_host_min"], 40);
     assert_eq!(json["wave"]["deliveries_per_host_max"], 40);
+    // Fleet signals: every threshold crossing became a ban on all 10 nodes,
+    // and the windows held the addresses sent.
+    assert_eq!(json["signal_to_ban"]["latency"]["n"], 20);
+    assert_eq!(json["signal_ingest"]["accepted"], 100_000);
+    assert_eq!(json["signal_memory"]["addresses"], 20_000);
 }

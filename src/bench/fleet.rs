@@ -108,7 +108,6 @@ impl HubProc {
                 "--report-rate",
                 "off",
             ])
-            .args(extra)
             .arg("--cert")
             .arg(&tls.cert)
             .arg("--key")

@@ -278,13 +278,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     eprintln!("signal aggregation ...");
     let (total, addresses) = if quick {
-        (1_000_000, 100_000)
+        (200_000, 20_000)
     } else {
         (10_000_000, 1_000_000)
     };
     results.insert("signal_aggregation".into(), aggregation(total, addresses));
     eprintln!("signal ingest over gRPC ...");
-    let each = if quick { 100_000 } else { 500_000 };
+    let each = if quick { 25_000 } else { 500_000 };
     results.insert(
         "signal_ingest".into(),
         ingest(root, pki, mysql, 4, each).await?,
@@ -296,7 +296,7 @@ pub async fn run(
         threshold_to_ban(root, pki, mysql, 10, samples).await?,
     );
     eprintln!("hub memory with addresses in the signal windows ...");
-    let addresses = if quick { 100_000 } else { 1_000_000 };
+    let addresses = if quick { 20_000 } else { 1_000_000 };
     results.insert(
         "signal_memory".into(),
         memory(root, pki, mysql, addresses).await?,

@@ -32,6 +32,8 @@ use crate::{
 /// How often the windows' counters are logged while addresses are being
 /// dropped to stay within the bound.
 const LOG_DROPS_EVERY: Duration = Duration::from_secs(60);
+/// How often addresses past every window are removed when no signal comes.
+const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 /// Attempts to commit one fleet ban before giving it up.
 const COMMIT_ATTEMPTS: u32 = 5;
 
@@ -186,9 +188,19 @@ impl Aggregator {
     /// Runs until `shutdown` or until every sender is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Batch>, mut shutdown: Shutdown) {
         let mut logged = (Instant::now(), 0u64);
+        // Addresses leave their windows with time, not only when signals
+        // arrive: a quiet hub gives their memory back too.
+        let mut tick = tokio::time::interval(EXPIRE_EVERY);
         loop {
             let batch = tokio::select! {
                 b = rx.recv() => b,
+                _ = tick.tick() => {
+                    let now = self.clock.secs(crate::clock::now_ms());
+                    self.windows.expire(now);
+                    let tracked = self.windows.stats().tracked;
+                    self.counters.tracked.store(tracked, Ordering::Relaxed);
+                    continue;
+                }
                 _ = shutdown.recv() => None,
             };
             let Some(batch) = batch else { break };
@@ -249,4 +261,57 @@ async fn commit(committer: Committer, report: NewReport) {
     }
     warn!(ip = %report.ban.ip,
         "fleet ban given up: the store kept failing (the address is banned again if its signals go on)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::signals::windows::{Observed, Thresholds};
+
+    #[test]
+    fn a_batch_is_counted_and_its_crossing_is_one_verdict() {
+        let now = 1_700_000_000_000;
+        let mut agg = Aggregator {
+            windows: Windows::new(Thresholds::default(), 100),
+            outcome: Outcome::DryRun,
+            counters: Arc::new(Counters::default()),
+            clock: Clock::starting(now),
+            seq: Arc::new(FleetSeq::starting_now()),
+        };
+        let failures = |n| Batch {
+            host: String::new(),
+            signals: vec![
+                Incoming {
+                    ip: "203.0.113.5".parse().unwrap(),
+                    at_ms: now - 5_000,
+                    what: Observed::Failure,
+                };
+                n
+            ],
+        };
+        let a = Batch {
+            host: "a".into(),
+            ..failures(6)
+        };
+        assert!(agg.take(a, now).is_empty());
+        let b = Batch {
+            host: "B".into(),
+            ..failures(6)
+        };
+        let verdicts = agg.take(b, now);
+        assert_eq!(verdicts.len(), 1);
+        assert_eq!(verdicts[0].reason, "10 failures on 2 hosts in 0s");
+        let c = &agg.counters;
+        assert_eq!(c.aggregated.load(Ordering::Relaxed), 12);
+        assert_eq!(c.verdicts.load(Ordering::Relaxed), 1);
+        assert_eq!(c.tracked.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_clock_counts_seconds_from_an_hour_before_the_start() {
+        let c = Clock::starting(10_000_000);
+        assert_eq!(c.secs(10_000_000), 3600);
+        assert_eq!(c.secs(10_001_999), 3601);
+        assert_eq!(c.secs(0), 0);
+    }
 }
