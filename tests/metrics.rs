@@ -131,11 +131,12 @@ async fn counters_match_a_small_fleet_run() {
         Some(2.0),
         "{hub_text}"
     );
-    // Three bans to n2 (a node is not sent its own bans), and the
-    // allow-list change to both.
-    wait_for("five deliveries", Duration::from_secs(30), || {
+    // Three bans to each node (a ban with a fleet end goes back to its
+    // reporter too, which holds it until then), and the allow-list change
+    // to both.
+    wait_for("eight deliveries", Duration::from_secs(30), || {
         let text = scrape(hub_metrics);
-        async move { value(&text, "banmesh_hub_deliveries_total") == Some(5.0) }
+        async move { value(&text, "banmesh_hub_deliveries_total") == Some(8.0) }
     })
     .await;
     for host in ["n1", "n2"] {

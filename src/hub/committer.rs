@@ -399,12 +399,15 @@ async fn commit_reports(
         Some(l) => store.ladder_facts(batch).await.map(|f| Some((l, f))),
         None => Ok(None),
     };
+    // One clock reading for the terms and the events' creation: a fleet
+    // end is exactly its rung's duration after the ban's `created_ms`.
+    let now = now_ms();
     let planned = match facts {
         Ok(facts) => {
             if let Some((ladder, facts)) = facts {
-                plan(ladder, &facts, batch, now_ms());
+                plan(ladder, &facts, batch, now);
             }
-            store.commit(batch).await
+            store.commit_at(batch, now).await
         }
         Err(e) => Err(e),
     };

@@ -146,7 +146,11 @@ pub trait Backend: Send + Sync + 'static {
     /// held until the session is dropped).
     async fn session(&self) -> Result<Box<dyn Executor + '_>, StoreError>;
     /// The group commit, tuned per backend (see `Store::commit`).
-    async fn commit_batch(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError>;
+    async fn commit_batch(
+        &self,
+        batch: &[NewReport],
+        now: i64,
+    ) -> Result<Vec<Committed>, StoreError>;
     /// The grouped status writes, tuned per backend (see `Store::set_statuses`).
     async fn write_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError>;
 }

@@ -445,7 +445,17 @@ pub trait Store: Send + Sync + 'static {
     /// for a host that did not enrol with a token.
     async fn cert_ttl(&self, name: &str) -> Result<Option<i64>, StoreError>;
     /// Commits a batch of reports in one transaction (see the module doc).
-    async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError>;
+    async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
+        self.commit_at(batch, now_ms()).await
+    }
+    /// [`Store::commit`] with new events created at `now_ms`: the time the
+    /// committer planned their terms at, so that a fleet end is exactly its
+    /// rung's duration after the ban's creation.
+    async fn commit_at(
+        &self,
+        batch: &[NewReport],
+        now_ms: i64,
+    ) -> Result<Vec<Committed>, StoreError>;
     /// Replay: up to `limit` events after `after`, as seen by `subscriber`.
     async fn events_after(
         &self,

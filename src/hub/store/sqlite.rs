@@ -244,7 +244,11 @@ impl Backend for SqliteStore {
         }))
     }
 
-    async fn commit_batch(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
+    async fn commit_batch(
+        &self,
+        batch: &[NewReport],
+        now: i64,
+    ) -> Result<Vec<Committed>, StoreError> {
         let mut ids = Vec::with_capacity(batch.len());
         for r in batch {
             ids.push(sql::host_id(self, &r.host).await?);
@@ -252,7 +256,6 @@ impl Backend for SqliteStore {
         let batch = batch.to_vec();
         self.with(move |conn| {
             let tx = conn.transaction().map_err(q)?;
-            let now = super::now_ms();
             let mut out: Vec<Committed> = Vec::with_capacity(batch.len());
             {
                 let mut find = tx

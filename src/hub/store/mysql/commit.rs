@@ -10,7 +10,7 @@ use mysql_async::{TxOpts, Value, prelude::*};
 use super::{MysqlStore, q};
 use crate::{
     ban::Status,
-    hub::store::{COALESCED_KIND, Committed, NewReport, Plan, StoreError, Stored, now_ms, sql},
+    hub::store::{COALESCED_KIND, Committed, NewReport, Plan, StoreError, Stored, sql},
 };
 
 /// What makes two reports the same ban, as stored.
@@ -75,6 +75,7 @@ impl MysqlStore {
     pub(super) async fn group_commit(
         &self,
         batch: &[NewReport],
+        now: i64,
     ) -> Result<Vec<Committed>, StoreError> {
         if batch.is_empty() {
             return Ok(vec![]);
@@ -91,7 +92,6 @@ impl MysqlStore {
             .collect();
         let (second, first): (Vec<usize>, Vec<usize>) =
             (0..batch.len()).partition(|&i| matches!(batch[i].plan, Plan::CoalesceWith(_)));
-        let now = now_ms();
         let mut out: Vec<Option<Committed>> = vec![None; batch.len()];
         let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
         for phase in [first, second] {

@@ -229,8 +229,12 @@ impl Backend for MysqlStore {
         }))
     }
 
-    async fn commit_batch(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
-        self.group_commit(batch).await
+    async fn commit_batch(
+        &self,
+        batch: &[NewReport],
+        now: i64,
+    ) -> Result<Vec<Committed>, StoreError> {
+        self.group_commit(batch, now).await
     }
 
     async fn write_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError> {

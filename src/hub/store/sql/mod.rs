@@ -137,8 +137,8 @@ impl<B: Backend> Store for B {
         names::fleet_addresses(self).await
     }
 
-    async fn commit(&self, batch: &[NewReport]) -> Result<Vec<Committed>, StoreError> {
-        self.commit_batch(batch).await
+    async fn commit_at(&self, batch: &[NewReport], now: i64) -> Result<Vec<Committed>, StoreError> {
+        self.commit_batch(batch, now).await
     }
 
     async fn events_after(
