@@ -376,10 +376,12 @@ pub struct HubArgs {
     /// ended within --ladder-window gets the next rung; the top one holds.
     /// `off`: bans carry no fleet end (each host's jail bantime applies)
     /// and reports of a banned address are not coalesced.
-    #[arg(long, value_name = "DURATIONS", default_value = hub::ladder::DEFAULT_LADDER)]
+    #[arg(long, value_name = "DURATIONS", default_value = hub::ladder::DEFAULT_LADDER,
+          value_parser = ladder_arg)]
     pub ladder: String,
     /// How long a ban's end counts in an address's history.
-    #[arg(long, value_name = "DURATION", default_value = hub::ladder::DEFAULT_WINDOW)]
+    #[arg(long, value_name = "DURATION", default_value = hub::ladder::DEFAULT_WINDOW,
+          value_parser = ladder_window_arg)]
     pub ladder_window: String,
     /// The fleet signal policy.
     #[command(flatten)]
@@ -387,6 +389,21 @@ pub struct HubArgs {
     /// Config file and logging.
     #[command(flatten)]
     pub service: ServiceArgs,
+}
+
+/// Checks `--ladder` where clap reads it, so that `config check` refuses
+/// a bad ladder in a file instead of the hub refusing it at start.
+fn ladder_arg(s: &str) -> Result<String, hub::ladder::LadderError> {
+    if s != "off" {
+        hub::ladder::Ladder::parse(s, hub::ladder::DEFAULT_WINDOW)?;
+    }
+    Ok(s.to_string())
+}
+
+/// Checks `--ladder-window` where clap reads it (see [`ladder_arg`]).
+fn ladder_window_arg(s: &str) -> Result<String, hub::ladder::LadderError> {
+    hub::ladder::parse_duration(s)?;
+    Ok(s.to_string())
 }
 
 /// The hub's fleet signal policy: when hosts' observations become a

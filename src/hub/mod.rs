@@ -63,7 +63,7 @@ use tonic::{
     service::interceptor::InterceptedService,
     transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     ca::{CaError, CaSigner},
@@ -231,7 +231,9 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let limits = listener::Limits::for_nofile(listener::raise_nofile_limit());
     let signer = config.signer()?;
     if signer.is_none() {
-        info!("no CA key: enrolment and renewal are off");
+        warn!(
+            "no CA key (--ca-key, beside --ca by default): enrolment and renewal are off, and host certificates expire unrenewed"
+        );
     }
     keep_private(&config.db_url())?;
     if !config.tls.own_is_hub()? {

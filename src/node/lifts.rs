@@ -252,7 +252,10 @@ impl Lifts {
         for (ip, l) in &self.items {
             text.push_str(&record(ip, Some(l)));
         }
-        match super::state_file::replace(&self.path, text.as_bytes(), false) {
+        // Durable: a rewrite renames a new file over the old one, and a power
+        // loss before its data reached the disk would leave it empty: every
+        // lift lost, their bans held for the jail's (ladder top) bantime.
+        match super::state_file::replace(&self.path, text.as_bytes(), true) {
             Ok(()) => {
                 self.records = self.items.len();
                 true

@@ -136,7 +136,13 @@ pub const TABLES: &[Table] = &[
         // whether the report became a ban (kind 1) or was coalesced into an
         // active one (kind 5, `extends` naming that ban).
         unique: &[("report", &["reporter_id", "node_seq"])],
-        indexes: &[("ip", &["ip"]), ("added_by", &["added_by", "ip"])],
+        // `extends`: the reports coalesced into a ban (and its updates),
+        // read for every ban `bans`/`GetBan` show (schema 2).
+        indexes: &[
+            ("ip", &["ip"]),
+            ("added_by", &["added_by", "ip"]),
+            ("extends", &["extends"]),
+        ],
         clustered: false,
     },
     Table {
@@ -462,10 +468,15 @@ pub async fn migrate(ex: &mut dyn Executor, d: Dialect) -> Result<(), StoreError
     if let Some(v) = found.filter(|v| *v > SCHEMA_VERSION) {
         return Err(StoreError::NewerSchema { found: v });
     }
+    // Tables first, then the columns added since, then SQLite's separate
+    // indexes (one may name an added column).
+    let mut indexes = Vec::new();
     for t in TABLES {
-        for stmt in d.create_table(t) {
-            ex.exec(&stmt, vec![]).await?;
+        let mut stmts = d.create_table(t).into_iter();
+        if let Some(create) = stmts.next() {
+            ex.exec(&create, vec![]).await?;
         }
+        indexes.extend(stmts);
     }
     for &(table, column) in ADDED_COLUMNS {
         let n = ex
@@ -477,6 +488,36 @@ pub async fn migrate(ex: &mut dyn Executor, d: Dialect) -> Result<(), StoreError
             })?;
             tracing::info!(%table, %column, "adding a column to a store from an earlier build");
             ex.exec(&alter, vec![]).await?;
+        }
+    }
+    for stmt in indexes {
+        ex.exec(&stmt, vec![]).await?;
+    }
+    // MySQL creates indexes inside `CREATE TABLE`, which an existing table
+    // skips: an index added since is created here.
+    if d == Dialect::MySql {
+        for t in TABLES {
+            for (name, cols) in t.indexes {
+                let n = ex
+                    .query(
+                        "SELECT COUNT(*) FROM information_schema.statistics \
+                         WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
+                        vec![t.name.into(), (*name).into()],
+                    )
+                    .await?;
+                if n.first().map(|r| r.i64(0)).transpose()?.unwrap_or(0) == 0 {
+                    tracing::info!(
+                        table = t.name,
+                        index = name,
+                        "adding an index to a store from an earlier build"
+                    );
+                    ex.exec(
+                        &format!("CREATE INDEX {name} ON {} ({})", t.name, cols.join(", ")),
+                        vec![],
+                    )
+                    .await?;
+                }
+            }
         }
     }
     match found {

@@ -233,7 +233,6 @@ impl Applier {
     pub(super) async fn unban(&mut self, event: &Event) -> (u64, Status) {
         let ip = event.ban.ip.as_str();
         self.deferred.cancel(ip);
-        self.lifts.cancel(ip);
         // fail2ban may not have read our line yet (it polls shared.log);
         // read after this unban, it would ban the address again.
         if self.recent.remove(ip).is_some() {
@@ -246,11 +245,19 @@ impl Applier {
             return (event.id, Status::Error);
         };
         let result = f2b.unban(ip).await;
+        // The lift schedule keeps the address until fail2ban confirms it
+        // is out: after a failed unban (fail2ban restarting, say) its entry
+        // is made due now, so the lift task retries the shared jail instead
+        // of leaving the address to the jail's bantime (the ladder's top).
+        self.lifts.cancel(ip);
         let status = match &result {
             Ok(0) => Status::AlreadyBanned,
             Ok(_) => Status::Added,
             Err(e) => {
-                warn!(ip, error = %e, "cannot lift ban");
+                warn!(ip, error = %e, "cannot lift ban; the shared jail's lift is retried");
+                self.lifts
+                    .schedule(&[(ip, crate::clock::now_ms(), event.id)]);
+                self.lifts.sync();
                 Status::Error
             }
         };

@@ -39,9 +39,11 @@ use crate::{ban::parse_ip, fail2ban::Fail2ban, shutdown::Shutdown};
 pub const POLL: Duration = Duration::from_millis(50);
 /// Jails whose failures are not this host's own observations: `shared`
 /// holds bans from the rest of the fleet, and `banmesh-*` names the hub's
-/// own fleet jails (`banmesh-fleet`, `banmesh-portscan`).
+/// own fleet jails (`banmesh-fleet`, `banmesh-portscan`). `recidive`
+/// matches fail2ban's own `Ban` lines, the `shared` jail's among them: each
+/// fleet ban would come back as one failure per host.
 pub fn own_jail(jail: &str) -> bool {
-    jail == "shared" || jail.starts_with("banmesh-")
+    jail == "shared" || jail == "recidive" || jail.starts_with("banmesh-")
 }
 /// A line longer than this is not one of fail2ban's `Found` lines; it is
 /// skipped rather than buffered.

@@ -117,12 +117,38 @@ fn v6(p: &[u8]) -> Option<Probe> {
     }
 }
 
+/// This host's ephemeral port range (`net.ipv4.ip_local_port_range`,
+/// which also serves IPv6), where its own client sockets live.
+///
+/// A UDP answer that arrives after the client closed its socket (the
+/// second resolver's reply to a parallel lookup, a duplicate DNS answer,
+/// late NTP or QUIC packets) draws an ICMP port-unreachable that looks
+/// exactly like the answer to a probe, at a random port of this range: a
+/// host's own upstream servers would be banned fleet-wide within minutes.
+/// So a UDP "probe" of a port in this range is never counted; scanners
+/// probe services, which live below it.
+fn ephemeral_ports() -> std::ops::RangeInclusive<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| parse_port_range(&s))
+        .unwrap_or(32768..=60999)
+}
+
+fn parse_port_range(s: &str) -> Option<std::ops::RangeInclusive<u16>> {
+    let mut it = s.split_whitespace().map(|p| p.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some(lo..=hi),
+        _ => None,
+    }
+}
+
 /// Reads the NFLOG `group` and offers a probe signal per answer to a
 /// closed port not in `ignore_ports`, until `shutdown`. Where the group
 /// cannot be bound (no CAP_NET_ADMIN, no nfnetlink_log, another listener:
 /// EPERM for both of the first and the last)
 /// it logs one warning and returns: failures still flow.
 pub async fn run(group: u16, ignore_ports: HashSet<u16>, signals: Signals, mut shutdown: Shutdown) {
+    let ephemeral = ephemeral_ports();
     let socket = match nflog::NflogSocket::bind(group) {
         Ok(s) => s,
         Err(e) => {
@@ -158,6 +184,7 @@ pub async fn run(group: u16, ignore_ports: HashSet<u16>, signals: Signals, mut s
             }
             if let Some((ip, protocol, port)) = probe_of(logged.payload)
                 && !ignore_ports.contains(&port)
+                && !(protocol == Protocol::Udp && ephemeral.contains(&port))
             {
                 signals.offer(&Signal::Probe {
                     ip,
@@ -173,6 +200,17 @@ pub async fn run(group: u16, ignore_ports: HashSet<u16>, signals: Signals, mut s
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_ephemeral_range_is_read_as_the_kernel_writes_it() {
+        assert_eq!(
+            super::parse_port_range("32768\t60999\n"),
+            Some(32768..=60999)
+        );
+        assert_eq!(super::parse_port_range("1024 65535"), Some(1024..=65535));
+        assert_eq!(super::parse_port_range("60999 32768"), None);
+        assert_eq!(super::parse_port_range("x"), None);
+    }
+
     use super::*;
 
     /// An IPv4 header from `src` to `dst` carrying `proto`, then `rest`.
