@@ -94,7 +94,7 @@ const HOPS: [&str; 9] = [
     "hub committed -> sent to the node",
     "hub sent -> node apply task has it",
     "node: decided, fail2ban socket",
-    "node: status journaled (fsync)",
+    "node: status journaled (no fsync)",
     "node: line written (shared.log)",
     "node: position moved (observed)",
 ];
