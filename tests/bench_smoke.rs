@@ -36,6 +36,8 @@ fn bench_quick_runs_every_scenario() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(json["propagation"][0]["steady"]["n"], 50);
+    // 50 bans at once from one node (200 in the full run).
+    assert_eq!(json["propagation"][0]["burst_one_node"]["n"], 50);
     // The same run with an allow-list that covers none of its bans.
     assert_eq!(json["propagation_allow_list"][0]["allow_entries"], 300);
     assert_eq!(json["propagation_allow_list"][0]["steady"]["n"], 50);
@@ -63,7 +65,7 @@ fn bench_quick_runs_every_scenario() {
         "{stdout}"
     );
     assert!(stdout.contains("sum of hops"), "{stdout}");
-    for mode in ["steady_hops", "burst_hops"] {
+    for mode in ["steady_hops", "burst_hops", "burst_one_node_hops"] {
         let hops = &json["propagation"][0][mode];
         assert_eq!(hops["rows"].as_array().unwrap().len(), 9, "{hops}");
         assert!(

@@ -384,7 +384,28 @@ async fn propagation(
         pending.insert(addr, hops::InFlight::new(from, t0, returned, n - 1));
     }
     drain(&mut rx, &mut pending, &mut burst).await?;
-    let applied = (2 * count * (n - 1)) as u64;
+
+    // A burst on one node: `count` bans at once from node 0 (the issue's
+    // 200 at once on one host; 50 in --quick).
+    let mut burst_one = Vec::new();
+    let t0 = Instant::now();
+    let mut calls = Vec::new();
+    for _ in 0..count {
+        let addr = ip(n as u32 % 50, seq);
+        seq += 1;
+        let socket = nodes.sockets[0].clone();
+        calls.push(tokio::spawn(async move {
+            crate::report::report(&socket, Ban::new("sshd", "tcp", "22", &addr).unwrap())
+                .await
+                .map(|_| (addr, Instant::now()))
+        }));
+    }
+    for c in calls {
+        let (addr, returned) = c.await??;
+        pending.insert(addr, hops::InFlight::new(0, t0, returned, n - 1));
+    }
+    drain(&mut rx, &mut pending, &mut burst_one).await?;
+    let applied = (3 * count * (n - 1)) as u64;
     let node_cpu = cpu::per_event(Some(cpu_nodes), Some(cpu::own()), applied);
     let (_, peak) = hub.rss();
     nodes.stop().await;
@@ -392,9 +413,10 @@ async fn propagation(
     let e2e = |v: &[hops::Done]| percentiles(v.iter().map(|d| d.end_to_end_ms()).collect());
     Ok(json!({
         "nodes": n, "allow_entries": allow, "ladder": ladder,
-        "steady": e2e(&steady), "burst": e2e(&burst),
+        "steady": e2e(&steady), "burst": e2e(&burst), "burst_one_node": e2e(&burst_one),
         "steady_hops": hub_log.table(&steady),
         "burst_hops": hub_log.table(&burst),
+        "burst_one_node_hops": hub_log.table(&burst_one),
         "node_cpu_us_per_applied_ban": node_cpu,
         "hub_peak_rss_mb": peak / (1 << 20),
     }))
@@ -712,8 +734,11 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
         if p["ladder"] == false {
             list.push_str(", no ladder");
         }
-        for mode in ["steady", "burst"] {
+        for mode in ["steady", "burst", "burst_one_node"] {
             let v = &p[mode];
+            if v.is_null() {
+                continue;
+            }
             println!(
                 "  {:>5} nodes, {:<22} {:>10} {:>10} {:>10}",
                 p["nodes"],
@@ -731,6 +756,7 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
         );
         hops::print("steady", &p["steady_hops"]);
         hops::print("burst", &p["burst_hops"]);
+        hops::print("burst on one node", &p["burst_one_node_hops"]);
     }
     signals::print(r);
     if r.get("ingest").is_none() {
