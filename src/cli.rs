@@ -775,12 +775,35 @@ where
     Ok(())
 }
 
+/// `banmesh report` on its own: fail2ban's action runs it once per ban
+/// and waits for it, so it parses its own flags only, not the whole
+/// command tree (a hundred fewer page faults a run), and reads no config
+/// file (it never did: only daemons read one).
+#[derive(Parser, Debug)]
+#[command(
+    name = "banmesh report",
+    bin_name = "banmesh report",
+    version,
+    about = "Hand a ban to the local node (what fail2ban's actionban runs)"
+)]
+struct ReportOnly {
+    #[command(flatten)]
+    args: ReportArgs,
+}
+
 /// Entry point for the binary: returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let argv: Vec<std::ffi::OsString> = seed_args(std::env::args())
         .into_iter()
         .map(Into::into)
         .collect();
+    // The lean path (issue 19): `report` as the first word.
+    if argv.get(1).is_some_and(|a| a == "report") {
+        return match ReportOnly::try_parse_from(&argv[1..]) {
+            Ok(r) => report(r.args),
+            Err(e) => e.exit(),
+        };
+    }
     let loaded = match crate::config::load(argv.clone()) {
         Ok(Ok(loaded)) => loaded,
         Ok(Err(e)) => {

@@ -44,6 +44,7 @@ pub mod config;
 pub mod demo;
 pub mod enroll;
 pub mod fail2ban;
+pub mod hops;
 pub mod hostname;
 pub mod hub;
 pub mod logging;

@@ -36,6 +36,8 @@ fn bench_quick_runs_every_scenario() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(json["propagation"][0]["steady"]["n"], 50);
+    // 50 bans at once from one node (200 in the full run).
+    assert_eq!(json["propagation"][0]["burst_one_node"]["n"], 50);
     // The same run with an allow-list that covers none of its bans.
     assert_eq!(json["propagation_allow_list"][0]["allow_entries"], 300);
     assert_eq!(json["propagation_allow_list"][0]["steady"]["n"], 50);
@@ -54,4 +56,45 @@ fn bench_quick_runs_every_scenario() {
     assert_eq!(json["signal_to_ban"]["latency"]["n"], 20);
     assert_eq!(json["signal_ingest"]["accepted"], 100_000);
     assert_eq!(json["signal_memory"]["addresses"], 20_000);
+
+    // The path hop by hop: printed, and each ban's hops sum to its end to
+    // end time, so the hops' means sum to the mean end to end (a sum of
+    // medians is no median of sums: only the means are held to it).
+    assert!(
+        stdout.contains("hub received -> committed (store)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sum of hops"), "{stdout}");
+    for mode in ["steady_hops", "burst_hops", "burst_one_node_hops"] {
+        let hops = &json["propagation"][0][mode];
+        assert_eq!(hops["rows"].as_array().unwrap().len(), 9, "{hops}");
+        assert!(
+            hops["n"].as_u64().unwrap() > 0,
+            "no ban was matched to the hub's stamps: {hops}"
+        );
+        let sum = hops["sum_of_means_ms"].as_f64().unwrap();
+        let e2e = hops["end_to_end"]["mean_ms"].as_f64().unwrap();
+        assert!(
+            e2e > 0.0 && (sum - e2e).abs() <= 0.1 * e2e,
+            "hops {sum} ms vs end to end {e2e} ms"
+        );
+    }
+    // Costs per event, from each process's own CPU accounting.
+    for (scenario, field) in [
+        ("propagation", "node_cpu_us_per_applied_ban"),
+        ("ingest", "hub_cpu_us_per_report"),
+        ("ingest", "mariadb_cpu_us_per_report"),
+        ("fanout", "hub_cpu_us_per_delivery"),
+    ] {
+        let v = if scenario == "propagation" {
+            &json[scenario][0][field]
+        } else {
+            &json[scenario][field]
+        };
+        assert!(
+            v.as_f64().is_some_and(|x| x > 0.0),
+            "{scenario}.{field}: {v}"
+        );
+    }
+    assert!(stdout.contains("MariaDB"), "{stdout}");
 }

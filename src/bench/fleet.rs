@@ -15,7 +15,12 @@ use tracing::Instrument;
 
 use crate::{
     ca,
-    node::{self, apply::Observer, link, outbox::Outbox},
+    node::{
+        self,
+        apply::{Observed, Observer},
+        link,
+        outbox::Outbox,
+    },
     shutdown::{self, Shutdown, ShutdownTrigger},
     tls::TlsFiles,
 };
@@ -68,6 +73,8 @@ pub struct HubProc {
     child: Child,
     /// The hub's address, `https://127.0.0.1:PORT`, for nodes to connect to.
     pub url: String,
+    /// The hub's log (stderr).
+    pub log: PathBuf,
 }
 
 impl HubProc {
@@ -83,6 +90,19 @@ impl HubProc {
         server: &str,
         db: &str,
         extra: &[&str],
+    ) -> anyhow::Result<HubProc> {
+        Self::start_logging(root, pki, server, db, extra, false).await
+    }
+
+    /// [`HubProc::start_with`], with `hops` the hub's log also gets a line
+    /// per hop of every ban ([`crate::hops`]; [`HubProc::log`] reads them).
+    pub async fn start_logging(
+        root: &Path,
+        pki: &Pki,
+        server: &str,
+        db: &str,
+        extra: &[&str],
+        hops: bool,
     ) -> anyhow::Result<HubProc> {
         let mut c = mysql_async::Conn::from_url(server)
             .await
@@ -115,7 +135,14 @@ impl HubProc {
             .arg("--ca")
             .arg(&tls.ca)
             .args(extra)
-            .env("RUST_LOG", "warn,banmesh::hub=info")
+            .env(
+                "RUST_LOG",
+                if hops {
+                    "warn,banmesh::hub=info,banmesh::hops=debug"
+                } else {
+                    "warn,banmesh::hub=info"
+                },
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -141,7 +168,13 @@ impl HubProc {
         Ok(HubProc {
             child,
             url: format!("https://127.0.0.1:{port}"),
+            log: log_path,
         })
+    }
+
+    /// The hub's process id (its CPU time, [`super::cpu`]).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The hub's resident memory now and at peak, in bytes.
@@ -188,7 +221,7 @@ impl Nodes {
         pki: &Pki,
         hub: &str,
         count: usize,
-        observer: mpsc::UnboundedSender<(usize, Vec<String>, Instant)>,
+        observer: mpsc::UnboundedSender<(usize, Observed)>,
     ) -> anyhow::Result<Nodes> {
         let (trigger, stop) = shutdown::channel();
         let mut nodes = Nodes {
@@ -204,8 +237,8 @@ impl Nodes {
             let (tx, mut rx): (Observer, _) = mpsc::unbounded_channel();
             let forward = observer.clone();
             nodes.tasks.push(tokio::spawn(async move {
-                while let Some((ips, at)) = rx.recv().await {
-                    let _ = forward.send((i, ips, at));
+                while let Some(o) = rx.recv().await {
+                    let _ = forward.send((i, o));
                 }
             }));
             let config = node::NodeConfig::in_dir(&dir, hub, pki.host(&name)?, Some(tx));

@@ -33,7 +33,9 @@
 //! - [`fleet`]: the PKI, the hub child process and the in-process nodes.
 //! - [`signals`]: the fleet signal scenarios (aggregation, gRPC ingest,
 //!   threshold to ban, memory with 1,000,000 addresses).
+pub mod cpu;
 pub mod fleet;
+pub mod hops;
 pub mod signals;
 
 use std::{
@@ -320,7 +322,7 @@ async fn propagation(
 ) -> anyhow::Result<serde_json::Value> {
     let ladder = hub_args != LADDER_OFF;
     let dir = root.join(format!("prop-{n}-{allow}-{ladder}"));
-    let hub = fleet::HubProc::start_with(&dir, pki, mysql, DB, hub_args).await?;
+    let hub = fleet::HubProc::start_logging(&dir, pki, mysql, DB, hub_args, true).await?;
     let last_allow = if allow > 0 {
         fill_allow_list(pki, &hub.url, allow).await?
     } else {
@@ -338,28 +340,12 @@ async fn propagation(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    // ip -> (reporting node, sent at, nodes still to apply it, done at)
-    let mut pending: HashMap<String, (usize, Instant, usize)> = HashMap::new();
+    let mut pending: HashMap<String, hops::InFlight> = HashMap::new();
     let mut steady = Vec::new();
     let mut burst = Vec::new();
     let count = if quick { 50 } else { 200 };
     let mut seq = 0u32;
-
-    let mut absorb = |pending: &mut HashMap<String, (usize, Instant, usize)>,
-                      out: &mut Vec<f64>,
-                      (node, ips, at): (usize, Vec<String>, Instant)| {
-        for ipaddr in ips {
-            if let Some(p) = pending.get_mut(&ipaddr) {
-                if p.0 != node {
-                    p.2 -= 1;
-                }
-                if p.2 == 0 {
-                    out.push(at.duration_since(p.1).as_secs_f64() * 1000.0);
-                    pending.remove(&ipaddr);
-                }
-            }
-        }
-    };
+    let cpu_nodes = cpu::own();
 
     // Steady: one report every 20 ms.
     for i in 0..count {
@@ -367,14 +353,17 @@ async fn propagation(
         let addr = ip(n as u32 % 50, seq);
         seq += 1;
         let t0 = Instant::now();
-        pending.insert(addr.clone(), (from, t0, n - 1));
         crate::report::report(&nodes.sockets[from], Ban::new("sshd", "tcp", "22", &addr)?).await?;
+        pending.insert(
+            addr.clone(),
+            hops::InFlight::new(from, t0, Instant::now(), n - 1),
+        );
         let until = t0 + Duration::from_millis(20);
         while let Ok(Some(m)) = tokio::time::timeout_at(until.into(), rx.recv()).await {
-            absorb(&mut pending, &mut steady, m);
+            hops::absorb(&mut pending, &mut steady, m);
         }
     }
-    drain(&mut rx, &mut pending, &mut steady, &mut absorb).await?;
+    drain(&mut rx, &mut pending, &mut steady).await?;
 
     // Burst: all at once, from many nodes concurrently.
     let t0 = Instant::now();
@@ -383,40 +372,65 @@ async fn propagation(
         let from = (i * 104_729) % n;
         let addr = ip(n as u32 % 50, seq);
         seq += 1;
-        pending.insert(addr.clone(), (from, t0, n - 1));
         let socket = nodes.sockets[from].clone();
         calls.push(tokio::spawn(async move {
-            crate::report::report(&socket, Ban::new("sshd", "tcp", "22", &addr).unwrap()).await
+            crate::report::report(&socket, Ban::new("sshd", "tcp", "22", &addr).unwrap())
+                .await
+                .map(|_| (from, addr, Instant::now()))
         }));
     }
     for c in calls {
-        c.await??;
+        let (from, addr, returned) = c.await??;
+        pending.insert(addr, hops::InFlight::new(from, t0, returned, n - 1));
     }
-    drain(&mut rx, &mut pending, &mut burst, &mut absorb).await?;
+    drain(&mut rx, &mut pending, &mut burst).await?;
+
+    // A burst on one node: `count` bans at once from node 0 (the issue's
+    // 200 at once on one host; 50 in --quick).
+    let mut burst_one = Vec::new();
+    let t0 = Instant::now();
+    let mut calls = Vec::new();
+    for _ in 0..count {
+        let addr = ip(n as u32 % 50, seq);
+        seq += 1;
+        let socket = nodes.sockets[0].clone();
+        calls.push(tokio::spawn(async move {
+            crate::report::report(&socket, Ban::new("sshd", "tcp", "22", &addr).unwrap())
+                .await
+                .map(|_| (addr, Instant::now()))
+        }));
+    }
+    for c in calls {
+        let (addr, returned) = c.await??;
+        pending.insert(addr, hops::InFlight::new(0, t0, returned, n - 1));
+    }
+    drain(&mut rx, &mut pending, &mut burst_one).await?;
+    let applied = (3 * count * (n - 1)) as u64;
+    let node_cpu = cpu::per_event(Some(cpu_nodes), Some(cpu::own()), applied);
     let (_, peak) = hub.rss();
     nodes.stop().await;
-    Ok(
-        json!({"nodes": n, "allow_entries": allow, "ladder": ladder, "steady": percentiles(steady), "burst": percentiles(burst), "hub_peak_rss_mb": peak / (1 << 20)}),
-    )
+    let hub_log = hops::HubLog::read(&hub.log)?;
+    let e2e = |v: &[hops::Done]| percentiles(v.iter().map(|d| d.end_to_end_ms()).collect());
+    Ok(json!({
+        "nodes": n, "allow_entries": allow, "ladder": ladder,
+        "steady": e2e(&steady), "burst": e2e(&burst), "burst_one_node": e2e(&burst_one),
+        "steady_hops": hub_log.table(&steady),
+        "burst_hops": hub_log.table(&burst),
+        "burst_one_node_hops": hub_log.table(&burst_one),
+        "node_cpu_us_per_applied_ban": node_cpu,
+        "hub_peak_rss_mb": peak / (1 << 20),
+    }))
 }
 
-async fn drain<F>(
-    rx: &mut mpsc::UnboundedReceiver<(usize, Vec<String>, Instant)>,
-    pending: &mut HashMap<String, (usize, Instant, usize)>,
-    out: &mut Vec<f64>,
-    absorb: &mut F,
-) -> anyhow::Result<()>
-where
-    F: FnMut(
-        &mut HashMap<String, (usize, Instant, usize)>,
-        &mut Vec<f64>,
-        (usize, Vec<String>, Instant),
-    ),
-{
+async fn drain(
+    rx: &mut mpsc::UnboundedReceiver<(usize, crate::node::apply::Observed)>,
+    pending: &mut HashMap<String, hops::InFlight>,
+    out: &mut Vec<hops::Done>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !pending.is_empty() {
         match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-            Ok(Some(m)) => absorb(pending, out, m),
+            Ok(Some(m)) => hops::absorb(pending, out, m),
             _ => anyhow::bail!("{} bans never reached every node", pending.len()),
         }
     }
@@ -437,6 +451,8 @@ async fn ingest(
     let hub = fleet::HubProc::start_with(&dir, pki, mysql, DB, hub_args).await?;
     let (trigger, stop) = shutdown::channel();
     let t0 = Instant::now();
+    let mariadb = cpu::listener_pid(cpu::mysql_port(mysql));
+    let cpu_before = (cpu::of_pid(hub.pid()), mariadb.and_then(cpu::of_pid));
     let started = fleet::publishers(&dir, pki, &hub.url, publishers, each, stop).await?;
     let t_start = Instant::now();
     let load_secs = t_start.duration_since(t0).as_secs_f64();
@@ -452,10 +468,12 @@ async fn ingest(
     }
     let secs = t_start.elapsed().as_secs_f64();
     let total = publishers * each;
+    let hub_cpu = cpu::per_event(cpu_before.0, cpu::of_pid(hub.pid()), total as u64);
+    let db_cpu = cpu::per_event(cpu_before.1, mariadb.and_then(cpu::of_pid), total as u64);
     trigger.trigger();
     let (_, peak) = hub.rss();
     Ok(
-        json!({"reports": total, "publishers": publishers, "ladder": ladder, "seconds": round(secs), "per_second": (total as f64 / secs).round(), "outbox_fill_seconds": round(load_secs), "hub_peak_rss_mb": peak / (1 << 20)}),
+        json!({"reports": total, "publishers": publishers, "ladder": ladder, "seconds": round(secs), "per_second": (total as f64 / secs).round(), "outbox_fill_seconds": round(load_secs), "hub_cpu_us_per_report": hub_cpu, "mariadb_cpu_us_per_report": db_cpu, "hub_peak_rss_mb": peak / (1 << 20)}),
     )
 }
 
@@ -470,6 +488,7 @@ async fn fanout(
     let hub = fleet::HubProc::start(&dir, pki, mysql, DB).await?;
     let events = 2000;
     let (trigger, stop) = shutdown::channel();
+    let (rss_empty, _) = hub.rss();
     let (received, _tasks) = fleet::subscribers(pki, &hub.url, subs, subs, stop.clone()).await?;
     // Wait until every subscriber holds its stream (the hub counts them).
     let admin = pki.host("sub-0")?;
@@ -491,6 +510,7 @@ async fn fanout(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (rss_idle, _) = hub.rss();
+    let cpu_before = cpu::of_pid(hub.pid());
     let t0 = Instant::now();
     let pubs = fleet::publishers(&dir, pki, &hub.url, 1, events, stop.clone()).await?;
     let want = (subs * events) as u64;
@@ -504,11 +524,14 @@ async fn fanout(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
+    // Includes committing the 2,000 events: one report each, against
+    // `subscribers` deliveries each.
+    let hub_cpu = cpu::per_event(cpu_before, cpu::of_pid(hub.pid()), want);
     let (_, peak) = hub.rss();
     trigger.trigger();
     drop(pubs);
     Ok(
-        json!({"subscribers": subs, "events": events, "deliveries": want, "seconds": round(secs), "deliveries_per_second": (want as f64 / secs).round(), "connect_seconds": round(t_sub.elapsed().as_secs_f64() - secs), "hub_rss_idle_mb": rss_idle / (1 << 20), "hub_peak_rss_mb": peak / (1 << 20)}),
+        json!({"subscribers": subs, "events": events, "deliveries": want, "seconds": round(secs), "deliveries_per_second": (want as f64 / secs).round(), "connect_seconds": round(t_sub.elapsed().as_secs_f64() - secs), "hub_cpu_us_per_delivery": hub_cpu, "hub_rss_idle_mb": rss_idle / (1 << 20), "hub_rss_per_subscriber_kib": rss_idle.saturating_sub(rss_empty) / 1024 / subs.max(1) as u64, "hub_peak_rss_mb": peak / (1 << 20)}),
     )
 }
 
@@ -542,7 +565,7 @@ async fn catch_up(
     let mut applied = 0usize;
     while applied < bans {
         match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
-            Ok(Some((_, ips, _))) => applied += ips.len(),
+            Ok(Some((_, o))) => applied += o.ips.len(),
             _ => anyhow::bail!("catch-up stalled at {applied} of {bans}"),
         }
     }
@@ -711,8 +734,11 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
         if p["ladder"] == false {
             list.push_str(", no ladder");
         }
-        for mode in ["steady", "burst"] {
+        for mode in ["steady", "burst", "burst_one_node"] {
             let v = &p[mode];
+            if v.is_null() {
+                continue;
+            }
             println!(
                 "  {:>5} nodes, {:<22} {:>10} {:>10} {:>10}",
                 p["nodes"],
@@ -723,14 +749,28 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
             );
         }
     }
+    for p in r["propagation"].as_array().into_iter().flatten() {
+        println!(
+            "propagation, {} nodes: node CPU {} us per applied ban (this process: nodes, report calls, bench)",
+            p["nodes"], p["node_cpu_us_per_applied_ban"]
+        );
+        hops::print("steady", &p["steady_hops"]);
+        hops::print("burst", &p["burst_hops"]);
+        hops::print("burst on one node", &p["burst_one_node_hops"]);
+    }
     signals::print(r);
     if r.get("ingest").is_none() {
         return;
     }
     let i = &r["ingest"];
     println!(
-        "ingest: {} reports/s committed ({} reports in {} s from {} publishers)",
-        i["per_second"], i["reports"], i["seconds"], i["publishers"]
+        "ingest: {} reports/s committed ({} reports in {} s from {} publishers); CPU per report: hub {} us, MariaDB {} us",
+        i["per_second"],
+        i["reports"],
+        i["seconds"],
+        i["publishers"],
+        i["hub_cpu_us_per_report"],
+        i["mariadb_cpu_us_per_report"]
     );
     if let Some(i) = r.get("ingest_ladder_off") {
         println!(
@@ -757,10 +797,11 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
     }
     let f = &r["fanout"];
     println!(
-        "fan-out: {} deliveries/s ({} subscribers x {} events); hub RSS {} MB holding them, peak {} MB",
+        "fan-out: {} deliveries/s ({} subscribers x {} events), hub CPU {} us per delivery; hub RSS {} MB holding them, peak {} MB",
         f["deliveries_per_second"],
         f["subscribers"],
         f["events"],
+        f["hub_cpu_us_per_delivery"],
         f["hub_rss_idle_mb"],
         f["hub_peak_rss_mb"]
     );

@@ -197,8 +197,9 @@ pub async fn threshold_to_ban(
         let deadline = t0 + Duration::from_secs(30);
         while applied.len() < n {
             match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-                Ok(Some((node, ips, at))) => {
-                    if ips.contains(&ip) {
+                Ok(Some((node, o))) => {
+                    let at = o.at;
+                    if o.ips.contains(&ip) {
                         applied.insert(node, ());
                         if applied.len() == n {
                             times.push(at.duration_since(t0).as_secs_f64() * 1000.0);

@@ -71,6 +71,7 @@ impl Fanout {
     /// Hands a committed event to every live subscriber. Called by the
     /// committer only, in id order.
     pub fn publish(&self, event: Arc<Event>) {
+        tracing::debug!(target: crate::hops::TARGET, hop = "commit", hop_id = event.id, hop_ip = %event.ban.ip, hop_us = crate::hops::now_us());
         self.head.fetch_max(event.id, Ordering::Relaxed);
         let _ = self.tx.send(event);
     }

@@ -145,6 +145,7 @@ async fn read(
                 })
             }
             Ok(ban) => {
+                tracing::debug!(target: crate::hops::TARGET, hop = "recv", hop_ip = %ban.ip, hop_us = crate::hops::now_us());
                 let new = NewReport {
                     host: host.clone(),
                     seq: report.seq,

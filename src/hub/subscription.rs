@@ -272,10 +272,11 @@ async fn stream(
             match received {
                 Ok(event) if event.id <= last => {}
                 Ok(event) => {
-                    if visible(&event, &host)
-                        && !send(&tx, Ok(event.to_proto()), &mut shutdown).await
-                    {
-                        return;
+                    if visible(&event, &host) {
+                        if !send(&tx, Ok(event.to_proto()), &mut shutdown).await {
+                            return;
+                        }
+                        tracing::debug!(target: crate::hops::TARGET, hop = "sent", hop_id = event.id, hop_host = %host, hop_us = crate::hops::now_us());
                     }
                     last = event.id;
                     guard.passed(last);

@@ -123,6 +123,44 @@ pub struct Applier {
     relift: HashMap<String, Instant>,
     /// When each fleet ban held in the shared jail is lifted.
     lifts: Lifts,
+    /// When the last run of bans passed each step (the benchmark's hops).
+    stamps: Stamps,
+}
+
+/// When the last run of bans passed each step of applying: the
+/// benchmark's per-hop times (three clock readings a batch, not a ban).
+#[derive(Debug, Clone, Copy)]
+pub struct Stamps {
+    /// Decided, lifts scheduled and fail2ban's socket answered.
+    pub socket: Instant,
+    /// Statuses journaled (fsynced).
+    pub journaled: Instant,
+    /// Lines written to `shared.log`.
+    pub written: Instant,
+}
+
+impl Stamps {
+    fn at(now: Instant) -> Stamps {
+        Stamps {
+            socket: now,
+            journaled: now,
+            written: now,
+        }
+    }
+}
+
+/// What the observer is told about a batch applied: its ban IPs and when
+/// it passed each step on this node.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The IPs of the batch's bans.
+    pub ips: Vec<String>,
+    /// The apply task took the batch from the subscriber.
+    pub received: Instant,
+    /// Its steps (the last run of bans in it).
+    pub stamps: Stamps,
+    /// Done: the position moved past it.
+    pub at: Instant,
 }
 
 impl Applier {
@@ -148,6 +186,7 @@ impl Applier {
             }),
             relift: HashMap::new(),
             lifts: Lifts::load(config.data_dir.join("lifts")),
+            stamps: Stamps::at(Instant::now()),
             config,
         }
     }
@@ -339,12 +378,14 @@ impl Applier {
         }
         statuses.extend(extended);
         let confirmed = self.ban_now(&fresh).await;
+        self.stamps = Stamps::at(Instant::now());
         if !write.is_empty() {
             // Journaled before the write: a crash between the two re-applies
             // the events (the position has not moved) and journals again.
             let added: Vec<(u64, Status)> = write.iter().map(|e| (e.id, Status::Added)).collect();
             self.journal(&statuses);
             self.journal(&added);
+            self.stamps.journaled = Instant::now();
             match self.log.append(&write) {
                 Ok(()) => {
                     for e in &write {
@@ -370,7 +411,9 @@ impl Applier {
             }
         } else {
             self.journal(&statuses);
+            self.stamps.journaled = Instant::now();
         }
+        self.stamps.written = Instant::now();
         if schedule {
             self.lifts.sync();
         }
@@ -385,9 +428,9 @@ impl Applier {
     }
 }
 
-/// Told the IPs of every batch of bans applied, and when: how the demo
-/// and the benchmark see a ban arrive without polling files.
-pub type Observer = mpsc::UnboundedSender<(Vec<String>, Instant)>;
+/// Told the IPs of every batch of bans applied, and when it passed each
+/// step: how the benchmark sees a ban arrive without polling files.
+pub type Observer = mpsc::UnboundedSender<Observed>;
 
 /// The apply task: takes batches from the subscriber, applies them in
 /// order (journaling their statuses) and moves the position.
@@ -414,6 +457,7 @@ pub async fn run(
             }
             batch = batches.recv() => {
                 let Some(batch) = batch else { break };
+                let received = Instant::now();
                 let batch: Vec<Event> = batch.into_iter().filter(|e| e.id > position.get()).collect();
                 let Some(last) = batch.last().map(|e| e.id) else { continue };
                 // Bans whose lines a crash left ahead of the position file.
@@ -432,7 +476,7 @@ pub async fn run(
                 }
                 if let Some(o) = &observer {
                     let ips = batch.iter().filter(|e| e.kind == EventKind::Ban).map(|e| e.ban.ip.clone()).collect();
-                    let _ = o.send((ips, Instant::now()));
+                    let _ = o.send(Observed { ips, received, stamps: applier.stamps, at: Instant::now() });
                 }
             }
             _ = tick.tick(), if !applier.deferred.is_empty() || !applier.relift.is_empty() || !applier.lifts.is_empty() => {
