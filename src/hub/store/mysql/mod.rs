@@ -24,9 +24,6 @@ pub struct MysqlStore {
     pool: Pool,
     /// `host:port` of the server, for messages (the URL may hold a password).
     at: String,
-    /// The server hands a multi-row INSERT consecutive ids
-    /// (`innodb_autoinc_lock_mode` below 2).
-    consecutive_ids: bool,
     host_ids: HostIds,
 }
 
@@ -63,14 +60,7 @@ impl MysqlStore {
         admin.disconnect().await.map_err(q)?;
 
         let pool = Pool::new(OptsBuilder::from_opts(opts).db_name(Some(db)));
-        let mut c = pool.get_conn().await.map_err(|e| unreachable(&at, e))?;
-        let lock_mode: Option<i64> = c
-            .query_first("SELECT @@innodb_autoinc_lock_mode")
-            .await
-            .map_err(q)?;
-        drop(c);
         let store = MysqlStore {
-            consecutive_ids: lock_mode.is_some_and(|m| m < 2),
             pool,
             at,
             host_ids: HostIds::default(),
@@ -263,7 +253,6 @@ mod tests {
         let store = MysqlStore {
             pool: Pool::new(Opts::from_url(url).unwrap()),
             at: "127.0.0.1:1".into(),
-            consecutive_ids: true,
             host_ids: HostIds::default(),
         };
         let Err(e) = store.conn().await else {

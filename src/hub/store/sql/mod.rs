@@ -26,6 +26,7 @@ mod events;
 mod hosts;
 mod names;
 mod raw;
+pub mod sequence;
 
 /// The id of host `name`, creating its row (and view column) when new.
 /// Names match case-insensitively (see `Dialect::name_is`): `WEB-1` is
