@@ -98,10 +98,11 @@ impl Committer {
         fanout: Fanout,
         fleet: FleetAddrs,
         ladder: Option<Ladder>,
+        peer_poll: Option<std::time::Duration>,
         shutdown: Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, fanout, fleet, ladder, rx, shutdown));
+        tokio::spawn(run(store, fanout, fleet, ladder, peer_poll, rx, shutdown));
         Committer { tx }
     }
 
@@ -168,6 +169,7 @@ async fn run(
     fanout: Fanout,
     fleet: FleetAddrs,
     ladder: Option<Ladder>,
+    peer_poll: Option<std::time::Duration>,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: Shutdown,
 ) {
@@ -196,6 +198,9 @@ async fn run(
     let mut published = Published { last, owed: last };
     let mut retry = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut beat = tokio::time::interval(crate::systemd::BEAT);
+    let mut peers =
+        tokio::time::interval(peer_poll.unwrap_or(std::time::Duration::from_secs(3600)));
+    peers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         crate::systemd::beat();
         let first = tokio::select! {
@@ -212,6 +217,12 @@ async fn run(
             _ = retry.tick(), if published.owed > published.last => {
                 let owed = published.owed;
                 published.publish(&*store, &fanout, owed, &[], &[]).await;
+                continue;
+            }
+            // Other hubs' commits (`--peer-poll`), published here in id
+            // order like our own (see the module doc).
+            _ = peers.tick(), if peer_poll.is_some() => {
+                published.poll_peers(&*store, &fanout).await;
                 continue;
             }
         };
@@ -318,7 +329,34 @@ struct Published {
     owed: u64,
 }
 
+/// Most events one peer poll reads; more wait for the next tick.
+const PEER_POLL_LIMIT: usize = 1000;
+
 impl Published {
+    /// Publishes what other hubs committed since the last published id.
+    /// Event ids are commit-ordered across hubs (`store::sql::sequence`):
+    /// what a read finds above `last` is every event up to its highest id,
+    /// so publishing all of it in order and moving `last` to the highest
+    /// skips nothing that could still commit.
+    async fn poll_peers(&mut self, store: &dyn Store, fanout: &Fanout) {
+        if self.owed > self.last {
+            // Our own read-back is due first; it covers the peers' too.
+            return;
+        }
+        match store.events_after(self.last, "", PEER_POLL_LIMIT).await {
+            Ok(events) => {
+                for e in events {
+                    if e.id > self.last {
+                        self.last = e.id;
+                        self.owed = e.id;
+                        fanout.publish(Arc::new(e));
+                    }
+                }
+            }
+            Err(e) => debug!(error = %e, "cannot read other hubs' events; next poll retries"),
+        }
+    }
+
     /// Publishes `fresh` (events just committed, in id order), first
     /// filling any gap up to `highest` from the store. `rows` are ids the
     /// same commit gave rows that are no events (coalesced reports): no

@@ -134,6 +134,10 @@ pub struct HubConfig {
     /// `--ladder-window`); `None` (`--ladder off`): bans carry no fleet
     /// term and are not coalesced, as before the ladder.
     pub ladder: Option<ladder::Ladder>,
+    /// How often an idle committer reads the store for events other hubs
+    /// committed (`--peer-poll`), to publish them to this hub's
+    /// subscribers; `None`: never (one hub, or SQLite).
+    pub peer_poll: Option<std::time::Duration>,
 }
 
 impl HubConfig {
@@ -255,6 +259,9 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         fanout.clone(),
         fleet.clone(),
         config.ladder.clone(),
+        config
+            .peer_poll
+            .filter(|_| config.db_url().starts_with("mysql:")),
         shutdown.clone(),
     );
     let signals = signals::Signals::spawn(
