@@ -76,11 +76,6 @@ fn values(
     ]
 }
 
-/// How often a batch that lost a commit conflict is retried before its
-/// error goes to the committer (which fails the batch's reports: nodes
-/// re-send them).
-const MAX_CONFLICT_RETRIES: u32 = 20;
-
 /// The first of `n` event ids reserved in `tx` (`sql::sequence`): one
 /// round trip, the new counter value coming back as `LAST_INSERT_ID`.
 async fn reserve(tx: &mut mysql_async::Transaction<'_>, n: u64) -> Result<u64, StoreError> {
@@ -117,17 +112,7 @@ impl MysqlStore {
         // A lost conflict on the event-id counter (another hub committed
         // first; under Galera a certification failure) rolled everything
         // back: the batch is retried whole (`sql::sequence`).
-        let mut attempt = 0u32;
-        loop {
-            match self.group_commit_once(batch, now).await {
-                Err(e) if e.is_conflict() && attempt < MAX_CONFLICT_RETRIES => {
-                    attempt += 1;
-                    tracing::debug!(attempt, error = %e, "batch lost a commit conflict; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(u64::from(attempt))).await;
-                }
-                r => return r,
-            }
-        }
+        sql::sequence::retrying(|| self.group_commit_once(batch, now)).await
     }
 
     /// One attempt of [`Self::group_commit`], in one transaction.

@@ -163,9 +163,20 @@ impl Executor for MysqlSession<'_> {
             exec_on(tx, sql, params).await?;
             return Ok(done(tx.affected_rows(), tx.last_insert_id()));
         }
-        let c = self.conn().await?;
-        exec_on(c, sql, params).await?;
-        Ok(done(c.affected_rows(), c.last_insert_id()))
+        // An autocommit statement that lost a conflict (Galera: another
+        // hub's write-set certified first) was rolled back whole: again.
+        let mut attempt = 0;
+        loop {
+            let c = self.conn().await?;
+            match exec_on(c, sql, params.clone()).await {
+                Err(e) if e.is_conflict() && attempt < sql::sequence::MAX_CONFLICT_RETRIES => {
+                    attempt += 1;
+                    sql::sequence::back_off(attempt).await;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(done(c.affected_rows(), c.last_insert_id())),
+            }
+        }
     }
 
     async fn query(

@@ -45,6 +45,38 @@
 use super::{Executor, StoreError};
 use crate::hub::store::schema::Dialect;
 
+/// How often a transaction that lost a commit conflict is retried before
+/// its error goes to the caller (the committer fails the batch's reports:
+/// nodes re-send them).
+pub const MAX_CONFLICT_RETRIES: u32 = 20;
+
+/// The pause before retry `attempt` (1, 2, .. ms): conflicting hubs
+/// drift apart instead of colliding again.
+pub async fn back_off(attempt: u32) {
+    tokio::time::sleep(std::time::Duration::from_millis(u64::from(attempt))).await;
+}
+
+/// Runs the transaction `f` makes until it does not lose a conflict
+/// ([`StoreError::is_conflict`]), at most [`MAX_CONFLICT_RETRIES`] more
+/// times. `f` must start its transaction afresh each call.
+pub async fn retrying<T, F, Fut>(mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(e) if e.is_conflict() && attempt < MAX_CONFLICT_RETRIES => {
+                attempt += 1;
+                tracing::debug!(attempt, error = %e, "transaction lost a commit conflict; retrying");
+                back_off(attempt).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The `banmesh_meta` key of the next event id to hand out.
 pub const NEXT_EVENT_ID: &str = "next_event_id";
 
