@@ -5,7 +5,8 @@
 //! (event ids are commit-ordered across hubs: `hub::store::sql::sequence`;
 //! each hub publishes other hubs' commits by `--peer-poll`); a hub killed
 //! with -9 loses nothing (its nodes move to the others, resuming exactly);
-//! an unban through hub 2 of a ban committed through hub 1 reaches all.
+//! an unban through hub 2 of a ban committed through hub 1 reaches all;
+//! a revocation through hub 1 ends the host's stream on hub 2.
 mod common;
 
 use std::{
@@ -157,5 +158,27 @@ async fn three_hubs_on_galera_deliver_every_ban_once_through_a_hub_crash() {
         .await;
     }
     let (ok, out, err) = hub_cli(&["bans", "--ip", &ip], &hubs[0], &pki.admin("ops"));
-    println!("galera: bans --ip {ip} via hub 1 after the unban via hub 2: ok={ok} {out}{err}");
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&format!(" {ip} ")) && l.contains(" lifted ")),
+        "the ban lifted through hub 2 shows lifted through hub 1: {out}"
+    );
+
+    // Revocation through hub 1 ends node-1's stream on hub 2, and no hub
+    // takes it back.
+    let (ok, _, err) = hub_cli(&["hub", "revoke", "node-1"], &hubs[0], &pki.admin("ops"));
+    assert!(ok, "{err}");
+    let socket = nodes[1].socket();
+    wait_for(
+        "node-1 cut off on every hub",
+        Duration::from_secs(10),
+        || {
+            let socket = socket.clone();
+            async move {
+                matches!(banmesh::report::node_status(&socket).await, Ok(s) if !s.hub_connected)
+            }
+        },
+    )
+    .await;
 }

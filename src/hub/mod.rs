@@ -114,6 +114,11 @@ pub enum HubError {
     },
 }
 
+/// How often a hub sharing its store with other hubs re-reads the revoked
+/// names (issue 18: a revocation ends the host's streams on every hub
+/// within a second).
+pub const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Everything the hub needs besides its listener.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -245,6 +250,11 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let hub_names = Arc::new(enrollment::HubNames::new(config.tls.own_names()?));
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
+    if config.db_url().starts_with("mysql:") && config.peer_poll.is_some() {
+        // Other hubs may share the store: their revocations end streams
+        // here within this period.
+        access.follow_store(store.clone(), REVOCATION_POLL, shutdown.clone());
+    }
     let fanout = fanout::Fanout::default();
     crate::metrics::hub::attach(fanout.clone());
     let fleet = fleet::FleetAddrs::from_rows(store.fleet_addresses().await?);
