@@ -3,9 +3,9 @@
 //! Handlers send commands over a channel; the committer takes whatever has
 //! queued up while the previous transaction ran (up to [`MAX_BATCH`]) and
 //! commits it as one transaction, then hands the new events to the fan-out
-//! in id order and answers each sender. Being the only writer keeps event
-//! ids in commit order, which the subscribers' gap-free switch from replay
-//! to live relies on. Nothing is acknowledged before its commit returns.
+//! in id order and answers each sender. Event ids follow commit order (a
+//! counter row in each transaction), which the subscribers' gap-free
+//! switch from replay to live relies on. Nothing is acknowledged before its commit returns.
 //!
 //! The committer also owns the fleet allow-list as the hub enforces it,
 //! and that is why no ban inside an entry can slip past it: each report is
@@ -37,6 +37,13 @@
 //! after every successful commit, anything in the store between the last
 //! published id and the highest id this commit returned (a re-sent report
 //! comes back as such a duplicate) is read back and published first.
+//!
+//! Other hubs sharing the store (MySQL, MariaDB Galera) commit events this
+//! committer never wrote. Their ids are commit-ordered with ours (the
+//! counter row, `store::sql::sequence`), so the same read-back covers
+//! them when we commit next, and while idle the committer reads what lies
+//! above its last published id every `--peer-poll` and publishes it in
+//! order: one ordered publisher per hub, whoever committed.
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -51,7 +58,7 @@ use super::{
 };
 use crate::{
     allow::{AllowList, Network},
-    ban::{BanTerm, Event},
+    ban::{BanTerm, Event, EventKind},
     shutdown::Shutdown,
 };
 
@@ -222,7 +229,14 @@ async fn run(
             // Other hubs' commits (`--peer-poll`), published here in id
             // order like our own (see the module doc).
             _ = peers.tick(), if peer_poll.is_some() => {
-                published.poll_peers(&*store, &fanout).await;
+                if published.poll_peers(&*store, &fanout).await {
+                    // Another hub changed the allow-list: check the next
+                    // reports against the store's list.
+                    match load_allow_list(&*store, &mut shutdown).await {
+                        Some(list) => guard.list = list,
+                        None => return,
+                    }
+                }
                 continue;
             }
         };
@@ -337,24 +351,29 @@ impl Published {
     /// Event ids are commit-ordered across hubs (`store::sql::sequence`):
     /// what a read finds above `last` is every event up to its highest id,
     /// so publishing all of it in order and moving `last` to the highest
-    /// skips nothing that could still commit.
-    async fn poll_peers(&mut self, store: &dyn Store, fanout: &Fanout) {
+    /// skips nothing that could still commit. True when one of them
+    /// changed the allow-list.
+    async fn poll_peers(&mut self, store: &dyn Store, fanout: &Fanout) -> bool {
         if self.owed > self.last {
             // Our own read-back is due first; it covers the peers' too.
-            return;
+            return false;
         }
+        let mut allow_changed = false;
         match store.events_after(self.last, "", PEER_POLL_LIMIT).await {
             Ok(events) => {
                 for e in events {
                     if e.id > self.last {
                         self.last = e.id;
                         self.owed = e.id;
+                        allow_changed |=
+                            matches!(e.kind, EventKind::AllowAdd | EventKind::AllowRemove);
                         fanout.publish(Arc::new(e));
                     }
                 }
             }
             Err(e) => debug!(error = %e, "cannot read other hubs' events; next poll retries"),
         }
+        allow_changed
     }
 
     /// Publishes `fresh` (events just committed, in id order), first
