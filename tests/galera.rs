@@ -99,6 +99,30 @@ async fn three_hubs_on_galera_deliver_every_ban_once_through_a_hub_crash() {
         t.elapsed().as_secs_f64()
     );
 
+    // Cross-hub delay, an upper bound: from `banmesh report` on node-0
+    // (hub 1) to the line in node-1's shared.log (hub 2), report CLI
+    // start-up and the node's outbox included. Printed, not asserted.
+    for (to, what, net) in [(3, "hub 1 (same hub)", 9u8), (1, "hub 2", 8)] {
+        let mut delays = Vec::new();
+        for k in 0..10u8 {
+            let ip = format!("198.51.{net}.{}", k + 1);
+            let t = Instant::now();
+            let (ok, err) = nodes[0].report("sshd", "tcp", "22", &ip);
+            assert!(ok, "{err}");
+            bans.insert(ip.clone(), nodes[0].name.clone());
+            while nodes[to].lines_for(&ip) == 0 && t.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            delays.push(t.elapsed());
+        }
+        delays.sort();
+        println!(
+            "galera: report via hub 1 -> applied via {what}: p50 {:.1} ms, max {:.1} ms (10 bans)",
+            delays[5].as_secs_f64() * 1e3,
+            delays[9].as_secs_f64() * 1e3
+        );
+    }
+
     // kill -9 hub 3 with reports in flight: its nodes move, nothing lost.
     report_round(&nodes, 2, 2, &mut bans);
     hubs[2].proc.kill();
