@@ -383,6 +383,12 @@ pub struct HubArgs {
     #[arg(long, value_name = "DURATION", default_value = hub::ladder::DEFAULT_WINDOW,
           value_parser = ladder_window_arg)]
     pub ladder_window: String,
+    /// How often the hub reads the store for bans committed through other
+    /// hubs sharing it (MySQL/Galera), to stream them to its own nodes
+    /// within this delay; 0s: never (a lone hub saves the idle queries).
+    /// Ignored with SQLite, which only one hub can use.
+    #[arg(long, value_name = "DURATION", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub peer_poll: Duration,
     /// The fleet signal policy.
     #[command(flatten)]
     pub signals: SignalArgs,
@@ -1045,6 +1051,7 @@ async fn run_hub(args: HubArgs, service: Service) -> anyhow::Result<()> {
             burst: args.report_burst,
         },
         signals: (&args.signals).into(),
+        peer_poll: Some(args.peer_poll).filter(|d| !d.is_zero()),
     };
     until_signal(|stop| hub::run(listener, config, stop)).await
 }

@@ -86,6 +86,7 @@ async fn fleet(
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let hub_url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
     let hub_config = hub::HubConfig {
+        peer_poll: None,
         db: None,
         data_dir: root.join("hub"),
         tls: issue(&pki, "hub", ca::Role::Hub)?,

@@ -152,6 +152,40 @@ impl Access {
         });
     }
 
+    /// Follows revocations made through other hubs sharing the store:
+    /// every `every`, the store's revoked names not yet known here are
+    /// revoked here too, ending their streams on this hub. Runs until
+    /// `shutdown`; a failed read is retried on the next tick.
+    pub fn follow_store(
+        &self,
+        store: Arc<dyn Store>,
+        every: std::time::Duration,
+        mut shutdown: crate::shutdown::Shutdown,
+    ) {
+        let access = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.recv() => return,
+                }
+                match store.revoked().await {
+                    Ok(names) => {
+                        for name in names.iter().filter(|n| !access.is_revoked(n)) {
+                            tracing::info!(%name, "revoked through another hub: ending its streams here");
+                            access.revoke(name);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read revoked names; next tick retries")
+                    }
+                }
+            }
+        });
+    }
+
     /// Resolves once `name` is revoked (in any letter case): streams
     /// select on it.
     pub fn revoked(&self, name: &str) -> impl std::future::Future<Output = ()> + Send + use<> {

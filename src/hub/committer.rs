@@ -3,9 +3,9 @@
 //! Handlers send commands over a channel; the committer takes whatever has
 //! queued up while the previous transaction ran (up to [`MAX_BATCH`]) and
 //! commits it as one transaction, then hands the new events to the fan-out
-//! in id order and answers each sender. Being the only writer keeps event
-//! ids in commit order, which the subscribers' gap-free switch from replay
-//! to live relies on. Nothing is acknowledged before its commit returns.
+//! in id order and answers each sender. Event ids follow commit order (a
+//! counter row in each transaction), which the subscribers' gap-free
+//! switch from replay to live relies on. Nothing is acknowledged before its commit returns.
 //!
 //! The committer also owns the fleet allow-list as the hub enforces it,
 //! and that is why no ban inside an entry can slip past it: each report is
@@ -37,6 +37,13 @@
 //! after every successful commit, anything in the store between the last
 //! published id and the highest id this commit returned (a re-sent report
 //! comes back as such a duplicate) is read back and published first.
+//!
+//! Other hubs sharing the store (MySQL, MariaDB Galera) commit events this
+//! committer never wrote. Their ids are commit-ordered with ours (the
+//! counter row, `store::sql::sequence`), so the same read-back covers
+//! them when we commit next, and while idle the committer reads what lies
+//! above its last published id every `--peer-poll` and publishes it in
+//! order: one ordered publisher per hub, whoever committed.
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -51,7 +58,7 @@ use super::{
 };
 use crate::{
     allow::{AllowList, Network},
-    ban::{BanTerm, Event},
+    ban::{BanTerm, Event, EventKind},
     shutdown::Shutdown,
 };
 
@@ -98,10 +105,11 @@ impl Committer {
         fanout: Fanout,
         fleet: FleetAddrs,
         ladder: Option<Ladder>,
+        peer_poll: Option<std::time::Duration>,
         shutdown: Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, fanout, fleet, ladder, rx, shutdown));
+        tokio::spawn(run(store, fanout, fleet, ladder, peer_poll, rx, shutdown));
         Committer { tx }
     }
 
@@ -168,6 +176,7 @@ async fn run(
     fanout: Fanout,
     fleet: FleetAddrs,
     ladder: Option<Ladder>,
+    peer_poll: Option<std::time::Duration>,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: Shutdown,
 ) {
@@ -196,6 +205,9 @@ async fn run(
     let mut published = Published { last, owed: last };
     let mut retry = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut beat = tokio::time::interval(crate::systemd::BEAT);
+    let mut peers =
+        tokio::time::interval(peer_poll.unwrap_or(std::time::Duration::from_secs(3600)));
+    peers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         crate::systemd::beat();
         let first = tokio::select! {
@@ -212,6 +224,19 @@ async fn run(
             _ = retry.tick(), if published.owed > published.last => {
                 let owed = published.owed;
                 published.publish(&*store, &fanout, owed, &[], &[]).await;
+                continue;
+            }
+            // Other hubs' commits (`--peer-poll`), published here in id
+            // order like our own (see the module doc).
+            _ = peers.tick(), if peer_poll.is_some() => {
+                if published.poll_peers(&*store, &fanout).await {
+                    // Another hub changed the allow-list: check the next
+                    // reports against the store's list.
+                    match load_allow_list(&*store, &mut shutdown).await {
+                        Some(list) => guard.list = list,
+                        None => return,
+                    }
+                }
                 continue;
             }
         };
@@ -318,7 +343,39 @@ struct Published {
     owed: u64,
 }
 
+/// Most events one peer poll reads; more wait for the next tick.
+const PEER_POLL_LIMIT: usize = 1000;
+
 impl Published {
+    /// Publishes what other hubs committed since the last published id.
+    /// Event ids are commit-ordered across hubs (`store::sql::sequence`):
+    /// what a read finds above `last` is every event up to its highest id,
+    /// so publishing all of it in order and moving `last` to the highest
+    /// skips nothing that could still commit. True when one of them
+    /// changed the allow-list.
+    async fn poll_peers(&mut self, store: &dyn Store, fanout: &Fanout) -> bool {
+        if self.owed > self.last {
+            // Our own read-back is due first; it covers the peers' too.
+            return false;
+        }
+        let mut allow_changed = false;
+        match store.events_after(self.last, "", PEER_POLL_LIMIT).await {
+            Ok(events) => {
+                for e in events {
+                    if e.id > self.last {
+                        self.last = e.id;
+                        self.owed = e.id;
+                        allow_changed |=
+                            matches!(e.kind, EventKind::AllowAdd | EventKind::AllowRemove);
+                        fanout.publish(Arc::new(e));
+                    }
+                }
+            }
+            Err(e) => debug!(error = %e, "cannot read other hubs' events; next poll retries"),
+        }
+        allow_changed
+    }
+
     /// Publishes `fresh` (events just committed, in id order), first
     /// filling any gap up to `highest` from the store. `rows` are ids the
     /// same commit gave rows that are no events (coalesced reports): no

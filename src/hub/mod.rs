@@ -114,6 +114,11 @@ pub enum HubError {
     },
 }
 
+/// How often a hub sharing its store with other hubs re-reads the revoked
+/// names (issue 18: a revocation ends the host's streams on every hub
+/// within a second).
+pub const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Everything the hub needs besides its listener.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -134,6 +139,10 @@ pub struct HubConfig {
     /// `--ladder-window`); `None` (`--ladder off`): bans carry no fleet
     /// term and are not coalesced, as before the ladder.
     pub ladder: Option<ladder::Ladder>,
+    /// How often an idle committer reads the store for events other hubs
+    /// committed (`--peer-poll`), to publish them to this hub's
+    /// subscribers; `None`: never (one hub, or SQLite).
+    pub peer_poll: Option<std::time::Duration>,
 }
 
 impl HubConfig {
@@ -243,6 +252,11 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let hub_names = Arc::new(enrollment::HubNames::new(config.tls.own_names()?));
     let store = store::open(&config.db_url()).await?;
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
+    if config.db_url().starts_with("mysql:") && config.peer_poll.is_some() {
+        // Other hubs may share the store: their revocations end streams
+        // here within this period.
+        access.follow_store(store.clone(), REVOCATION_POLL, shutdown.clone());
+    }
     let fanout = fanout::Fanout::default();
     crate::metrics::hub::attach(fanout.clone());
     let fleet = fleet::FleetAddrs::from_rows(store.fleet_addresses().await?);
@@ -257,6 +271,9 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         fanout.clone(),
         fleet.clone(),
         config.ladder.clone(),
+        config
+            .peer_poll
+            .filter(|_| config.db_url().starts_with("mysql:")),
         shutdown.clone(),
     );
     let signals = signals::Signals::spawn(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fail2ban;
+pub mod galera;
 pub mod mariadb;
 
 use std::{

@@ -96,6 +96,20 @@ impl StoreError {
     pub(crate) fn query(msg: impl Into<String>) -> Self {
         StoreError::Query(msg.into().into())
     }
+
+    /// The transaction lost a conflict and was rolled back: a deadlock, a
+    /// lock wait timeout, or (Galera) a certification failure or
+    /// brute-force abort, all reported as MySQL error 1213. Retrying the
+    /// whole transaction is correct and expected (see `sql::sequence`).
+    pub fn is_conflict(&self) -> bool {
+        let StoreError::Query(source) = self else {
+            return false;
+        };
+        match source.downcast_ref::<mysql_async::Error>() {
+            Some(mysql_async::Error::Server(e)) => matches!(e.code, 1213 | 1205),
+            _ => false,
+        }
+    }
 }
 
 /// The `kind` of an `events` row that is not an event: a report coalesced

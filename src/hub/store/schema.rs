@@ -520,6 +520,9 @@ pub async fn migrate(ex: &mut dyn Executor, d: Dialect) -> Result<(), StoreError
             }
         }
     }
+    // The event-id counter (see `sql::sequence`); `reserve` steps over
+    // rows already stored, so 1 is a safe start for any store.
+    ex.exec(super::sql::sequence::create_sql(d), vec![]).await?;
     match found {
         Some(v) if v == SCHEMA_VERSION => Ok(()),
         Some(_) => ex

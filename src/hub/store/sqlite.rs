@@ -256,6 +256,8 @@ impl Backend for SqliteStore {
         let batch = batch.to_vec();
         self.with(move |conn| {
             let tx = conn.transaction().map_err(q)?;
+            tx.execute(sql::sequence::create_sql(Dialect::Sqlite), [])
+                .map_err(q)?;
             let mut out: Vec<Committed> = Vec::with_capacity(batch.len());
             {
                 let mut find = tx
@@ -267,8 +269,8 @@ impl Backend for SqliteStore {
                 let mut insert = tx
                     .prepare_cached(
                         "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, \
-                         jailname, protocol, port, ip, ends_ms, rung, extends, reason) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                         jailname, protocol, port, ip, ends_ms, rung, extends, reason, id) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                     )
                     .map_err(q)?;
                 for (r, hid) in batch.iter().zip(&ids) {
@@ -303,6 +305,11 @@ impl Backend for SqliteStore {
                         key = None;
                     }
                     let row = Stored::of(&r.plan, |i| out.get(i).map(Committed::event_id));
+                    // Ids from the counter, as every writer (`sql::sequence`).
+                    let next: i64 = tx
+                        .query_row(sql::sequence::SQLITE_RESERVE, params![1], |r| r.get(0))
+                        .map_err(q)?;
+                    let id = next - 1;
                     insert
                         .execute(params![
                             row.kind,
@@ -318,10 +325,10 @@ impl Backend for SqliteStore {
                             row.rung,
                             row.extends.map(|e| e as i64),
                             row.reason,
+                            id,
                         ])
                         .map_err(q)?;
-                    let id = tx.last_insert_rowid() as u64;
-                    out.push(row.committed(id, r, now));
+                    out.push(row.committed(id as u64, r, now));
                 }
             }
             tx.commit().map_err(q)?;

@@ -2,7 +2,7 @@
 //!
 //! MySQL pays a round trip per statement, so a batch is one multi-row
 //! `INSERT IGNORE` (re-sends skipped by the `report` key) and its ids are
-//! read back from the first id when the server hands out consecutive ones.
+//! the explicit ids reserved from the event-id counter (`sql::sequence`).
 use std::collections::HashMap;
 
 use mysql_async::{TxOpts, Value, prelude::*};
@@ -47,10 +47,17 @@ fn report_keys(keys: &[(u64, u64)]) -> String {
 
 /// The columns every `events` row a report writes gets, in order.
 const REPORT_COLUMNS: &str = "kind, reporter_id, node_seq, added_by, created_ms, jailname, \
-                              protocol, port, ip, ends_ms, rung, extends, reason";
+                              protocol, port, ip, ends_ms, rung, extends, reason, id";
 
 /// `r` as the values of [`REPORT_COLUMNS`], stored as `row`.
-fn values(row: &Stored, reporter: u64, seq: Option<u64>, r: &NewReport, now: i64) -> [Value; 13] {
+fn values(
+    row: &Stored,
+    reporter: u64,
+    seq: Option<u64>,
+    r: &NewReport,
+    now: i64,
+    id: u64,
+) -> [Value; 14] {
     [
         row.kind.into(),
         reporter.into(),
@@ -65,7 +72,32 @@ fn values(row: &Stored, reporter: u64, seq: Option<u64>, r: &NewReport, now: i64
         row.rung.into(),
         row.extends.into(),
         row.reason.clone().into(),
+        id.into(),
     ]
+}
+
+/// The first of `n` event ids reserved in `tx` (`sql::sequence`): one
+/// round trip, the new counter value coming back as `LAST_INSERT_ID`.
+async fn reserve(tx: &mut mysql_async::Transaction<'_>, n: u64) -> Result<u64, StoreError> {
+    for _ in 0..2 {
+        tx.exec_drop(sql::sequence::MYSQL_RESERVE, (n,))
+            .await
+            .map_err(q)?;
+        if tx.affected_rows() > 0 {
+            let next = tx.last_insert_id().unwrap_or(0);
+            return next
+                .checked_sub(n)
+                .ok_or_else(|| StoreError::query("the event-id counter returned no value"));
+        }
+        tx.query_drop(sql::sequence::create_sql(
+            crate::hub::store::schema::Dialect::MySql,
+        ))
+        .await
+        .map_err(q)?;
+    }
+    Err(StoreError::query(
+        "banmesh_meta has no next_event_id row after creating it",
+    ))
 }
 
 impl MysqlStore {
@@ -73,6 +105,18 @@ impl MysqlStore {
     /// second one for reports coalesced into a ban of the same batch,
     /// whose id only the first tells.
     pub(super) async fn group_commit(
+        &self,
+        batch: &[NewReport],
+        now: i64,
+    ) -> Result<Vec<Committed>, StoreError> {
+        // A lost conflict on the event-id counter (another hub committed
+        // first; under Galera a certification failure) rolled everything
+        // back: the batch is retried whole (`sql::sequence`).
+        sql::sequence::retrying(|| self.group_commit_once(batch, now)).await
+    }
+
+    /// One attempt of [`Self::group_commit`], in one transaction.
+    async fn group_commit_once(
         &self,
         batch: &[NewReport],
         now: i64,
@@ -132,17 +176,19 @@ impl MysqlStore {
             .iter()
             .map(|&i| (i, Stored::of(&batch[i].plan, |j| outcome(out, j))))
             .collect();
-        let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * 13);
-        for &i in &fresh {
+        let first = reserve(tx, fresh.len() as u64).await?;
+        let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * 14);
+        for (n, &i) in fresh.iter().enumerate() {
             params.extend(values(
                 &stored[&i],
                 keys[i].0,
                 Some(keys[i].1),
                 &batch[i],
                 now,
+                first + n as u64,
             ));
         }
-        let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; fresh.len()].join(",");
+        let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; fresh.len()].join(",");
         // Re-sent reports hit the (reporter, seq) unique key and are skipped;
         // every value was validated, so IGNORE hides nothing else.
         tx.exec_drop(
@@ -152,16 +198,13 @@ impl MysqlStore {
         .await
         .map_err(q)?;
         let inserted = tx.affected_rows() as usize;
-        let first = tx.last_insert_id().filter(|f| *f > 0);
         // (reporter, seq) -> (the id a re-send is answered with, the row's
         // own id, the ban stored under it).
         let mut known: HashMap<(u64, u64), (u64, u64, BanKey)> =
             HashMap::with_capacity(fresh.len());
-        // New rows got consecutive ids from the first (unless the server
-        // interleaves auto-increment allocation, lock mode 2).
-        let all_new = inserted == fresh.len() && self.consecutive_ids;
+        // Row n of the statement has id first + n (explicit ids).
         let mut new_keys = std::collections::HashSet::new();
-        if let (true, Some(first)) = (all_new, first) {
+        if inserted == fresh.len() {
             for (n, &i) in fresh.iter().enumerate() {
                 let id = first + n as u64;
                 known.insert(keys[i], (id, id, BanKey::of(&batch[i].ban)));
@@ -191,7 +234,7 @@ impl MysqlStore {
                 .await
                 .map_err(q)?;
             for (id, kind, extends, h, s, ip, jail, protocol, port) in rows {
-                if inserted > 0 && first.is_some_and(|f| id >= f) {
+                if inserted > 0 && id >= first {
                     new_keys.insert((h, s));
                 }
                 let answer = if kind == COALESCED_KIND {
@@ -221,16 +264,16 @@ impl MysqlStore {
                 // it, without the key, and say so.
                 tracing::warn!(host = %r.host, seq = r.seq, ip = %r.ban.ip, "sequence reused for a different ban; stored as a new report");
                 let row = Stored::of(&r.plan, |j| outcome(out, j));
+                let id = reserve(tx, 1).await?;
                 tx.exec_drop(
                     format!(
                         "INSERT INTO events ({REPORT_COLUMNS}) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     ),
-                    values(&row, key.0, None, r, now).to_vec(),
+                    values(&row, key.0, None, r, now, id).to_vec(),
                 )
                 .await
                 .map_err(q)?;
-                let id = tx.last_insert_id().unwrap_or(0);
                 out[i] = Some(row.committed(id, r, now));
             }
         }

@@ -24,9 +24,6 @@ pub struct MysqlStore {
     pool: Pool,
     /// `host:port` of the server, for messages (the URL may hold a password).
     at: String,
-    /// The server hands a multi-row INSERT consecutive ids
-    /// (`innodb_autoinc_lock_mode` below 2).
-    consecutive_ids: bool,
     host_ids: HostIds,
 }
 
@@ -63,14 +60,7 @@ impl MysqlStore {
         admin.disconnect().await.map_err(q)?;
 
         let pool = Pool::new(OptsBuilder::from_opts(opts).db_name(Some(db)));
-        let mut c = pool.get_conn().await.map_err(|e| unreachable(&at, e))?;
-        let lock_mode: Option<i64> = c
-            .query_first("SELECT @@innodb_autoinc_lock_mode")
-            .await
-            .map_err(q)?;
-        drop(c);
         let store = MysqlStore {
-            consecutive_ids: lock_mode.is_some_and(|m| m < 2),
             pool,
             at,
             host_ids: HostIds::default(),
@@ -173,9 +163,20 @@ impl Executor for MysqlSession<'_> {
             exec_on(tx, sql, params).await?;
             return Ok(done(tx.affected_rows(), tx.last_insert_id()));
         }
-        let c = self.conn().await?;
-        exec_on(c, sql, params).await?;
-        Ok(done(c.affected_rows(), c.last_insert_id()))
+        // An autocommit statement that lost a conflict (Galera: another
+        // hub's write-set certified first) was rolled back whole: again.
+        let mut attempt = 0;
+        loop {
+            let c = self.conn().await?;
+            match exec_on(c, sql, params.clone()).await {
+                Err(e) if e.is_conflict() && attempt < sql::sequence::MAX_CONFLICT_RETRIES => {
+                    attempt += 1;
+                    sql::sequence::back_off(attempt).await;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(done(c.affected_rows(), c.last_insert_id())),
+            }
+        }
     }
 
     async fn query(
@@ -263,7 +264,6 @@ mod tests {
         let store = MysqlStore {
             pool: Pool::new(Opts::from_url(url).unwrap()),
             at: "127.0.0.1:1".into(),
-            consecutive_ids: true,
             host_ids: HostIds::default(),
         };
         let Err(e) = store.conn().await else {

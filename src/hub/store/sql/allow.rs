@@ -48,28 +48,29 @@ pub async fn entries<B: Backend + ?Sized>(b: &B) -> Result<Vec<AllowRow>, StoreE
 /// Inserts an allow-list event (kind 3 or 4) for `network`; its id.
 async fn allow_event(
     ex: &mut dyn Executor,
+    d: crate::hub::store::schema::Dialect,
     kind: EventKind,
     network: &Network,
     by: &str,
     now: i64,
 ) -> Result<Event, StoreError> {
     let ban = Ban::allow_entry(network);
-    let id = ex
-        .exec(
-            "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, jailname, \
-             protocol, port, ip, lifts) VALUES (?, 0, NULL, ?, ?, ?, ?, ?, ?, NULL)",
-            params![
-                kind.code(),
-                by,
-                now,
-                &ban.jail,
-                &ban.protocol,
-                &ban.port,
-                &ban.ip
-            ],
-        )
-        .await?
-        .last_id;
+    let id = super::sequence::reserve(&mut *ex, d, 1).await?;
+    ex.exec(
+        "INSERT INTO events (id, kind, reporter_id, node_seq, added_by, created_ms, jailname, \
+         protocol, port, ip, lifts) VALUES (?, ?, 0, NULL, ?, ?, ?, ?, ?, ?, NULL)",
+        params![
+            id,
+            kind.code(),
+            by,
+            now,
+            &ban.jail,
+            &ban.protocol,
+            &ban.port,
+            &ban.ip
+        ],
+    )
+    .await?;
     Ok(Event {
         id,
         kind,
@@ -107,6 +108,7 @@ pub async fn add<B: Backend + ?Sized>(
     let now = now_ms();
     let event = allow_event(
         &mut *ex,
+        b.dialect(),
         EventKind::AllowAdd,
         &entry.network,
         &entry.added_by,
@@ -138,22 +140,22 @@ pub async fn add<B: Backend + ?Sized>(
     let mut unbans = Vec::with_capacity(inside.len());
     let mut lifted = 0;
     for (ip, (last, count)) in inside {
-        let id = ex
-            .exec(
-                "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, \
-                 jailname, protocol, port, ip, lifts) VALUES (2, 0, NULL, ?, ?, ?, ?, ?, ?, ?)",
-                params![
-                    &entry.added_by,
-                    now,
-                    &last.ban.jail,
-                    &last.ban.protocol,
-                    &last.ban.port,
-                    &ip,
-                    last.id
-                ],
-            )
-            .await?
-            .last_id;
+        let id = super::sequence::reserve(&mut *ex, b.dialect(), 1).await?;
+        ex.exec(
+            "INSERT INTO events (id, kind, reporter_id, node_seq, added_by, created_ms, \
+             jailname, protocol, port, ip, lifts) VALUES (?, 2, 0, NULL, ?, ?, ?, ?, ?, ?, ?)",
+            params![
+                id,
+                &entry.added_by,
+                now,
+                &last.ban.jail,
+                &last.ban.protocol,
+                &last.ban.port,
+                &ip,
+                last.id
+            ],
+        )
+        .await?;
         ex.exec(
             "UPDATE events SET lifted_by = ? WHERE ip = ? AND kind = 1 AND lifted_by IS NULL",
             params![id, &ip],
@@ -196,7 +198,15 @@ pub async fn remove<B: Backend + ?Sized>(
     if gone.affected == 0 {
         return Ok(None);
     }
-    let event = allow_event(&mut *ex, EventKind::AllowRemove, network, by, now_ms()).await?;
+    let event = allow_event(
+        &mut *ex,
+        b.dialect(),
+        EventKind::AllowRemove,
+        network,
+        by,
+        now_ms(),
+    )
+    .await?;
     ex.commit().await?;
     Ok(Some(event))
 }

@@ -102,23 +102,23 @@ pub async fn unban<B: Backend + ?Sized>(
     let now = now_ms();
     let mut out = None;
     if let Some(last) = active.last().map(event).transpose()? {
-        let id = ex
-            .exec(
-                "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, jailname, \
-                 protocol, port, ip, lifts) VALUES (2, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
-                params![
-                    by_id,
-                    by,
-                    now,
-                    &last.ban.jail,
-                    &last.ban.protocol,
-                    &last.ban.port,
-                    ip,
-                    last.id
-                ],
-            )
-            .await?
-            .last_id;
+        let id = super::sequence::reserve(&mut *ex, d, 1).await?;
+        ex.exec(
+            "INSERT INTO events (id, kind, reporter_id, node_seq, added_by, created_ms, jailname, \
+             protocol, port, ip, lifts) VALUES (?, 2, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
+            params![
+                id,
+                by_id,
+                by,
+                now,
+                &last.ban.jail,
+                &last.ban.protocol,
+                &last.ban.port,
+                ip,
+                last.id
+            ],
+        )
+        .await?;
         ex.exec(
             "UPDATE events SET lifted_by = ? WHERE ip = ? AND kind = 1 AND lifted_by IS NULL",
             params![id, ip],

@@ -26,6 +26,7 @@ mod events;
 mod hosts;
 mod names;
 mod raw;
+pub mod sequence;
 
 /// The id of host `name`, creating its row (and view column) when new.
 /// Names match case-insensitively (see `Dialect::name_is`): `WEB-1` is
@@ -110,11 +111,11 @@ impl<B: Backend> Store for B {
         token_hash: &str,
         name: &str,
     ) -> Result<Result<Enrolled, EnrollRefused>, StoreError> {
-        hosts::enroll(self, token_hash, name).await
+        sequence::retrying(|| hosts::enroll(self, token_hash, name)).await
     }
 
     async fn revoke(&self, name: &str, by: &str) -> Result<Revocation, StoreError> {
-        names::revoke(self, name, by).await
+        sequence::retrying(|| names::revoke(self, name, by)).await
     }
 
     async fn revoked(&self) -> Result<Vec<String>, StoreError> {
@@ -156,7 +157,7 @@ impl<B: Backend> Store for B {
         by: &str,
         forget: bool,
     ) -> Result<Option<(Event, u32)>, StoreError> {
-        events::unban(self, ip, by, forget).await
+        sequence::retrying(|| events::unban(self, ip, by, forget)).await
     }
 
     async fn ladder_facts(&self, batch: &[NewReport]) -> Result<super::LadderFacts, StoreError> {
@@ -183,7 +184,7 @@ impl<B: Backend> Store for B {
         &self,
         entry: &super::AllowRow,
     ) -> Result<Option<super::AllowAdded>, StoreError> {
-        allow::add(self, entry).await
+        sequence::retrying(|| allow::add(self, entry)).await
     }
 
     async fn allow_remove(
@@ -191,7 +192,7 @@ impl<B: Backend> Store for B {
         network: &crate::allow::Network,
         by: &str,
     ) -> Result<Option<Event>, StoreError> {
-        allow::remove(self, network, by).await
+        sequence::retrying(|| allow::remove(self, network, by)).await
     }
 
     async fn load_allow(&self, rows: &[super::AllowRow]) -> Result<(), StoreError> {
