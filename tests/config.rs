@@ -284,13 +284,16 @@ async fn a_hub_runs_from_its_file_and_reloads_on_sighup() {
 
     std::fs::write(&path, file("debug", "127.0.0.1:1")).unwrap();
     let pid = hub.proc.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let sighup = || {
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    sighup();
     wait_for(
         "the hub to say what it reloaded",
         Duration::from_secs(10),
@@ -324,13 +327,7 @@ async fn a_hub_runs_from_its_file_and_reloads_on_sighup() {
         },
     )
     .unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sighup();
     wait_for(
         "the hub to present the renewed certificate",
         Duration::from_secs(10),
@@ -348,13 +345,7 @@ async fn a_hub_runs_from_its_file_and_reloads_on_sighup() {
 
     // A broken file on SIGHUP changes nothing.
     std::fs::write(&path, "listen = 1\n").unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sighup();
     wait_for(
         "the hub to refuse the broken file",
         Duration::from_secs(10),

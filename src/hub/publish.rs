@@ -198,14 +198,7 @@ fn fold(ack: &mut proto::Ack, pending_rx: &mut mpsc::Receiver<PendingAck>) -> Op
                 Ok(Ok(Committed::Refused { ip, entry })) => {
                     return Some(PendingAck::Ready(refused_ack(seq, &ip, entry)));
                 }
-                Ok(Ok(c)) => {
-                    crate::metrics::hub::committed(&c);
-                    ack.seq = seq;
-                    ack.event_id = c.event_id();
-                    ack.duplicate = matches!(c, Committed::Duplicate(_));
-                    ack.coalesced = matches!(c, Committed::Coalesced { .. });
-                    ack.count += 1;
-                }
+                Ok(Ok(c)) => answer(ack, seq, &c),
                 Ok(Err(e)) => return Some(PendingAck::Failed(unavailable(e))),
                 Err(oneshot::error::TryRecvError::Empty) => {
                     return Some(PendingAck::Committing(seq, rx));
@@ -228,21 +221,27 @@ async fn resolve(p: PendingAck) -> Result<proto::Ack, Status> {
         PendingAck::Committing(seq, rx) => match rx.await {
             Ok(Ok(Committed::Refused { ip, entry })) => Ok(refused_ack(seq, &ip, entry)),
             Ok(Ok(c)) => {
-                crate::metrics::hub::committed(&c);
-                Ok(proto::Ack {
-                    seq,
-                    event_id: c.event_id(),
-                    duplicate: matches!(c, Committed::Duplicate(_)),
-                    rejected: String::new(),
-                    count: 1,
-                    allowed_by: String::new(),
-                    coalesced: matches!(c, Committed::Coalesced { .. }),
-                })
+                let mut ack = proto::Ack::default();
+                answer(&mut ack, seq, &c);
+                Ok(ack)
             }
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(shutting_down()),
         },
     }
+}
+
+/// Makes `ack` answer one more accepted report, `seq`, with its outcome
+/// (acks are cumulative: the fields are those of the last report); counts
+/// it in the metrics. The one place an outcome becomes ack fields, for a
+/// lone ack and a folded one alike.
+fn answer(ack: &mut proto::Ack, seq: u64, c: &Committed) {
+    crate::metrics::hub::committed(c);
+    ack.seq = seq;
+    ack.event_id = c.event_id();
+    ack.duplicate = matches!(c, Committed::Duplicate(_));
+    ack.coalesced = matches!(c, Committed::Coalesced { .. });
+    ack.count += 1;
 }
 
 /// The ack of a report of `ip` refused by the allow-list `entry`.
