@@ -143,6 +143,11 @@ pub struct HubConfig {
     /// committed (`--peer-poll`), to publish them to this hub's
     /// subscribers; `None`: never (one hub, or SQLite).
     pub peer_poll: Option<std::time::Duration>,
+    /// This hub's name (`--name`), recorded in the store against each host
+    /// subscribed through it; `None`: this machine's host name (the hub
+    /// certificate's name if that is unknown). Hubs sharing a store need
+    /// distinct names.
+    pub name: Option<String>,
 }
 
 impl HubConfig {
@@ -251,6 +256,16 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     }
     let hub_names = Arc::new(enrollment::HubNames::new(config.tls.own_names()?));
     let store = store::open(&config.db_url()).await?;
+    let name: Arc<str> = match config.name.clone() {
+        Some(n) => n,
+        None => Some(crate::enroll::host_name())
+            .filter(|n| !n.is_empty())
+            .map_or_else(|| config.tls.own_name(), Ok)?,
+    }
+    .into();
+    // No stream is open yet: a claim under this name is an earlier run's.
+    let released = store.release_hub(&name).await?;
+    info!(hub = %name, released, "hub name (recorded against the hosts subscribed here)");
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     if config.db_url().starts_with("mysql:") && config.peer_poll.is_some() {
         // Other hubs may share the store: their revocations end streams
@@ -307,6 +322,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         hub_names,
         shutdown: shutdown.clone(),
         ladder: config.ladder.clone(),
+        name,
     };
     let (reflection, reflection_alpha) = crate::proto::reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();

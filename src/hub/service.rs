@@ -77,6 +77,9 @@ pub struct HubService {
     pub shutdown: Shutdown,
     /// The escalation ladder in force (`None`: off), shown by `Policy`.
     pub ladder: Option<super::ladder::Ladder>,
+    /// This hub's name (`--name`), recorded against the hosts subscribed
+    /// through it so that `Hosts` on any hub sharing the store shows it.
+    pub name: Arc<str>,
 }
 
 pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -142,7 +145,7 @@ impl hub_server::Hub for HubService {
             self.store.clone(),
             self.fanout.clone(),
             self.access.clone(),
-            peer.name,
+            (peer.name, (!peer.admin).then(|| self.name.clone())),
             request.get_ref().after_event_id,
             self.shutdown.clone(),
         );
@@ -240,6 +243,11 @@ impl hub_server::Hub for HubService {
                         enrolled_ms: h.enrolled_ms.unwrap_or(0),
                         cert_expires_ms: h.cert_expires_ms.unwrap_or(0),
                         revoked: h.revoked || self.access.is_revoked(&h.name),
+                        // This hub's own claim with no stream here is one an
+                        // earlier run left (its streams' ends went unrecorded).
+                        stale_hub: h.hub.as_deref() == Some(&*self.name) && position.is_none(),
+                        hub: h.hub.unwrap_or_default(),
+                        hub_since_ms: h.hub_since_ms.unwrap_or(0),
                         name: h.name,
                     }
                 })

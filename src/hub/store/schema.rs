@@ -89,6 +89,11 @@ pub const TABLES: &[Table] = &[
             ("enrolled_ms", Ty::I64, NULL),
             ("cert_expires_ms", Ty::I64, NULL),
             ("revoked_ms", Ty::I64, NULL),
+            // Schema 3 (hubs sharing one store): the hub the host is
+            // subscribed through and since when; NULL when it is not, or
+            // its stream ended cleanly. See `sql::hosts::subscribed_via`.
+            ("hub", Ty::Str(253), NULL),
+            ("hub_since_ms", Ty::I64, NULL),
         ],
         primary: &[],
         unique: &[("name", &["name"])],
@@ -282,6 +287,8 @@ pub const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("events", "rung"),
     ("events", "extends"),
     ("events", "reason"),
+    ("hosts", "hub"),
+    ("hosts", "hub_since_ms"),
 ];
 
 impl Dialect {
