@@ -236,14 +236,20 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].ends_with("HUB              STATE"), "{text}");
         assert!(
-            lines[1].ends_with(" hub1             subscribed since 2025-11-26 12:01:07 (3m 4s ago)"),
+            lines[1]
+                .ends_with(" hub1             subscribed since 2025-11-26 12:01:07 (3m 4s ago)"),
             "{text}"
         );
         assert!(
-            lines[2].ends_with(" hub2             subscribed to another hub since 2025-11-26 12:01:07 (3m 4s ago)"),
+            lines[2].ends_with(
+                " hub2             subscribed to another hub since 2025-11-26 12:01:07 (3m 4s ago)"
+            ),
             "{text}"
         );
-        assert!(lines[3].contains(" hub1             offline (stale: claimed since"), "{text}");
+        assert!(
+            lines[3].contains(" hub1             offline (stale: claimed since"),
+            "{text}"
+        );
         assert!(lines[4].ends_with(" -                offline"), "{text}");
     }
 }

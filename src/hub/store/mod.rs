@@ -509,8 +509,7 @@ pub trait Store: Send + Sync + 'static {
     /// that every hub sharing the store can tell which hub each host is
     /// on. One write per stream opened, never per event. The last
     /// subscription wins: a host that moves to another hub is claimed by it.
-    async fn subscribed_via(&self, host: &str, hub: &str, since_ms: i64)
-    -> Result<(), StoreError>;
+    async fn subscribed_via(&self, host: &str, hub: &str, since_ms: i64) -> Result<(), StoreError>;
     /// Clears the claim [`Store::subscribed_via`] wrote, if it still holds
     /// (same hub and same `since_ms`): a claim another subscription wrote
     /// since (on this hub or another) stays. A hub killed with -9 clears

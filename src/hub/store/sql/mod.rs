@@ -176,13 +176,8 @@ impl<B: Backend> Store for B {
         hosts::hosts(self).await
     }
 
-    async fn subscribed_via(
-        &self,
-        host: &str,
-        hub: &str,
-        since_ms: i64,
-    ) -> Result<(), StoreError> {
-        hosts::subscribed_via(self, host, hub, since_ms).await
+    async fn subscribed_via(&self, host: &str, hub: &str, since_ms: i64) -> Result<(), StoreError> {
+        sequence::retrying(|| hosts::subscribed_via(self, host, hub, since_ms)).await
     }
 
     async fn unsubscribed_via(
@@ -191,11 +186,11 @@ impl<B: Backend> Store for B {
         hub: &str,
         since_ms: i64,
     ) -> Result<bool, StoreError> {
-        hosts::unsubscribed_via(self, host, hub, since_ms).await
+        sequence::retrying(|| hosts::unsubscribed_via(self, host, hub, since_ms)).await
     }
 
     async fn release_hub(&self, hub: &str) -> Result<u64, StoreError> {
-        hosts::release_hub(self, hub).await
+        sequence::retrying(|| hosts::release_hub(self, hub)).await
     }
 
     async fn allow_entries(&self) -> Result<Vec<super::AllowRow>, StoreError> {
