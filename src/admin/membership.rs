@@ -186,7 +186,12 @@ impl Hosts {
                 when(h.enrolled_ms),
                 when(h.last_seen_ms),
                 when(h.cert_expires_ms),
-                h.lag_events,
+                // Known for this hub's own streams only.
+                if h.subscribed {
+                    h.lag_events.to_string()
+                } else {
+                    "-".into()
+                },
                 if h.hub.is_empty() { "-" } else { &h.hub },
             );
         }
