@@ -55,12 +55,21 @@ fn line(hub: &Hub, admin: &TlsFiles, host: &str) -> String {
 }
 
 /// Waits until `host`'s line through `hub` satisfies `check`.
-async fn wait_line(hub: &Hub, admin: &TlsFiles, host: &str, what: &str, check: fn(&str) -> bool) {
+/// (The claim is written beside the stream's replay: it may trail the
+/// node's "connected" by a moment.) Returns the line.
+async fn wait_line(
+    hub: &Hub,
+    admin: &TlsFiles,
+    host: &str,
+    what: &str,
+    check: impl Fn(&str) -> bool,
+) -> String {
     wait_for(what, DEADLINE, || {
         let ok = check(&line(hub, admin, host));
         async move { ok }
     })
     .await;
+    line(hub, admin, host)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -89,19 +98,17 @@ async fn any_hub_lists_every_host_with_its_hub_and_enrols_with_any_hubs_token() 
     // hub's own stream, or another hub's claim.
     for (i, h) in hubs.iter().enumerate() {
         for (host, via) in [("node-a", 0), ("node-b", 1)] {
-            let l = line(h, &admin, host);
-            assert!(
-                l.contains(&format!(" hub{}  ", via + 1)),
-                "{host} on hub{} through hub{}: {l}",
-                via + 1,
-                i + 1
-            );
+            let hub_col = format!(" hub{}  ", via + 1);
             let state = if i == via {
                 "  subscribed since "
             } else {
                 "  subscribed to another hub since "
             };
-            assert!(l.contains(state), "{host} through hub{}: {l}", i + 1);
+            let what = format!("{host} on hub{} through hub{}", via + 1, i + 1);
+            wait_line(h, &admin, host, &what, |l| {
+                l.contains(&hub_col) && l.contains(state)
+            })
+            .await;
         }
     }
 
@@ -125,12 +132,12 @@ async fn any_hub_lists_every_host_with_its_hub_and_enrols_with_any_hubs_token() 
         netns: None,
     };
     fresh.restart().await;
-    let l = line(&hubs[0], &admin, "fresh-1");
-    assert!(
-        l.contains(" hub3  ") && l.contains("subscribed to another hub since"),
-        "{l}"
-    );
-    assert!(!l.contains("  -  "), "enrolled, with a date: {l}");
+    let l = wait_line(&hubs[0], &admin, "fresh-1", "fresh-1 on hub3", |l| {
+        l.contains(" hub3  ") && l.contains("subscribed to another hub since")
+    })
+    .await;
+    let enrolled = l.split_whitespace().nth(1).unwrap_or_default();
+    assert_ne!(enrolled, "-", "enrolled, with a date: {l}");
 
     // A clean stop of node-a clears hub 1's claim: offline everywhere.
     node_a.stop();

@@ -169,10 +169,11 @@ async fn on_hub(
 ) {
     let Some(hub) = via else { return task.await };
     let since = crate::clock::now_ms();
-    if let Err(e) = store.subscribed_via(&host, &hub, since).await {
+    // Beside the stream, not before it: replay does not wait for the write.
+    let (claimed, ()) = tokio::join!(store.subscribed_via(&host, &hub, since), task);
+    if let Err(e) = claimed {
         warn!(error = %e, "cannot record which hub the host is on");
     }
-    task.await;
     if fanout.streams(&host) == 0
         && let Err(e) = store.unsubscribed_via(&host, &hub, since).await
     {
