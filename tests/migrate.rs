@@ -270,7 +270,7 @@ async fn a_migration_keeps_every_revocation() {
 }
 
 /// A store from the build before hubs recorded their hosts (schema 2: no
-/// `hosts.hub` columns) gains them when a hub of this build starts on it,
+/// `hosts.hub` columns, no `hubs` table) gains them when a hub of this build starts on it,
 /// keeps its hosts, and `hub hosts` then names the hub each host is on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_schema_2_store_gains_the_hub_columns_at_start() {
@@ -288,6 +288,7 @@ async fn a_schema_2_store_gains_the_hub_columns_at_start() {
     for stmt in [
         "ALTER TABLE hosts DROP COLUMN hub",
         "ALTER TABLE hosts DROP COLUMN hub_since_ms",
+        "DROP TABLE hubs",
         "UPDATE banmesh_meta SET v = 2 WHERE k = 'schema_version'",
     ] {
         c.query_drop(stmt).await.unwrap();

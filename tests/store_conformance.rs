@@ -792,6 +792,19 @@ async fn hosts_record_the_hub_they_are_on(b: Backend) {
         (Some("hub1".into()), Some(1_000))
     );
     assert_eq!(hub_of(rows, "WEB-2"), (Some("hub2".into()), Some(2_000)));
+    // Each claim comes with when its hub last said it is alive.
+    let seen_of = |rows: Vec<store::HostRow>, name: &str| {
+        rows.into_iter()
+            .find(|h| h.name == name)
+            .unwrap()
+            .hub_seen_ms
+    };
+    assert_eq!(seen_of(s.hosts().await.unwrap(), "web-1"), None, "never");
+    s.hub_seen("hub1", 5_000).await.unwrap();
+    s.hub_seen("hub1", 7_000).await.unwrap();
+    let rows = s.hosts().await.unwrap();
+    assert_eq!(seen_of(rows.clone(), "web-1"), Some(7_000), "the latest");
+    assert_eq!(seen_of(rows, "WEB-2"), None, "hub2 never did");
 
     // web-1 moves to hub2 before hub1 sees its old stream end: hub1's
     // clearing leaves hub2's claim.
@@ -1334,6 +1347,7 @@ async fn a_store_from_before_the_ladder_is_upgraded(b: Backend) {
         "ALTER TABLE events DROP COLUMN reason",
         "ALTER TABLE hosts DROP COLUMN hub",
         "ALTER TABLE hosts DROP COLUMN hub_since_ms",
+        "DROP TABLE hubs",
         "DROP TABLE forgotten",
         "UPDATE banmesh_meta SET v = 1 WHERE k = 'schema_version'",
     ] {

@@ -131,14 +131,18 @@ pub async fn hosts(hub: &str, tls: &TlsFiles) -> Result<Hosts, AdminError> {
 /// `HUB` is the hub each host is subscribed through, whichever hub
 /// answered: hubs sharing a database record it when a host's stream opens
 /// and clear it when the stream ends. The state says since when, and how
-/// long ago. A hub killed with -9 cannot clear its claims: the answering
-/// hub knows its own streams, so its own stale claims read `offline (stale
-/// ...)`; another hub's claim cannot be checked from here, and its age is
-/// the hint (a node that lost its hub moves to another within seconds,
-/// which replaces the claim; a claim that stays old while the host's LAST
-/// SEEN does not move names a host that went away with its hub).
+/// long ago. A hub killed with -9 cannot clear its claims; they read
+/// `offline (stale ...)`: the answering hub's own claims when it holds no
+/// stream of the host, another hub's once that hub has been silent for
+/// `hub::presence::SILENT` (it records that it is alive every few seconds).
 #[derive(Debug, Clone)]
 pub struct Hosts(pub Vec<proto::HostInfo>);
+
+/// Whether a hub last heard from at `seen_ms` (0: never) has fallen
+/// silent at `now_ms` (see `hub::presence`).
+fn silent(seen_ms: i64, now_ms: i64) -> bool {
+    crate::hub::presence::silent((seen_ms > 0).then_some(seen_ms), now_ms)
+}
 
 /// How long ago `ms` was, to the second (`3m 4s`).
 fn ago(ms: i64, now_ms: i64) -> String {
@@ -167,6 +171,14 @@ impl Hosts {
                 (true, ..) => "revoked".to_string(),
                 (false, true, ..) => format!("subscribed{since}"),
                 (false, false, false, false) => format!("subscribed to another hub{since}"),
+                (false, false, false, true) if silent(h.hub_seen_ms, now_ms) => format!(
+                    "offline (stale: claimed{since}; {} silent {})",
+                    h.hub,
+                    match h.hub_seen_ms {
+                        0 => "ever since".to_string(),
+                        seen => format!("for {}", ago(seen, now_ms)),
+                    }
+                ),
                 (false, false, false, true) => {
                     format!("offline (stale: claimed{since} by an earlier run of this hub)")
                 }
@@ -231,13 +243,16 @@ mod tests {
             stale_hub: true,
             ..host("web-3", "hub1", t0)
         };
-        let text = Hosts(vec![
-            here,
-            host("web-2", "hub2", t0),
-            stale,
-            host("web-4", "", 0),
-        ])
-        .render(t0 + 184_000);
+        let alive = proto::HostInfo {
+            hub_seen_ms: t0 + 183_000,
+            ..host("web-2", "hub2", t0)
+        };
+        let dead = proto::HostInfo {
+            stale_hub: true,
+            hub_seen_ms: t0 + 64_000,
+            ..host("web-5", "hub3", t0)
+        };
+        let text = Hosts(vec![here, alive, stale, host("web-4", "", 0), dead]).render(t0 + 184_000);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].ends_with("HUB              STATE"), "{text}");
         assert!(
@@ -256,5 +271,9 @@ mod tests {
             "{text}"
         );
         assert!(lines[4].ends_with(" -                offline"), "{text}");
+        assert!(
+            lines[5].ends_with(" hub3             offline (stale: claimed since 2025-11-26 12:01:07 (3m 4s ago); hub3 silent for 2m)"),
+            "{text}"
+        );
     }
 }

@@ -45,6 +45,7 @@ pub mod fleet;
 pub mod ladder;
 pub mod listener;
 pub mod migrate;
+pub mod presence;
 pub mod publish;
 pub mod rate_limit;
 pub mod service;
@@ -266,6 +267,11 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     // No stream is open yet: a claim under this name is an earlier run's.
     let released = store.release_hub(&name).await?;
     info!(hub = %name, released, "hub name (recorded against the hosts subscribed here)");
+    if config.db_url().starts_with("mysql:") {
+        // Other hubs may share the store: they tell this hub's claims on
+        // hosts from a dead hub's by its heartbeat.
+        tokio::spawn(presence::run(store.clone(), name.clone(), shutdown.clone()));
+    }
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     if config.db_url().starts_with("mysql:") && config.peer_poll.is_some() {
         // Other hubs may share the store: their revocations end streams

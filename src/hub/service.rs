@@ -226,6 +226,7 @@ impl hub_server::Hub for HubService {
         self.access.member(&request)?;
         let hosts = self.store.hosts().await.map_err(unavailable)?;
         let last = self.store.last_event_id().await.map_err(unavailable)?;
+        let now = crate::clock::now_ms();
         Ok(Response::new(proto::HostsResponse {
             hosts: hosts
                 .into_iter()
@@ -244,8 +245,14 @@ impl hub_server::Hub for HubService {
                         cert_expires_ms: h.cert_expires_ms.unwrap_or(0),
                         revoked: h.revoked || self.access.is_revoked(&h.name),
                         // This hub's own claim with no stream here is one an
-                        // earlier run left (its streams' ends went unrecorded).
-                        stale_hub: h.hub.as_deref() == Some(&*self.name) && position.is_none(),
+                        // earlier run left (its streams' ends went unrecorded);
+                        // another hub's is stale when that hub fell silent.
+                        stale_hub: match h.hub.as_deref() {
+                            Some(hub) if hub.eq_ignore_ascii_case(&self.name) => position.is_none(),
+                            Some(_) => super::presence::silent(h.hub_seen_ms, now),
+                            None => false,
+                        },
+                        hub_seen_ms: h.hub_seen_ms.unwrap_or(0),
                         hub: h.hub.unwrap_or_default(),
                         hub_since_ms: h.hub_since_ms.unwrap_or(0),
                         name: h.name,

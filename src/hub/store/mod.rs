@@ -322,6 +322,9 @@ pub struct HostRow {
     pub hub: Option<String>,
     /// Since when `hub` claims it, Unix ms.
     pub hub_since_ms: Option<i64>,
+    /// When `hub` last recorded that it is alive (`hub::presence`), Unix
+    /// ms; `None` when it never did (no claim, or a hub on SQLite).
+    pub hub_seen_ms: Option<i64>,
 }
 
 /// An enrolment token to store.
@@ -525,6 +528,8 @@ pub trait Store: Send + Sync + 'static {
     /// has no stream, so claims an earlier run left (killed, or the
     /// database away at its stop) do not outlive it. How many were cleared.
     async fn release_hub(&self, hub: &str) -> Result<u64, StoreError>;
+    /// Records that hub `hub` is alive at `now_ms` (`hub::presence`).
+    async fn hub_seen(&self, hub: &str, now_ms: i64) -> Result<(), StoreError>;
     /// The allow-list entries, by network text.
     async fn allow_entries(&self) -> Result<Vec<AllowRow>, StoreError>;
     /// Adds an entry and, in the same transaction, its allow-add event and

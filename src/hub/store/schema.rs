@@ -276,6 +276,20 @@ pub const TABLES: &[Table] = &[
         indexes: &[],
         clustered: false,
     },
+    // Hubs sharing the store (schema 3): each writes `seen_ms` every few
+    // seconds (`hub::presence`), so that any hub can tell a claim in
+    // `hosts.hub` of a hub that died from a live hub's.
+    Table {
+        name: "hubs",
+        columns: &[
+            ("name", Ty::Str(253), NOT_NULL),
+            ("seen_ms", Ty::I64, NOT_NULL),
+        ],
+        primary: &["name"],
+        unique: &[],
+        indexes: &[],
+        clustered: false,
+    },
 ];
 
 /// Columns added to tables after schema 1, as `(table, column)`: a store

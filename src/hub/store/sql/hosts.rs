@@ -132,8 +132,9 @@ pub async fn enroll<B: Backend + ?Sized>(
 pub async fn hosts<B: Backend + ?Sized>(b: &B) -> Result<Vec<HostRow>, StoreError> {
     let mut ex = b.session().await?;
     ex.query(
-        "SELECT name, first_seen_ms, last_seen_ms, enrolled_ms, cert_expires_ms, revoked_ms, \
-         hub, hub_since_ms FROM hosts ORDER BY name",
+        "SELECT h.name, h.first_seen_ms, h.last_seen_ms, h.enrolled_ms, h.cert_expires_ms, \
+         h.revoked_ms, h.hub, h.hub_since_ms, b.seen_ms \
+         FROM hosts h LEFT JOIN hubs b ON b.name = h.hub ORDER BY h.name",
         vec![],
     )
     .await?
@@ -148,6 +149,7 @@ pub async fn hosts<B: Backend + ?Sized>(b: &B) -> Result<Vec<HostRow>, StoreErro
             revoked: r.opt_i64(5)?.is_some(),
             hub: r.opt_text(6)?,
             hub_since_ms: r.opt_i64(7)?,
+            hub_seen_ms: r.opt_i64(8)?,
         })
     })
     .collect()
@@ -203,6 +205,24 @@ pub async fn release_hub<B: Backend + ?Sized>(b: &B, hub: &str) -> Result<u64, S
         )
         .await?;
     Ok(done.affected)
+}
+
+/// `Store::hub_seen` for any backend: one upsert of the hub's own row.
+pub async fn hub_seen<B: Backend + ?Sized>(
+    b: &B,
+    hub: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let mut ex = b.session().await?;
+    ex.exec(
+        &format!(
+            "INSERT INTO hubs (name, seen_ms) VALUES (?, ?){}",
+            b.dialect().upsert(&["name"], &["seen_ms"])
+        ),
+        params![hub, now_ms],
+    )
+    .await
+    .map(drop)
 }
 
 /// `Store::last_seq` for any backend.

@@ -193,6 +193,10 @@ impl<B: Backend> Store for B {
         sequence::retrying(|| hosts::release_hub(self, hub)).await
     }
 
+    async fn hub_seen(&self, hub: &str, now_ms: i64) -> Result<(), StoreError> {
+        sequence::retrying(|| hosts::hub_seen(self, hub, now_ms)).await
+    }
+
     async fn allow_entries(&self) -> Result<Vec<super::AllowRow>, StoreError> {
         allow::entries(self).await
     }
