@@ -971,6 +971,13 @@ async fn dump_and_load_mariadb_to_sqlite() {
     dump_and_load_round_trip(Backend::mysql().await, Backend::sqlite().await).await
 }
 
+/// `hub migrate` onto Galera, and off it.
+#[tokio::test(flavor = "multi_thread")]
+async fn dump_and_load_sqlite_to_galera_and_back() {
+    dump_and_load_round_trip(Backend::sqlite().await, Backend::galera().await).await;
+    dump_and_load_round_trip(Backend::galera().await, Backend::sqlite().await).await
+}
+
 fn allow(net: &str) -> AllowRow {
     AllowRow {
         network: net.parse().unwrap(),
