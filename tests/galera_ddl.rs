@@ -83,7 +83,6 @@ async fn new_hosts_through_three_hubs_at_once_do_not_stall_the_cluster() {
                 let url = url.clone();
                 async move {
                     let n = view_hosts(&url).await;
-                    println!("galera_ddl: {url}: {n} host columns");
                     n == 12
                 }
             },
