@@ -457,6 +457,9 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke(&self, name: &str, by: &str) -> Result<Revocation, StoreError>;
     /// Every revoked name, in lower case, sorted.
     async fn revoked(&self) -> Result<Vec<String>, StoreError>;
+    /// Brings the `ip_table` view up to date with hosts that joined through
+    /// other hubs (several hubs on one store): one `COUNT(*)` when none did.
+    async fn refresh_view(&self) -> Result<(), StoreError>;
     /// Records that an admin certificate called under `name`, so that no
     /// host can enrol as it. Idempotent.
     async fn record_admin(&self, name: &str) -> Result<(), StoreError>;

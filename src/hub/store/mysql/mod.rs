@@ -53,10 +53,22 @@ impl MysqlStore {
         let mut admin = Conn::new(OptsBuilder::from_opts(opts.clone()).db_name(None::<String>))
             .await
             .map_err(|e| unreachable(&at, e))?;
-        admin
-            .query_drop(format!("CREATE DATABASE IF NOT EXISTS `{db}`"))
+        // Looked up before it is created: `CREATE DATABASE IF NOT EXISTS`
+        // is DDL even when the database exists, and under Galera DDL runs
+        // in the cluster's total order (see `schema::migrate`).
+        let exists: Option<String> = admin
+            .exec_first(
+                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                (db.as_str(),),
+            )
             .await
             .map_err(q)?;
+        if exists.is_none() {
+            admin
+                .query_drop(format!("CREATE DATABASE IF NOT EXISTS `{db}`"))
+                .await
+                .map_err(q)?;
+        }
         admin.disconnect().await.map_err(q)?;
 
         let pool = Pool::new(OptsBuilder::from_opts(opts).db_name(Some(db)));
