@@ -159,17 +159,21 @@ pub trait Backend: Send + Sync + 'static {
 /// case-insensitive namespace). Hosts are never renamed or deleted, so an
 /// entry never goes stale; a miss is looked up (or created) in the database.
 #[derive(Debug, Default)]
-pub struct HostIds(
-    Mutex<HashMap<String, u64>>,
+pub struct HostIds {
+    ids: Mutex<HashMap<String, u64>>,
     /// The last `ip_table` rebuild failed: the next refresh retries it
     /// even if no host joined since.
-    std::sync::atomic::AtomicBool,
-);
+    view_stale: std::sync::atomic::AtomicBool,
+    /// Held across one rebuild of the view (read the hosts, replace the
+    /// view): two rebuilds at once could finish out of order, leaving the
+    /// view on the older list of hosts while the cache has the newer.
+    rebuilding: tokio::sync::Mutex<()>,
+}
 
 impl HostIds {
     /// The id of host `name`, in any letter case, if cached.
     pub fn get(&self, name: &str) -> Option<u64> {
-        self.0
+        self.ids
             .lock()
             .unwrap()
             .get(&name.to_ascii_lowercase())
@@ -178,25 +182,31 @@ impl HostIds {
 
     /// How many hosts are known.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+        self.ids.lock().unwrap().len()
     }
 
     /// Whether the `ip_table` view may lag the hosts known (its last
     /// rebuild failed).
     pub fn view_stale(&self) -> bool {
-        self.1.load(std::sync::atomic::Ordering::Relaxed)
+        self.view_stale.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records whether the last `ip_table` rebuild failed.
     pub fn set_view_stale(&self, stale: bool) {
-        self.1.store(stale, std::sync::atomic::Ordering::Relaxed);
+        self.view_stale
+            .store(stale, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Taken for one rebuild of the view, so rebuilds run one at a time.
+    pub async fn rebuilding(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.rebuilding.lock().await
     }
 
     /// Adds entries; returns how many hosts are now known. Of two stored
     /// names that differ only in case (possible in SQLite stores of
     /// earlier builds), the first (lowest id, as given in order) wins.
     pub fn extend(&self, hosts: impl IntoIterator<Item = (u64, String)>) -> usize {
-        let mut ids = self.0.lock().unwrap();
+        let mut ids = self.ids.lock().unwrap();
         for (id, n) in hosts {
             ids.entry(n.to_ascii_lowercase()).or_insert(id);
         }

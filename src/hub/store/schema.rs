@@ -585,23 +585,18 @@ pub async fn migrate(ex: &mut dyn Executor, d: Dialect) -> Result<(), StoreError
     // The event-id counter (see `sql::sequence`); `reserve` steps over
     // rows already stored, so 1 is a safe start for any store.
     ex.exec(super::sql::sequence::create_sql(d), vec![]).await?;
-    match found {
-        Some(v) if v == SCHEMA_VERSION => Ok(()),
-        Some(_) => ex
-            .exec(
-                "UPDATE banmesh_meta SET v = ? WHERE k = 'schema_version'",
-                vec![SCHEMA_VERSION.into()],
-            )
-            .await
-            .map(drop),
-        None => ex
-            .exec(
-                "INSERT INTO banmesh_meta (k, v) VALUES ('schema_version', ?)",
-                vec![SCHEMA_VERSION.into()],
-            )
-            .await
-            .map(drop),
-    }
+    // Two hubs may migrate a new store at once (under Galera the first's
+    // version row may not have reached the second's node yet): the last
+    // write wins, and both write this build's version.
+    ex.exec(
+        &format!(
+            "INSERT INTO banmesh_meta (k, v) VALUES ('schema_version', ?){}",
+            d.upsert(&["k"], &["v"])
+        ),
+        vec![SCHEMA_VERSION.into()],
+    )
+    .await
+    .map(drop)
 }
 
 /// Hosts given a column in the `ip_table` view (the first by enrolment).

@@ -80,6 +80,7 @@ pub async fn refresh_hosts<B: Backend + ?Sized>(
     b: &B,
     ex: &mut dyn Executor,
 ) -> Result<(), StoreError> {
+    let _one_at_a_time = b.host_ids().rebuilding().await;
     let hosts = hosts_by_id(ex).await?;
     let rebuilt = schema::rebuild_view(ex, b.dialect(), &hosts).await;
     if let Err(e) = &rebuilt {
