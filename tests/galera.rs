@@ -1,11 +1,14 @@
 //! Active-active hubs on a MariaDB Galera cluster (issue 18): three hubs,
 //! one beside each node of a 3-node cluster on loopback (own ports and
-//! data dirs, never the server on 3306), nodes spread over them. A ban
+//! data dirs, never the server on 3306). Every node lists all three hubs
+//! (in different orders: each host orders them itself, by rendezvous
+//! hashing of its name) and the nodes spread over them. A ban
 //! reported through any hub reaches the nodes of every hub exactly once
 //! (event ids are commit-ordered across hubs: `hub::store::sql::sequence`;
 //! each hub publishes other hubs' commits by `--peer-poll`); a hub killed
-//! with -9 loses nothing (its nodes move to another hub, resuming exactly
-//! from their last applied id);
+//! with -9 loses nothing: its nodes fail over to their next choices by
+//! themselves within seconds, resuming exactly from their last applied id,
+//! and return once it serves again;
 //! an unban through hub 2 of a ban committed through hub 1 reaches all;
 //! a revocation through hub 1 ends the host's stream on hub 2.
 mod common;
@@ -15,7 +18,28 @@ use std::{
     time::{Duration, Instant},
 };
 
+use banmesh::node::link::order::preference;
 use common::{Hub, Node, Pki, galera::Galera, hub_cli, wait_for};
+
+/// The hub a node says it uses (`banmesh status`), if it is connected.
+async fn hub_of(node: &Node) -> Option<String> {
+    let s = banmesh::report::node_status(&node.socket()).await.ok()?;
+    let in_use = s
+        .hubs
+        .split_whitespace()
+        .find_map(|h| h.strip_prefix('*'))?;
+    s.hub_connected.then(|| in_use.to_string())
+}
+
+/// Waits until `node` is connected through `hub`.
+async fn wait_on_hub(node: &Node, hub: &str, what: &str, deadline: Duration) {
+    wait_for(
+        &format!("{} {what} ({hub})", node.name),
+        deadline,
+        || async { hub_of(node).await.as_deref() == Some(hub) },
+    )
+    .await;
+}
 
 /// Every node's shared.log holds each of `bans` (ip -> reporter) once,
 /// except the reporter's own; the count of lines off that (lost or twice).
@@ -76,13 +100,47 @@ async fn three_hubs_on_galera_deliver_every_ban_once_through_a_hub_crash() {
         std::fs::create_dir_all(&dir).unwrap();
         hubs.push(Hub::start(&dir, &pki, &cluster.url(i, "banmesh")).await);
     }
-    // Six nodes, two per hub. Each lists only its own hub: a node given
-    // several `--hub` balances over them with tonic's balance_list, which
-    // here sometimes never connected within 30 s (see the issue 18 report).
-    let mut nodes = Vec::new();
-    for i in 0..6 {
-        nodes.push(Node::start(root.path(), &pki, &format!("node-{i}"), &hubs[i % 3].url).await);
+    // Six nodes, each given all three hubs, in an order of its own on the
+    // command line (one as a single comma and space separated value): the
+    // order they are listed in does not matter, each host ranks them by
+    // rendezvous hashing of its name. Ports are new each run, so names are
+    // picked (from node-0, node-1, ...) for two first choices per hub;
+    // slot i prefers hub i % 3.
+    let urls: Vec<String> = hubs.iter().map(|h| h.url.clone()).collect();
+    let mut names: Vec<Option<String>> = vec![None; 6];
+    for k in 0.. {
+        let name = format!("node-{k}");
+        let first = preference(&name, &urls)[0].clone();
+        let hub = urls.iter().position(|u| *u == first).unwrap();
+        if let Some(slot) = (hub..6).step_by(3).find(|&s| names[s].is_none()) {
+            names[slot] = Some(name);
+        }
+        if names.iter().all(Option::is_some) {
+            break;
+        }
     }
+    let mut nodes: Vec<Node> = Vec::new();
+    for (i, name) in names.into_iter().map(Option::unwrap).enumerate() {
+        let listed: Vec<String> = (0..3).map(|j| urls[(i + j) % 3].clone()).collect();
+        let mut extra: Vec<std::ffi::OsString> = vec!["--no-fail2ban-socket".into()];
+        let first = if i == 4 {
+            format!("{}, {} {}", listed[0], listed[1], listed[2])
+        } else {
+            for other in &listed[1..] {
+                extra.extend(["--hub".into(), other.into()]);
+            }
+            listed[0].clone()
+        };
+        nodes.push(Node::start_with(root.path(), &pki, &name, &first, extra).await);
+    }
+    // The fleet spreads: each node on its first choice, each hub serving two.
+    let mut served = [0usize; 3];
+    for (i, n) in nodes.iter().enumerate() {
+        let on = hub_of(n).await;
+        assert_eq!(on.as_deref(), Some(urls[i % 3].as_str()), "{}", n.name);
+        served[i % 3] += 1;
+    }
+    println!("galera: nodes per hub {served:?}");
 
     // Reports through every hub reach the nodes of every hub, once.
     let mut bans = HashMap::new();
@@ -123,20 +181,38 @@ async fn three_hubs_on_galera_deliver_every_ban_once_through_a_hub_crash() {
         );
     }
 
-    // kill -9 hub 3 with reports in flight: its nodes move, nothing lost.
+    // kill -9 hub 3 with reports in flight: its nodes move by themselves
+    // to their second choices (spread over hubs 1 and 2 as their names
+    // rank them), within seconds, and nothing is lost or applied twice.
     report_round(&nodes, 2, 2, &mut bans);
+    let hub3_port = hubs[2].port;
     hubs[2].proc.kill();
     let crash = Instant::now();
     report_round(&nodes, 3, 2, &mut bans);
-    // Hub 3's nodes move to hub 1 (their outboxes hold what hub 3 never
-    // took) and resume from their last applied id there.
-    for n in nodes.iter_mut().skip(2).step_by(3) {
-        n.hub_url = hubs[0].url.clone();
-        n.restart().await;
+    for n in nodes.iter().skip(2).step_by(3) {
+        let second = preference(&n.name, &urls)[1].clone();
+        assert_ne!(second, urls[2]);
+        wait_on_hub(
+            n,
+            &second,
+            "on its second choice after hub 3's kill -9",
+            Duration::from_secs(10),
+        )
+        .await;
+        // An upper bound: the reports above and the polling included.
+        println!(
+            "galera: {} on its second choice {second} {:.2}s after the kill",
+            n.name,
+            crash.elapsed().as_secs_f64()
+        );
+    }
+    // The others did not move.
+    for (i, n) in nodes.iter().enumerate().filter(|(i, _)| i % 3 != 2) {
+        assert_eq!(hub_of(n).await.as_deref(), Some(urls[i % 3].as_str()));
     }
     wait_for(
         "every ban on every node after the crash",
-        Duration::from_secs(60),
+        Duration::from_secs(30),
         || {
             let ok = misses(&nodes, &bans).0 == 0;
             async move { ok }
@@ -150,10 +226,34 @@ async fn three_hubs_on_galera_deliver_every_ban_once_through_a_hub_crash() {
     );
     assert_eq!((lost, duplicated), (0, 0));
 
+    // Hub 3 back on its address: its nodes return to it (each probes its
+    // preferred hub every 20-40 s), and bans still arrive once each.
+    let dir = root.path().join("hub2");
+    hubs[2] = Hub::start_on(&dir, &pki, &cluster.url(2, "banmesh"), hub3_port).await;
+    let back = Instant::now();
+    for n in nodes.iter().skip(2).step_by(3) {
+        wait_on_hub(n, &urls[2], "back on hub 3", Duration::from_secs(60)).await;
+    }
+    println!(
+        "galera: hub 3 restarted: its nodes back on it within {:.1}s",
+        back.elapsed().as_secs_f64()
+    );
+    report_round(&nodes, 4, 2, &mut bans);
+    wait_for(
+        "every ban on every node after the return",
+        Duration::from_secs(30),
+        || {
+            let ok = misses(&nodes, &bans).0 == 0;
+            async move { ok }
+        },
+    )
+    .await;
+    assert_eq!(misses(&nodes, &bans), (0, 0));
+
     // An unban through hub 2 of a ban committed through hub 1.
     let ip = bans
         .iter()
-        .find(|(_, by)| *by == "node-0")
+        .find(|(_, by)| **by == nodes[0].name)
         .map(|(ip, _)| ip.clone())
         .unwrap();
     let (ok, out, err) = hub_cli(&["unban", &ip], &hubs[1], &pki.admin("ops"));
@@ -187,13 +287,17 @@ async fn three_hubs_on_galera_deliver_every_ban_once_through_a_hub_crash() {
         "the ban lifted through hub 2 shows lifted through hub 1: {out}"
     );
 
-    // Revocation through hub 1 ends node-1's stream on hub 2, and no hub
-    // takes it back.
-    let (ok, _, err) = hub_cli(&["hub", "revoke", "node-1"], &hubs[0], &pki.admin("ops"));
+    // Revocation through hub 1 ends nodes[1]'s stream on hub 2, and no
+    // hub takes it back.
+    let (ok, _, err) = hub_cli(
+        &["hub", "revoke", &nodes[1].name],
+        &hubs[0],
+        &pki.admin("ops"),
+    );
     assert!(ok, "{err}");
     let socket = nodes[1].socket();
     wait_for(
-        "node-1 cut off on every hub",
+        "nodes[1] cut off on every hub",
         Duration::from_secs(10),
         || {
             let socket = socket.clone();

@@ -235,7 +235,9 @@ fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
 /// current batch before returning.
 pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
     let name = config.tls.own_name()?;
-    // `hub`: the peer of the node's streams, on each of their lines.
+    // `hub`: the hubs the node may use, on each of its lines (the one in
+    // use is named where it changes: `subscribed to hub`, `publishing to
+    // hub`, `moved to another hub`).
     let span = tracing::info_span!("node", host = %name, hub = %config.hubs.join(" "));
     serve(config, name, shutdown, span.clone())
         .instrument(span)

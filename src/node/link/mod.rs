@@ -247,7 +247,8 @@ impl Link {
             state.failed_in_row += 1;
             let to = (route.hub + 1) % n;
             if to != route.hub {
-                self.move_to(to, Why::Failure, &status.to_string());
+                let detail = format!("{:?}: {}", status.code(), status.message());
+                self.move_to(to, Why::Failure, &detail);
             }
         }
         if state.failed_in_row >= n {
