@@ -189,7 +189,10 @@ mod tests {
         // An older node's unmarked list is shown as it is.
         s.hubs = "https://a:1 https://b:2".into();
         let (text, _) = assess(&s, 0, T);
-        assert!(text.contains("hub          https://a:1 https://b:2 (connected)\n"), "{text}");
+        assert!(
+            text.contains("hub          https://a:1 https://b:2 (connected)\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -87,7 +87,9 @@ pub fn hub_in_use(from: Option<&str>, to: &str) {
             .get_or_create(&vec![("hub", from.to_string())])
             .set(0);
     }
-    m.hub_in_use.get_or_create(&vec![("hub", to.to_string())]).set(1);
+    m.hub_in_use
+        .get_or_create(&vec![("hub", to.to_string())])
+        .set(1);
 }
 
 /// The link moved from hub `from` to `to`, for `why`.

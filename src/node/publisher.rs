@@ -75,7 +75,10 @@ pub async fn run(
         {
             Ok(Ended::Shutdown) => break,
             Ok(Ended::Moved) => {
-                debug!(pending = outbox.pending(), "the link moved to another hub; publishing there");
+                debug!(
+                    pending = outbox.pending(),
+                    "the link moved to another hub; publishing there"
+                );
             }
             Err(e) => {
                 let delay = match retry_after(&e) {
@@ -87,7 +90,7 @@ pub async fn run(
                     None => {
                         connected.store(false, Ordering::Relaxed);
                         let delay = backoff.after(link.failed(&route, &e));
-                        warn!(error = %e, pending = outbox.pending(), retry_in = ?delay, "publish to hub failed; reports stay queued in the outbox");
+                        warn!(error = %e, hub = %link.hubs()[route.hub], pending = outbox.pending(), retry_in = ?delay, "publish to hub failed; reports stay queued in the outbox");
                         delay
                     }
                 };

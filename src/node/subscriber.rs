@@ -92,7 +92,7 @@ pub async fn run(
             continue;
         };
         let delay = backoff.after(link.failed(&route, &error));
-        warn!(error = %error, retry_in = ?delay, "subscription to hub lost");
+        warn!(error = %error, hub = %link.hubs()[route.hub], retry_in = ?delay, "subscription to hub lost");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.recv() => {}

@@ -37,7 +37,7 @@ use tonic::{
     Code, Status,
     transport::{Channel, Endpoint},
 };
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::tls::{TlsError, TlsFiles};
 
@@ -246,9 +246,14 @@ impl Link {
         if route.hub == self.in_use() {
             state.failed_in_row += 1;
             let to = (route.hub + 1) % n;
+            let detail = format!("{:?}: {}", status.code(), status.message());
+            // Each move of the first round is news; once every hub failed,
+            // the moves that follow (one per retry) are not.
+            if n > 1 && state.failed_in_row == n {
+                warn!(hubs = n, last = %detail, "every hub failed in turn; trying them again in order, with backoff");
+            }
             if to != route.hub {
-                let detail = format!("{:?}: {}", status.code(), status.message());
-                self.move_to(to, Why::Failure, &detail);
+                self.move_to(to, Why::Failure, &detail, state.failed_in_row > n);
             }
         }
         if state.failed_in_row >= n {
@@ -259,12 +264,18 @@ impl Link {
     }
 
     /// Moves to hub `to` (an index into [`Link::hubs`]); logs and counts it.
-    fn move_to(&self, to: usize, why: Why, detail: &str) {
+    /// `quiet`: logged at debug level (every hub is failing).
+    fn move_to(&self, to: usize, why: Why, detail: &str, quiet: bool) {
         let from = self.in_use();
         if from == to {
             return;
         }
-        info!(from = %self.0.hubs[from], to = %self.0.hubs[to], why = why.label(), %detail, "moved to another hub");
+        let (from_hub, to_hub) = (&self.0.hubs[from], &self.0.hubs[to]);
+        if quiet {
+            debug!(from = %from_hub, to = %to_hub, why = why.label(), %detail, "moved to another hub");
+        } else {
+            info!(from = %from_hub, to = %to_hub, why = why.label(), %detail, "moved to another hub");
+        }
         crate::metrics::node::hub_moved(&self.0.hubs[from], &self.0.hubs[to], why.label());
         self.0.moves.send_replace(to);
     }
@@ -275,7 +286,7 @@ impl Link {
         let mut state = self.state();
         if to < self.in_use() {
             state.failed_in_row = 0;
-            self.move_to(to, Why::Preferred, "it serves again");
+            self.move_to(to, Why::Preferred, "it serves again", false);
         }
     }
 

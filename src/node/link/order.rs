@@ -22,7 +22,9 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 #[derive(Debug, thiserror::Error)]
 pub enum HubListError {
     /// No address at all (an empty `--hub` or `BANMESH_HUB`).
-    #[error("no hub address given: pass --hub https://HOST:PORT (repeat it, or list several separated by commas or spaces)")]
+    #[error(
+        "no hub address given: pass --hub https://HOST:PORT (repeat it, or list several separated by commas or spaces)"
+    )]
     Empty,
 }
 
@@ -91,7 +93,10 @@ mod tests {
             "https://d:4".into(),
         ])
         .unwrap();
-        assert_eq!(got, ["https://a:1", "https://b:2", "https://c:3", "https://d:4"]);
+        assert_eq!(
+            got,
+            ["https://a:1", "https://b:2", "https://c:3", "https://d:4"]
+        );
         // A single value is unchanged.
         assert_eq!(parse(&["https://a:1".into()]).unwrap(), ["https://a:1"]);
         assert!(matches!(parse(&[" , ".into()]), Err(HubListError::Empty)));
@@ -139,7 +144,10 @@ mod tests {
             }
         }
         let moved = moved_to[0] + moved_to[1];
-        assert!((950..=1050).contains(&moved), "{moved} nodes were on the lost hub");
+        assert!(
+            (950..=1050).contains(&moved),
+            "{moved} nodes were on the lost hub"
+        );
         for n in moved_to {
             // Half each, within 10% of the moved nodes.
             assert!(n * 10 >= moved * 4 && n * 10 <= moved * 6, "{moved_to:?}");
