@@ -31,6 +31,37 @@ async fn hub_of(node: &Node) -> Option<String> {
     s.hub_connected.then(|| in_use.to_string())
 }
 
+/// Reports a new ban from `node` every 250 ms until `stop`, on its own
+/// thread (the `banmesh report` CLI, as fail2ban's action runs it);
+/// returns the addresses reported.
+fn report_steadily(
+    node: &Node,
+    net: u8,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let (socket, dir) = (node.socket(), node.dir.clone());
+    std::thread::spawn(move || {
+        let mut ips = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let k = ips.len();
+            let ip = format!("198.{net}.{}.{}", k / 250, k % 250 + 1);
+            let out = common::banmesh()
+                .arg("report")
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--data-dir")
+                .arg(&dir)
+                .args(["-j", "sshd", "-pr", "tcp", "-p", "22", "-i", &ip])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "report {ip}: {out:?}");
+            ips.push(ip);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        ips
+    })
+}
+
 /// Waits until `node` is connected through `hub`.
 async fn wait_on_hub(node: &Node, hub: &str, what: &str, deadline: Duration) {
     wait_for(
@@ -227,7 +258,17 @@ async fn three_hubs_on_galera_deliver_every_ban_once_through_a_hub_crash() {
     assert_eq!((lost, duplicated), (0, 0));
 
     // Hub 3 back on its address: its nodes return to it (each probes its
-    // preferred hub every 20-40 s), and bans still arrive once each.
+    // preferred hub every 20-40 s) while they keep reporting, and every
+    // ban still arrives once: the publisher drains one hub before the next
+    // gets what it had not acknowledged.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steady: Vec<_> = nodes
+        .iter()
+        .skip(2)
+        .step_by(3)
+        .zip([60u8, 61])
+        .map(|(n, net)| (n.name.clone(), report_steadily(n, net, stop.clone())))
+        .collect();
     let dir = root.path().join("hub2");
     hubs[2] = Hub::start_on(&dir, &pki, &cluster.url(2, "banmesh"), hub3_port).await;
     let back = Instant::now();
@@ -238,6 +279,15 @@ async fn three_hubs_on_galera_deliver_every_ban_once_through_a_hub_crash() {
         "galera: hub 3 restarted: its nodes back on it within {:.1}s",
         back.elapsed().as_secs_f64()
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (name, thread) in steady {
+        let ips = thread.join().unwrap();
+        println!(
+            "galera: {name} reported {} bans across its return",
+            ips.len()
+        );
+        bans.extend(ips.into_iter().map(|ip| (ip, name.clone())));
+    }
     report_round(&nodes, 4, 2, &mut bans);
     wait_for(
         "every ban on every node after the return",
