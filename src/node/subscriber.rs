@@ -13,10 +13,7 @@
 //! preferred one serves again) the stream ends and the subscriber
 //! resubscribes there from the same point: event ids are the same on
 //! every hub, so a move applies nothing twice and skips nothing.
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
@@ -63,23 +60,21 @@ pub async fn run(
                 info!(after, hub = %link.hubs()[route.hub], "subscribed to hub");
                 crate::metrics::node::get().hub_connected.set(1);
                 crate::metrics::node::get().hub_connects.inc();
-                let opened = Instant::now();
-                let ended = follow(
+                // A stream a hub takes and ends at once (its store down,
+                // say) is not a success: hubs that all do that are
+                // retried with backoff, not in a tight loop.
+                let settled = || {
+                    link.succeeded(&route);
+                    backoff.reset();
+                };
+                follow(
                     stream.into_inner(),
                     &mut received,
                     &position,
                     &batches,
-                    (&mut shutdown, link.moved(&route)),
+                    (&mut shutdown, link.moved(&route), settled),
                 )
-                .await;
-                // A stream a hub takes and ends at once (its store down,
-                // say) is not a success: hubs that all do that are
-                // retried with backoff, not in a tight loop.
-                if opened.elapsed() >= SETTLED {
-                    link.succeeded(&route);
-                    backoff.reset();
-                }
-                ended
+                .await
             }
             Err(e) => Some(e),
         };
@@ -104,15 +99,23 @@ pub async fn run(
 /// Reads events until the stream ends (its error) or the link moves to
 /// another hub (`None`). Both are noticed only between batches, never
 /// while a batch is handed on: an event counted as received is always
-/// queued for the apply task.
+/// queued for the apply task. `settled` is called once the stream has
+/// lasted [`SETTLED`].
 async fn follow(
     mut stream: tonic::Streaming<proto::Event>,
     received: &mut u64,
     position: &Position,
     batches: &mpsc::Sender<Vec<Event>>,
-    (shutdown, moved): (&mut Shutdown, impl std::future::Future<Output = ()>),
+    (shutdown, moved, settled): (
+        &mut Shutdown,
+        impl std::future::Future<Output = ()>,
+        impl FnOnce(),
+    ),
 ) -> Option<tonic::Status> {
     tokio::pin!(moved);
+    let settle = tokio::time::sleep(SETTLED);
+    tokio::pin!(settle);
+    let mut settled = Some(settled);
     loop {
         let first = tokio::select! {
             m = stream.next() => m,
@@ -120,6 +123,12 @@ async fn follow(
             // Batches already handed on stay queued; the next stream
             // starts after the last event received.
             _ = &mut moved => return None,
+            _ = &mut settle, if settled.is_some() => {
+                if let Some(f) = settled.take() {
+                    f();
+                }
+                continue;
+            }
         };
         let mut batch = Vec::new();
         let mut next = first;
