@@ -21,10 +21,10 @@ pub fn assess(s: &NodeStatusResponse, now_ms: i64, t: Thresholds) -> (String, Ve
     let mut problems = Vec::new();
     let lag = s.received_event_id.saturating_sub(s.last_applied_event_id);
     let _ = writeln!(out, "node         {}", s.name);
+    let (in_use, order) = hubs(&s.hubs);
     let _ = writeln!(
         out,
-        "hub          {} ({})",
-        if s.hubs.is_empty() { "?" } else { &s.hubs },
+        "hub          {in_use} ({}){order}",
         if s.hub_connected {
             "connected"
         } else {
@@ -98,6 +98,45 @@ pub fn assess(s: &NodeStatusResponse, now_ms: i64, t: Thresholds) -> (String, Ve
     (out, problems)
 }
 
+/// The hub in use and, with several, `; order A B C` (this host's order
+/// of preference), from `NodeStatusResponse.hubs`: the node marks the hub
+/// in use with a leading `*` (a node before failover listed its `--hub`
+/// values unmarked: shown as they are).
+fn hubs(text: &str) -> (String, String) {
+    let all: Vec<&str> = text.split_whitespace().collect();
+    let Some(in_use) = all.iter().find_map(|h| h.strip_prefix('*')) else {
+        return (
+            if text.is_empty() { "?" } else { text }.to_string(),
+            String::new(),
+        );
+    };
+    let order = match all.len() {
+        1 => String::new(),
+        n => format!(
+            "; {} of {n} in this host's order: {}",
+            ordinal(all.iter().position(|h| h.starts_with('*')).unwrap_or(0)),
+            all.iter()
+                .map(|h| h.trim_start_matches('*'))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    };
+    (in_use.to_string(), order)
+}
+
+/// "1st", "2nd", ... for index `i` (0-based).
+fn ordinal(i: usize) -> String {
+    let n = i + 1;
+    let suffix = match (n % 10, n % 100) {
+        (1, 11) | (2, 12) | (3, 13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,7 +147,7 @@ mod tests {
         NodeStatusResponse {
             name: "n1".into(),
             hub_connected: true,
-            hubs: "https://hub:7443".into(),
+            hubs: "*https://hub:7443".into(),
             last_applied_event_id: 10,
             received_event_id: 10,
             fail2ban_socket_used: true,
@@ -134,6 +173,26 @@ mod tests {
         );
         assert!(text.contains("(60 days)"), "{text}");
         assert!(text.ends_with("status       OK\n"), "{text}");
+    }
+
+    #[test]
+    fn the_hub_in_use_is_named_with_the_order() {
+        let mut s = healthy();
+        s.hubs = "https://a:1 *https://b:2 https://c:3".into();
+        let (text, _) = assess(&s, 0, T);
+        assert!(
+            text.contains(
+                "hub          https://b:2 (connected); 2nd of 3 in this host's order: https://a:1 https://b:2 https://c:3\n"
+            ),
+            "{text}"
+        );
+        // An older node's unmarked list is shown as it is.
+        s.hubs = "https://a:1 https://b:2".into();
+        let (text, _) = assess(&s, 0, T);
+        assert!(
+            text.contains("hub          https://a:1 https://b:2 (connected)\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -353,7 +353,7 @@ pub async fn publishers_of(
     let mut started = Vec::new();
     for (outbox, name, _) in out {
         let tls = pki.host(&name)?;
-        let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
+        let link = link::Link::single(hub, &tls)?;
         let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(
             node::publisher::run(outbox.clone(), link, connected, stop.clone())
@@ -381,7 +381,7 @@ pub async fn subscribers(
     for i in 0..count {
         let name = format!("sub-{}", i % distinct_names.max(1));
         let tls = pki.host(&name)?;
-        let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
+        let link = link::Link::single(hub, &tls)?;
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<crate::ban::Event>>(64);
         let position = Arc::new(node::position::Position::at(
             PathBuf::from("/dev/null/none"),
@@ -416,7 +416,7 @@ pub async fn counting_subscribers(
     let mut tasks = Vec::new();
     for name in names {
         let tls = pki.host(name)?;
-        let (_tx, link) = link::Link::new(link::channel(&[hub.to_string()], &tls)?);
+        let link = link::Link::single(hub, &tls)?;
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<crate::ban::Event>>(64);
         let position = Arc::new(node::position::Position::at(
             PathBuf::from("/dev/null/none"),

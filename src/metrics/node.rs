@@ -1,7 +1,8 @@
 //! A node's metrics. Call sites: the apply path (statuses, latencies,
 //! `shared.log` errors), the fail2ban client (round trips), the
-//! subscriber (connection state, reconnects); the outbox depth and the
-//! fast path are read at scrape time.
+//! subscriber (connection state, reconnects), the link (the hub in use,
+//! moves between hubs); the outbox depth and the fast path are read at
+//! scrape time.
 use std::sync::{
     Arc, OnceLock,
     atomic::{AtomicBool, Ordering},
@@ -20,6 +21,8 @@ use prometheus_client::{
 use crate::node::outbox::Outbox;
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// Labels with a value known only at run time (a hub address).
+type HubLabels = Vec<(&'static str, String)>;
 
 /// Everything a node counts.
 pub struct NodeMetrics {
@@ -34,6 +37,10 @@ pub struct NodeMetrics {
     pub hub_connected: Gauge,
     /// Subscriptions to the hub (re)opened.
     pub hub_connects: Counter,
+    /// By hub address: 1 for the hub in use, 0 for a hub left.
+    pub hub_in_use: Family<HubLabels, Gauge>,
+    /// Moves from one hub to another, by why (`failure`, `preferred`).
+    pub hub_moves: Family<Labels, Counter>,
     /// Failed writes to `shared.log`.
     pub shared_log_errors: Counter,
     /// Reports in the outbox (set at scrape time).
@@ -52,6 +59,8 @@ impl Default for NodeMetrics {
             fail2ban_roundtrip: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             hub_connected: Gauge::default(),
             hub_connects: Counter::default(),
+            hub_in_use: Family::default(),
+            hub_moves: Family::default(),
             shared_log_errors: Counter::default(),
             outbox_depth: Gauge::default(),
             fast_path: Gauge::default(),
@@ -68,6 +77,25 @@ pub fn get() -> &'static NodeMetrics {
 /// Counts an applied event by its status name.
 pub fn applied(status: &'static str) {
     get().applied.get_or_create(&vec![("status", status)]).inc();
+}
+
+/// The link now uses hub `to` (having left `from`, if any).
+pub fn hub_in_use(from: Option<&str>, to: &str) {
+    let m = get();
+    if let Some(from) = from {
+        m.hub_in_use
+            .get_or_create(&vec![("hub", from.to_string())])
+            .set(0);
+    }
+    m.hub_in_use
+        .get_or_create(&vec![("hub", to.to_string())])
+        .set(1);
+}
+
+/// The link moved from hub `from` to `to`, for `why`.
+pub fn hub_moved(from: &str, to: &str, why: &'static str) {
+    hub_in_use(Some(from), to);
+    get().hub_moves.get_or_create(&vec![("why", why)]).inc();
 }
 
 /// Counts a batch's statuses, and for each ban applied here, the time
@@ -139,6 +167,16 @@ pub fn exposition() -> super::Exposition {
         "banmesh_node_hub_connects",
         "Subscriptions to the hub opened (a reconnect is one more)",
         m.hub_connects.clone(),
+    );
+    registry.register(
+        "banmesh_node_hub_in_use",
+        "The hub this node uses (1) or has left (0), by address",
+        m.hub_in_use.clone(),
+    );
+    registry.register(
+        "banmesh_node_hub_moves",
+        "Moves to another hub, by why: failure of the one in use, or a preferred one serving again",
+        m.hub_moves.clone(),
     );
     registry.register(
         "banmesh_node_shared_log_write_errors",

@@ -1,8 +1,9 @@
-//! What `banmesh status` asks the node beyond its counters: its hubs, its
-//! certificate's expiry, whether fail2ban answers, and the last problem it
+//! What `banmesh status` asks the node beyond its counters: its hubs (the
+//! one in use marked), its certificate's expiry, whether fail2ban answers, and the last problem it
 //! logged. Read at request time, so the answer is current.
 use std::{path::PathBuf, time::Duration};
 
+use super::link::Link;
 use crate::tls::TlsFiles;
 
 /// How long a status request waits for fail2ban's ping.
@@ -10,8 +11,8 @@ const FAIL2BAN_PING: Duration = Duration::from_secs(2);
 
 /// The node's configuration the status reports on.
 pub struct Health {
-    /// `--hub` addresses.
-    pub hubs: Vec<String>,
+    /// The link to the hubs: their order and the one in use.
+    pub link: Link,
     /// This host's certificate files (expiry read from `cert`).
     pub tls: TlsFiles,
     /// fail2ban's control socket; `None` with `--no-fail2ban-socket`.
@@ -19,6 +20,12 @@ pub struct Health {
 }
 
 impl Health {
+    /// The hubs in this host's order of preference, the one in use marked
+    /// with a leading `*`, space-separated (`NodeStatusResponse.hubs`).
+    pub fn hubs(&self) -> String {
+        self.link.status_text()
+    }
+
     /// When this host's certificate expires (unix ms), read from its file
     /// now (renewal replaces it).
     pub fn cert_expires_ms(&self) -> Option<i64> {

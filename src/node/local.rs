@@ -81,7 +81,7 @@ impl node_server::Node for LocalService {
             fast_path: self.fast_path.load(Ordering::Relaxed),
             signals_flowing: self.signals.flowing.load(Ordering::Relaxed),
             signals_dropped: self.signals.dropped(),
-            hubs: self.health.hubs.join(" "),
+            hubs: self.health.hubs(),
             received_event_id: self.position.received(),
             cert_expires_ms: self.health.cert_expires_ms().unwrap_or(0),
             fail2ban_socket_used: self.health.fail2ban_socket.is_some(),

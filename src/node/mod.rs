@@ -42,7 +42,8 @@
 //!   from NFLOG, batched to the hub's `SendSignals`.
 //!
 //! Around them:
-//! - [`link`]: TLS channel to the hub and reconnect backoff.
+//! - [`link`]: TLS channels to the hubs, the one in use, failover and the
+//!   return to this host's first choice, reconnect backoff.
 //! - [`renewal`]: renews the node's certificate before it expires.
 //! - [`health`]: what `banmesh status` reads at request time.
 //! - [`inspect`]: the optional mTLS port for grpcurl (status, health, reflection).
@@ -145,7 +146,9 @@ pub enum NodeError {
 /// the demo and the benchmark from [`NodeConfig::in_dir`].
 #[derive(Clone)]
 pub struct NodeConfig {
-    /// Hub addresses, `https://HOST:PORT`; several for failover.
+    /// Hub addresses, `https://HOST:PORT`, in any order (each host orders
+    /// them itself: `link::order`); a value may list several, separated by
+    /// commas or spaces. Several for failover.
     pub hubs: Vec<String>,
     /// This host's certificate and key (its identity: the name its bans are
     /// reported under) and the fleet CA.
@@ -232,7 +235,9 @@ fn bind_socket(path: &Path) -> Result<UnixListener, NodeError> {
 /// current batch before returning.
 pub async fn run(config: NodeConfig, shutdown: Shutdown) -> Result<(), NodeError> {
     let name = config.tls.own_name()?;
-    // `hub`: the peer of the node's streams, on each of their lines.
+    // `hub`: the hubs the node may use, on each of its lines (the one in
+    // use is named where it changes: `subscribed to hub`, `publishing to
+    // hub`, `moved to another hub`).
     let span = tracing::info_span!("node", host = %name, hub = %config.hubs.join(" "));
     serve(config, name, shutdown, span.clone())
         .instrument(span)
@@ -295,7 +300,8 @@ async fn serve(
     });
     let fast_path = applier.fast_path_up.clone();
     crate::metrics::node::attach(outbox.clone(), fast_path.clone());
-    let (channels, link) = link::Link::new(link::channel(&config.hubs, &config.tls)?);
+    let link = link::Link::new(&name, &config.hubs, &config.tls)?;
+    info!(hub = %link.hub(), order = %link.hubs().join(" "), "using this host's first choice of hub");
     let connected = Arc::new(AtomicBool::new(false));
     let listener = bind_socket(&config.socket)?;
     // Bans `report` spooled while the node was down join the outbox now
@@ -378,13 +384,12 @@ async fn serve(
             renewal::run(
                 config.tls.clone(),
                 name.clone(),
-                config.hubs.clone(),
-                link,
-                channels,
+                link.clone(),
                 config.renew_before,
                 shutdown.clone(),
             ),
         ),
+        spawn_in(&span, link::probe::run(link.clone(), shutdown.clone())),
     ];
     let local = local::LocalService {
         name,
@@ -394,7 +399,7 @@ async fn serve(
         fast_path,
         signals: signal_stats,
         health: health::Health {
-            hubs: config.hubs.clone(),
+            link,
             tls: config.tls.clone(),
             fail2ban_socket: config.fail2ban_socket.clone(),
         },

@@ -1,9 +1,13 @@
 //! Outbox -> hub: streams pending reports over `Publish` and drops each from
 //! the outbox once the hub acknowledges its durable commit.
 //!
-//! After any failure the stream is opened again (with backoff) and every
+//! After any failure the stream is opened again (on the next hub when the
+//! one in use is gone, with backoff once every hub failed) and every
 //! unacknowledged report is sent again; the hub recognises re-sends by
-//! (host, seq). In flight per stream is bounded, so neither side's queues
+//! (host, seq), in the store all hubs share, so a re-send through another
+//! hub is recognised too. When the link moves to another hub, the stream
+//! stops sending, takes the acks of what is in flight, and the next stream
+//! opens on the new hub. In flight per stream is bounded, so neither side's queues
 //! can fill while the other waits.
 //!
 //! The hub's per-host rate limit ends a stream with RESOURCE_EXHAUSTED
@@ -25,12 +29,13 @@ use std::{
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, transport::Channel};
-
-use super::link::Link;
+use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
-use super::{link::Backoff, outbox::Outbox};
+use super::{
+    link::{Backoff, Link, Route},
+    outbox::Outbox,
+};
 use crate::{
     proto::{BACKLOG_HEADER, RETRY_AFTER_HEADER, hub_client::HubClient},
     shutdown::Shutdown,
@@ -58,16 +63,23 @@ pub async fn run(
     let mut backoff = Backoff::default();
     let mut throttled = Throttled::default();
     while !shutdown.is_shutdown() {
+        let route = link.current();
         match stream_once(
             &outbox,
-            link.current(),
+            (&link, &route),
             &connected,
             (&mut backoff, &mut throttled),
             &mut shutdown,
         )
         .await
         {
-            Ok(()) => break,
+            Ok(Ended::Shutdown) => break,
+            Ok(Ended::Moved) => {
+                debug!(
+                    pending = outbox.pending(),
+                    "the link moved to another hub; publishing there"
+                );
+            }
             Err(e) => {
                 let delay = match retry_after(&e) {
                     // Throttled: still connected, and the wait is the hub's.
@@ -77,8 +89,8 @@ pub async fn run(
                     }
                     None => {
                         connected.store(false, Ordering::Relaxed);
-                        let delay = backoff.next_delay();
-                        warn!(error = %e, pending = outbox.pending(), retry_in = ?delay, "publish to hub failed; reports stay queued in the outbox");
+                        let delay = backoff.after(link.failed(&route, &e));
+                        warn!(error = %e, hub = %link.hubs()[route.hub], pending = outbox.pending(), retry_in = ?delay, "publish to hub failed; reports stay queued in the outbox");
                         delay
                     }
                 };
@@ -94,6 +106,14 @@ pub async fn run(
         warn!(error = %e, "cannot save the outbox's acked mark");
     }
     debug!("publisher stopped");
+}
+
+/// How a stream ended without an error.
+enum Ended {
+    /// The node is shutting down.
+    Shutdown,
+    /// The link moved to another hub: open the next stream there.
+    Moved,
 }
 
 /// The wait a RESOURCE_EXHAUSTED from the hub's rate limit asks for.
@@ -147,15 +167,16 @@ impl Throttled {
     }
 }
 
-/// One `Publish` stream; `Ok` only when shutting down.
+/// One `Publish` stream on `route`; `Ok` when shutting down or when the
+/// link moved to another hub.
 async fn stream_once(
     outbox: &Outbox,
-    channel: Channel,
+    (link, route): (&Link, &Route),
     connected: &AtomicBool,
     (backoff, throttled): (&mut Backoff, &mut Throttled),
     shutdown: &mut Shutdown,
-) -> Result<(), tonic::Status> {
-    let mut client = HubClient::new(channel);
+) -> Result<Ended, tonic::Status> {
+    let mut client = HubClient::new(route.channel.clone());
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT as usize);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     if let Ok(v) = outbox.pending().to_string().parse() {
@@ -163,7 +184,7 @@ async fn stream_once(
     }
     let response = tokio::select! {
         r = client.publish(request) => r?,
-        _ = shutdown.recv() => return Ok(()),
+        _ = shutdown.recv() => return Ok(Ended::Shutdown),
     };
     // Number new reports above anything the hub holds from us (our
     // outbox may have been reset, from a backup say).
@@ -176,7 +197,10 @@ async fn stream_once(
     }
     let mut acks = response.into_inner();
     connected.store(true, Ordering::Relaxed);
-    info!(pending = outbox.pending(), "publishing to hub");
+    info!(pending = outbox.pending(), hub = %link.hubs()[route.hub], "publishing to hub");
+    let moved = link.moved(route);
+    tokio::pin!(moved);
+    let mut acked = false;
     // Highest seq sent on this stream, and how many await their ack (the
     // hub answers every report, in order), of at most `window`.
     let (mut sent, mut in_flight) = (0u64, 0u64);
@@ -207,6 +231,10 @@ async fn stream_once(
                     return Err(tonic::Status::unavailable("hub ended the publish stream"));
                 };
                 backoff.reset();
+                if !acked {
+                    acked = true;
+                    link.succeeded(route);
+                }
                 if !ack.allowed_by.is_empty() {
                     // This host's fail2ban keeps its own ban; the fleet does not follow.
                     warn!(seq = ack.seq, allowed_by = %ack.allowed_by, reason = %ack.rejected,
@@ -226,18 +254,33 @@ async fn stream_once(
                 }
             }
             _ = shutdown.recv() => {
-                // Stop sending; take the acks of what is already in flight.
-                drop(tx);
-                let _ = tokio::time::timeout(DRAIN, async {
-                    while let Ok(Some(ack)) = acks.message().await {
-                        let _ = outbox.ack(ack.seq);
-                    }
-                })
-                .await;
-                return Ok(());
+                drain(outbox, tx, &mut acks).await;
+                return Ok(Ended::Shutdown);
+            }
+            // Let this hub commit what it has before the next one gets
+            // the rest, so the two never race on one report.
+            _ = &mut moved => {
+                drain(outbox, tx, &mut acks).await;
+                return Ok(Ended::Moved);
             }
         }
     }
+}
+
+/// Stops sending on a stream and takes the acks of what is already in
+/// flight, for at most [`DRAIN`]; what is not acked stays in the outbox.
+async fn drain(
+    outbox: &Outbox,
+    tx: mpsc::Sender<crate::proto::Report>,
+    acks: &mut tonic::Streaming<crate::proto::Ack>,
+) {
+    drop(tx);
+    let _ = tokio::time::timeout(DRAIN, async {
+        while let Ok(Some(ack)) = acks.message().await {
+            let _ = outbox.ack(ack.seq);
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -1,15 +1,14 @@
 //! The node renews its own certificate before it expires, over its current
 //! mTLS connection, with no operator step: a new key made here (0600), a
-//! CSR to the hub's `Renew`, the new pair written atomically, and a new
-//! channel for every later connection.
+//! CSR to the hub's `Renew`, the new pair written atomically, and new
+//! channels to every hub for every later connection (streams already open
+//! keep theirs until they next reconnect).
 use std::{path::PathBuf, time::Duration};
 
 use thiserror::Error;
-use tokio::sync::watch;
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use super::link::{self, Link};
+use super::link::Link;
 use crate::{ca, enroll::write_identity, proto, shutdown::Shutdown, tls::TlsFiles};
 
 /// Renew when less than this is left (a third of the default 90 days).
@@ -53,11 +52,17 @@ pub enum RenewError {
 /// when the new certificate expires.
 async fn renew(tls: &TlsFiles, name: &str, link: &Link) -> Result<i64, RenewError> {
     let (key, csr) = ca::key_and_csr(name)?;
-    let issued = proto::hub_client::HubClient::new(link.current())
+    let route = link.current();
+    let issued = proto::hub_client::HubClient::new(route.channel.clone())
         .renew(proto::RenewRequest { csr_pem: csr })
         .await
-        .map_err(|s| RenewError::Refused(s.message().to_string()))?
+        .map_err(|s| {
+            // A hub gone moves the link; the retry goes to the next one.
+            link.failed(&route, &s);
+            RenewError::Refused(s.message().to_string())
+        })?
         .into_inner();
+    link.succeeded(&route);
     write_identity(&tls.key, &key.serialize_pem(), &tls.cert, &issued.cert_pem).map_err(
         |source| RenewError::Write {
             cert: tls.cert.clone(),
@@ -72,9 +77,7 @@ async fn renew(tls: &TlsFiles, name: &str, link: &Link) -> Result<i64, RenewErro
 pub async fn run(
     tls: TlsFiles,
     name: String,
-    hubs: Vec<String>,
     link: Link,
-    channels: watch::Sender<Channel>,
     renew_before: Duration,
     mut shutdown: Shutdown,
 ) {
@@ -83,11 +86,8 @@ pub async fn run(
         let left_ms = expires_ms(&tls).map(|e| e - crate::clock::now_ms());
         if left_ms.is_some_and(|l| l < renew_before.as_millis() as i64) {
             match renew(&tls, &name, &link).await {
-                Ok(expires_ms) => match link::channel(&hubs, &tls) {
-                    Ok(channel) => {
-                        let _ = channels.send(channel);
-                        info!(expires_ms, "certificate renewed");
-                    }
+                Ok(expires_ms) => match link.reload(&tls) {
+                    Ok(()) => info!(expires_ms, "certificate renewed"),
                     Err(e) => warn!(error = %e, "renewed certificate cannot be loaded"),
                 },
                 Err(e) => {

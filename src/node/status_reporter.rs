@@ -5,15 +5,19 @@
 //! Contract: a status reaches the hub at least once (the journal keeps it
 //! across crashes until acknowledged, and the hub's upsert makes a re-send
 //! harmless); bursts gather for [`STATUS_LINGER`] into one call; a call
-//! that failed (hub unreachable, store down) is retried with backoff, the
-//! statuses waiting in the journal; a batch the hub refuses as invalid
+//! that failed (hub unreachable, store down) is retried, at once on the
+//! next hub when the one in use is gone, with backoff once every hub
+//! failed, the statuses waiting in the journal; a batch the hub refuses as invalid
 //! (INVALID_ARGUMENT: it will never take it) is logged and dropped, so it
 //! cannot hold up every later status.
 use std::{sync::Arc, time::Duration};
 
 use tracing::warn;
 
-use super::{link::Backoff, link::Link, status_journal::StatusJournal};
+use super::{
+    link::{Backoff, Link, Retry},
+    status_journal::StatusJournal,
+};
 use crate::{
     proto::{self, hub_client::HubClient},
     shutdown::Shutdown,
@@ -58,7 +62,8 @@ pub async fn run(link: Link, journal: Arc<StatusJournal>, mut shutdown: Shutdown
                 status: *s as i32,
             })
             .collect();
-        let mut client = HubClient::new(link.current());
+        let route = link.current();
+        let mut client = HubClient::new(route.channel.clone());
         let sent = tokio::select! {
             r = client.report_status(proto::StatusBatch { updates }) => r,
             _ = shutdown.recv() => return,
@@ -68,6 +73,7 @@ pub async fn run(link: Link, journal: Arc<StatusJournal>, mut shutdown: Shutdown
                 if let Err(e) = journal.ack(end) {
                     warn!(error = %e, "cannot save the status journal's mark");
                 }
+                link.succeeded(&route);
                 backoff.reset();
             }
             // The hub refuses a batch it can never take (a status for an
@@ -89,7 +95,11 @@ pub async fn run(link: Link, journal: Arc<StatusJournal>, mut shutdown: Shutdown
                 backoff.reset();
             }
             Err(e) => {
-                let delay = backoff.next_delay().max(Duration::from_millis(200));
+                // The next hub at once when this one is gone.
+                let delay = match link.failed(&route, &e) {
+                    Retry::Now => Duration::ZERO,
+                    Retry::Backoff => backoff.next_delay().max(Duration::from_millis(200)),
+                };
                 warn!(error = %e, waiting_bytes = journal.backlog(), "cannot report statuses; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

@@ -8,7 +8,12 @@
 //! below its position, so a resubscription never applies an event twice.
 //! A full apply queue makes the subscriber wait; the hub then moves it back
 //! to replay from the store instead of buffering.
-use std::sync::Arc;
+//!
+//! When the link moves to another hub (the one in use failed, or a
+//! preferred one serves again) the stream ends and the subscriber
+//! resubscribes there from the same point: event ids are the same on
+//! every hub, so a move applies nothing twice and skips nothing.
+use std::{sync::Arc, time::Duration};
 
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
@@ -27,6 +32,8 @@ use crate::{
 
 /// Most events applied in one write.
 const APPLY_BATCH: usize = 4096;
+/// How long a subscription must have lasted to count as a success.
+const SETTLED: Duration = Duration::from_secs(1);
 
 /// Follows the hub, handing batches to the apply task. Resubscribes from
 /// the last event received (queued batches are applied before the
@@ -42,34 +49,45 @@ pub async fn run(
     let mut received = position.get();
     while !shutdown.is_shutdown() {
         let after = received.max(position.get());
-        let mut client = HubClient::new(link.current());
+        let route = link.current();
+        let mut client = HubClient::new(route.channel.clone());
         let result = tokio::select! {
             r = client.subscribe(proto::SubscribeRequest { after_event_id: after }) => r,
             _ = shutdown.recv() => break,
         };
         let error = match result {
             Ok(stream) => {
-                info!(after, "subscribed to hub");
+                info!(after, hub = %link.hubs()[route.hub], "subscribed to hub");
                 crate::metrics::node::get().hub_connected.set(1);
                 crate::metrics::node::get().hub_connects.inc();
-                backoff.reset();
+                // A stream a hub takes and ends at once (its store down,
+                // say) is not a success: hubs that all do that are
+                // retried with backoff, not in a tight loop.
+                let settled = || {
+                    link.succeeded(&route);
+                    backoff.reset();
+                };
                 follow(
                     stream.into_inner(),
                     &mut received,
                     &position,
                     &batches,
-                    &mut shutdown,
+                    (&mut shutdown, link.moved(&route), settled),
                 )
                 .await
             }
-            Err(e) => e,
+            Err(e) => Some(e),
         };
         if shutdown.is_shutdown() {
             break;
         }
         crate::metrics::node::get().hub_connected.set(0);
-        let delay = backoff.next_delay();
-        warn!(error = %error, retry_in = ?delay, "subscription to hub lost");
+        let Some(error) = error else {
+            debug!("the link moved to another hub; resubscribing there");
+            continue;
+        };
+        let delay = backoff.after(link.failed(&route, &error));
+        warn!(error = %error, hub = %link.hubs()[route.hub], retry_in = ?delay, "subscription to hub lost");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.recv() => {}
@@ -78,18 +96,39 @@ pub async fn run(
     debug!("subscriber stopped");
 }
 
-/// Reads events until the stream ends; returns why it ended.
+/// Reads events until the stream ends (its error) or the link moves to
+/// another hub (`None`). Both are noticed only between batches, never
+/// while a batch is handed on: an event counted as received is always
+/// queued for the apply task. `settled` is called once the stream has
+/// lasted [`SETTLED`].
 async fn follow(
     mut stream: tonic::Streaming<proto::Event>,
     received: &mut u64,
     position: &Position,
     batches: &mpsc::Sender<Vec<Event>>,
-    shutdown: &mut Shutdown,
-) -> tonic::Status {
+    (shutdown, moved, settled): (
+        &mut Shutdown,
+        impl std::future::Future<Output = ()>,
+        impl FnOnce(),
+    ),
+) -> Option<tonic::Status> {
+    tokio::pin!(moved);
+    let settle = tokio::time::sleep(SETTLED);
+    tokio::pin!(settle);
+    let mut settled = Some(settled);
     loop {
         let first = tokio::select! {
             m = stream.next() => m,
-            _ = shutdown.recv() => return tonic::Status::cancelled("shutting down"),
+            _ = shutdown.recv() => return Some(tonic::Status::cancelled("shutting down")),
+            // Batches already handed on stay queued; the next stream
+            // starts after the last event received.
+            _ = &mut moved => return None,
+            _ = &mut settle, if settled.is_some() => {
+                if let Some(f) = settled.take() {
+                    f();
+                }
+                continue;
+            }
         };
         let mut batch = Vec::new();
         let mut next = first;
@@ -118,10 +157,10 @@ async fn follow(
             }
         };
         if !batch.is_empty() && batches.send(batch).await.is_err() {
-            return tonic::Status::cancelled("apply task stopped");
+            return Some(tonic::Status::cancelled("apply task stopped"));
         }
         if let Some(status) = ended {
-            return status;
+            return Some(status);
         }
     }
 }

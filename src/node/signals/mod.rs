@@ -284,7 +284,8 @@ pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
         }
         let n = batch.len() as u64;
         let signals = std::mem::take(&mut batch);
-        let mut client = HubClient::new(link.current());
+        let route = link.current();
+        let mut client = HubClient::new(route.channel.clone());
         let call = client.send_signals(proto::SignalBatch { signals });
         let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(r) => r.map(|r| r.into_inner()),
@@ -292,6 +293,7 @@ pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
         };
         match result {
             Ok(ack) => {
+                link.succeeded(&route);
                 backoff.reset();
                 stats
                     .accepted
@@ -327,7 +329,8 @@ pub async fn run(mut queue: SignalQueue, link: Link, mut shutdown: Shutdown) {
                 let pause = match status.code() {
                     Code::Unimplemented => UNIMPLEMENTED_PAUSE,
                     Code::ResourceExhausted => retry_after(&status),
-                    _ => backoff.next_delay(),
+                    // None when the link moved on to an untried hub.
+                    _ => backoff.after(link.failed(&route, &status)),
                 };
                 drop_for(&mut queue, pause, &mut shutdown).await;
             }
