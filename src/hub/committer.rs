@@ -43,7 +43,10 @@
 //! counter row, `store::sql::sequence`), so the same read-back covers
 //! them when we commit next, and while idle the committer reads what lies
 //! above its last published id every `--peer-poll` and publishes it in
-//! order: one ordered publisher per hub, whoever committed.
+//! order: one ordered publisher per hub, whoever committed. While the
+//! hub's database is down (`db_health`) the poll pauses; after a move to
+//! another `--db` address it resumes from the last published id, which
+//! every node of a Galera cluster agrees on (see `db_health`).
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -51,6 +54,7 @@ use tracing::{debug, warn};
 
 use super::{
     allow::{Guard, refuse},
+    db_health::DbGate,
     fanout::Fanout,
     fleet::FleetAddrs,
     ladder::{Decision, Ladder, PastBan},
@@ -106,10 +110,15 @@ impl Committer {
         fleet: FleetAddrs,
         ladder: Option<Ladder>,
         peer_poll: Option<std::time::Duration>,
+        db: DbGate,
         shutdown: Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, fanout, fleet, ladder, peer_poll, rx, shutdown));
+        let peers = Peers {
+            poll: peer_poll,
+            db,
+        };
+        tokio::spawn(run(store, fanout, fleet, ladder, peers, rx, shutdown));
         Committer { tx }
     }
 
@@ -171,12 +180,21 @@ impl Committer {
     }
 }
 
+/// When to read other hubs' commits: every `poll`, while `db` serves.
+struct Peers {
+    poll: Option<std::time::Duration>,
+    db: DbGate,
+}
+
 async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
     fleet: FleetAddrs,
     ladder: Option<Ladder>,
-    peer_poll: Option<std::time::Duration>,
+    Peers {
+        poll: peer_poll,
+        db,
+    }: Peers,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: Shutdown,
 ) {
@@ -228,7 +246,8 @@ async fn run(
             }
             // Other hubs' commits (`--peer-poll`), published here in id
             // order like our own (see the module doc).
-            _ = peers.tick(), if peer_poll.is_some() => {
+            // Not while the database is down: each read would fail.
+            _ = peers.tick(), if peer_poll.is_some() && db.serving() => {
                 if published.poll_peers(&*store, &fanout).await {
                     // Another hub changed the allow-list: check the next
                     // reports against the store's list.

@@ -36,6 +36,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use super::{
     access::Access,
+    db_health::DbGate,
     fanout::{Fanout, MAX_STREAMS_PER_HOST, SubscriberGuard},
     store::Store,
 };
@@ -118,7 +119,7 @@ fn close(queue: &Weak<Mutex<Queue>>, status: Status) {
 pub fn start(
     store: Arc<dyn Store>,
     fanout: Fanout,
-    access: Access,
+    (access, db): (Access, DbGate),
     host: String,
     after: u64,
     shutdown: Shutdown,
@@ -132,7 +133,7 @@ pub fn start(
         store,
         fanout,
         guard,
-        access,
+        (access, db),
         host,
         after,
         (Arc::downgrade(&queue), tx),
@@ -152,14 +153,16 @@ fn visible(event: &Event, subscriber: &str) -> bool {
 }
 
 /// Feeds the queue until the subscriber goes away, the store fails, the
-/// host is revoked or has opened too many streams, or the hub shuts down;
+/// host is revoked or has opened too many streams, the hub's database is
+/// lost (`db_health`: UNAVAILABLE, so that the node moves to another hub
+/// and resumes there from its last applied id), or the hub shuts down;
 /// `guard` unregisters the stream when it returns.
 #[allow(clippy::too_many_arguments)]
 async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
     guard: SubscriberGuard,
-    access: Access,
+    (access, db): (Access, DbGate),
     host: String,
     last: u64,
     (queue, tx): (Weak<Mutex<Queue>>, mpsc::Sender<Item>),
@@ -171,6 +174,10 @@ async fn run(
         _ = revoked => {
             info!("host revoked; ending its subscription");
             Status::permission_denied("this host has been revoked")
+        }
+        status = db.lost() => {
+            info!("database lost; ending the subscription");
+            status
         }
         _ = guard.evicted() => {
             info!(
