@@ -16,6 +16,9 @@
 //!    itself.
 //! 2. node 3 cut off from the cluster (non-primary): hub C stops serving
 //!    (UNAVAILABLE); once the partition heals it serves again.
+//! 3. node 3 hangs (SIGSTOP: connections accepted, never answered): hub C
+//!    stops serving once its bounded check times out, and serves again
+//!    once node 3 answers.
 //!
 //! Then: every report is in the store exactly once, and each subscriber
 //! received every event exactly once, in id order (no gap, no duplicate).
@@ -65,8 +68,8 @@ struct Outbox {
     last: u64,
     /// The third octet of its first addresses (each reporter its own).
     net: u64,
-    /// When each ack came.
-    acks: Vec<Instant>,
+    /// When each ack came, and the seq it acked up to.
+    acks: Vec<(Instant, u64)>,
     /// How each Publish stream ended.
     ends: Vec<End>,
 }
@@ -118,10 +121,7 @@ async fn publish_once(
     for r in send(&mut sent) {
         let _ = tx.send(r).await;
     }
-    let mut acks = client
-        .publish(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut acks = client.publish(ReceiverStream::new(rx)).await?.into_inner();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         tokio::select! {
@@ -130,7 +130,7 @@ async fn publish_once(
                     assert!(ack.rejected.is_empty(), "report refused: {ack:?}");
                     let mut o = outbox.lock().unwrap();
                     o.unacked.retain(|seq, _| *seq > ack.seq);
-                    o.acks.push(Instant::now());
+                    o.acks.push((Instant::now(), ack.seq));
                 }
                 None => return Ok(()),
             },
@@ -206,7 +206,7 @@ async fn subscriber(url: String, tls: ClientTlsConfig, got: Arc<Mutex<Received>>
     }
 }
 
-/// Waits until `outbox` has `n` more acks than `from`; returns when the
+/// Waits until `outbox` has `n` acks after `since`; returns when the
 /// first of them came.
 async fn acks_after(what: &str, outbox: &Mutex<Outbox>, since: Instant, n: usize) -> Instant {
     wait_for(what, Duration::from_secs(40), || {
@@ -215,14 +215,25 @@ async fn acks_after(what: &str, outbox: &Mutex<Outbox>, since: Instant, n: usize
             .unwrap()
             .acks
             .iter()
-            .filter(|t| **t > since)
+            .filter(|(t, _)| *t > since)
             .count()
             >= n;
         async move { ok }
     })
     .await;
     let o = outbox.lock().unwrap();
-    *o.acks.iter().find(|t| **t > since).unwrap()
+    o.acks.iter().find(|(t, _)| *t > since).unwrap().0
+}
+
+/// Waits until a report made after `seq` is acked; returns when.
+async fn acked_past(what: &str, outbox: &Mutex<Outbox>, seq: u64) -> Instant {
+    wait_for(what, Duration::from_secs(40), || {
+        let ok = outbox.lock().unwrap().acks.iter().any(|(_, s)| *s > seq);
+        async move { ok }
+    })
+    .await;
+    let o = outbox.lock().unwrap();
+    o.acks.iter().find(|(_, s)| *s > seq).unwrap().0
 }
 
 /// The first end (stream or refusal) after `since`.
@@ -239,12 +250,7 @@ fn first_end(got: &Mutex<Received>, since: Instant) -> Option<End> {
 /// Waits for a Subscribe accepted after `since`; returns when.
 async fn accepted_after(what: &str, got: &Mutex<Received>, since: Instant) -> Instant {
     wait_for(what, Duration::from_secs(40), || {
-        let ok = got
-            .lock()
-            .unwrap()
-            .accepted
-            .iter()
-            .any(|t| *t > since);
+        let ok = got.lock().unwrap().accepted.iter().any(|t| *t > since);
         async move { ok }
     })
     .await;
@@ -323,6 +329,7 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
     acks_after("reports through hub B", &rep_b, t0, 20).await;
 
     // 1. kill -9 Galera node 3.
+    let seq_at_kill = rep_a.lock().unwrap().last;
     let killed = Instant::now();
     cluster.nodes[2].kill();
     let log_a = hub_a.proc.log.clone();
@@ -334,7 +341,12 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
     })
     .await;
     let moved = Instant::now();
-    let first_ack = acks_after("reports through hub A after the move", &rep_a, killed, 20).await;
+    let first_ack = acked_past(
+        "a report made after the kill acked by hub A",
+        &rep_a,
+        seq_at_kill,
+    )
+    .await;
     wait_for("hub C to stop serving", Duration::from_secs(20), || {
         let ended = first_end(&sub_c, killed).is_some();
         async move { ended }
@@ -344,7 +356,8 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
     assert_eq!(code, Code::Unavailable, "hub C's stream ended with {msg}");
     println!(
         "galera faults: kill -9 node 3: hub A moved to node 1 within {} ms (log seen), \
-         first ack through it {} ms after the kill; hub C stopped serving after {} ms ({msg})",
+         the first report made after the kill acked through it {} ms after the kill; \
+         hub C stopped serving after {} ms ({msg})",
         ms(killed, moved),
         ms(killed, first_ack),
         ms(killed, c_down)
@@ -360,27 +373,51 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
     );
 
     // 2. node 3 cut off from the cluster: non-primary.
-    acks_after("reports through hub B before the partition", &rep_b, c_up, 10).await;
+    acks_after(
+        "reports through hub B before the partition",
+        &rep_b,
+        c_up,
+        10,
+    )
+    .await;
     let cut = Instant::now();
     cluster.isolate(2, true).await;
-    wait_for("hub C to stop serving (partition)", Duration::from_secs(30), || {
-        let ended = first_end(&sub_c, cut).is_some();
-        async move { ended }
+    // Galera declares the partition after its own timeouts (evs.suspect_timeout).
+    wait_for("node 3 non-primary", Duration::from_secs(30), || async {
+        cluster
+            .cluster_status(2)
+            .await
+            .is_some_and(|s| s != "Primary")
+            || first_end(&sub_c, cut).is_some()
     })
+    .await;
+    let non_primary = Instant::now();
+    wait_for(
+        "hub C to stop serving (partition)",
+        Duration::from_secs(10),
+        || {
+            let ended = first_end(&sub_c, cut).is_some();
+            async move { ended }
+        },
+    )
     .await;
     let (c_down, code, msg) = first_end(&sub_c, cut).unwrap();
     assert_eq!(code, Code::Unavailable, "{msg}");
-    let status = cluster.cluster_status(2).await;
     println!(
-        "galera faults: node 3 partitioned: hub C stopped serving {} ms after the cut \
-         (node 3 now {status:?}): {msg}",
-        ms(cut, c_down)
+        "galera faults: node 3 partitioned: non-primary {} ms after the cut; hub C stopped \
+         serving {} ms after the test saw that ({msg})",
+        ms(cut, non_primary),
+        c_down.saturating_duration_since(non_primary).as_millis()
     );
     // While cut off, new calls are refused with the reason.
-    wait_for("a Subscribe refused by hub C", Duration::from_secs(10), || {
-        let refused = sub_c.lock().unwrap().refused.iter().any(|e| e.0 > c_down);
-        async move { refused }
-    })
+    wait_for(
+        "a Subscribe refused by hub C",
+        Duration::from_secs(10),
+        || {
+            let refused = sub_c.lock().unwrap().refused.iter().any(|e| e.0 > c_down);
+            async move { refused }
+        },
+    )
     .await;
     let refusal = sub_c
         .lock()
@@ -393,13 +430,52 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
     assert_eq!(refusal.1, Code::Unavailable, "{}", refusal.2);
     assert!(refusal.2.contains("cannot serve"), "{}", refusal.2);
     // Reports through hub B go on meanwhile.
-    acks_after("reports through hub B during the partition", &rep_b, c_down, 10).await;
+    acks_after(
+        "reports through hub B during the partition",
+        &rep_b,
+        c_down,
+        10,
+    )
+    .await;
     let healed = Instant::now();
     cluster.isolate(2, false).await;
     let c_up = accepted_after("hub C to serve again after the partition", &sub_c, healed).await;
     println!(
         "galera faults: partition healed: hub C serving again {} ms later",
         ms(healed, c_up)
+    );
+
+    // 3. node 3 hangs (SIGSTOP): its port takes connections that never get
+    // an answer. Hub C stops serving after its check times out, and serves
+    // again once node 3 answers (thawed before the cluster evicts it).
+    acks_after(
+        "reports through hub B after the partition",
+        &rep_b,
+        c_up,
+        10,
+    )
+    .await;
+    let hung = Instant::now();
+    cluster.nodes[2].pause(true);
+    wait_for(
+        "hub C to stop serving (hang)",
+        Duration::from_secs(10),
+        || {
+            let ended = first_end(&sub_c, hung).is_some();
+            async move { ended }
+        },
+    )
+    .await;
+    cluster.nodes[2].pause(false);
+    let thawed = Instant::now();
+    let (c_down, code, msg) = first_end(&sub_c, hung).unwrap();
+    assert_eq!(code, Code::Unavailable, "{msg}");
+    let c_up = accepted_after("hub C to serve again after the hang", &sub_c, thawed).await;
+    println!(
+        "galera faults: node 3 hung: hub C stopped serving {} ms later ({msg}); \
+         serving again {} ms after the thaw",
+        ms(hung, c_down),
+        ms(thawed, c_up)
     );
 
     // Everything sent is acked, stored once, and delivered once.
@@ -428,7 +504,11 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
             .unwrap()
             .unwrap();
         println!("galera faults: {name}: {sent} reports sent, {rows} stored");
-        assert_eq!((rows, seqs), (sent, sent), "{name}: each report stored once");
+        assert_eq!(
+            (rows, seqs),
+            (sent, sent),
+            "{name}: each report stored once"
+        );
     }
     let events: Vec<u64> = db
         .query("SELECT id FROM events WHERE kind <> 5 ORDER BY id")
@@ -455,7 +535,10 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
         );
         assert_eq!(g.ids, events, "{name}: every event once, in order");
         for (_, code, msg) in g.ended.iter().chain(g.refused.iter()) {
-            assert!(!msg.contains(PASSWORD), "{name} was told the password: {msg}");
+            assert!(
+                !msg.contains(PASSWORD),
+                "{name} was told the password: {msg}"
+            );
             assert_eq!(*code, Code::Unavailable, "{name}: {msg}");
         }
     }
@@ -465,7 +548,10 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
         ends.len()
     );
     for (_, _, msg) in &ends {
-        assert!(!msg.contains(PASSWORD), "rep-a was told the password: {msg}");
+        assert!(
+            !msg.contains(PASSWORD),
+            "rep-a was told the password: {msg}"
+        );
     }
     for t in tasks {
         t.abort();

@@ -187,7 +187,11 @@ async fn run(store: Arc<MysqlStore>, tx: watch::Sender<Option<Arc<str>>>, mut sh
 
 /// The hub serves again, on `at`, after being down since `since`.
 fn serving(tx: &watch::Sender<Option<Arc<str>>>, at: &str, since: Instant) {
-    info!(at, down_ms = since.elapsed().as_millis() as u64, "database healthy again: this hub serves again");
+    info!(
+        at,
+        down_ms = since.elapsed().as_millis() as u64,
+        "database healthy again: this hub serves again"
+    );
     crate::metrics::hub::get().database_up.set(1);
     crate::systemd::status(&format!("hub serving on {at}"));
     tx.send_replace(None);

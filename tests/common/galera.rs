@@ -112,9 +112,10 @@ impl Galera {
     /// if the test fails: the cluster dies with it).
     pub async fn isolate(&self, i: usize, on: bool) {
         use mysql_async::prelude::Queryable;
-        let mut c = mysql_async::Conn::from_url(format!("mysql://root@127.0.0.1:{}", self.nodes[i].port))
-            .await
-            .expect("connect to the Galera node");
+        let mut c =
+            mysql_async::Conn::from_url(format!("mysql://root@127.0.0.1:{}", self.nodes[i].port))
+                .await
+                .expect("connect to the Galera node");
         c.query_drop(format!(
             "SET GLOBAL wsrep_provider_options = 'gmcast.isolate={}'",
             u8::from(on)
@@ -128,7 +129,10 @@ impl Galera {
     /// `None` when it does not answer.
     pub async fn cluster_status(&self, i: usize) -> Option<String> {
         use mysql_async::prelude::Queryable;
-        let mut c = mysql_async::Conn::from_url(format!("mysql://root@127.0.0.1:{}", self.nodes[i].port)).await.ok()?;
+        let mut c =
+            mysql_async::Conn::from_url(format!("mysql://root@127.0.0.1:{}", self.nodes[i].port))
+                .await
+                .ok()?;
         let row: Option<(String, String)> = c
             .query_first("SHOW STATUS LIKE 'wsrep_cluster_status'")
             .await
@@ -179,6 +183,19 @@ impl GaleraNode {
             }
         })
         .await;
+    }
+
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: a hung node,
+    /// whose port still accepts connections that never get an answer.
+    pub fn pause(&self, on: bool) {
+        let pid = self.proc.as_ref().expect("a running node").child.id();
+        let signal = if on { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// kill -9.

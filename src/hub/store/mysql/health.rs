@@ -61,7 +61,8 @@ impl MysqlStore {
         let target = &self.targets[index];
         if conn.is_none() {
             // No database selected: the check needs none.
-            let opts = mysql_async::OptsBuilder::from_opts(target.opts.clone()).db_name(None::<String>);
+            let opts =
+                mysql_async::OptsBuilder::from_opts(target.opts.clone()).db_name(None::<String>);
             match Conn::new(opts).await {
                 Ok(c) => *conn = Some(c),
                 Err(e) => {

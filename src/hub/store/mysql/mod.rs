@@ -69,9 +69,8 @@ pub fn urls(list: &str) -> Result<Vec<String>, StoreError> {
         .map(str::to_string)
         .collect();
     if urls.is_empty() || urls.iter().any(|u| !u.starts_with("mysql://")) {
-        return Err(StoreError::BadUrl(
-            list.split(',').map(redact).collect::<Vec<_>>().join(","),
-        ));
+        // Redacted whole: a piece may be the tail of a password.
+        return Err(StoreError::BadUrl(redact(list)));
     }
     Ok(urls)
 }
@@ -379,6 +378,24 @@ impl Backend for MysqlStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_of_addresses_is_split_and_a_stray_piece_refused_without_its_password() {
+        assert_eq!(
+            urls("mysql://u:p@g1/banmesh, mysql://u:p@g2/banmesh").unwrap(),
+            ["mysql://u:p@g1/banmesh", "mysql://u:p@g2/banmesh"]
+        );
+        assert_eq!(urls("mysql://g1/b").unwrap(), ["mysql://g1/b"]);
+        for bad in [
+            "mysql://u:s3,cret@g1/banmesh",
+            "mysql://u:s3cret@g1/b,sqlite:x",
+            ",",
+        ] {
+            let e = urls(bad).unwrap_err().to_string();
+            assert!(e.starts_with("unsupported --db"), "{e}");
+            assert!(!e.contains("s3"), "{e}");
+        }
+    }
 
     /// Nothing listens on port 1: both the first connection and a later
     /// pooled one fail, and say where without the password.
