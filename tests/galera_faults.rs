@@ -13,7 +13,8 @@
 //! 1. kill -9 Galera node 3: hub A moves to node 1 and keeps taking
 //!    reports; hub C, with nowhere to go, ends its streams with UNAVAILABLE
 //!    and refuses new ones; node 3 restarts and hub C serves again by
-//!    itself.
+//!    itself. A hub started meanwhile with node 3 first in its `--db`
+//!    opens node 1.
 //! 2. node 3 cut off from the cluster (non-primary): hub C stops serving
 //!    (UNAVAILABLE); once the partition heals it serves again.
 //! 3. node 3 hangs (SIGSTOP: connections accepted, never answered): hub C
@@ -371,6 +372,15 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
         ms(killed, b_ack),
         ms(killed, c_down)
     );
+    // A hub started now skips the dead first address for the next one.
+    let hub_d = start("hub-d", url(2), Some(url(0))).await;
+    let text = hub_d.proc.log_text();
+    assert!(
+        text.contains(&format!("database at=127.0.0.1:{} addresses=2", ports[0])),
+        "hub D opened node 1:\n{text}"
+    );
+    assert!(!text.contains(PASSWORD), "{text}");
+    drop(hub_d);
     let restarting = Instant::now();
     cluster.nodes[2].launch(false).await;
     let synced = Instant::now();

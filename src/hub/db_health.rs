@@ -196,3 +196,39 @@ fn serving(tx: &watch::Sender<Option<Arc<str>>>, at: &str, since: Instant) {
     crate::systemd::status(&format!("hub serving on {at}"));
     tx.send_replace(None);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closed_gate_refuses_with_the_reason_and_ends_what_waits_on_it() {
+        let (tx, rx) = watch::channel(None);
+        let gate = DbGate { rx };
+        assert!(gate.serving() && gate.check().is_ok());
+        let waiting = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.lost().await }
+        });
+        tx.send_replace(Some("the database at db1:3306 is gone".into()));
+        let ended = waiting.await.unwrap();
+        assert_eq!(ended.code(), tonic::Code::Unavailable);
+        assert!(ended.message().contains("db1:3306 is gone"), "{ended:?}");
+        let refused = gate.check().unwrap_err();
+        assert_eq!(refused.message(), ended.message());
+        // Serving again: calls pass; a stream started now waits.
+        tx.send_replace(None);
+        assert!(gate.check().is_ok());
+        let lost = tokio::time::timeout(Duration::from_millis(50), gate.lost());
+        assert!(lost.await.is_err(), "an open gate ends nothing");
+    }
+
+    #[tokio::test]
+    async fn the_embedded_stores_gate_never_closes() {
+        let mut gate = DbGate::open();
+        assert!(gate.check().is_ok());
+        assert!(!gate.changed().await, "nothing can close it");
+        let lost = tokio::time::timeout(Duration::from_millis(50), gate.lost());
+        assert!(lost.await.is_err());
+    }
+}
