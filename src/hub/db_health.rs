@@ -43,7 +43,7 @@ use tokio::sync::watch;
 use tonic::Status;
 use tracing::{error, info, warn};
 
-use super::store::mysql::MysqlStore;
+use super::store::{StoreError, mysql::MysqlStore};
 use crate::shutdown::Shutdown;
 
 /// How often the database in use is checked.
@@ -51,12 +51,21 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How long one check may take before the database counts as lost.
 pub const CHECK_TIMEOUT: Duration = Duration::from_millis(750);
 
+/// What the watch tells the hub.
+#[derive(Clone, Default)]
+struct State {
+    /// `None` while serving; why not otherwise.
+    down: Option<Arc<str>>,
+    /// Bumped on every change (lost, moved, back): a store call that
+    /// began before it may hang on a dead server (`DbGate::bounded`).
+    epoch: u64,
+}
+
 /// Whether the hub may serve: shared by the service, the streams and the
 /// committer. Cheap to clone.
 #[derive(Clone)]
 pub struct DbGate {
-    /// `None` while serving; why not otherwise.
-    rx: watch::Receiver<Option<Arc<str>>>,
+    rx: watch::Receiver<State>,
 }
 
 impl DbGate {
@@ -64,21 +73,30 @@ impl DbGate {
     /// off from the hub).
     pub fn open() -> DbGate {
         DbGate {
-            rx: watch::channel(None).1,
+            rx: watch::channel(State::default()).1,
         }
     }
 
     /// True while the database is healthy.
     pub fn serving(&self) -> bool {
-        self.rx.borrow().is_none()
+        self.rx.borrow().down.is_none()
     }
 
     /// `Ok` while serving; otherwise the UNAVAILABLE a call is refused with.
     pub fn check(&self) -> Result<(), Status> {
-        match &*self.rx.borrow() {
+        match &self.rx.borrow().down {
             None => Ok(()),
             Some(reason) => Err(refusal(reason)),
         }
+    }
+
+    /// Why the hub does not serve, as a store error (for the committer's
+    /// answers); `None` while serving.
+    pub fn down(&self) -> Option<StoreError> {
+        let reason = self.rx.borrow().down.clone()?;
+        Some(StoreError::query(format!(
+            "the hub's database is down: {reason}"
+        )))
     }
 
     /// Resolves, with the status to end a stream with, once the hub stops
@@ -87,7 +105,10 @@ impl DbGate {
     pub async fn lost(&self) -> Status {
         let mut rx = self.rx.clone();
         // The `Ref` must not live across an await (it holds a lock).
-        let reason = rx.wait_for(Option::is_some).await.map(|r| r.clone());
+        let reason = rx
+            .wait_for(|s| s.down.is_some())
+            .await
+            .map(|s| s.down.clone());
         match reason {
             Ok(reason) => refusal(reason.as_deref().unwrap_or_default()),
             Err(_) => std::future::pending().await,
@@ -98,6 +119,38 @@ impl DbGate {
     /// it any more.
     pub async fn changed(&mut self) -> bool {
         self.rx.changed().await.is_ok()
+    }
+
+    /// Runs the store call `f` unless the database is lost or the store
+    /// moves to another address first: then `f` is dropped and the call
+    /// fails. A statement on a hung or blackholed server would otherwise
+    /// hold its caller (the committer: every report behind it) until TCP
+    /// gives up, minutes later, even after the store moved. An abandoned
+    /// commit has an unknown outcome, which the committer already handles:
+    /// nothing is acked, re-sends are recognised, and what did commit is
+    /// published late, in order.
+    pub fn bounded<T, F: Future<Output = Result<T, StoreError>>>(
+        &self,
+        f: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + use<T, F> {
+        // The state as the call begins (now, not at its first poll).
+        let mut rx = self.rx.clone();
+        rx.mark_unchanged();
+        async move {
+            let changed = async move {
+                if rx.changed().await.is_err() {
+                    // Nothing can change it any more: never.
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                biased;
+                r = f => r,
+                _ = changed => Err(StoreError::query(
+                    "the hub's database was lost or replaced during the call; not done",
+                )),
+            }
+        }
     }
 }
 
@@ -110,7 +163,7 @@ fn refusal(reason: &str) -> Status {
 
 /// Starts the watch on `store`'s addresses; it stops with the hub.
 pub fn watch(store: Arc<MysqlStore>, shutdown: Shutdown) -> DbGate {
-    let (tx, rx) = watch::channel(None);
+    let (tx, rx) = watch::channel(State::default());
     crate::metrics::hub::get().database_up.set(1);
     tokio::spawn(run(store, tx, shutdown));
     DbGate { rx }
@@ -132,7 +185,15 @@ async fn check(store: &MysqlStore, index: usize, conn: &mut Option<Conn>) -> Res
     }
 }
 
-async fn run(store: Arc<MysqlStore>, tx: watch::Sender<Option<Arc<str>>>, mut shutdown: Shutdown) {
+/// Tells the hub: serving (`None`) or why not; a new epoch either way.
+fn tell(tx: &watch::Sender<State>, down: Option<Arc<str>>) {
+    tx.send_modify(|s| {
+        s.down = down;
+        s.epoch += 1;
+    });
+}
+
+async fn run(store: Arc<MysqlStore>, tx: watch::Sender<State>, mut shutdown: Shutdown) {
     let addresses = store.addresses();
     let mut conns: Vec<Option<Conn>> = addresses.iter().map(|_| None).collect();
     let mut tick = tokio::time::interval(CHECK_EVERY);
@@ -169,6 +230,8 @@ async fn run(store: Arc<MysqlStore>, tx: watch::Sender<Option<Arc<str>>>, mut sh
                 if let Some(since) = down_since.take() {
                     serving(&tx, &addresses[other], since);
                 } else {
+                    // Calls in flight on the old address are abandoned.
+                    tell(&tx, None);
                     crate::systemd::status(&format!("hub serving on {}", addresses[other]));
                 }
                 moved = true;
@@ -180,13 +243,13 @@ async fn run(store: Arc<MysqlStore>, tx: watch::Sender<Option<Arc<str>>>, mut sh
             error!(%reason, "database lost: this hub stops serving (streams end with UNAVAILABLE) until a --db address is healthy");
             metrics.database_up.set(0);
             crate::systemd::status(&format!("not serving: {reason}"));
-            tx.send_replace(Some(reason.into()));
+            tell(&tx, Some(reason.into()));
         }
     }
 }
 
 /// The hub serves again, on `at`, after being down since `since`.
-fn serving(tx: &watch::Sender<Option<Arc<str>>>, at: &str, since: Instant) {
+fn serving(tx: &watch::Sender<State>, at: &str, since: Instant) {
     info!(
         at,
         down_ms = since.elapsed().as_millis() as u64,
@@ -194,7 +257,7 @@ fn serving(tx: &watch::Sender<Option<Arc<str>>>, at: &str, since: Instant) {
     );
     crate::metrics::hub::get().database_up.set(1);
     crate::systemd::status(&format!("hub serving on {at}"));
-    tx.send_replace(None);
+    tell(tx, None);
 }
 
 #[cfg(test)]
@@ -203,21 +266,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_gate_refuses_with_the_reason_and_ends_what_waits_on_it() {
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(State::default());
         let gate = DbGate { rx };
+        let hung = tokio::spawn(gate.bounded(std::future::pending::<Result<(), _>>()));
         assert!(gate.serving() && gate.check().is_ok());
         let waiting = tokio::spawn({
             let gate = gate.clone();
             async move { gate.lost().await }
         });
-        tx.send_replace(Some("the database at db1:3306 is gone".into()));
+        tell(&tx, Some("the database at db1:3306 is gone".into()));
+        let e = hung.await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("lost or replaced during the call"), "{e}");
         let ended = waiting.await.unwrap();
         assert_eq!(ended.code(), tonic::Code::Unavailable);
         assert!(ended.message().contains("db1:3306 is gone"), "{ended:?}");
         let refused = gate.check().unwrap_err();
         assert_eq!(refused.message(), ended.message());
         // Serving again: calls pass; a stream started now waits.
-        tx.send_replace(None);
+        tell(&tx, None);
+        assert_eq!(gate.bounded(async { Ok(7) }).await.unwrap(), 7);
         assert!(gate.check().is_ok());
         let lost = tokio::time::timeout(Duration::from_millis(50), gate.lost());
         assert!(lost.await.is_err(), "an open gate ends nothing");
@@ -228,6 +295,7 @@ mod tests {
         let mut gate = DbGate::open();
         assert!(gate.check().is_ok());
         assert!(!gate.changed().await, "nothing can close it");
+        assert_eq!(gate.bounded(async { Ok(7) }).await.unwrap(), 7);
         let lost = tokio::time::timeout(Duration::from_millis(50), gate.lost());
         assert!(lost.await.is_err());
     }
