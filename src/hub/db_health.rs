@@ -17,7 +17,8 @@
 //! - when none is healthy the hub stops serving: every Subscribe and
 //!   Publish stream ends with UNAVAILABLE naming the reason (so nodes move
 //!   to another hub), new calls are refused the same way, the committer
-//!   stops polling for other hubs' commits, the gRPC health service says
+//!   stops polling for other hubs' commits and abandons store calls in
+//!   flight ([`DbGate::bounded`]), the gRPC health service says
 //!   NOT_SERVING, `banmesh_hub_database_up` is 0 and systemd's STATUS says
 //!   why. Each transition is logged once. The checks go on; once an
 //!   address is healthy again the hub serves again by itself, on a fresh
