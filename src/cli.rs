@@ -393,12 +393,24 @@ pub struct HubArgs {
     /// Ignored with SQLite, which only one hub can use.
     #[arg(long, value_name = "DURATION", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub peer_poll: Duration,
+    /// This hub's name, recorded against each host subscribed through it
+    /// (`banmesh hub hosts` on any hub shows it). Hubs sharing a database
+    /// need distinct names. Default: this machine's host name.
+    #[arg(long, value_name = "NAME", value_parser = hub_name_arg)]
+    pub name: Option<String>,
     /// The fleet signal policy.
     #[command(flatten)]
     pub signals: SignalArgs,
     /// Config file and logging.
     #[command(flatten)]
     pub service: ServiceArgs,
+}
+
+/// Checks `--name` where clap reads it: a host name (letters, digits,
+/// `-`, `.`), as the column that records it holds.
+fn hub_name_arg(s: &str) -> Result<String, String> {
+    crate::hostname::validate(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 /// Checks `--ladder` where clap reads it, so that `config check` refuses
@@ -1058,6 +1070,7 @@ async fn run_hub(args: HubArgs, service: Service) -> anyhow::Result<()> {
         },
         signals: (&args.signals).into(),
         peer_poll: Some(args.peer_poll).filter(|d| !d.is_zero()),
+        name: args.name,
     };
     until_signal(|stop| hub::run(listener, config, stop)).await
 }

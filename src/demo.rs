@@ -87,6 +87,7 @@ async fn fleet(
     let hub_url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
     let hub_config = hub::HubConfig {
         peer_poll: None,
+        name: None,
         db: None,
         data_dir: root.join("hub"),
         tls: issue(&pki, "hub", ca::Role::Hub)?,

@@ -268,3 +268,65 @@ async fn a_migration_keeps_every_revocation() {
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{name}");
     }
 }
+
+/// A store from the build before hubs recorded their hosts (schema 2: no
+/// `hosts.hub` columns, no `hubs` table) gains them when a hub of this build starts on it,
+/// keeps its hosts, and `hub hosts` then names the hub each host is on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_2_store_gains_the_hub_columns_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    let pki = Pki::new(root.path());
+    let db = TestDb::new().await;
+    {
+        let s = store::open(&db.url).await.unwrap();
+        s.touch_host("old-host", None).await.unwrap();
+        s.commit(&[report("old-host", 1, "192.0.2.9")])
+            .await
+            .unwrap();
+    }
+    let mut c = db.conn().await;
+    for stmt in [
+        "ALTER TABLE hosts DROP COLUMN hub",
+        "ALTER TABLE hosts DROP COLUMN hub_since_ms",
+        "DROP TABLE hubs",
+        "UPDATE banmesh_meta SET v = 2 WHERE k = 'schema_version'",
+    ] {
+        c.query_drop(stmt).await.unwrap();
+    }
+
+    let hub = Hub::start_with(root.path(), &pki, &db.url, "127.0.0.1", 0, |c| {
+        c.args(["--name", "hub-a"]);
+    })
+    .await;
+    let version: Option<i64> = c
+        .query_first("SELECT v FROM banmesh_meta WHERE k = 'schema_version'")
+        .await
+        .unwrap();
+    assert_eq!(version, Some(store::SCHEMA_VERSION));
+    let _node = Node::start(root.path(), &pki, "node-1", &hub.url).await;
+    let admin = pki.admin("ops");
+    wait_for(
+        "node-1 listed on hub-a",
+        std::time::Duration::from_secs(10),
+        || {
+            let (ok, out, _) = hub_cli(&["hub", "hosts"], &hub, &admin);
+            let on = ok
+                && out.lines().any(|l| {
+                    l.starts_with("node-1 ")
+                        && l.contains(" hub-a ")
+                        && l.contains("  subscribed since ")
+                });
+            async move { on }
+        },
+    )
+    .await;
+    let (_, out, _) = hub_cli(&["hub", "hosts"], &hub, &admin);
+    let old = out
+        .lines()
+        .find(|l| l.starts_with("old-host "))
+        .unwrap_or_default();
+    assert!(
+        old.ends_with(" -                offline"),
+        "kept, on no hub: {out}"
+    );
+}

@@ -1,5 +1,9 @@
-//! One suite, run unchanged against both store backends: MariaDB (the
-//! production store) and the embedded SQLite file (the default).
+//! One suite, run unchanged against every store backend: MariaDB (the
+//! production store), the embedded SQLite file (the default), and a node
+//! of a MariaDB Galera cluster (hubs sharing one replicated store; one
+//! 3-node cluster on loopback serves every case, each its own database,
+//! the cases spread over its nodes), plus a Galera-only case of two stores
+//! on two nodes sharing one database, as two hubs do.
 mod common;
 
 use std::sync::Arc;
@@ -35,6 +39,16 @@ impl Backend {
         Backend {
             url: db.url.clone(),
             _keep: Box::new(db),
+        }
+    }
+
+    /// A fresh database on a node of the suite's Galera cluster (nodes in
+    /// turn, so every node serves some cases).
+    async fn galera() -> Backend {
+        let (cluster, db) = galera_cluster::shared().await;
+        Backend {
+            url: cluster.url(db.1 % 3, &db.0),
+            _keep: Box::new(()),
         }
     }
 
@@ -757,6 +771,61 @@ async fn the_view_stops_at_its_host_limit(b: Backend) {
     assert_eq!(s.hosts().await.unwrap().len() as u64, n + 1);
 }
 
+/// Which hub each host is subscribed through: written when a stream
+/// opens, cleared when it ends unless a newer subscription (through this
+/// hub or another) claimed the host since, and cleared wholesale for a hub
+/// that starts again.
+async fn hosts_record_the_hub_they_are_on(b: Backend) {
+    let s = b.open().await;
+    s.touch_host("web-1", None).await.unwrap();
+    let hub_of = |rows: Vec<store::HostRow>, name: &str| {
+        let h = rows.into_iter().find(|h| h.name == name).unwrap();
+        (h.hub, h.hub_since_ms)
+    };
+    assert_eq!(hub_of(s.hosts().await.unwrap(), "web-1"), (None, None));
+    s.subscribed_via("web-1", "hub1", 1_000).await.unwrap();
+    // A host's first call may be its subscription: its row is made.
+    s.subscribed_via("WEB-2", "hub2", 2_000).await.unwrap();
+    let rows = s.hosts().await.unwrap();
+    assert_eq!(
+        hub_of(rows.clone(), "web-1"),
+        (Some("hub1".into()), Some(1_000))
+    );
+    assert_eq!(hub_of(rows, "WEB-2"), (Some("hub2".into()), Some(2_000)));
+    // Each claim comes with when its hub last said it is alive.
+    let seen_of = |rows: Vec<store::HostRow>, name: &str| {
+        rows.into_iter()
+            .find(|h| h.name == name)
+            .unwrap()
+            .hub_seen_ms
+    };
+    assert_eq!(seen_of(s.hosts().await.unwrap(), "web-1"), None, "never");
+    s.hub_seen("hub1", 5_000).await.unwrap();
+    s.hub_seen("hub1", 7_000).await.unwrap();
+    let rows = s.hosts().await.unwrap();
+    assert_eq!(seen_of(rows.clone(), "web-1"), Some(7_000), "the latest");
+    assert_eq!(seen_of(rows, "WEB-2"), None, "hub2 never did");
+
+    // web-1 moves to hub2 before hub1 sees its old stream end: hub1's
+    // clearing leaves hub2's claim.
+    s.subscribed_via("web-1", "hub2", 3_000).await.unwrap();
+    assert!(!s.unsubscribed_via("web-1", "hub1", 1_000).await.unwrap());
+    // An older stream of the same hub ending leaves the newer one's claim.
+    assert!(!s.unsubscribed_via("web-1", "hub2", 2_500).await.unwrap());
+    assert_eq!(
+        hub_of(s.hosts().await.unwrap(), "web-1"),
+        (Some("hub2".into()), Some(3_000))
+    );
+    // A clean end clears its own claim (the name in any letter case).
+    assert!(s.unsubscribed_via("web-2", "hub2", 2_000).await.unwrap());
+    assert_eq!(hub_of(s.hosts().await.unwrap(), "WEB-2"), (None, None));
+    // hub1 restarting clears nothing of hub2's; hub2 restarting clears
+    // what its killed run left.
+    assert_eq!(s.release_hub("hub1").await.unwrap(), 0);
+    assert_eq!(s.release_hub("hub2").await.unwrap(), 1);
+    assert_eq!(hub_of(s.hosts().await.unwrap(), "web-1"), (None, None));
+}
+
 /// Every row moves between backends as it is, ids and statuses included,
 /// and a second load changes nothing.
 async fn dump_and_load_round_trip(from: Backend, to: Backend) {
@@ -900,6 +969,13 @@ async fn dump_and_load_sqlite_to_mariadb() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dump_and_load_mariadb_to_sqlite() {
     dump_and_load_round_trip(Backend::mysql().await, Backend::sqlite().await).await
+}
+
+/// `hub migrate` onto Galera, and off it.
+#[tokio::test(flavor = "multi_thread")]
+async fn dump_and_load_sqlite_to_galera_and_back() {
+    dump_and_load_round_trip(Backend::sqlite().await, Backend::galera().await).await;
+    dump_and_load_round_trip(Backend::galera().await, Backend::sqlite().await).await
 }
 
 fn allow(net: &str) -> AllowRow {
@@ -1276,15 +1352,21 @@ async fn a_store_from_before_the_ladder_is_upgraded(b: Backend) {
         "ALTER TABLE events DROP COLUMN rung",
         "ALTER TABLE events DROP COLUMN extends",
         "ALTER TABLE events DROP COLUMN reason",
+        "ALTER TABLE hosts DROP COLUMN hub",
+        "ALTER TABLE hosts DROP COLUMN hub_since_ms",
+        "DROP TABLE hubs",
         "DROP TABLE forgotten",
         "UPDATE banmesh_meta SET v = 1 WHERE k = 'schema_version'",
     ] {
         b.sql(stmt).await;
     }
     let now = store::now_ms();
+    // The host's id as stored (not 1 on Galera, which spaces auto-increment
+    // ids by the cluster's size).
     b.sql(&format!(
         "INSERT INTO events (kind, reporter_id, node_seq, added_by, created_ms, jailname, \
-         protocol, port, ip) VALUES (1, 1, 7, 'old-host', {}, 'sshd', 'tcp', '22', '192.0.2.77')",
+         protocol, port, ip) SELECT 1, id, 7, 'old-host', {}, 'sshd', 'tcp', '22', '192.0.2.77' \
+         FROM hosts WHERE name = 'old-host'",
         now - 3_600_000
     ))
     .await;
@@ -1303,6 +1385,15 @@ async fn a_store_from_before_the_ladder_is_upgraded(b: Backend) {
         "no term: stored before the ladder"
     );
     assert_eq!(rows[0].reporters[0].host, "old-host");
+    // Schema 3's columns: the old host is on no hub, and can be.
+    let hosts = s.hosts().await.unwrap();
+    assert_eq!((hosts[0].hub.clone(), hosts[0].hub_since_ms), (None, None));
+    s.subscribed_via("old-host", "hub1", now).await.unwrap();
+    assert_eq!(
+        s.hosts().await.unwrap()[0].hub.as_deref(),
+        Some("hub1"),
+        "the added columns are written and read"
+    );
     // A re-send of the old report is still recognised.
     let again = s
         .commit(&[report("old-host", 7, "192.0.2.77")])
@@ -1347,6 +1438,15 @@ macro_rules! conformance {
             $(#[tokio::test(flavor = "multi_thread")]
             async fn $case() { super::$case(super::Backend::mysql().await).await })*
         }
+        mod galera {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $case() { super::$case(super::Backend::galera().await).await })*
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn two_stores_on_two_nodes_share_one_order() {
+                super::two_stores_on_two_galera_nodes().await
+            }
+        }
     };
 }
 
@@ -1368,4 +1468,170 @@ conformance!(
     terms_and_coalesced_reports,
     ladder_facts_and_forget,
     a_store_from_before_the_ladder_is_upgraded,
+    hosts_record_the_hub_they_are_on,
 );
+
+/// Two hubs' stores on two nodes of one Galera cluster, one database:
+/// event ids follow commit order whichever node committed (one after the
+/// other, and at once: the counter row makes the later transaction lose
+/// certification and retry), each node replays every event in the same
+/// order, a token stored through one node enrols through the other, and a
+/// host's hub written through one node is read through the other.
+async fn two_stores_on_two_galera_nodes() {
+    let (cluster, db) = galera_cluster::shared().await;
+    let (a, b) = (
+        store::open(&cluster.url(0, &db.0)).await.unwrap(),
+        store::open(&cluster.url(1, &db.0)).await.unwrap(),
+    );
+    // Alternating: each commit's id is above the one before it.
+    let mut last = 0;
+    for i in 0..20u64 {
+        let (s, host) = if i % 2 == 0 {
+            (&a, "web-a")
+        } else {
+            (&b, "web-b")
+        };
+        let c = s
+            .commit(&[report(host, i / 2 + 1, &format!("192.0.2.{}", i + 1))])
+            .await
+            .unwrap();
+        let id = c[0].event_id();
+        assert!(
+            id > last,
+            "commit {i} through node {} got id {id} after {last}",
+            i % 2 + 1
+        );
+        last = id;
+    }
+    // At once, 2 x 40 batches of 2: every id distinct, each batch's in order.
+    let many = |s: Arc<dyn Store>, host: &'static str, net: u8| async move {
+        let mut ids = Vec::new();
+        for k in 0..40u64 {
+            let c = s
+                .commit(&[
+                    report(host, 100 + 2 * k, &format!("198.51.{net}.{}", 2 * k + 1)),
+                    report(host, 101 + 2 * k, &format!("198.51.{net}.{}", 2 * k + 2)),
+                ])
+                .await
+                .unwrap();
+            assert!(c[0].event_id() < c[1].event_id());
+            ids.extend(self::ids(&c));
+        }
+        ids
+    };
+    let (x, y) = tokio::join!(many(a.clone(), "web-a", 1), many(b.clone(), "web-b", 2));
+    let mut all: Vec<u64> = x.iter().chain(&y).copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 160, "ids are distinct across nodes");
+    // Both nodes replay the same 180 events in the same order (a write-set
+    // may still be applying on the other node: wait for it).
+    let replay = |s: Arc<dyn Store>| async move {
+        let events = s.events_after(0, "observer", 1000).await.unwrap();
+        events.iter().map(|e| e.id).collect::<Vec<u64>>()
+    };
+    common::wait_for(
+        "both nodes to hold all 180 events",
+        std::time::Duration::from_secs(10),
+        || {
+            let (a, b) = (a.clone(), b.clone());
+            async move {
+                let (ra, rb) = (replay(a).await, replay(b).await);
+                ra.len() == 180 && ra == rb && ra.windows(2).all(|w| w[0] < w[1])
+            }
+        },
+    )
+    .await;
+
+    // A token created through node 1 enrols through node 2, once.
+    let t = token("ab", None, store::now_ms() + 60_000, 3600);
+    a.create_token(&t).await.unwrap();
+    let hash = t.hash.clone();
+    common::wait_for("the token on node 2", std::time::Duration::from_secs(10), || {
+        let (b, hash) = (b.clone(), hash.clone());
+        async move { b.enroll(&hash, "new-host").await.unwrap() != Err(EnrollRefused::UnknownToken) }
+    })
+    .await;
+    assert_eq!(
+        a.enroll(&hash, "new-host").await.unwrap(),
+        Err(EnrollRefused::UsedToken)
+    );
+    assert!(
+        b.hosts()
+            .await
+            .unwrap()
+            .iter()
+            .any(|h| h.name == "new-host")
+    );
+
+    // A host's hub, written through node 1, read through node 2.
+    a.subscribed_via("web-a", "hub1", 42).await.unwrap();
+    common::wait_for(
+        "the hub claim on node 2",
+        std::time::Duration::from_secs(10),
+        || {
+            let b = b.clone();
+            async move {
+                b.hosts().await.unwrap().iter().any(|h| {
+                    h.name == "web-a"
+                        && h.hub.as_deref() == Some("hub1")
+                        && h.hub_since_ms == Some(42)
+                })
+            }
+        },
+    )
+    .await;
+}
+
+/// The suite's Galera cluster: started once, by the first case that needs
+/// it (~14 s), shared by every Galera case (each its own database), and
+/// killed (its data dir removed) when the test process exits: statics are
+/// never dropped, so an `atexit` hook does it.
+mod galera_cluster {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::common::galera::Galera;
+
+    struct Shared {
+        cluster: Galera,
+        root: tempfile::TempDir,
+    }
+
+    static CLUSTER: tokio::sync::OnceCell<Shared> = tokio::sync::OnceCell::const_new();
+    static CASES: AtomicUsize = AtomicUsize::new(0);
+
+    extern "C" fn stop() {
+        let Some(s) = CLUSTER.get() else { return };
+        for node in &s.cluster.nodes {
+            if let Some(p) = &node.proc {
+                let pid = p.child.id() as libc::pid_t;
+                // SAFETY: plain syscalls on our own child's pid.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(s.root.path());
+    }
+
+    /// The cluster, and a new database name with its case number.
+    pub async fn shared() -> (&'static Galera, (String, usize)) {
+        let s = CLUSTER
+            .get_or_init(|| async {
+                let root = tempfile::tempdir().unwrap();
+                let t = std::time::Instant::now();
+                let cluster = Galera::start(root.path(), 3).await;
+                println!(
+                    "galera: 3-node cluster up in {:.1}s",
+                    t.elapsed().as_secs_f64()
+                );
+                // SAFETY: registers a plain function, called once at exit.
+                unsafe { libc::atexit(stop) };
+                Shared { cluster, root }
+            })
+            .await;
+        let n = CASES.fetch_add(1, Ordering::Relaxed);
+        (&s.cluster, (format!("banmesh_c{n}"), n))
+    }
+}

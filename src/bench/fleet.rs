@@ -110,6 +110,23 @@ impl HubProc {
         c.query_drop(format!("DROP DATABASE IF EXISTS {db}"))
             .await?;
         c.disconnect().await?;
+        let log = if hops {
+            "warn,banmesh::hub=info,banmesh::hops=debug"
+        } else {
+            "warn,banmesh::hub=info"
+        };
+        Self::spawn(root, pki, &format!("{server}/{db}"), extra, log).await
+    }
+
+    /// A hub on the database at `db_url` as it is (another hub may be on
+    /// it: several hubs on one Galera cluster), logging `rust_log`.
+    pub async fn spawn(
+        root: &Path,
+        pki: &Pki,
+        db_url: &str,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> anyhow::Result<HubProc> {
         std::fs::create_dir_all(root)?;
         let tls = pki.hub()?;
         // The kernel picks the port and the hub's log says which: choosing
@@ -122,7 +139,7 @@ impl HubProc {
                 "--listen",
                 "127.0.0.1:0",
                 "--db",
-                &format!("{server}/{db}"),
+                db_url,
                 // Ingest pushes 100,000 reports per publisher: measured
                 // without the per-host report limit.
                 "--report-rate",
@@ -135,14 +152,7 @@ impl HubProc {
             .arg("--ca")
             .arg(&tls.ca)
             .args(extra)
-            .env(
-                "RUST_LOG",
-                if hops {
-                    "warn,banmesh::hub=info,banmesh::hops=debug"
-                } else {
-                    "warn,banmesh::hub=info"
-                },
-            )
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -223,6 +233,18 @@ impl Nodes {
         count: usize,
         observer: mpsc::UnboundedSender<(usize, Observed)>,
     ) -> anyhow::Result<Nodes> {
+        Self::start_spread(root, pki, &[hub.to_string()], count, observer).await
+    }
+
+    /// [`Nodes::start`] over several hubs: node `i` is given hub
+    /// `i % hubs.len()` only, so the spread is known to the caller.
+    pub async fn start_spread(
+        root: &Path,
+        pki: &Pki,
+        hubs: &[String],
+        count: usize,
+        observer: mpsc::UnboundedSender<(usize, Observed)>,
+    ) -> anyhow::Result<Nodes> {
         let (trigger, stop) = shutdown::channel();
         let mut nodes = Nodes {
             sockets: vec![],
@@ -241,6 +263,7 @@ impl Nodes {
                     let _ = forward.send((i, o));
                 }
             }));
+            let hub = &hubs[i % hubs.len()];
             let config = node::NodeConfig::in_dir(&dir, hub, pki.host(&name)?, Some(tx));
             nodes.sockets.push(config.socket.clone());
             nodes.names.push(name);

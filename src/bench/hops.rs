@@ -102,7 +102,17 @@ const HOPS: [&str; 9] = [
 impl HubLog {
     /// Reads the hop lines of the hub's log at `path`.
     pub fn read(path: &Path) -> anyhow::Result<HubLog> {
-        let text = std::fs::read_to_string(path)?;
+        Self::read_all(&[path])
+    }
+
+    /// Reads the hop lines of several hubs' logs as one: with hubs on one
+    /// Galera cluster, a ban is received and committed by one hub and
+    /// sent by each hub to its own nodes.
+    pub fn read_all(paths: &[&Path]) -> anyhow::Result<HubLog> {
+        let mut text = String::new();
+        for p in paths {
+            text.push_str(&std::fs::read_to_string(p)?);
+        }
         let mut log = HubLog::default();
         for line in text.lines().filter_map(crate::hops::parse) {
             match line.hop.as_str() {

@@ -35,6 +35,7 @@
 //!   threshold to ban, memory with 1,000,000 addresses).
 pub mod cpu;
 pub mod fleet;
+pub mod galera;
 pub mod hops;
 pub mod signals;
 
@@ -90,6 +91,11 @@ pub struct BenchArgs {
     /// Addresses every host of the wave reports (default 1,000; quick 200).
     #[arg(long)]
     pub wave_addresses: Option<usize>,
+    /// Run only the Galera rows, on the cluster whose three nodes these
+    /// `mysql://` URLs name (comma-separated; `scripts/galera-lab up`
+    /// starts one on loopback and prints them): 1 hub vs 3 live hubs.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["propagation_only", "signals_only"])]
+    pub galera: Vec<String>,
 }
 
 /// The hub's flags with the ladder off (the comparison runs).
@@ -137,6 +143,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             results["machine"].as_str().unwrap_or("")
         );
         signals::print(&results);
+        println!("{}", serde_json::Value::Object(results));
+        return Ok(());
+    }
+    if !args.galera.is_empty() {
+        galera::run(&mut results, root, &pki, &args.galera, args.quick).await?;
+        println!(
+            "banmesh bench ({})",
+            results["machine"].as_str().unwrap_or("")
+        );
+        galera::print(&results);
         println!("{}", serde_json::Value::Object(results));
         return Ok(());
     }

@@ -155,7 +155,9 @@ impl Access {
     /// Follows revocations made through other hubs sharing the store:
     /// every `every`, the store's revoked names not yet known here are
     /// revoked here too, ending their streams on this hub. Runs until
-    /// `shutdown`; a failed read is retried on the next tick.
+    /// `shutdown`; a failed read is retried on the next tick. The same
+    /// tick keeps this hub's `ip_table` view up to hosts that joined
+    /// through other hubs (`Store::refresh_view`).
     pub fn follow_store(
         &self,
         store: Arc<dyn Store>,
@@ -170,6 +172,12 @@ impl Access {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.recv() => return,
+                }
+                // Hosts that joined through other hubs get their `ip_table`
+                // column on this hub's database node too (under Galera each
+                // hub keeps its own node's view: `schema::rebuild_view`).
+                if let Err(e) = store.refresh_view().await {
+                    tracing::debug!(error = %e, "cannot refresh the ip_table view; next tick retries");
                 }
                 match store.revoked().await {
                     Ok(names) => {

@@ -48,6 +48,7 @@ pub mod fleet;
 pub mod ladder;
 pub mod listener;
 pub mod migrate;
+pub mod presence;
 pub mod publish;
 pub mod rate_limit;
 pub mod service;
@@ -148,6 +149,11 @@ pub struct HubConfig {
     /// committed (`--peer-poll`), to publish them to this hub's
     /// subscribers; `None`: never (one hub, or SQLite).
     pub peer_poll: Option<std::time::Duration>,
+    /// This hub's name (`--name`), recorded in the store against each host
+    /// subscribed through it; `None`: this machine's host name (the hub
+    /// certificate's name if that is unknown). Hubs sharing a store need
+    /// distinct names.
+    pub name: Option<String>,
 }
 
 impl HubConfig {
@@ -291,6 +297,21 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     let hub_names = Arc::new(enrollment::HubNames::new(config.tls.own_names()?));
     let (store, db) = open_store(&config.db_url(), &shutdown).await?;
     crate::metrics::hub::get().database_up.set(1);
+    let name: Arc<str> = match config.name.clone() {
+        Some(n) => n,
+        None => Some(crate::enroll::host_name())
+            .filter(|n| !n.is_empty())
+            .map_or_else(|| config.tls.own_name(), Ok)?,
+    }
+    .into();
+    // No stream is open yet: a claim under this name is an earlier run's.
+    let released = store.release_hub(&name).await?;
+    info!(hub = %name, released, "hub name (recorded against the hosts subscribed here)");
+    if config.db_url().starts_with("mysql:") {
+        // Other hubs may share the store: they tell this hub's claims on
+        // hosts from a dead hub's by its heartbeat.
+        tokio::spawn(presence::run(store.clone(), name.clone(), shutdown.clone()));
+    }
     let access = access::Access::new(store.revoked().await?).recording_admins(store.clone());
     if config.db_url().starts_with("mysql:") && config.peer_poll.is_some() {
         // Other hubs may share the store: their revocations end streams
@@ -349,6 +370,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         shutdown: shutdown.clone(),
         ladder: config.ladder.clone(),
         db: db.clone(),
+        name,
     };
     let (reflection, reflection_alpha) = crate::proto::reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();

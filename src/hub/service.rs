@@ -81,6 +81,9 @@ pub struct HubService {
     /// Whether the database is healthy: while it is not, every call is
     /// refused and every stream ended with UNAVAILABLE (`db_health`).
     pub db: DbGate,
+    /// This hub's name (`--name`), recorded against the hosts subscribed
+    /// through it so that `Hosts` on any hub sharing the store shows it.
+    pub name: Arc<str>,
 }
 
 pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
@@ -174,7 +177,7 @@ impl hub_server::Hub for HubService {
             self.store.clone(),
             self.fanout.clone(),
             (self.access.clone(), self.db.clone()),
-            peer.name,
+            (peer.name, (!peer.admin).then(|| self.name.clone())),
             request.get_ref().after_event_id,
             self.shutdown.clone(),
         );
@@ -258,6 +261,7 @@ impl hub_server::Hub for HubService {
         self.db.check()?;
         let hosts = self.store.hosts().await.map_err(unavailable)?;
         let last = self.store.last_event_id().await.map_err(unavailable)?;
+        let now = crate::clock::now_ms();
         Ok(Response::new(proto::HostsResponse {
             hosts: hosts
                 .into_iter()
@@ -275,6 +279,17 @@ impl hub_server::Hub for HubService {
                         enrolled_ms: h.enrolled_ms.unwrap_or(0),
                         cert_expires_ms: h.cert_expires_ms.unwrap_or(0),
                         revoked: h.revoked || self.access.is_revoked(&h.name),
+                        // This hub's own claim with no stream here is one an
+                        // earlier run left (its streams' ends went unrecorded);
+                        // another hub's is stale when that hub fell silent.
+                        stale_hub: match h.hub.as_deref() {
+                            Some(hub) if hub.eq_ignore_ascii_case(&self.name) => position.is_none(),
+                            Some(_) => super::presence::silent(h.hub_seen_ms, now),
+                            None => false,
+                        },
+                        hub_seen_ms: h.hub_seen_ms.unwrap_or(0),
+                        hub: h.hub.unwrap_or_default(),
+                        hub_since_ms: h.hub_since_ms.unwrap_or(0),
                         name: h.name,
                     }
                 })

@@ -32,7 +32,7 @@ use std::{
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::Stream;
 use tonic::Status;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     access::Access,
@@ -115,12 +115,14 @@ fn close(queue: &Weak<Mutex<Queue>>, status: Status) {
 /// The events `host` receives after event `after`. The stream is
 /// registered with the fan-out before this returns, so a stream the caller
 /// holds is already counted (by `Hosts` and `Revoke`); its task runs in a
-/// `subscribe` span inside the current one (the request's).
+/// `subscribe` span inside the current one (the request's). `via` is this
+/// hub's name, recorded in the store as the hub the host is on while the
+/// stream lasts (`None` for an admin following the stream: not a host).
 pub fn start(
     store: Arc<dyn Store>,
     fanout: Fanout,
     (access, db): (Access, DbGate),
-    host: String,
+    (host, via): (String, Option<Arc<str>>),
     after: u64,
     shutdown: Shutdown,
 ) -> Events {
@@ -130,16 +132,16 @@ pub fn start(
     info!(parent: &span, "subscribed");
     let guard = fanout.register(&host);
     let task = run(
-        store,
-        fanout,
+        store.clone(),
+        fanout.clone(),
         guard,
         (access, db),
-        host,
+        host.clone(),
         after,
         (Arc::downgrade(&queue), tx),
         shutdown,
     );
-    tokio::spawn(task.instrument(span));
+    tokio::spawn(on_hub(store, fanout, host, via, task).instrument(span));
     Events(queue)
 }
 
@@ -150,6 +152,34 @@ pub fn start(
 /// the same rule for replay).
 fn visible(event: &Event, subscriber: &str) -> bool {
     event.kind != EventKind::Ban || event.term.ends_ms > 0 || event.added_by != subscriber
+}
+
+/// Runs `task` (the stream's) between recording in the store that `host`
+/// is on hub `via` and clearing that claim: one write each when the stream
+/// opens and ends, none per event. A claim is cleared only when no other
+/// stream of the host remains on this hub and no newer claim (this hub's
+/// or another's) replaced it; a hub killed with -9 clears nothing, and
+/// its next start clears its claims (`Store::release_hub`). Store errors
+/// here are logged only: the listing is informational, the stream is not.
+async fn on_hub(
+    store: Arc<dyn Store>,
+    fanout: Fanout,
+    host: String,
+    via: Option<Arc<str>>,
+    task: impl std::future::Future<Output = ()>,
+) {
+    let Some(hub) = via else { return task.await };
+    let since = crate::clock::now_ms();
+    // Beside the stream, not before it: replay does not wait for the write.
+    let (claimed, ()) = tokio::join!(store.subscribed_via(&host, &hub, since), task);
+    if let Err(e) = claimed {
+        warn!(error = %e, "cannot record which hub the host is on");
+    }
+    if fanout.streams(&host) == 0
+        && let Err(e) = store.unsubscribed_via(&host, &hub, since).await
+    {
+        warn!(error = %e, "cannot clear which hub the host is on");
+    }
 }
 
 /// Feeds the queue until the subscriber goes away, the store fails, the

@@ -159,7 +159,12 @@ pub trait Backend: Send + Sync + 'static {
 /// case-insensitive namespace). Hosts are never renamed or deleted, so an
 /// entry never goes stale; a miss is looked up (or created) in the database.
 #[derive(Debug, Default)]
-pub struct HostIds(Mutex<HashMap<String, u64>>);
+pub struct HostIds(
+    Mutex<HashMap<String, u64>>,
+    /// The last `ip_table` rebuild failed: the next refresh retries it
+    /// even if no host joined since.
+    std::sync::atomic::AtomicBool,
+);
 
 impl HostIds {
     /// The id of host `name`, in any letter case, if cached.
@@ -169,6 +174,22 @@ impl HostIds {
             .unwrap()
             .get(&name.to_ascii_lowercase())
             .copied()
+    }
+
+    /// How many hosts are known.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// Whether the `ip_table` view may lag the hosts known (its last
+    /// rebuild failed).
+    pub fn view_stale(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records whether the last `ip_table` rebuild failed.
+    pub fn set_view_stale(&self, stale: bool) {
+        self.1.store(stale, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Adds entries; returns how many hosts are now known. Of two stored

@@ -48,7 +48,8 @@ mod sql;
 pub mod sqlite;
 
 /// Schema version this build writes; a store with a newer one is refused.
-pub const SCHEMA_VERSION: i64 = 2;
+/// 3: `hosts.hub`, `hosts.hub_since_ms` (which hub each host is on).
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// A driver's error, kept whole so that `source()` reaches its cause.
 pub type Source = Box<dyn std::error::Error + Send + Sync>;
@@ -315,6 +316,15 @@ pub struct HostRow {
     pub cert_expires_ms: Option<i64>,
     /// Revoked hosts are refused at connect and their name cannot be enrolled again.
     pub revoked: bool,
+    /// The hub (its `--name`) the host is subscribed through, as that hub
+    /// recorded it when the stream opened; `None` when no hub claims it.
+    /// A hub killed with -9 leaves its claims: see [`Store::subscribed_via`].
+    pub hub: Option<String>,
+    /// Since when `hub` claims it, Unix ms.
+    pub hub_since_ms: Option<i64>,
+    /// When `hub` last recorded that it is alive (`hub::presence`), Unix
+    /// ms; `None` when it never did (no claim, or a hub on SQLite).
+    pub hub_seen_ms: Option<i64>,
 }
 
 /// An enrolment token to store.
@@ -447,6 +457,9 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke(&self, name: &str, by: &str) -> Result<Revocation, StoreError>;
     /// Every revoked name, in lower case, sorted.
     async fn revoked(&self) -> Result<Vec<String>, StoreError>;
+    /// Brings the `ip_table` view up to date with hosts that joined through
+    /// other hubs (several hubs on one store): one `COUNT(*)` when none did.
+    async fn refresh_view(&self) -> Result<(), StoreError>;
     /// Records that an admin certificate called under `name`, so that no
     /// host can enrol as it. Idempotent.
     async fn record_admin(&self, name: &str) -> Result<(), StoreError>;
@@ -498,6 +511,28 @@ pub trait Store: Send + Sync + 'static {
     async fn list_bans(&self, filter: &BanFilter) -> Result<Vec<BanRow>, StoreError>;
     /// Every host row, sorted by name.
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError>;
+    /// Records that `host` subscribed through hub `hub` at `since_ms`, so
+    /// that every hub sharing the store can tell which hub each host is
+    /// on. One write per stream opened, never per event. The last
+    /// subscription wins: a host that moves to another hub is claimed by it.
+    async fn subscribed_via(&self, host: &str, hub: &str, since_ms: i64) -> Result<(), StoreError>;
+    /// Clears the claim [`Store::subscribed_via`] wrote, if it still holds
+    /// (same hub and same `since_ms`): a claim another subscription wrote
+    /// since (on this hub or another) stays. A hub killed with -9 clears
+    /// nothing: its claims stay until the host subscribes again, anywhere,
+    /// or the hub starts again ([`Store::release_hub`]). True when cleared.
+    async fn unsubscribed_via(
+        &self,
+        host: &str,
+        hub: &str,
+        since_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// Clears every claim of hub `hub`: run at the hub's start, when it
+    /// has no stream, so claims an earlier run left (killed, or the
+    /// database away at its stop) do not outlive it. How many were cleared.
+    async fn release_hub(&self, hub: &str) -> Result<u64, StoreError>;
+    /// Records that hub `hub` is alive at `now_ms` (`hub::presence`).
+    async fn hub_seen(&self, hub: &str, now_ms: i64) -> Result<(), StoreError>;
     /// The allow-list entries, by network text.
     async fn allow_entries(&self) -> Result<Vec<AllowRow>, StoreError>;
     /// Adds an entry and, in the same transaction, its allow-add event and

@@ -147,10 +147,22 @@ impl MysqlStore {
                 source: reason.into(),
             });
         }
-        admin
-            .query_drop(format!("CREATE DATABASE IF NOT EXISTS `{db}`"))
+        // Looked up before it is created: `CREATE DATABASE IF NOT EXISTS`
+        // is DDL even when the database exists, and under Galera DDL runs
+        // in the cluster's total order (see `schema::migrate`).
+        let exists: Option<String> = admin
+            .exec_first(
+                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                (db.as_str(),),
+            )
             .await
             .map_err(q)?;
+        if exists.is_none() {
+            admin
+                .query_drop(format!("CREATE DATABASE IF NOT EXISTS `{db}`"))
+                .await
+                .map_err(q)?;
+        }
         admin.disconnect().await.map_err(q)?;
 
         let store = MysqlStore {

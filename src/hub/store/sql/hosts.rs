@@ -132,8 +132,9 @@ pub async fn enroll<B: Backend + ?Sized>(
 pub async fn hosts<B: Backend + ?Sized>(b: &B) -> Result<Vec<HostRow>, StoreError> {
     let mut ex = b.session().await?;
     ex.query(
-        "SELECT name, first_seen_ms, last_seen_ms, enrolled_ms, cert_expires_ms, revoked_ms \
-         FROM hosts ORDER BY name",
+        "SELECT h.name, h.first_seen_ms, h.last_seen_ms, h.enrolled_ms, h.cert_expires_ms, \
+         h.revoked_ms, h.hub, h.hub_since_ms, b.seen_ms \
+         FROM hosts h LEFT JOIN hubs b ON b.name = h.hub ORDER BY h.name",
         vec![],
     )
     .await?
@@ -146,9 +147,82 @@ pub async fn hosts<B: Backend + ?Sized>(b: &B) -> Result<Vec<HostRow>, StoreErro
             enrolled_ms: r.opt_i64(3)?,
             cert_expires_ms: r.opt_i64(4)?,
             revoked: r.opt_i64(5)?.is_some(),
+            hub: r.opt_text(6)?,
+            hub_since_ms: r.opt_i64(7)?,
+            hub_seen_ms: r.opt_i64(8)?,
         })
     })
     .collect()
+}
+
+/// `Store::subscribed_via` for any backend: one `UPDATE` of the host's
+/// row. Hubs write their own name only, so two hubs never race for one
+/// claim except when the host itself moves, and then the later stream's
+/// write is the truth (a host's older stream is closed for a newer one).
+pub async fn subscribed_via<B: Backend + ?Sized>(
+    b: &B,
+    host: &str,
+    hub: &str,
+    since_ms: i64,
+) -> Result<(), StoreError> {
+    let id = host_id(b, host).await?;
+    let mut ex = b.session().await?;
+    ex.exec(
+        "UPDATE hosts SET hub = ?, hub_since_ms = ? WHERE id = ?",
+        params![hub, since_ms, id],
+    )
+    .await
+    .map(drop)
+}
+
+/// `Store::unsubscribed_via` for any backend: clears only the claim this
+/// subscription wrote (hub and time both match).
+pub async fn unsubscribed_via<B: Backend + ?Sized>(
+    b: &B,
+    host: &str,
+    hub: &str,
+    since_ms: i64,
+) -> Result<bool, StoreError> {
+    let id = host_id(b, host).await?;
+    let mut ex = b.session().await?;
+    let done = ex
+        .exec(
+            "UPDATE hosts SET hub = NULL, hub_since_ms = NULL \
+             WHERE id = ? AND hub = ? AND hub_since_ms = ?",
+            params![id, hub, since_ms],
+        )
+        .await?;
+    Ok(done.affected > 0)
+}
+
+/// `Store::release_hub` for any backend.
+pub async fn release_hub<B: Backend + ?Sized>(b: &B, hub: &str) -> Result<u64, StoreError> {
+    let mut ex = b.session().await?;
+    let done = ex
+        .exec(
+            "UPDATE hosts SET hub = NULL, hub_since_ms = NULL WHERE hub = ?",
+            params![hub],
+        )
+        .await?;
+    Ok(done.affected)
+}
+
+/// `Store::hub_seen` for any backend: one upsert of the hub's own row.
+pub async fn hub_seen<B: Backend + ?Sized>(
+    b: &B,
+    hub: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let mut ex = b.session().await?;
+    ex.exec(
+        &format!(
+            "INSERT INTO hubs (name, seen_ms) VALUES (?, ?){}",
+            b.dialect().upsert(&["name"], &["seen_ms"])
+        ),
+        params![hub, now_ms],
+    )
+    .await
+    .map(drop)
 }
 
 /// `Store::last_seq` for any backend.

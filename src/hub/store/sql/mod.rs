@@ -81,9 +81,11 @@ pub async fn refresh_hosts<B: Backend + ?Sized>(
     ex: &mut dyn Executor,
 ) -> Result<(), StoreError> {
     let hosts = hosts_by_id(ex).await?;
-    if let Err(e) = schema::rebuild_view(ex, b.dialect(), &hosts).await {
-        tracing::warn!(error = %e, hosts = hosts.len(), "cannot rebuild the ip_table view; it stays as it was (the hub reads no view: serving continues)");
+    let rebuilt = schema::rebuild_view(ex, b.dialect(), &hosts).await;
+    if let Err(e) = &rebuilt {
+        tracing::warn!(error = %e, hosts = hosts.len(), "cannot rebuild the ip_table view; it stays as it was (the hub reads no view: serving continues; retried with other hubs' hosts)");
     }
+    b.host_ids().set_view_stale(rebuilt.is_err());
     b.host_ids().extend(hosts);
     Ok(())
 }
@@ -98,6 +100,16 @@ pub(super) async fn hosts_by_id(ex: &mut dyn Executor) -> Result<Vec<(u64, Strin
 
 #[async_trait]
 impl<B: Backend> Store for B {
+    async fn refresh_view(&self) -> Result<(), StoreError> {
+        let mut ex = self.session().await?;
+        let rows = ex.query("SELECT COUNT(*) FROM hosts", vec![]).await?;
+        let stored = rows.first().map(|r| r.u64(0)).transpose()?.unwrap_or(0);
+        if stored as usize == self.host_ids().len() && !self.host_ids().view_stale() {
+            return Ok(());
+        }
+        refresh_hosts(self, &mut *ex).await
+    }
+
     async fn touch_host(&self, name: &str, cert_expires_ms: Option<i64>) -> Result<(), StoreError> {
         hosts::touch_host(self, name, cert_expires_ms).await
     }
@@ -174,6 +186,27 @@ impl<B: Backend> Store for B {
 
     async fn hosts(&self) -> Result<Vec<HostRow>, StoreError> {
         hosts::hosts(self).await
+    }
+
+    async fn subscribed_via(&self, host: &str, hub: &str, since_ms: i64) -> Result<(), StoreError> {
+        sequence::retrying(|| hosts::subscribed_via(self, host, hub, since_ms)).await
+    }
+
+    async fn unsubscribed_via(
+        &self,
+        host: &str,
+        hub: &str,
+        since_ms: i64,
+    ) -> Result<bool, StoreError> {
+        sequence::retrying(|| hosts::unsubscribed_via(self, host, hub, since_ms)).await
+    }
+
+    async fn release_hub(&self, hub: &str) -> Result<u64, StoreError> {
+        sequence::retrying(|| hosts::release_hub(self, hub)).await
+    }
+
+    async fn hub_seen(&self, hub: &str, now_ms: i64) -> Result<(), StoreError> {
+        sequence::retrying(|| hosts::hub_seen(self, hub, now_ms)).await
     }
 
     async fn allow_entries(&self) -> Result<Vec<super::AllowRow>, StoreError> {
