@@ -341,15 +341,19 @@ pub struct HubArgs {
     #[arg(long, default_value = hub::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// Store: mysql://user:pass@host:port/db or sqlite:PATH (default: SQLite in --data-dir).
+    /// Several MySQL URLs (the flag repeated, or separated by commas) are
+    /// addresses of one Galera cluster: the hub uses the first healthy one
+    /// and moves to another when it fails.
     /// A password here is visible to every user of the machine: prefer
     /// --db-file or the environment.
     #[arg(
         long,
         env = "BANMESH_DB",
         hide_env_values = true,
-        conflicts_with = "db_file"
+        conflicts_with = "db_file",
+        action = clap::ArgAction::Append
     )]
-    pub db: Option<String>,
+    pub db: Vec<String>,
     /// Read the store URL from the first line of this file (not readable
     /// by other users).
     #[arg(long, value_name = "PATH")]
@@ -1038,9 +1042,11 @@ async fn run_hub(args: HubArgs, service: Service) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
     }
-    let db = match (args.db, args.db_file) {
-        (None, Some(file)) => Some(read_secret(&file, "the store URL")?),
-        (db, _) => db,
+    let db = match (args.db.is_empty(), args.db_file) {
+        (true, Some(file)) => Some(read_secret(&file, "the store URL")?),
+        (true, None) => None,
+        // Several addresses of one cluster: `store::mysql::urls` splits them.
+        (false, _) => Some(args.db.join(",")),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

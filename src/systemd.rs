@@ -64,6 +64,12 @@ pub fn ready(status: &str) {
     );
 }
 
+/// `STATUS=`: what `systemctl status` shows, e.g. why the hub does not
+/// serve now.
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)], "STATUS=");
+}
+
 /// `STOPPING=1`: a stop was asked for; the daemon is finishing its work.
 pub fn stopping() {
     send(&[NotifyState::Stopping], "STOPPING=1");

@@ -253,3 +253,48 @@ pub fn load(argv: Vec<OsString>) -> Result<Result<Loaded, ConfigError>, clap::Er
         }),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several `--db` addresses: the flag repeated, or a file's array.
+    #[test]
+    fn db_takes_several_addresses_from_flags_and_file() {
+        let hub_db = |argv: &[&str]| {
+            let loaded = load(argv.iter().map(OsString::from).collect())
+                .unwrap()
+                .unwrap();
+            match loaded.cli.command {
+                crate::cli::Command::Hub(h) => h.run.db,
+                _ => panic!("not the hub"),
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hub.toml");
+        std::fs::write(
+            &file,
+            "db = [\"mysql://g1/banmesh\", \"mysql://g2/banmesh\"]\n",
+        )
+        .unwrap();
+        let config = file.to_str().unwrap();
+        assert_eq!(
+            hub_db(&["banmesh", "hub", "--config", config]),
+            ["mysql://g1/banmesh", "mysql://g2/banmesh"]
+        );
+        // Flags win over the file, repeated as often as needed.
+        assert_eq!(
+            hub_db(&[
+                "banmesh",
+                "hub",
+                "--config",
+                config,
+                "--db",
+                "mysql://g3/b",
+                "--db",
+                "mysql://g1/b",
+            ]),
+            ["mysql://g3/b", "mysql://g1/b"]
+        );
+    }
+}

@@ -13,6 +13,15 @@ pub const REDACTED: &str = "<redacted>";
 /// A secret as it may be shown: a URL keeps all but its password
 /// (`mysql://user:<redacted>@db/banmesh`); anything else is hidden whole.
 pub fn redact(value: &str) -> String {
+    // Several `--db` addresses in one value (`BANMESH_DB=a,b`): each,
+    // unless a piece is no URL (a bare comma in a password): then all.
+    if value.contains(',') && value.contains("://") {
+        let pieces: Vec<&str> = value.split(',').collect();
+        if pieces.iter().all(|p| p.starts_with("mysql://")) {
+            return pieces.into_iter().map(redact).collect::<Vec<_>>().join(",");
+        }
+        return REDACTED.to_string();
+    }
     if value.starts_with("sqlite:") {
         return value.to_string();
     }
@@ -103,6 +112,12 @@ mod tests {
             redact("mysql://banmesh:s3cret@db:3306/banmesh"),
             "mysql://banmesh:<redacted>@db:3306/banmesh"
         );
+        assert_eq!(
+            redact("mysql://u:s3cret@g1/banmesh,mysql://u:s3cret@g2/banmesh"),
+            "mysql://u:<redacted>@g1/banmesh,mysql://u:<redacted>@g2/banmesh"
+        );
+        // A piece that is no URL (a password with a bare comma) is hidden whole.
+        assert_eq!(redact("mysql://u:s3,cret@g1/banmesh"), REDACTED);
         assert_eq!(redact("mysql://db/banmesh"), "mysql://db/banmesh");
         assert_eq!(redact("abcdef-token"), REDACTED);
     }

@@ -43,7 +43,10 @@
 //! counter row, `store::sql::sequence`), so the same read-back covers
 //! them when we commit next, and while idle the committer reads what lies
 //! above its last published id every `--peer-poll` and publishes it in
-//! order: one ordered publisher per hub, whoever committed.
+//! order: one ordered publisher per hub, whoever committed. While the
+//! hub's database is down (`db_health`) the poll pauses; after a move to
+//! another `--db` address it resumes from the last published id, which
+//! every node of a Galera cluster agrees on (see `db_health`).
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -51,6 +54,7 @@ use tracing::{debug, warn};
 
 use super::{
     allow::{Guard, refuse},
+    db_health::DbGate,
     fanout::Fanout,
     fleet::FleetAddrs,
     ladder::{Decision, Ladder, PastBan},
@@ -106,10 +110,15 @@ impl Committer {
         fleet: FleetAddrs,
         ladder: Option<Ladder>,
         peer_poll: Option<std::time::Duration>,
+        db: DbGate,
         shutdown: Shutdown,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, fanout, fleet, ladder, peer_poll, rx, shutdown));
+        let peers = Peers {
+            poll: peer_poll,
+            db,
+        };
+        tokio::spawn(run(store, fanout, fleet, ladder, peers, rx, shutdown));
         Committer { tx }
     }
 
@@ -171,12 +180,21 @@ impl Committer {
     }
 }
 
+/// When to read other hubs' commits: every `poll`, while `db` serves.
+struct Peers {
+    poll: Option<std::time::Duration>,
+    db: DbGate,
+}
+
 async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
     fleet: FleetAddrs,
     ladder: Option<Ladder>,
-    peer_poll: Option<std::time::Duration>,
+    Peers {
+        poll: peer_poll,
+        db,
+    }: Peers,
     mut rx: mpsc::Receiver<Command>,
     mut shutdown: Shutdown,
 ) {
@@ -223,13 +241,20 @@ async fn run(
             // failed): try again without waiting for the next commit.
             _ = retry.tick(), if published.owed > published.last => {
                 let owed = published.owed;
-                published.publish(&*store, &fanout, owed, &[], &[]).await;
+                let _ = db
+                    .bounded(async {
+                        published.publish(&*store, &fanout, owed, &[], &[]).await;
+                        Ok(())
+                    })
+                    .await;
                 continue;
             }
             // Other hubs' commits (`--peer-poll`), published here in id
             // order like our own (see the module doc).
-            _ = peers.tick(), if peer_poll.is_some() => {
-                if published.poll_peers(&*store, &fanout).await {
+            // Not while the database is down: each read would fail.
+            _ = peers.tick(), if peer_poll.is_some() && db.serving() => {
+                let polled = db.bounded(async { Ok(published.poll_peers(&*store, &fanout).await) });
+                if polled.await.unwrap_or(false) {
                     // Another hub changed the allow-list: check the next
                     // reports against the store's list.
                     match load_allow_list(&*store, &mut shutdown).await {
@@ -250,6 +275,7 @@ async fn run(
                     &fanout,
                     &guard,
                     ladder.as_ref(),
+                    &db,
                     &mut published,
                     &mut batch,
                     &mut replies,
@@ -267,7 +293,10 @@ async fn run(
                     forget,
                     reply,
                 } => {
-                    let result = store.unban(&ip, &by, forget).await.map_err(Arc::new);
+                    let result = db
+                        .bounded(store.unban(&ip, &by, forget))
+                        .await
+                        .map_err(Arc::new);
                     if let Ok(Some((event, _))) = &result {
                         published
                             .publish(&*store, &fanout, event.id, std::slice::from_ref(event), &[])
@@ -276,7 +305,7 @@ async fn run(
                     let _ = reply.send(result);
                 }
                 Command::AllowAdd(entry, reply) => {
-                    let result = store.allow_add(&entry).await.map_err(Arc::new);
+                    let result = db.bounded(store.allow_add(&entry)).await.map_err(Arc::new);
                     if result.is_err() {
                         // The change may have landed all the same (the store
                         // went away during COMMIT): the list is read back so
@@ -298,7 +327,10 @@ async fn run(
                     let _ = reply.send(result);
                 }
                 Command::AllowRemove { network, by, reply } => {
-                    let result = store.allow_remove(&network, &by).await.map_err(Arc::new);
+                    let result = db
+                        .bounded(store.allow_remove(&network, &by))
+                        .await
+                        .map_err(Arc::new);
                     if result.is_err() {
                         match load_allow_list(&*store, &mut shutdown).await {
                             Some(list) => guard.list = list,
@@ -327,6 +359,7 @@ async fn run(
             &fanout,
             &guard,
             ladder.as_ref(),
+            &db,
             &mut published,
             &mut batch,
             &mut replies,
@@ -437,39 +470,53 @@ impl Published {
     }
 }
 
+/// Commits the queued reports and answers each. While the database is
+/// down nothing is tried (the hub refuses new reports meanwhile; these
+/// are answered with the reason, unacked); a call on a database lost or
+/// replaced while it runs is abandoned (`DbGate::bounded`).
+#[allow(clippy::too_many_arguments)]
 async fn commit_reports(
     store: &dyn Store,
     fanout: &Fanout,
     guard: &Guard,
     ladder: Option<&Ladder>,
+    db: &DbGate,
     published: &mut Published,
     batch: &mut Vec<NewReport>,
     replies: &mut Vec<Reply<Committed>>,
 ) {
-    refuse(store, guard, batch, replies).await;
     if batch.is_empty() {
         return;
     }
-    // With the ladder off, every report keeps its default plan: a ban
-    // with no fleet term, as before the ladder.
-    let facts = match ladder {
-        Some(l) => store.ladder_facts(batch).await.map(|f| Some((l, f))),
-        None => Ok(None),
-    };
-    // One clock reading for the terms and the events' creation: a fleet
-    // end is exactly its rung's duration after the ban's `created_ms`.
-    let now = now_ms();
-    let planned = match facts {
-        Ok(facts) => {
-            if let Some((ladder, facts)) = facts {
-                plan(ladder, &facts, batch, now);
-            }
-            store.commit_at(batch, now).await
+    let planned = match db.down() {
+        Some(e) => Err(e),
+        None => {
+            db.bounded(async {
+                refuse(store, guard, batch, replies).await;
+                if batch.is_empty() {
+                    return Ok(None);
+                }
+                // With the ladder off, every report keeps its default plan:
+                // a ban with no fleet term, as before the ladder.
+                let facts = match ladder {
+                    Some(l) => Some((l, store.ladder_facts(batch).await?)),
+                    None => None,
+                };
+                // One clock reading for the terms and the events' creation:
+                // a fleet end is exactly its rung's duration after the
+                // ban's `created_ms`.
+                let now = now_ms();
+                if let Some((ladder, facts)) = facts {
+                    plan(ladder, &facts, batch, now);
+                }
+                store.commit_at(batch, now).await.map(Some)
+            })
+            .await
         }
-        Err(e) => Err(e),
     };
     match planned {
-        Ok(results) => {
+        Ok(None) => {}
+        Ok(Some(results)) => {
             debug!(batch = batch.len(), "committed");
             let highest = results
                 .iter()
@@ -489,8 +536,14 @@ async fn commit_reports(
                 }
             }
             fresh.sort_by_key(|e| e.id);
-            published
-                .publish(store, fanout, highest, &fresh, &rows)
+            // Abandoned mid read-back, what is owed is published later.
+            let _ = db
+                .bounded(async {
+                    published
+                        .publish(store, fanout, highest, &fresh, &rows)
+                        .await;
+                    Ok(())
+                })
                 .await;
             for (reply, r) in replies.drain(..).zip(results) {
                 let _ = reply.send(Ok(r));

@@ -24,6 +24,8 @@
 //! - [`signals`]: hosts' observations (failures, closed-port probes)
 //!   aggregated into fleet bans by thresholds (`hub policy`).
 //! - [`statuses`]: hosts' statuses, written in groups.
+//! - [`db_health`]: the database health watch: a hub whose database is
+//!   lost stops serving cleanly, or moves to another `--db` address.
 //! - [`access`]: who may call what, and revocation.
 //! - [`allow`]: the allow-list check on every report, and its admin RPCs.
 //! - [`enrollment`]: the token-for-certificate `Enrollment` service, and the
@@ -39,6 +41,7 @@
 pub mod access;
 pub mod allow;
 pub mod committer;
+pub mod db_health;
 pub mod enrollment;
 pub mod fanout;
 pub mod fleet;
@@ -124,6 +127,8 @@ pub const REVOCATION_POLL: std::time::Duration = std::time::Duration::from_milli
 #[derive(Debug, Clone)]
 pub struct HubConfig {
     /// `mysql://...` or `sqlite:PATH`; `None` means SQLite under `data_dir`.
+    /// Several MySQL URLs separated by commas are addresses of one database
+    /// (Galera nodes), used in order (see [`db_health`]).
     pub db: Option<String>,
     /// Directory of the embedded store (used when `db` is `None`).
     pub data_dir: PathBuf,
@@ -235,6 +240,40 @@ fn request_span(request: &http::Request<()>) -> tracing::Span {
     span
 }
 
+/// Opens the store `url` names and, for MySQL, starts its health watch;
+/// the embedded store's gate never closes.
+async fn open_store(
+    url: &str,
+    shutdown: &Shutdown,
+) -> Result<(Arc<dyn store::Store>, db_health::DbGate), HubError> {
+    if url.starts_with("mysql:") {
+        let mysql = Arc::new(store::mysql::MysqlStore::open(url).await?);
+        let addresses = mysql.addresses();
+        info!(at = %addresses[mysql.current()], addresses = addresses.len(), "database");
+        let gate = db_health::watch(mysql.clone(), shutdown.clone());
+        Ok((mysql, gate))
+    } else {
+        Ok((store::open(url).await?, db_health::DbGate::open()))
+    }
+}
+
+/// The gRPC health service follows the database: NOT_SERVING while the
+/// hub refuses calls for want of it.
+async fn follow_db(mut db: db_health::DbGate, health: tonic_health::server::HealthReporter) {
+    loop {
+        if db.serving() {
+            health.set_serving::<HubServer<service::HubService>>().await;
+        } else {
+            health
+                .set_not_serving::<HubServer<service::HubService>>()
+                .await;
+        }
+        if !db.changed().await {
+            return;
+        }
+    }
+}
+
 /// Runs the hub on `tcp` until `shutdown` fires; in-flight commits
 /// finish and streams end cleanly before it returns.
 pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Result<(), HubError> {
@@ -256,7 +295,8 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         tracing::error!(cert = %config.tls.cert.display(), "{}", crate::tls::NOT_A_HUB);
     }
     let hub_names = Arc::new(enrollment::HubNames::new(config.tls.own_names()?));
-    let store = store::open(&config.db_url()).await?;
+    let (store, db) = open_store(&config.db_url(), &shutdown).await?;
+    crate::metrics::hub::get().database_up.set(1);
     let name: Arc<str> = match config.name.clone() {
         Some(n) => n,
         None => Some(crate::enroll::host_name())
@@ -295,6 +335,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         config
             .peer_poll
             .filter(|_| config.db_url().starts_with("mysql:")),
+        db.clone(),
         shutdown.clone(),
     );
     let signals = signals::Signals::spawn(
@@ -328,11 +369,13 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         hub_names,
         shutdown: shutdown.clone(),
         ladder: config.ladder.clone(),
+        db: db.clone(),
         name,
     };
     let (reflection, reflection_alpha) = crate::proto::reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<HubServer<service::HubService>>().await;
+    tokio::spawn(follow_db(db, health));
 
     info!(addr = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "hub listening");
     // The store is open and the listener bound (connections wait in its

@@ -10,6 +10,7 @@ use super::{
     access::Access,
     allow,
     committer::Committer,
+    db_health::DbGate,
     enrollment,
     fanout::Fanout,
     fleet::{FleetAddrs, LIFTER},
@@ -77,6 +78,9 @@ pub struct HubService {
     pub shutdown: Shutdown,
     /// The escalation ladder in force (`None`: off), shown by `Policy`.
     pub ladder: Option<super::ladder::Ladder>,
+    /// Whether the database is healthy: while it is not, every call is
+    /// refused and every stream ended with UNAVAILABLE (`db_health`).
+    pub db: DbGate,
     /// This hub's name (`--name`), recorded against the hosts subscribed
     /// through it so that `Hosts` on any hub sharing the store shows it.
     pub name: Arc<str>,
@@ -88,6 +92,31 @@ pub(super) fn unavailable(e: impl std::fmt::Display) -> Status {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// `acks` until they end or the database is lost (`db_health`), which ends
+/// the stream with UNAVAILABLE: the node then moves to another hub and
+/// sends its unacknowledged reports there. Reports whose commit is still
+/// out are not acknowledged; sent again, `(host, seq)` finds those that
+/// committed.
+fn until_lost(mut acks: publish::Acks, db: DbGate) -> BoxStream<proto::Ack> {
+    use tokio_stream::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            let item = tokio::select! {
+                biased;
+                item = acks.next() => item,
+                status = db.lost() => Some(Err(status)),
+            };
+            let Some(item) = item else { return };
+            let last = item.is_err();
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 #[tonic::async_trait]
 impl hub_server::Hub for HubService {
     type PublishStream = BoxStream<proto::Ack>;
@@ -98,6 +127,7 @@ impl hub_server::Hub for HubService {
         request: Request<Streaming<proto::Report>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
         let peer = self.access.host(&request)?;
+        self.db.check()?;
         self.note_fleet(&request, &peer.name);
         self.store
             .touch_host(&peer.name, peer.cert_expires_ms)
@@ -121,7 +151,8 @@ impl hub_server::Hub for HubService {
             revoked,
             self.shutdown.clone(),
         );
-        let mut response: Response<Self::PublishStream> = Response::new(Box::pin(acks));
+        let acks = until_lost(acks, self.db.clone());
+        let mut response: Response<Self::PublishStream> = Response::new(acks);
         if let Ok(v) = last_seq.to_string().parse() {
             response.metadata_mut().insert(LAST_SEQ_HEADER, v);
         }
@@ -133,6 +164,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let peer = self.access.member(&request)?;
+        self.db.check()?;
         // Admins may follow the stream; they are not hosts of the fleet.
         if !peer.admin {
             self.note_fleet(&request, &peer.name);
@@ -144,7 +176,7 @@ impl hub_server::Hub for HubService {
         let events = subscription::start(
             self.store.clone(),
             self.fanout.clone(),
-            self.access.clone(),
+            (self.access.clone(), self.db.clone()),
             (peer.name, (!peer.admin).then(|| self.name.clone())),
             request.get_ref().after_event_id,
             self.shutdown.clone(),
@@ -157,6 +189,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::StatusBatch>,
     ) -> Result<Response<proto::StatusBatchAck>, Status> {
         let host = self.access.host(&request)?.name;
+        self.db.check()?;
         let updates = request.into_inner().updates;
         if updates.len() > MAX_STATUS_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -185,6 +218,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::ListBansRequest>,
     ) -> Result<Response<proto::ListBansResponse>, Status> {
         self.access.member(&request)?;
+        self.db.check()?;
         let r = request.into_inner();
         let hosts = self.store.hosts().await.map_err(unavailable)?.len();
         let page = list_page(r.limit, hosts);
@@ -224,6 +258,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::HostsRequest>,
     ) -> Result<Response<proto::HostsResponse>, Status> {
         self.access.member(&request)?;
+        self.db.check()?;
         let hosts = self.store.hosts().await.map_err(unavailable)?;
         let last = self.store.last_event_id().await.map_err(unavailable)?;
         let now = crate::clock::now_ms();
@@ -267,6 +302,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::UnbanRequest>,
     ) -> Result<Response<proto::UnbanResponse>, Status> {
         let admin = self.access.admin(&request)?.name;
+        self.db.check()?;
         // The fleet's spelling: `::ffff:a.b.c.d` is the IPv4 address that
         // every ban of it was stored (and banned by fail2ban) as.
         let ip = crate::ban::parse_ip(&request.get_ref().ip).ok_or_else(|| {
@@ -303,6 +339,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::GetBanRequest>,
     ) -> Result<Response<proto::BanRecord>, Status> {
         self.access.member(&request)?;
+        self.db.check()?;
         let id = request.get_ref().event_id;
         let filter = BanFilter {
             after_id: id.saturating_sub(1),
@@ -321,6 +358,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::CreateTokenRequest>,
     ) -> Result<Response<proto::CreateTokenResponse>, Status> {
         let admin = self.access.admin(&request)?.name;
+        self.db.check()?;
         let r = request.into_inner();
         let signer = self.signer.as_ref().ok_or_else(|| {
             Status::failed_precondition("this hub has no CA key (--ca-key): enrolment is off")
@@ -343,6 +381,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::RevokeRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
         let admin = self.access.admin(&request)?.name;
+        self.db.check()?;
         let name = request.into_inner().name;
         if !crate::ban::valid_host_name(&name) {
             return Err(Status::invalid_argument(format!(
@@ -390,6 +429,7 @@ impl hub_server::Hub for HubService {
         &self,
         request: Request<proto::AllowAddRequest>,
     ) -> Result<Response<proto::AllowAddResponse>, Status> {
+        self.db.check()?;
         allow::add(self, request).await
     }
 
@@ -397,6 +437,7 @@ impl hub_server::Hub for HubService {
         &self,
         request: Request<proto::AllowListRequest>,
     ) -> Result<Response<proto::AllowListResponse>, Status> {
+        self.db.check()?;
         allow::list(self, request).await
     }
 
@@ -404,6 +445,7 @@ impl hub_server::Hub for HubService {
         &self,
         request: Request<proto::AllowRemoveRequest>,
     ) -> Result<Response<proto::AllowRemoveResponse>, Status> {
+        self.db.check()?;
         allow::remove(self, request).await
     }
 
@@ -411,6 +453,7 @@ impl hub_server::Hub for HubService {
         &self,
         request: Request<proto::ListRefusedRequest>,
     ) -> Result<Response<proto::ListRefusedResponse>, Status> {
+        self.db.check()?;
         allow::refused(self, request).await
     }
 
@@ -420,6 +463,7 @@ impl hub_server::Hub for HubService {
     ) -> Result<Response<proto::SignalBatchAck>, Status> {
         // The observer is the certificate's host, never a field.
         let host = self.access.host(&request)?.name;
+        self.db.check()?;
         let ack = self.signals.take(&host, &request.get_ref().signals)?;
         Ok(Response::new(ack))
     }
@@ -446,6 +490,7 @@ impl hub_server::Hub for HubService {
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::IssuedCertificate>, Status> {
         let peer = self.access.host(&request)?;
+        self.db.check()?;
         let valid_for = self.renewal_lifetime(&request, &peer.name).await?;
         let issued = enrollment::sign_csr(
             self.signer.as_deref(),

@@ -36,6 +36,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     access::Access,
+    db_health::DbGate,
     fanout::{Fanout, MAX_STREAMS_PER_HOST, SubscriberGuard},
     store::Store,
 };
@@ -120,7 +121,7 @@ fn close(queue: &Weak<Mutex<Queue>>, status: Status) {
 pub fn start(
     store: Arc<dyn Store>,
     fanout: Fanout,
-    access: Access,
+    (access, db): (Access, DbGate),
     (host, via): (String, Option<Arc<str>>),
     after: u64,
     shutdown: Shutdown,
@@ -134,7 +135,7 @@ pub fn start(
         store.clone(),
         fanout.clone(),
         guard,
-        access,
+        (access, db),
         host.clone(),
         after,
         (Arc::downgrade(&queue), tx),
@@ -182,14 +183,16 @@ async fn on_hub(
 }
 
 /// Feeds the queue until the subscriber goes away, the store fails, the
-/// host is revoked or has opened too many streams, or the hub shuts down;
+/// host is revoked or has opened too many streams, the hub's database is
+/// lost (`db_health`: UNAVAILABLE, so that the node moves to another hub
+/// and resumes there from its last applied id), or the hub shuts down;
 /// `guard` unregisters the stream when it returns.
 #[allow(clippy::too_many_arguments)]
 async fn run(
     store: Arc<dyn Store>,
     fanout: Fanout,
     guard: SubscriberGuard,
-    access: Access,
+    (access, db): (Access, DbGate),
     host: String,
     last: u64,
     (queue, tx): (Weak<Mutex<Queue>>, mpsc::Sender<Item>),
@@ -201,6 +204,10 @@ async fn run(
         _ = revoked => {
             info!("host revoked; ending its subscription");
             Status::permission_denied("this host has been revoked")
+        }
+        status = db.lost() => {
+            info!("database lost; ending the subscription");
+            status
         }
         _ = guard.evicted() => {
             info!(

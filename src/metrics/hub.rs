@@ -29,6 +29,11 @@ pub struct HubMetrics {
     pub subscribers: Gauge,
     /// Per host: committed events its subscription has not passed yet.
     pub lag: Family<HostLabel, Gauge>,
+    /// 1 while the hub's database is healthy and the hub serves, 0 while
+    /// it refuses calls for want of one (`hub::db_health`).
+    pub database_up: Gauge,
+    /// Moves of the hub's pool to another `--db` address.
+    pub database_moves: Counter,
 }
 
 /// The process's hub metrics.
@@ -91,6 +96,16 @@ pub fn exposition() -> super::Exposition {
         "banmesh_hub_host_lag_events",
         "Committed events a subscribed host has not received yet",
         m.lag.clone(),
+    );
+    registry.register(
+        "banmesh_hub_database_up",
+        "1 while the hub's database is healthy and the hub serves; 0 while it refuses calls",
+        m.database_up.clone(),
+    );
+    registry.register(
+        "banmesh_hub_database_moves",
+        "Moves of the hub to another --db address after the one in use failed",
+        m.database_moves.clone(),
     );
     super::Exposition {
         registry,

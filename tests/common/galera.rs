@@ -104,6 +104,44 @@ impl Galera {
         Galera { nodes }
     }
 
+    /// Cuts node `i` off from the others (`on`) or lets it back: Galera's
+    /// own partition switch (`gmcast.isolate`), which drops the node's
+    /// group connections and refuses new ones, so the node is alone and
+    /// non-primary while the others keep the majority. Nothing outside the
+    /// cluster's processes changes (unlike firewall rules, nothing to undo
+    /// if the test fails: the cluster dies with it).
+    pub async fn isolate(&self, i: usize, on: bool) {
+        use mysql_async::prelude::Queryable;
+        let mut c =
+            mysql_async::Conn::from_url(format!("mysql://root@127.0.0.1:{}", self.nodes[i].port))
+                .await
+                .expect("connect to the Galera node");
+        c.query_drop(format!(
+            "SET GLOBAL wsrep_provider_options = 'gmcast.isolate={}'",
+            u8::from(on)
+        ))
+        .await
+        .expect("gmcast.isolate");
+        let _ = c.disconnect().await;
+    }
+
+    /// Node `i`'s `wsrep_cluster_status` (Primary, non-Primary), or
+    /// `None` when it does not answer.
+    pub async fn cluster_status(&self, i: usize) -> Option<String> {
+        use mysql_async::prelude::Queryable;
+        let mut c =
+            mysql_async::Conn::from_url(format!("mysql://root@127.0.0.1:{}", self.nodes[i].port))
+                .await
+                .ok()?;
+        let row: Option<(String, String)> = c
+            .query_first("SHOW STATUS LIKE 'wsrep_cluster_status'")
+            .await
+            .ok()
+            .flatten();
+        let _ = c.disconnect().await;
+        row.map(|(_, v)| v)
+    }
+
     /// `mysql://` URL of database `db` on node `i` (0-based).
     pub fn url(&self, i: usize, db: &str) -> String {
         format!("mysql://root@127.0.0.1:{}/{db}", self.nodes[i].port)
@@ -145,6 +183,19 @@ impl GaleraNode {
             }
         })
         .await;
+    }
+
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: a hung node,
+    /// whose port still accepts connections that never get an answer.
+    pub fn pause(&self, on: bool) {
+        let pid = self.proc.as_ref().expect("a running node").child.id();
+        let signal = if on { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// kill -9.

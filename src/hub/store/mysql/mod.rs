@@ -18,13 +18,61 @@ use super::{
 use crate::ban::Status;
 
 mod commit;
+pub mod health;
 
 /// The MySQL store: a connection pool and what it learnt at open.
+///
+/// `--db` may list several addresses of one Galera cluster (or of one
+/// server and its replicas promoted by hand): the pool reaches one of them
+/// at a time ([`Self::current`]), and the hub's database watch
+/// (`hub::db_health`) moves it to another with [`Self::move_to`] when the
+/// one in use stops being healthy. Every caller takes the pool afresh for
+/// each session, so a move reaches the committer and every reader at their
+/// next statement; statements in flight on the old pool fail, and nothing
+/// that failed was acknowledged.
 pub struct MysqlStore {
-    pool: Pool,
+    /// Every address `--db` lists, in the operator's order of preference.
+    targets: Vec<Target>,
+    /// The pool in use and which target it reaches.
+    current: std::sync::RwLock<Current>,
+    host_ids: HostIds,
+}
+
+/// One `--db` address.
+#[derive(Clone)]
+struct Target {
+    /// The URL's options, with the database name set.
+    opts: Opts,
     /// `host:port` of the server, for messages (the URL may hold a password).
     at: String,
-    host_ids: HostIds,
+}
+
+/// The pool in use and the index of its target.
+#[derive(Clone)]
+struct Current {
+    pool: Pool,
+    index: usize,
+}
+
+/// How long opening one `--db` address may take before the next is tried
+/// (a blackholed address would otherwise wait out TCP's timeouts).
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The MySQL URLs of a `--db` value: one URL, or several separated by
+/// commas (a comma inside a URL, e.g. in a password, must be written
+/// `%2C`; a piece that does not start with `mysql://` is refused).
+pub fn urls(list: &str) -> Result<Vec<String>, StoreError> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
+    if urls.is_empty() || urls.iter().any(|u| !u.starts_with("mysql://")) {
+        // Redacted whole: a piece may be the tail of a password.
+        return Err(StoreError::BadUrl(redact(list)));
+    }
+    Ok(urls)
 }
 
 fn q(e: mysql_async::Error) -> StoreError {
@@ -41,18 +89,64 @@ fn unreachable(at: &str, e: mysql_async::Error) -> StoreError {
 }
 
 impl MysqlStore {
-    /// Connects, creates the database named in the URL if missing, and
-    /// brings the schema to this build's version.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let opts = Opts::from_url(url).map_err(|_| StoreError::BadUrl(redact(url)))?;
-        let at = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
-        let db = opts.db_name().unwrap_or("banmesh").to_string();
-        if !db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(StoreError::BadUrl(redact(url)));
+    /// Connects to the first healthy address of `list` (one URL, or several
+    /// separated by commas: see [`urls`]), creates the database named in
+    /// its URL if missing, and brings the schema to this build's version.
+    pub async fn open(list: &str) -> Result<Self, StoreError> {
+        let mut targets = Vec::new();
+        for url in urls(list)? {
+            let opts = Opts::from_url(&url).map_err(|_| StoreError::BadUrl(redact(&url)))?;
+            let at = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
+            let db = opts.db_name().unwrap_or("banmesh").to_string();
+            if !db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(StoreError::BadUrl(redact(&url)));
+            }
+            let opts = OptsBuilder::from_opts(opts).db_name(Some(db)).into();
+            targets.push(Target { opts, at });
         }
+        let mut failed = Vec::new();
+        for index in 0..targets.len() {
+            let open = tokio::time::timeout(OPEN_TIMEOUT, Self::open_at(&targets, index));
+            let e = match open.await {
+                Ok(Ok(store)) => return Ok(store),
+                Ok(Err(e)) => e,
+                Err(_) => StoreError::Unreachable {
+                    at: targets[index].at.clone(),
+                    source: format!("no answer within {OPEN_TIMEOUT:?}").into(),
+                },
+            };
+            // A newer schema is the same everywhere: no other address helps.
+            if targets.len() == 1 || matches!(e, StoreError::NewerSchema { .. }) {
+                return Err(e);
+            }
+            tracing::warn!(at = %targets[index].at, error = %e, "cannot use this --db address; trying the next");
+            failed.push(e.to_string());
+        }
+        Err(StoreError::Unreachable {
+            at: targets
+                .iter()
+                .map(|t| t.at.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            source: format!("no --db address is healthy ({})", failed.join("; ")).into(),
+        })
+    }
+
+    /// Opens the store on `targets[index]`, if that server is healthy
+    /// (`health::probe`: a Galera node must be in the primary component).
+    async fn open_at(targets: &[Target], index: usize) -> Result<Self, StoreError> {
+        let Target { opts, at } = &targets[index];
+        let db = opts.db_name().unwrap_or("banmesh").to_string();
         let mut admin = Conn::new(OptsBuilder::from_opts(opts.clone()).db_name(None::<String>))
             .await
-            .map_err(|e| unreachable(&at, e))?;
+            .map_err(|e| unreachable(at, e))?;
+        if let Err(reason) = health::state(&mut admin, at).await {
+            let _ = admin.disconnect().await;
+            return Err(StoreError::Unreachable {
+                at: at.clone(),
+                source: reason.into(),
+            });
+        }
         // Looked up before it is created: `CREATE DATABASE IF NOT EXISTS`
         // is DDL even when the database exists, and under Galera DDL runs
         // in the cluster's total order (see `schema::migrate`).
@@ -71,10 +165,12 @@ impl MysqlStore {
         }
         admin.disconnect().await.map_err(q)?;
 
-        let pool = Pool::new(OptsBuilder::from_opts(opts).db_name(Some(db)));
         let store = MysqlStore {
-            pool,
-            at,
+            current: std::sync::RwLock::new(Current {
+                pool: Pool::new(opts.clone()),
+                index,
+            }),
+            targets: targets.to_vec(),
             host_ids: HostIds::default(),
         };
         let mut ex = store.session().await?;
@@ -84,11 +180,47 @@ impl MysqlStore {
         Ok(store)
     }
 
+    /// The pool in use (a handle: cheap to clone).
+    fn pool(&self) -> Pool {
+        self.current.read().unwrap().pool.clone()
+    }
+
+    /// `host:port` of the address in use.
+    fn at(&self) -> String {
+        self.targets[self.current()].at.clone()
+    }
+
+    /// The index in `--db` of the address in use.
+    pub fn current(&self) -> usize {
+        self.current.read().unwrap().index
+    }
+
+    /// `host:port` of every `--db` address, in order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.targets.iter().map(|t| t.at.clone()).collect()
+    }
+
+    /// Points the store at `--db` address `index` with a new pool (also
+    /// to renew the pool of the same address after it came back: its old
+    /// connections may be dead). The old pool's connections close in the
+    /// background; sessions holding one finish on it or fail.
+    pub fn move_to(&self, index: usize) {
+        let fresh = Current {
+            pool: Pool::new(self.targets[index].opts.clone()),
+            index,
+        };
+        let old = std::mem::replace(&mut *self.current.write().unwrap(), fresh);
+        tokio::spawn(async move {
+            // A dead server never answers the goodbye: bounded.
+            let _ = tokio::time::timeout(OPEN_TIMEOUT, old.pool.disconnect()).await;
+        });
+    }
+
     async fn conn(&self) -> Result<Conn, StoreError> {
-        self.pool
+        self.pool()
             .get_conn()
             .await
-            .map_err(|e| unreachable(&self.at, e))
+            .map_err(|e| unreachable(&self.at(), e))
     }
 }
 
@@ -208,10 +340,10 @@ impl Executor for MysqlSession<'_> {
         self.conn = None;
         let tx = self
             .store
-            .pool
+            .pool()
             .start_transaction(TxOpts::default())
             .await
-            .map_err(|e| unreachable(&self.store.at, e))?;
+            .map_err(|e| unreachable(&self.store.at(), e))?;
         self.tx = Some(tx);
         Ok(())
     }
@@ -259,6 +391,24 @@ impl Backend for MysqlStore {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_list_of_addresses_is_split_and_a_stray_piece_refused_without_its_password() {
+        assert_eq!(
+            urls("mysql://u:p@g1/banmesh, mysql://u:p@g2/banmesh").unwrap(),
+            ["mysql://u:p@g1/banmesh", "mysql://u:p@g2/banmesh"]
+        );
+        assert_eq!(urls("mysql://g1/b").unwrap(), ["mysql://g1/b"]);
+        for bad in [
+            "mysql://u:s3,cret@g1/banmesh",
+            "mysql://u:s3cret@g1/b,sqlite:x",
+            ",",
+        ] {
+            let e = urls(bad).unwrap_err().to_string();
+            assert!(e.starts_with("unsupported --db"), "{e}");
+            assert!(!e.contains("s3"), "{e}");
+        }
+    }
+
     /// Nothing listens on port 1: both the first connection and a later
     /// pooled one fail, and say where without the password.
     #[tokio::test]
@@ -273,9 +423,16 @@ mod tests {
         assert!(!msg.contains("s3cret"), "{msg}");
         assert!(std::error::Error::source(&e).is_some(), "driver error kept");
 
+        let opts = Opts::from_url(url).unwrap();
         let store = MysqlStore {
-            pool: Pool::new(Opts::from_url(url).unwrap()),
-            at: "127.0.0.1:1".into(),
+            current: std::sync::RwLock::new(Current {
+                pool: Pool::new(opts.clone()),
+                index: 0,
+            }),
+            targets: vec![Target {
+                opts,
+                at: "127.0.0.1:1".into(),
+            }],
             host_ids: HostIds::default(),
         };
         let Err(e) = store.conn().await else {
