@@ -11,6 +11,7 @@
 //! - fan-out: event deliveries per second to subscribers;
 //! - subscribers held, and the hub's peak RSS;
 //! - catch-up: a node that missed N stored bans, until it applied them all;
+//! - a real node process's RSS, idle, with 100,000 active bans known;
 //! - `banmesh report`'s own wall time (what fail2ban's action waits);
 //! - with `--allow-entries N`, propagation again for each fleet size with
 //!   an allow-list of N networks (none covering the bench's addresses, so
@@ -33,6 +34,9 @@
 //! - [`fleet`]: the PKI, the hub child process and the in-process nodes.
 //! - [`signals`]: the fleet signal scenarios (aggregation, gRPC ingest,
 //!   threshold to ban, memory with 1,000,000 addresses).
+//! - [`node_rss`]: a real node process's idle memory with many active bans.
+//!
+//! `--only propagation,fanout,...` runs some scenarios alone.
 pub mod cpu;
 pub mod fleet;
 pub mod hops;
