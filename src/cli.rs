@@ -865,7 +865,9 @@ pub fn main() -> std::process::ExitCode {
             } => setup_probes(args),
             NodeCommand { run, .. } => {
                 let service = Service::start(&run.service, argv, effective);
-                runtime().block_on(run_node(run, service))
+                node::memory::runtime()
+                    .expect("start the tokio runtime")
+                    .block_on(run_node(run, service))
             }
         },
         Command::Unban(args) => {

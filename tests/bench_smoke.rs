@@ -22,6 +22,8 @@ fn bench_quick_runs_every_scenario() {
             "5",
             "--wave-addresses",
             "40",
+            "--node-rss-bans",
+            "2000",
         ])
         .args(["--mysql", &common::mysql_server()])
         // Should it fail, the nodes' warnings say why.
@@ -45,6 +47,14 @@ fn bench_quick_runs_every_scenario() {
     assert_eq!(json["ingest"]["reports"], 10_000);
     assert_eq!(json["fanout"]["deliveries"], 50 * 2000);
     assert_eq!(json["catch_up"]["bans"], 5000);
+    // A real node process caught up on 2,000 active bans; its memory is read.
+    assert_eq!(json["node_rss"]["bans"], 2000);
+    assert!(
+        json["node_rss"]["rss_mib"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
+    assert!(json["node_rss"]["rss_anon_mib"].as_f64().unwrap() > 0.0);
+    assert!(json["fanout"]["hub_rss_per_added_subscriber_kib"].is_u64());
     assert_eq!(json["report"]["n"], 200);
     // The scanning wave: five hosts report the same 40 addresses; one fleet
     // ban each, delivered once to every host.

@@ -365,12 +365,12 @@ pub async fn publishers_of(
 }
 
 /// Subscribe-only nodes: the node's subscriber feeding a counter instead
-/// of the apply task. Returns the total count of events received.
+/// of the apply task, one per host `sub-I` for I in `hosts`. Returns the
+/// total count of events received.
 pub async fn subscribers(
     pki: &Pki,
     hub: &str,
-    count: usize,
-    distinct_names: usize,
+    hosts: std::ops::Range<usize>,
     stop: Shutdown,
 ) -> anyhow::Result<(
     Arc<std::sync::atomic::AtomicU64>,
@@ -378,8 +378,8 @@ pub async fn subscribers(
 )> {
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for i in 0..count {
-        let name = format!("sub-{}", i % distinct_names.max(1));
+    for i in hosts {
+        let name = format!("sub-{i}");
         let tls = pki.host(&name)?;
         let link = link::Link::single(hub, &tls)?;
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<crate::ban::Event>>(64);

@@ -11,6 +11,7 @@
 //! - fan-out: event deliveries per second to subscribers;
 //! - subscribers held, and the hub's peak RSS;
 //! - catch-up: a node that missed N stored bans, until it applied them all;
+//! - a real node process's RSS, idle, with 100,000 active bans known;
 //! - `banmesh report`'s own wall time (what fail2ban's action waits);
 //! - with `--allow-entries N`, propagation again for each fleet size with
 //!   an allow-list of N networks (none covering the bench's addresses, so
@@ -33,10 +34,14 @@
 //! - [`fleet`]: the PKI, the hub child process and the in-process nodes.
 //! - [`signals`]: the fleet signal scenarios (aggregation, gRPC ingest,
 //!   threshold to ban, memory with 1,000,000 addresses).
+//! - [`node_rss`]: a real node process's idle memory with many active bans.
+//!
+//! `--only propagation,fanout,...` runs some scenarios alone.
 pub mod cpu;
 pub mod fleet;
 pub mod galera;
 pub mod hops;
+pub mod node_rss;
 pub mod signals;
 
 use std::{
@@ -91,12 +96,33 @@ pub struct BenchArgs {
     /// Addresses every host of the wave reports (default 1,000; quick 200).
     #[arg(long)]
     pub wave_addresses: Option<usize>,
+    /// Active bans the hub holds when a real node process starts, for the
+    /// node's idle memory (default 100,000; quick 10,000).
+    #[arg(long)]
+    pub node_rss_bans: Option<usize>,
+    /// Run only these scenarios (comma-separated): propagation, ingest,
+    /// wave, fanout, catch-up, node-rss, report, signals. Default: all.
+    #[arg(long, value_delimiter = ',', value_parser = SCENARIOS,
+        conflicts_with_all = ["propagation_only", "signals_only"])]
+    pub only: Vec<String>,
     /// Run only the Galera rows, on the cluster whose three nodes these
     /// `mysql://` URLs name (comma-separated; `scripts/galera-lab up`
     /// starts one on loopback and prints them): 1 hub vs 3 live hubs.
-    #[arg(long, value_delimiter = ',', conflicts_with_all = ["propagation_only", "signals_only"])]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["propagation_only", "signals_only", "only"])]
     pub galera: Vec<String>,
 }
+
+/// The scenarios `--only` can name, in the order a run makes them.
+const SCENARIOS: [&str; 8] = [
+    "propagation",
+    "ingest",
+    "wave",
+    "fanout",
+    "catch-up",
+    "node-rss",
+    "report",
+    "signals",
+];
 
 /// The hub's flags with the ladder off (the comparison runs).
 const LADDER_OFF: &[&str] = &["--ladder", "off"];
@@ -136,16 +162,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     results.insert("machine".into(), json!(machine()));
     results.insert("quick".into(), json!(args.quick));
 
-    if args.signals_only {
-        signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
-        println!(
-            "banmesh bench ({})",
-            results["machine"].as_str().unwrap_or("")
-        );
-        signals::print(&results);
-        println!("{}", serde_json::Value::Object(results));
-        return Ok(());
-    }
     if !args.galera.is_empty() {
         galera::run(&mut results, root, &pki, &args.galera, args.quick).await?;
         println!(
@@ -156,10 +172,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Object(results));
         return Ok(());
     }
+    let only = if args.propagation_only {
+        vec!["propagation".to_string()]
+    } else if args.signals_only {
+        vec!["signals".to_string()]
+    } else {
+        args.only.clone()
+    };
+    let wants = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    let rss_bans = args
+        .node_rss_bans
+        .unwrap_or(if args.quick { 10_000 } else { 100_000 });
     let mut prop = Vec::new();
     let mut prop_allow = Vec::new();
     let mut prop_off = Vec::new();
-    for &n in &sizes {
+    for &n in sizes.iter().filter(|_| wants("propagation")) {
         eprintln!("propagation with {n} nodes ...");
         prop.push(propagation(root, &pki, &args.mysql, n, args.quick, 0, &[]).await?);
         if args.allow_entries > 0 {
@@ -173,62 +200,76 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             prop_off.push(p);
         }
     }
-    results.insert("propagation".into(), json!(prop));
-    if args.allow_entries > 0 {
-        results.insert("propagation_allow_list".into(), json!(prop_allow));
+    if wants("propagation") {
+        results.insert("propagation".into(), json!(prop));
+        if args.allow_entries > 0 {
+            results.insert("propagation_allow_list".into(), json!(prop_allow));
+        }
+        if args.ladder_compare {
+            results.insert("propagation_ladder_off".into(), json!(prop_off));
+        }
     }
-    if args.ladder_compare {
-        results.insert("propagation_ladder_off".into(), json!(prop_off));
+    if wants("ingest") {
+        eprintln!("ingest ...");
+        let (publishers, each) = if args.quick {
+            (10, 20_000)
+        } else {
+            (20, 100_000)
+        };
+        let each = args.ingest.unwrap_or(each);
+        let ingested = ingest(root, &pki, &args.mysql, publishers, each, &[]).await?;
+        results.insert("ingest".into(), ingested);
+        if args.ladder_compare {
+            eprintln!("ingest, ladder off ...");
+            let off = ingest(root, &pki, &args.mysql, publishers, each, LADDER_OFF).await?;
+            results.insert("ingest_ladder_off".into(), off);
+        }
     }
-    if args.propagation_only {
-        print_table(&results);
-        println!("{}", serde_json::Value::Object(results));
-        return Ok(());
+    if wants("wave") {
+        let hosts = args.wave_hosts.unwrap_or(if args.quick { 20 } else { 100 });
+        let addrs = args
+            .wave_addresses
+            .unwrap_or(if args.quick { 200 } else { 1000 });
+        eprintln!("scanning wave: {addrs} addresses from {hosts} hosts ...");
+        let w = wave(root, &pki, &args.mysql, hosts, addrs, &[]).await?;
+        results.insert("wave".into(), w);
+        if args.ladder_compare {
+            eprintln!("scanning wave, ladder off ...");
+            let w = wave(root, &pki, &args.mysql, hosts, addrs, LADDER_OFF).await?;
+            results.insert("wave_ladder_off".into(), w);
+        }
     }
-    eprintln!("ingest ...");
-    let (publishers, each) = if args.quick {
-        (10, 20_000)
-    } else {
-        (20, 100_000)
-    };
-    let each = args.ingest.unwrap_or(each);
-    let ingested = ingest(root, &pki, &args.mysql, publishers, each, &[]).await?;
-    results.insert("ingest".into(), ingested);
-    if args.ladder_compare {
-        eprintln!("ingest, ladder off ...");
-        let off = ingest(root, &pki, &args.mysql, publishers, each, LADDER_OFF).await?;
-        results.insert("ingest_ladder_off".into(), off);
+    if wants("fanout") {
+        eprintln!("fan-out and subscribers held ...");
+        let subs = args
+            .subscribers
+            .unwrap_or(if args.quick { 1000 } else { 10_000 });
+        let fanned = fanout(root, &pki, &args.mysql, subs).await?;
+        results.insert("fanout".into(), fanned);
     }
-    let hosts = args.wave_hosts.unwrap_or(if args.quick { 20 } else { 100 });
-    let addrs = args
-        .wave_addresses
-        .unwrap_or(if args.quick { 200 } else { 1000 });
-    eprintln!("scanning wave: {addrs} addresses from {hosts} hosts ...");
-    let w = wave(root, &pki, &args.mysql, hosts, addrs, &[]).await?;
-    results.insert("wave".into(), w);
-    if args.ladder_compare {
-        eprintln!("scanning wave, ladder off ...");
-        let w = wave(root, &pki, &args.mysql, hosts, addrs, LADDER_OFF).await?;
-        results.insert("wave_ladder_off".into(), w);
+    if wants("catch-up") {
+        eprintln!("catch-up ...");
+        let bans = args
+            .catch_up
+            .unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+        let caught = catch_up(root, &pki, &args.mysql, bans).await?;
+        results.insert("catch_up".into(), caught);
     }
-    eprintln!("fan-out and subscribers held ...");
-    let subs = args
-        .subscribers
-        .unwrap_or(if args.quick { 1000 } else { 10_000 });
-    let fanned = fanout(root, &pki, &args.mysql, subs).await?;
-    results.insert("fanout".into(), fanned);
-    eprintln!("catch-up ...");
-    let bans = args
-        .catch_up
-        .unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
-    let caught = catch_up(root, &pki, &args.mysql, bans).await?;
-    results.insert("catch_up".into(), caught);
-    eprintln!("report wall time ...");
-    results.insert(
-        "report".into(),
-        report_wall_time(root, &pki, &args.mysql).await?,
-    );
-    signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
+    if wants("node-rss") {
+        eprintln!("node memory with {rss_bans} active bans ...");
+        let r = node_rss::run(root, &pki, &args.mysql, rss_bans).await?;
+        results.insert("node_rss".into(), r);
+    }
+    if wants("report") {
+        eprintln!("report wall time ...");
+        results.insert(
+            "report".into(),
+            report_wall_time(root, &pki, &args.mysql).await?,
+        );
+    }
+    if wants("signals") {
+        signals::run(&mut results, root, &pki, &args.mysql, args.quick).await?;
+    }
 
     print_table(&results);
     println!("{}", serde_json::Value::Object(results));
@@ -505,37 +546,29 @@ async fn fanout(
     let events = 2000;
     let (trigger, stop) = shutdown::channel();
     let (rss_empty, _) = hub.rss();
-    let (received, _tasks) = fleet::subscribers(pki, &hub.url, subs, subs, stop.clone()).await?;
-    // Wait until every subscriber holds its stream (the hub counts them).
+    // Half the subscribers, then the rest: the hub's RSS after each step
+    // gives the cost of one more subscriber, apart from what the first
+    // ones bring once (the store's connection pool filled by their
+    // replays, the runtime's buffers).
+    let half = subs / 2;
+    let (received_a, _tasks_a) = fleet::subscribers(pki, &hub.url, 0..half, stop.clone()).await?;
     let admin = pki.host("sub-0")?;
     let mut client = crate::admin::client(&hub.url, &admin).await?;
     let t_sub = Instant::now();
-    loop {
-        let hosts = client
-            .hosts(crate::proto::HostsRequest {})
-            .await?
-            .into_inner()
-            .hosts;
-        let held = hosts.iter().filter(|h| h.subscribed).count();
-        if held >= subs {
-            break;
-        }
-        if t_sub.elapsed() > Duration::from_secs(300) {
-            anyhow::bail!("only {held} of {subs} subscribers connected");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    held_by(&mut client, half).await?;
+    let (rss_half, _) = hub.rss();
+    let (received_b, _tasks_b) =
+        fleet::subscribers(pki, &hub.url, half..subs, stop.clone()).await?;
+    held_by(&mut client, subs).await?;
     let (rss_idle, _) = hub.rss();
+    let received = || received_a.load(Ordering::Relaxed) + received_b.load(Ordering::Relaxed);
     let cpu_before = cpu::of_pid(hub.pid());
     let t0 = Instant::now();
     let pubs = fleet::publishers(&dir, pki, &hub.url, 1, events, stop.clone()).await?;
     let want = (subs * events) as u64;
-    while received.load(Ordering::Relaxed) < want {
+    while received() < want {
         if t0.elapsed() > Duration::from_secs(300) {
-            anyhow::bail!(
-                "fan-out incomplete: {} of {want}",
-                received.load(Ordering::Relaxed)
-            );
+            anyhow::bail!("fan-out incomplete: {} of {want}", received());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -547,8 +580,32 @@ async fn fanout(
     trigger.trigger();
     drop(pubs);
     Ok(
-        json!({"subscribers": subs, "events": events, "deliveries": want, "seconds": round(secs), "deliveries_per_second": (want as f64 / secs).round(), "connect_seconds": round(t_sub.elapsed().as_secs_f64() - secs), "hub_cpu_us_per_delivery": hub_cpu, "hub_rss_idle_mb": rss_idle / (1 << 20), "hub_rss_per_subscriber_kib": rss_idle.saturating_sub(rss_empty) / 1024 / subs.max(1) as u64, "hub_peak_rss_mb": peak / (1 << 20)}),
+        json!({"subscribers": subs, "events": events, "deliveries": want, "seconds": round(secs), "deliveries_per_second": (want as f64 / secs).round(), "connect_seconds": round(t_sub.elapsed().as_secs_f64() - secs), "hub_cpu_us_per_delivery": hub_cpu, "hub_rss_idle_mb": rss_idle / (1 << 20), "hub_rss_per_subscriber_kib": rss_idle.saturating_sub(rss_empty) / 1024 / subs.max(1) as u64, "hub_rss_per_added_subscriber_kib": rss_idle.saturating_sub(rss_half) / 1024 / (subs - half).max(1) as u64, "hub_peak_rss_mb": peak / (1 << 20)}),
     )
+}
+
+/// Waits until the hub counts `want` subscribed hosts.
+async fn held_by(
+    client: &mut crate::proto::hub_client::HubClient<tonic::transport::Channel>,
+    want: usize,
+) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let hosts = client
+            .hosts(crate::proto::HostsRequest {})
+            .await?
+            .into_inner()
+            .hosts;
+        let held = hosts.iter().filter(|h| h.subscribed).count();
+        if held >= want {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(300),
+            "only {held} of {want} subscribers connected"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A node that was away while many bans were stored, until it applied all.
@@ -733,13 +790,14 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
         r["machine"].as_str().unwrap_or(""),
         if r["quick"] == true { ", quick" } else { "" }
     );
-    println!(
-        "{:<34} {:>10} {:>10} {:>10}",
-        "propagation (report -> all applied)", "p50 ms", "p99 ms", "max ms"
-    );
-    let rows = r["propagation"].as_array().into_iter().flatten();
+    if r.contains_key("propagation") {
+        println!(
+            "{:<34} {:>10} {:>10} {:>10}",
+            "propagation (report -> all applied)", "p50 ms", "p99 ms", "max ms"
+        );
+    }
     let more = |k: &str| r.get(k).and_then(|v| v.as_array()).into_iter().flatten();
-    for p in rows
+    for p in more("propagation")
         .chain(more("propagation_allow_list"))
         .chain(more("propagation_ladder_off"))
     {
@@ -765,7 +823,7 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
             );
         }
     }
-    for p in r["propagation"].as_array().into_iter().flatten() {
+    for p in more("propagation") {
         println!(
             "propagation, {} nodes: node CPU {} us per applied ban (this process: nodes, report calls, bench)",
             p["nodes"], p["node_cpu_us_per_applied_ban"]
@@ -775,19 +833,29 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
         hops::print("burst on one node", &p["burst_one_node_hops"]);
     }
     signals::print(r);
-    if r.get("ingest").is_none() {
-        return;
+    if let Some(m) = r.get("node_rss") {
+        println!(
+            "node process, idle with {} active bans known: RSS {} MiB (anon {} MiB, file {} MiB), peak {} MiB while catching up ({} s), {} threads",
+            m["bans"],
+            m["rss_mib"],
+            m["rss_anon_mib"],
+            m["rss_file_mib"],
+            m["peak_rss_mib"],
+            m["catch_up_seconds"],
+            m["threads"]
+        );
     }
-    let i = &r["ingest"];
-    println!(
-        "ingest: {} reports/s committed ({} reports in {} s from {} publishers); CPU per report: hub {} us, MariaDB {} us",
-        i["per_second"],
-        i["reports"],
-        i["seconds"],
-        i["publishers"],
-        i["hub_cpu_us_per_report"],
-        i["mariadb_cpu_us_per_report"]
-    );
+    if let Some(i) = r.get("ingest") {
+        println!(
+            "ingest: {} reports/s committed ({} reports in {} s from {} publishers); CPU per report: hub {} us, MariaDB {} us",
+            i["per_second"],
+            i["reports"],
+            i["seconds"],
+            i["publishers"],
+            i["hub_cpu_us_per_report"],
+            i["mariadb_cpu_us_per_report"]
+        );
+    }
     if let Some(i) = r.get("ingest_ladder_off") {
         println!(
             "ingest, no ladder: {} reports/s committed ({} reports in {} s)",
@@ -811,26 +879,31 @@ fn print_table(r: &serde_json::Map<String, serde_json::Value>) {
             );
         }
     }
-    let f = &r["fanout"];
-    println!(
-        "fan-out: {} deliveries/s ({} subscribers x {} events), hub CPU {} us per delivery; hub RSS {} MB holding them, peak {} MB",
-        f["deliveries_per_second"],
-        f["subscribers"],
-        f["events"],
-        f["hub_cpu_us_per_delivery"],
-        f["hub_rss_idle_mb"],
-        f["hub_peak_rss_mb"]
-    );
-    let c = &r["catch_up"];
-    println!(
-        "catch-up: {} bans applied in {} s ({} /s)",
-        c["bans"], c["seconds"], c["per_second"]
-    );
-    let rep = &r["report"];
-    println!(
-        "banmesh report wall time: p50 {} ms, p99 {} ms (n={})",
-        ms(rep, "p50_ms"),
-        ms(rep, "p99_ms"),
-        rep["n"]
-    );
+    if let Some(f) = r.get("fanout") {
+        println!(
+            "fan-out: {} deliveries/s ({} subscribers x {} events), hub CPU {} us per delivery; hub RSS {} MB holding them ({} KiB per subscriber; {} KiB per subscriber added past half of them), peak {} MB",
+            f["deliveries_per_second"],
+            f["subscribers"],
+            f["events"],
+            f["hub_cpu_us_per_delivery"],
+            f["hub_rss_idle_mb"],
+            f["hub_rss_per_subscriber_kib"],
+            f["hub_rss_per_added_subscriber_kib"],
+            f["hub_peak_rss_mb"]
+        );
+    }
+    if let Some(c) = r.get("catch_up") {
+        println!(
+            "catch-up: {} bans applied in {} s ({} /s)",
+            c["bans"], c["seconds"], c["per_second"]
+        );
+    }
+    if let Some(rep) = r.get("report") {
+        println!(
+            "banmesh report wall time: p50 {} ms, p99 {} ms (n={})",
+            ms(rep, "p50_ms"),
+            ms(rep, "p99_ms"),
+            rep["n"]
+        );
+    }
 }

@@ -58,6 +58,7 @@ pub mod inspect;
 pub mod lifts;
 pub mod link;
 pub mod local;
+pub mod memory;
 pub mod outbox;
 pub mod position;
 pub mod publisher;
@@ -378,6 +379,10 @@ async fn serve(
         spawn_in(
             &span,
             status_reporter::run(link.clone(), journal, shutdown.clone()),
+        ),
+        spawn_in(
+            &span,
+            memory::trim_when_idle(position.clone(), shutdown.clone()),
         ),
         spawn_in(
             &span,
