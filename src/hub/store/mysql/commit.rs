@@ -3,11 +3,12 @@
 //! MySQL pays a round trip per statement, so a batch is one multi-row
 //! `INSERT IGNORE` (re-sends skipped by the `report` key) and its ids are
 //! the explicit ids reserved from the event-id counter (`sql::sequence`).
+//! The multi-row statements go over the text protocol (`literal` says why).
 use std::collections::HashMap;
 
 use mysql_async::{TxOpts, Value, prelude::*};
 
-use super::{MysqlStore, q};
+use super::{MysqlStore, literal, q};
 use crate::{
     ban::Status,
     hub::store::{COALESCED_KIND, Committed, NewReport, Plan, StoreError, Stored, sql},
@@ -49,6 +50,9 @@ fn report_keys(keys: &[(u64, u64)]) -> String {
 const REPORT_COLUMNS: &str = "kind, reporter_id, node_seq, added_by, created_ms, jailname, \
                               protocol, port, ip, ends_ms, rung, extends, reason, id";
 
+/// How many [`REPORT_COLUMNS`] there are.
+const REPORT_WIDTH: usize = 14;
+
 /// `r` as the values of [`REPORT_COLUMNS`], stored as `row`.
 fn values(
     row: &Stored,
@@ -57,7 +61,7 @@ fn values(
     r: &NewReport,
     now: i64,
     id: u64,
-) -> [Value; 14] {
+) -> [Value; REPORT_WIDTH] {
     [
         row.kind.into(),
         reporter.into(),
@@ -177,7 +181,7 @@ impl MysqlStore {
             .map(|&i| (i, Stored::of(&batch[i].plan, |j| outcome(out, j))))
             .collect();
         let first = reserve(tx, fresh.len() as u64).await?;
-        let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * 14);
+        let mut params: Vec<Value> = Vec::with_capacity(fresh.len() * REPORT_WIDTH);
         for (n, &i) in fresh.iter().enumerate() {
             params.extend(values(
                 &stored[&i],
@@ -188,13 +192,18 @@ impl MysqlStore {
                 first + n as u64,
             ));
         }
-        let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; fresh.len()].join(",");
+        // Text protocol, values quoted by mysql_common (see `literal`): a
+        // prepared statement of this row count would be prepared afresh.
+        // The mode is the session's as `reserve`'s answer just stated it.
+        let no_backslash_escapes = literal::no_backslash_escapes(tx).ok_or_else(|| {
+            StoreError::query("the server's answer carried no status flags to quote values by")
+        })?;
+        let rows = literal::rows(&params, REPORT_WIDTH, no_backslash_escapes);
         // Re-sent reports hit the (reporter, seq) unique key and are skipped;
         // every value was validated, so IGNORE hides nothing else.
-        tx.exec_drop(
-            format!("INSERT IGNORE INTO events ({REPORT_COLUMNS}) VALUES {rows}"),
-            params,
-        )
+        tx.query_drop(format!(
+            "INSERT IGNORE INTO events ({REPORT_COLUMNS}) VALUES {rows}"
+        ))
         .await
         .map_err(q)?;
         let inserted = tx.affected_rows() as usize;
@@ -300,17 +309,121 @@ impl MysqlStore {
             for (host, id, st) in chunk {
                 params.extend([(*id).into(), ids[host.as_str()].into(), (*st as u8).into()]);
             }
-            let rows = vec!["(?, ?, ?)"; chunk.len()].join(",");
-            c.exec_drop(
-                format!(
-                    "INSERT INTO statuses (event_id, host_id, status) VALUES {rows} \
-                     ON DUPLICATE KEY UPDATE status = VALUES(status)"
-                ),
-                params,
-            )
+            // Text protocol, as the batch insert (see `literal`); numbers
+            // only, whose text is the same in either quoting mode.
+            let rows = literal::rows(&params, 3, false);
+            c.query_drop(format!(
+                "INSERT INTO statuses (event_id, host_id, status) VALUES {rows} \
+                 ON DUPLICATE KEY UPDATE status = VALUES(status)"
+            ))
             .await
             .map_err(q)?;
         }
         Ok(updates.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mysql_async::{OptsBuilder, Pool};
+
+    use super::*;
+    use crate::ban::{Ban, BanTerm};
+
+    /// The test server (as `tests/common` has it).
+    fn server() -> String {
+        std::env::var("BANMESH_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+    }
+
+    /// A report of a fleet policy ban whose reason is `reason`.
+    fn reasoned(seq: u64, ip: &str, reason: &str) -> NewReport {
+        NewReport {
+            host: "web-1".into(),
+            seq,
+            ban: Ban::new("sshd", "tcp", "22", ip).unwrap(),
+            plan: Plan::New(BanTerm {
+                reason: reason.into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Reasons are operator text: quotes, backslashes, a comment, a NUL,
+    /// line breaks and non-ASCII come back as written whether the server
+    /// runs with backslash escapes or `NO_BACKSLASH_ESCAPES`, and a re-send
+    /// of the batch is still recognised.
+    #[tokio::test]
+    async fn values_written_as_text_come_back_as_written_in_either_quoting_mode() {
+        let name = format!("banmesh_u{}_literal", std::process::id());
+        let url = format!("{}/{name}", server());
+        let store = MysqlStore::open(&url)
+            .await
+            .expect("open the test database");
+        let reasons = [
+            r"it's \'quoted\' and \\n not a line break",
+            "a\\",
+            "'); DROP TABLE events; -- \"",
+            "nul \0 tab \t cr \r lf \n ctrl-z \x1a",
+            "été 禁止 🚫",
+        ];
+        for (mode, no_backslash) in [(0, false), (1, true)] {
+            let mut opts = OptsBuilder::from_opts(store.targets[0].opts.clone());
+            if no_backslash {
+                // `setup`, not `init`: the pool resets a returned
+                // connection's session, and reruns only `setup`.
+                opts = opts.setup(vec![
+                    "SET SESSION sql_mode = CONCAT(@@SESSION.sql_mode, ',NO_BACKSLASH_ESCAPES')",
+                ]);
+            }
+            store.current.write().unwrap().pool = Pool::new(opts);
+            let mut c = store.conn().await.unwrap();
+            let sql_mode: String = c
+                .query_first("SELECT @@SESSION.sql_mode")
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                sql_mode.contains("NO_BACKSLASH_ESCAPES"),
+                no_backslash,
+                "{sql_mode}"
+            );
+            drop(c);
+
+            let batch: Vec<NewReport> = reasons
+                .iter()
+                .enumerate()
+                .map(|(n, r)| {
+                    reasoned(
+                        mode * 100 + n as u64,
+                        &format!("192.0.2.{}", mode * 100 + n as u64 + 1),
+                        r,
+                    )
+                })
+                .collect();
+            let committed = store.group_commit(&batch, 1).await.unwrap();
+            let mut c = store.conn().await.unwrap();
+            for (outcome, reason) in committed.iter().zip(reasons) {
+                let Committed::New(event) = outcome else {
+                    panic!("a new report was stored as {outcome:?}");
+                };
+                let stored: Option<String> = c
+                    .exec_first("SELECT reason FROM events WHERE id = ?", (event.id,))
+                    .await
+                    .unwrap();
+                assert_eq!(stored.as_deref(), Some(reason), "mode {sql_mode}");
+            }
+            drop(c);
+            let again = store.group_commit(&batch, 2).await.unwrap();
+            let ids: Vec<u64> = committed.iter().map(Committed::event_id).collect();
+            assert_eq!(
+                again,
+                ids.iter()
+                    .map(|&id| Committed::Duplicate(id))
+                    .collect::<Vec<_>>(),
+                "a re-send is answered with the first ids"
+            );
+        }
+        let mut c = store.conn().await.unwrap();
+        c.query_drop(format!("DROP DATABASE {name}")).await.unwrap();
     }
 }

@@ -19,6 +19,7 @@ use crate::ban::Status;
 
 mod commit;
 pub mod health;
+mod literal;
 
 /// The MySQL store: a connection pool and what it learnt at open.
 ///
