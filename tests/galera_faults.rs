@@ -448,6 +448,23 @@ async fn a_hub_whose_galera_node_fails_moves_or_stops_serving_and_loses_nothing(
         .unwrap();
     assert_eq!(refusal.1, Code::Unavailable, "{}", refusal.2);
     assert!(refusal.2.contains("cannot serve"), "{}", refusal.2);
+    // Enrolment too, before the token is looked at.
+    let channel = Endpoint::from_shared(hub_c.url.clone())
+        .unwrap()
+        .tls_config(tls("enrolling"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let enrolled = proto::enrollment_client::EnrollmentClient::new(channel)
+        .enroll(proto::EnrollRequest {
+            token: "no-such-token".into(),
+            name: "new-host".into(),
+            csr_pem: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(enrolled.code(), Code::Unavailable, "{}", enrolled.message());
     // Reports through hub B go on meanwhile.
     acks_after(
         "reports through hub B during the partition",

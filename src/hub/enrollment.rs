@@ -223,6 +223,10 @@ pub struct EnrollmentService {
     pub hub_names: Arc<HubNames>,
     /// Attempts per source address.
     pub throttle: Arc<Throttle>,
+    /// Whether the database serves: an enrolment while it does not is
+    /// refused as UNAVAILABLE before anything else (the token is not
+    /// touched), as every `Hub` call is.
+    pub db: crate::hub::db_health::DbGate,
 }
 
 #[tonic::async_trait]
@@ -231,6 +235,7 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         &self,
         request: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::IssuedCertificate>, Status> {
+        self.db.check()?;
         let source = request.remote_addr().map(|a| a.ip());
         if !self.throttle.allow(source) {
             // Not logged above debug: refusals are what a flood is made of.

@@ -354,6 +354,7 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
         signer: signer.clone(),
         hub_names: hub_names.clone(),
         throttle: Arc::default(),
+        db: db.clone(),
     };
     info!(rate = %config.report_limit.rate, burst = config.report_limit.burst, "per-host report limit");
     let service = service::HubService {
