@@ -42,7 +42,7 @@ use std::{
 use mysql_async::Conn;
 use tokio::sync::watch;
 use tonic::Status;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::store::{StoreError, mysql::MysqlStore};
 use crate::shutdown::Shutdown;
@@ -51,6 +51,10 @@ use crate::shutdown::Shutdown;
 pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How long one check may take before the database counts as lost.
 pub const CHECK_TIMEOUT: Duration = Duration::from_millis(750);
+/// Failed checks in a row before a serving hub acts (moves or stops): one
+/// slow answer on a loaded machine must not end every stream of the hub.
+/// Costs one more [`CHECK_EVERY`] when the database is really gone.
+pub const FAILURES_TO_ACT: u32 = 2;
 
 /// What the watch tells the hub.
 #[derive(Clone, Default)]
@@ -202,6 +206,8 @@ async fn run(store: Arc<MysqlStore>, tx: watch::Sender<State>, mut shutdown: Shu
     let metrics = crate::metrics::hub::get();
     // When the hub stopped serving, for the log line when it serves again.
     let mut down_since: Option<Instant> = None;
+    // Failed checks in a row of the address in use, while serving.
+    let mut failures = 0u32;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -210,6 +216,7 @@ async fn run(store: Arc<MysqlStore>, tx: watch::Sender<State>, mut shutdown: Shu
         let current = store.current();
         let reason = match check(&store, current, &mut conns[current]).await {
             Ok(()) => {
+                failures = 0;
                 if let Some(since) = down_since.take() {
                     // Its pooled connections may have died with it.
                     store.move_to(current);
@@ -219,11 +226,17 @@ async fn run(store: Arc<MysqlStore>, tx: watch::Sender<State>, mut shutdown: Shu
             }
             Err(reason) => reason,
         };
+        failures += 1;
+        if down_since.is_none() && failures < FAILURES_TO_ACT {
+            debug!(%reason, "a database health check failed; acting on the next one failing too");
+            continue;
+        }
         let mut moved = false;
         for other in (0..addresses.len()).filter(|&i| i != current) {
             if check(&store, other, &mut conns[other]).await.is_ok() {
                 let started = Instant::now();
                 store.move_to(other);
+                failures = 0;
                 metrics.database_moves.inc();
                 warn!(from = %addresses[current], to = %addresses[other], %reason,
                     took_ms = started.elapsed().as_millis() as u64,
