@@ -68,6 +68,18 @@ impl Pki {
     }
 }
 
+/// `--cert`, `--key` and `--ca` for a hub or node child process.
+pub fn tls_flags(tls: &TlsFiles) -> [&std::ffi::OsStr; 6] {
+    [
+        "--cert".as_ref(),
+        tls.cert.as_os_str(),
+        "--key".as_ref(),
+        tls.key.as_os_str(),
+        "--ca".as_ref(),
+        tls.ca.as_os_str(),
+    ]
+}
+
 /// The hub, as a child process.
 pub struct HubProc {
     child: Child,
@@ -145,12 +157,7 @@ impl HubProc {
                 "--report-rate",
                 "off",
             ])
-            .arg("--cert")
-            .arg(&tls.cert)
-            .arg("--key")
-            .arg(&tls.key)
-            .arg("--ca")
-            .arg(&tls.ca)
+            .args(tls_flags(&tls))
             .args(extra)
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())

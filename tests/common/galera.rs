@@ -42,21 +42,7 @@ impl Galera {
             let data = dir.join("data");
             std::fs::create_dir_all(&data).unwrap();
             if i == 0 {
-                let out = Command::new("mariadb-install-db")
-                    .args([
-                        "--no-defaults",
-                        "--user=mysql",
-                        "--auth-root-authentication-method=normal",
-                        "--skip-test-db",
-                    ])
-                    .arg(format!("--datadir={}", data.display()))
-                    .output()
-                    .expect("mariadb-install-db (run scripts/test-deps)");
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                super::install_mariadb_data(&data, "mysql");
             }
             let status = Command::new("chown")
                 .args(["-R", "mysql:mysql"])

@@ -19,21 +19,7 @@ impl PrivateMariaDb {
         let dir = root.join("mariadb");
         let data = dir.join("data");
         std::fs::create_dir_all(&dir).unwrap();
-        let out = Command::new("mariadb-install-db")
-            .args([
-                "--no-defaults",
-                "--user=root",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ])
-            .arg(format!("--datadir={}", data.display()))
-            .output()
-            .expect("mariadb-install-db (run scripts/test-deps)");
-        assert!(
-            out.status.success(),
-            "mariadb-install-db: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        super::install_mariadb_data(&data, "root");
         let mut db = PrivateMariaDb {
             dir,
             port: free_port(),

@@ -604,3 +604,24 @@ pub async fn hub_client(
         .unwrap();
     banmesh::proto::hub_client::HubClient::new(channel)
 }
+
+/// Initialises a MariaDB data directory at `data` for `user` (root login
+/// without a password, no test database), as the tests' private servers
+/// need; panics with the tool's output when it fails.
+pub fn install_mariadb_data(data: &Path, user: &str) {
+    let out = Command::new("mariadb-install-db")
+        .args([
+            "--no-defaults",
+            &format!("--user={user}"),
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ])
+        .arg(format!("--datadir={}", data.display()))
+        .output()
+        .expect("mariadb-install-db (run scripts/test-deps)");
+    assert!(
+        out.status.success(),
+        "mariadb-install-db: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

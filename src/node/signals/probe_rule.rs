@@ -198,17 +198,26 @@ fn jump_present(tool: &'static str) -> Result<bool, ProbeRuleError> {
         .success())
 }
 
+/// Each family's chain as listed (`None` when it does not exist), after
+/// checking that every rule in it is banmesh's: both are read before either
+/// is changed, so a refusal changes nothing.
+fn owned_chains() -> Result<Vec<Option<Vec<String>>>, ProbeRuleError> {
+    FAMILIES
+        .iter()
+        .map(|f| {
+            let rules = listed(f.tool)?;
+            if let Some(r) = &rules {
+                check_owned(f.tool, r)?;
+            }
+            Ok(rules)
+        })
+        .collect()
+}
+
 /// Installs the rules for `group` in both families; checks both before
 /// changing either.
 pub fn install(group: u16) -> Result<Vec<Outcome>, ProbeRuleError> {
-    let mut existing = Vec::new();
-    for f in FAMILIES {
-        let rules = listed(f.tool)?;
-        if let Some(r) = &rules {
-            check_owned(f.tool, r)?;
-        }
-        existing.push(rules);
-    }
+    let existing = owned_chains()?;
     let mut outcomes = Vec::new();
     for (f, rules) in FAMILIES.into_iter().zip(existing) {
         let want = chain_rules(f, group);
@@ -249,14 +258,7 @@ pub fn install(group: u16) -> Result<Vec<Outcome>, ProbeRuleError> {
 /// Removes banmesh's rules and chain in both families; refuses (changing
 /// nothing) when the chain holds a rule banmesh did not write.
 pub fn remove() -> Result<Vec<Outcome>, ProbeRuleError> {
-    let mut existing = Vec::new();
-    for f in FAMILIES {
-        let rules = listed(f.tool)?;
-        if let Some(r) = &rules {
-            check_owned(f.tool, r)?;
-        }
-        existing.push(rules);
-    }
+    let existing = owned_chains()?;
     let mut outcomes = Vec::new();
     for (f, rules) in FAMILIES.into_iter().zip(existing) {
         let mut removed = false;
