@@ -8,6 +8,14 @@
 //! A separate process, not the bench's in-process nodes, so that the
 //! figure is one node's own and counts its runtime, allocator and threads
 //! as deployed.
+//!
+//! The same process gives the node's own CPU per applied ban
+//! (`/proc/PID/stat`, utime + stime, in 10 ms ticks) over the catch-up
+//! (big batches), and then steady (`/proc/PID/task/*/schedstat`, in ns:
+//! the ticks are too coarse for a few hundred bans): [`STEADY`] bans published one at a time (a
+//! publisher in this process, one every [`STEADY_GAP`]), each reaching
+//! the node alone, with the node's 100,000 bans still known; the idle
+//! node's own CPU over as long a time before is taken off.
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
@@ -16,11 +24,16 @@ use std::{
 
 use serde_json::json;
 
-use super::{DB, fleet, ip, round};
+use super::{DB, cpu, fleet, ip, round};
 use crate::{
     ban::{Ban, BanTerm},
     hub::store::{Committed, NewReport, Plan},
 };
+
+/// Bans published one at a time after the idle reading.
+const STEADY: u32 = 500;
+/// Time between two of them: longer than the node takes, so each is a batch.
+const STEADY_GAP: Duration = Duration::from_millis(10);
 
 /// Kills the node child when the scenario ends, however it ends.
 struct NodeProc(Child);
@@ -29,6 +42,15 @@ impl Drop for NodeProc {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg(self.0.id().to_string()).status();
         let _ = self.0.wait();
+    }
+}
+
+/// The binary run as the node: this one, or `BANMESH_BENCH_NODE_EXE` (an
+/// earlier build, to compare two builds' nodes under the same scenario).
+fn node_exe() -> std::io::Result<std::path::PathBuf> {
+    match std::env::var_os("BANMESH_BENCH_NODE_EXE") {
+        Some(exe) => Ok(exe.into()),
+        None => std::env::current_exe(),
     }
 }
 
@@ -88,7 +110,7 @@ pub async fn run(
     let log = std::fs::File::create(node_dir.join("node.log"))?;
     let t0 = Instant::now();
     let child = NodeProc(
-        Command::new(std::env::current_exe()?)
+        Command::new(node_exe()?)
             // A fail2ban socket path that does not answer: the node keeps
             // every ban's lift as with a real fail2ban (it schedules lifts
             // only with a socket configured) and writes the lines.
@@ -107,7 +129,7 @@ pub async fn run(
             .spawn()?,
     );
     let pid = child.0.id();
-    let (rss_start, caught_up) = loop {
+    let (rss_start, caught_up, cpu_caught_up) = loop {
         anyhow::ensure!(
             t0.elapsed() < Duration::from_secs(300),
             "the node did not catch up on {bans} bans within 300 s"
@@ -117,7 +139,7 @@ pub async fn run(
         if let Ok(s) = crate::report::node_status(&socket).await
             && s.last_applied_event_id >= last
         {
-            break (rss_start, t0.elapsed());
+            break (rss_start, t0.elapsed(), cpu::of_pid(pid));
         }
     };
     // Idle: past the node's periodic work (the ignore list is re-read
@@ -127,7 +149,11 @@ pub async fn run(
         pid,
         &["VmRSS:", "RssAnon:", "RssFile:", "VmHWM:", "Threads:"],
     );
+    let steady = steady_cpu(&dir, pki, &hub.url, pid, &node_dir.join("shared.log")).await?;
     Ok(json!({
+        "node_cpu_us_per_ban_catching_up": cpu::per_event(Some(0), cpu_caught_up, bans as u64),
+        "node_cpu_us_per_ban_steady": steady.0,
+        "node_idle_cpu_us_per_s": steady.1,
         "bans": bans,
         "catch_up_seconds": round(caught_up.as_secs_f64()),
         "rss_mib_while_catching_up": round(rss_start as f64 / 1024.0),
@@ -138,4 +164,86 @@ pub async fn run(
         "threads": f[4],
         "malloc_arena_max": std::env::var("MALLOC_ARENA_MAX").ok(),
     }))
+}
+
+/// The node's own CPU per ban applied one at a time (idle CPU over as
+/// long taken off), and its idle CPU per second: [`STEADY`] bans from a
+/// publisher in this process, waited for in the node's `shared.log` (read
+/// here, costing the node nothing).
+async fn steady_cpu(
+    dir: &Path,
+    pki: &fleet::Pki,
+    hub: &str,
+    pid: u32,
+    shared_log: &Path,
+) -> anyhow::Result<(Option<f64>, Option<f64>)> {
+    let (trigger, stop) = crate::shutdown::channel();
+    let names = ["rss-feed".to_string()];
+    let feed = fleet::publishers_of(dir, pki, hub, &names, stop, |_| Ok(vec![])).await?;
+    let outbox = feed[0].0.clone();
+    let idle_for = STEADY_GAP * STEADY;
+    let (c0, t0) = (threads_cpu_ns(pid), Instant::now());
+    tokio::time::sleep(idle_for).await;
+    let (c1, t1) = (threads_cpu_ns(pid), Instant::now());
+    let idle_per_s = spent_ns(&c0, &c1) as f64 / 1000.0 / (t1 - t0).as_secs_f64();
+    for j in 0..STEADY {
+        let ban = Ban::new("sshd", "tcp", "22", &ip(62, j))?;
+        let o = outbox.clone();
+        tokio::task::spawn_blocking(move || o.append(&ban)).await??;
+        tokio::time::sleep(STEADY_GAP).await;
+    }
+    // Lines `banmesh[ID]: 162.x.y.z: ...` (this scenario's addresses).
+    let marker = format!(": {}.", 100 + 62);
+    loop {
+        anyhow::ensure!(
+            t1.elapsed() < Duration::from_secs(60),
+            "the node did not apply {STEADY} steady bans within 60 s"
+        );
+        let text = std::fs::read_to_string(shared_log).unwrap_or_default();
+        if text.matches(&marker).count() >= STEADY as usize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its statuses reported too (they linger 25 ms before one call).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (c2, t2) = (threads_cpu_ns(pid), Instant::now());
+    trigger.trigger();
+    if c0.is_empty() || c2.is_empty() {
+        return Ok((None, None));
+    }
+    let busy = spent_ns(&c1, &c2) as f64 / 1000.0 - idle_per_s * (t2 - t1).as_secs_f64();
+    Ok((
+        Some(round(busy.max(0.0) / f64::from(STEADY))),
+        Some(round(idle_per_s)),
+    ))
+}
+
+/// Each thread's time on a CPU so far (ns, `/proc/PID/task/TID/schedstat`).
+fn threads_cpu_ns(pid: u32) -> std::collections::HashMap<u32, u64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Default::default();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let text = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            Some((tid, text.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// CPU spent between two readings: threads in both count their growth, a
+/// new thread all of its time; a thread gone by the second reading is
+/// missed (a receiving node's work runs on its runtime's workers, which
+/// live as long as it does).
+fn spent_ns(
+    before: &std::collections::HashMap<u32, u64>,
+    after: &std::collections::HashMap<u32, u64>,
+) -> u64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
 }

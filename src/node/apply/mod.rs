@@ -54,7 +54,7 @@ use super::{
     allow_list::LocalAllowList,
     deferred::Deferred,
     ignore::{IgnoreWatch, Verdict},
-    lifts::Lifts,
+    lifts::{AddrKey, Lifts},
     position::Position,
     shared_log::SharedLog,
     status_journal::StatusJournal,
@@ -67,6 +67,10 @@ use crate::{
 
 /// How long an IP we wrote counts as "just added" for a repeat.
 const RECENT: Duration = Duration::from_secs(120);
+/// How often addresses written longer than [`RECENT`] ago are dropped
+/// from memory (a lookup checks the time itself, so this is only memory:
+/// not a scan of every recent address per batch).
+const RECENT_SWEEP: Duration = Duration::from_secs(30);
 /// How often deferred bans are checked.
 const DEFERRED_TICK: Duration = Duration::from_secs(1);
 /// How long after an unban the node lifts the address again if fail2ban
@@ -115,12 +119,18 @@ pub struct Applier {
     journal: Arc<StatusJournal>,
     fail2ban: Option<Fail2ban>,
     fail2ban_up: Option<bool>,
-    recent: HashMap<String, Instant>,
+    /// Addresses whose line the node wrote lately, and when (ms after
+    /// `epoch`: 24 bytes a slot with 100,000 of them after a catch-up).
+    recent: HashMap<AddrKey, u64>,
+    /// When `recent` was last swept of old addresses.
+    swept: Instant,
+    /// What `recent`'s times count from.
+    epoch: Instant,
     deferred: Deferred,
     ignore: IgnoreWatch,
     allow: LocalAllowList,
     /// Recently unbanned IPs whose line fail2ban may read late, until when.
-    relift: HashMap<String, Instant>,
+    relift: HashMap<AddrKey, Instant>,
     /// When each fleet ban held in the shared jail is lifted.
     lifts: Lifts,
     /// When the last run of bans passed each step (the benchmark's hops).
@@ -176,6 +186,8 @@ impl Applier {
             fail2ban: config.fail2ban_socket.as_deref().map(Fail2ban::new),
             fail2ban_up: None,
             recent: HashMap::new(),
+            swept: Instant::now(),
+            epoch: Instant::now(),
             deferred: Deferred::load(config.data_dir.join("deferred")),
             ignore,
             allow: LocalAllowList::load(&config.data_dir).unwrap_or_else(|e| {
@@ -238,21 +250,31 @@ impl Applier {
     /// the socket, journals, and writes the lines.
     async fn bans(&mut self, events: &[Event]) -> Vec<(u64, Status)> {
         let now = Instant::now();
-        self.recent.retain(|_, t| now.duration_since(*t) < RECENT);
+        self.sweep_recent(now);
         let held = self.held(events).await;
         let bantime = self.shared_bantime().await;
         let wall = SystemTime::now();
         let ignore = self.ignore.current();
         let mut statuses = Vec::with_capacity(events.len());
         let mut write: Vec<&Event> = Vec::new();
+        let mut write_keys: Vec<AddrKey> = Vec::new();
         let mut fresh: Vec<&str> = Vec::new();
         let mut written_now = HashSet::new();
         // Lifts to schedule, and those scheduled earlier in this batch.
-        let mut lifts: Vec<(&str, i64, u64)> = Vec::new();
+        let mut lifts: Vec<(AddrKey, i64, u64)> = Vec::new();
         let mut scheduled_now: HashMap<&str, i64> = HashMap::new();
         let mut extended: Vec<(u64, Status)> = Vec::new();
         for e in events {
             let ip = e.ban.ip.as_str();
+            let Some(key) = AddrKey::parse(ip) else {
+                // Never from the hub (it checks every address it takes).
+                warn!(
+                    id = e.id,
+                    ip, "ban of something that is not an address; not applied"
+                );
+                statuses.push((e.id, Status::Error));
+                continue;
+            };
             if let Some(why) = self.allow.refuses(ip) {
                 info!(id = e.id, ip, allowed_by = %why, "ban refused: the address is on the allow-list");
                 statuses.push((e.id, Status::Refused));
@@ -270,12 +292,12 @@ impl Applier {
                 .get(ip)
                 .copied()
                 .into_iter()
-                .chain(self.lifts.get(ip).map(|l| l.ends_ms))
+                .chain(self.lifts.get(key).map(|l| l.ends_ms))
                 .max();
             let facts = Facts {
                 ignore: verdict,
                 held: held.get(ip).map_or(&[], Vec::as_slice),
-                just_added: self.recent.contains_key(ip) || written_now.contains(ip),
+                just_added: self.just_added(key, now) || written_now.contains(ip),
                 bantime,
                 scheduled,
                 reporter,
@@ -296,7 +318,7 @@ impl Applier {
                 Decision::AlreadyBanned => {
                     // A new fleet ban of it: the address is banned again
                     // on the fleet's account, so it is no longer lifted.
-                    self.relift.remove(ip);
+                    self.relift.remove(&key);
                     statuses.push((e.id, Status::AlreadyBanned));
                 }
                 Decision::Own => {
@@ -307,7 +329,7 @@ impl Applier {
                     statuses.push((e.id, Status::Added));
                 }
                 Decision::Extend => {
-                    self.relift.remove(ip);
+                    self.relift.remove(&key);
                     info!(
                         id = e.id,
                         ip,
@@ -322,13 +344,13 @@ impl Applier {
                     if scheduled.is_none_or(|s| s <= wall_ms) {
                         fresh.push(ip);
                     }
-                    lifts.push((ip, fleet_end, e.id));
+                    lifts.push((key, fleet_end, e.id));
                     let at = scheduled_now.entry(ip).or_default();
                     *at = (*at).max(fleet_end);
                     extended.push((e.id, Status::Added));
                 }
                 Decision::Defer { at } => {
-                    self.relift.remove(ip);
+                    self.relift.remove(&key);
                     info!(
                         id = e.id,
                         ip, "ban held with little time left; applying it when that ban ends"
@@ -348,20 +370,21 @@ impl Applier {
                 }
                 Decision::Add { fast_path } => {
                     // A new ban of it: no longer lifted again.
-                    self.relift.remove(ip);
+                    self.relift.remove(&key);
                     written_now.insert(ip);
                     if fleet_end > 0 {
-                        lifts.push((ip, fleet_end, e.id));
+                        lifts.push((key, fleet_end, e.id));
                         let at = scheduled_now.entry(ip).or_default();
                         *at = (*at).max(fleet_end);
                     } else {
                         // Held for the shared jail's bantime now, as before the ladder.
-                        self.lifts.cancel(ip);
+                        self.lifts.cancel(key);
                     }
                     if fast_path {
                         fresh.push(ip);
                     }
                     write.push(e);
+                    write_keys.push(key);
                 }
             }
         }
@@ -388,9 +411,8 @@ impl Applier {
             self.stamps.journaled = Instant::now();
             match self.log.append(&write) {
                 Ok(()) => {
-                    for e in &write {
-                        self.recent.insert(e.ban.ip.clone(), now);
-                    }
+                    let at = self.recent_ms(now);
+                    self.recent.extend(write_keys.iter().map(|k| (*k, at)));
                     statuses.extend(added);
                 }
                 Err(err) => {
@@ -419,6 +441,44 @@ impl Applier {
         }
         statuses.sort_by_key(|(id, _)| *id);
         statuses
+    }
+
+    /// `at` as a time in `recent`.
+    fn recent_ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Whether this node wrote `ip`'s line less than [`RECENT`] before `now`.
+    fn just_added(&self, ip: AddrKey, now: Instant) -> bool {
+        let now = self.recent_ms(now);
+        self.recent
+            .get(&ip)
+            .is_some_and(|t| now.saturating_sub(*t) < RECENT.as_millis() as u64)
+    }
+
+    /// Forgets that this node wrote `ip`'s line; whether it did less than
+    /// [`RECENT`] ago.
+    fn forget_recent(&mut self, ip: AddrKey) -> bool {
+        let now = self.recent_ms(Instant::now());
+        self.recent
+            .remove(&ip)
+            .is_some_and(|t| now.saturating_sub(t) < RECENT.as_millis() as u64)
+    }
+
+    /// Drops the addresses written [`RECENT`] or longer ago, at most once
+    /// per [`RECENT_SWEEP`], and gives back the slots of a catch-up's
+    /// thousands once they are gone.
+    fn sweep_recent(&mut self, now: Instant) {
+        if now.duration_since(self.swept) < RECENT_SWEEP {
+            return;
+        }
+        self.swept = now;
+        let now = self.recent_ms(now);
+        let recent = RECENT.as_millis() as u64;
+        self.recent.retain(|_, t| now.saturating_sub(*t) < recent);
+        if self.recent.capacity() > 4 * self.recent.len().max(1024) {
+            self.recent.shrink_to_fit();
+        }
     }
 
     fn journal(&self, statuses: &[(u64, Status)]) {
@@ -487,6 +547,7 @@ pub async fn run(
             // A quiet spell must not leave the position file behind.
             _ = save.tick() => {
                 crate::systemd::beat();
+                applier.sweep_recent(Instant::now());
                 if let Err(e) = position.flush() {
                     warn!(error = %e, "cannot save the applied position");
                 }

@@ -72,7 +72,8 @@ impl Applier {
         let mut free = Vec::new();
         let mut result = Ok(());
         for chunk in due.chunks(BANIP_CHUNK) {
-            let ips: Vec<&str> = chunk.iter().map(|(ip, _)| ip.as_str()).collect();
+            let texts: Vec<String> = chunk.iter().map(|(ip, _)| ip.to_string()).collect();
+            let ips: Vec<&str> = texts.iter().map(String::as_str).collect();
             let jails = match f2b.banned(&ips).await {
                 Ok(j) => j,
                 Err(e) => {
@@ -80,11 +81,12 @@ impl Applier {
                     break;
                 }
             };
-            for ((ip, lift), jails) in chunk.iter().zip(jails) {
+            for (((key, lift), ip), jails) in chunk.iter().zip(&ips).zip(jails) {
+                let ip = *ip;
                 // Its line is no longer "just added": the ban it wrote is over.
-                self.recent.remove(ip);
+                self.recent.remove(key);
                 if !jails.iter().any(|j| j == SHARED_JAIL) {
-                    free.push((ip.clone(), *lift));
+                    free.push((*key, *lift));
                     continue;
                 }
                 match f2b.unban_in(SHARED_JAIL, ip).await {
@@ -96,7 +98,7 @@ impl Applier {
                             late_ms,
                             "fleet ban ended; lifted from the shared jail"
                         );
-                        free.push((ip.clone(), *lift));
+                        free.push((*key, *lift));
                     }
                     Err(e) => {
                         warn!(ip, error = %e, "cannot lift an ended fleet ban; trying again");
@@ -204,7 +206,8 @@ impl Applier {
         // the `shared` jail: that is what our late line bans; the host's
         // own jails (sshd, say) may ban the address again on their own
         // account, which is not ours to undo.
-        let watched: Vec<&str> = self.relift.keys().map(String::as_str).collect();
+        let texts: Vec<String> = self.relift.keys().map(ToString::to_string).collect();
+        let watched: Vec<&str> = texts.iter().map(String::as_str).collect();
         let mut again = Vec::new();
         for chunk in watched.chunks(BANIP_CHUNK) {
             if let Ok(jails) = f2b.banned(chunk).await {
@@ -232,12 +235,14 @@ impl Applier {
     /// Lifts an IP in every jail; see the module doc of `apply` for its status.
     pub(super) async fn unban(&mut self, event: &Event) -> (u64, Status) {
         let ip = event.ban.ip.as_str();
+        let key = crate::node::lifts::AddrKey::parse(ip);
         self.deferred.cancel(ip);
         // fail2ban may not have read our line yet (it polls shared.log);
         // read after this unban, it would ban the address again.
-        if self.recent.remove(ip).is_some() {
-            self.relift
-                .insert(ip.to_string(), Instant::now() + super::RELIFT_FOR);
+        if let Some(key) = key
+            && self.forget_recent(key)
+        {
+            self.relift.insert(key, Instant::now() + super::RELIFT_FOR);
         }
         let Some(f2b) = self.fail2ban.as_mut() else {
             warn!(ip, "unban received but no fail2ban socket is configured");
@@ -249,15 +254,19 @@ impl Applier {
         // is out: after a failed unban (fail2ban restarting, say) its entry
         // is made due now, so the lift task retries the shared jail instead
         // of leaving the address to the jail's bantime (the ladder's top).
-        self.lifts.cancel(ip);
+        if let Some(key) = key {
+            self.lifts.cancel(key);
+        }
         let status = match &result {
             Ok(0) => Status::AlreadyBanned,
             Ok(_) => Status::Added,
             Err(e) => {
                 warn!(ip, error = %e, "cannot lift ban; the shared jail's lift is retried");
-                self.lifts
-                    .schedule(&[(ip, crate::clock::now_ms(), event.id)]);
-                self.lifts.sync();
+                if let Some(key) = key {
+                    self.lifts
+                        .schedule(&[(key, crate::clock::now_ms(), event.id)]);
+                    self.lifts.sync();
+                }
                 Status::Error
             }
         };
