@@ -28,7 +28,10 @@
 //!   not before: an fsync costs ~8 ms on the test machine (median, p90 14
 //!   ms), more than half the fast path's ~14 ms, so only a power loss in
 //!   those milliseconds could lose a lift (and the ban then lasts the
-//!   `shared` jail's bantime).
+//!   `shared` jail's bantime). The file stays open between batches (an
+//!   append and its fsync are a `write` and an `fsync`, no open or close),
+//!   and the directory is fsynced only when the file is new to it (created,
+//!   or renamed over by a rewrite) since it was last.
 //! - An entry stays until fail2ban confirms the address is out of the
 //!   `shared` jail, and for [`LINGER`] after its end: fail2ban reads
 //!   `shared.log` late (up to ~1 s) and a line read after the lift would
@@ -71,6 +74,12 @@ pub struct Lifts {
     items: HashMap<AddrKey, Lift>,
     /// Records in the file (sets and removals), for compaction.
     records: usize,
+    /// The file, open to append since its last rewrite (`None`: reopened
+    /// at the next append).
+    file: Option<std::fs::File>,
+    /// Whether the directory may not yet durably name the file (it was
+    /// opened anew, perhaps created, or renamed over since the last sync).
+    dir_unsynced: bool,
     /// At most the earliest end of all entries (`i64::MAX`: none): no
     /// entry is due before it. Lowered on every set, made exact by a scan.
     earliest: Cell<i64>,
@@ -141,6 +150,8 @@ impl Lifts {
             path,
             items,
             records,
+            file: None,
+            dir_unsynced: true,
             earliest: Cell::new(i64::MIN),
             next: Cell::new(i64::MIN),
         };
@@ -190,13 +201,22 @@ impl Lifts {
         text.is_empty() || self.append(&text)
     }
 
-    /// Makes the saved schedule durable: fsyncs the file and its directory
-    /// (a rewrite renamed it).
-    pub fn sync(&self) {
+    /// Makes the saved schedule durable: fsyncs the file, and its directory
+    /// if the file is new to it since the last sync (created, or a rewrite
+    /// renamed it).
+    pub fn sync(&mut self) {
         let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
-        let synced = std::fs::File::open(&self.path)
-            .and_then(|f| f.sync_all())
-            .and_then(|()| std::fs::File::open(dir)?.sync_all());
+        let file = match &self.file {
+            Some(f) => f.sync_all(),
+            None => std::fs::File::open(&self.path).and_then(|f| f.sync_all()),
+        };
+        let synced = file.and_then(|()| {
+            if self.dir_unsynced {
+                std::fs::File::open(dir)?.sync_all()?;
+                self.dir_unsynced = false;
+            }
+            Ok(())
+        });
         if let Err(e) = synced {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot fsync the lift schedule; a power loss now could lose lifts");
         }
@@ -277,20 +297,35 @@ impl Lifts {
         if self.records > 2 * self.items.len() + COMPACT_SLACK {
             return self.rewrite();
         }
-        let written = super::state_file::open(
-            &self.path,
-            std::fs::OpenOptions::new().append(true).create(true),
-        )
-        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
-        match written {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "cannot save the lift schedule; bans may outlast their fleet end");
-                // The next save writes everything anew.
-                self.records = usize::MAX / 2;
-                false
+        if self.file.is_none() {
+            match super::state_file::open(
+                &self.path,
+                std::fs::OpenOptions::new().append(true).create(true),
+            ) {
+                Ok(f) => {
+                    self.file = Some(f);
+                    self.dir_unsynced = true;
+                }
+                Err(e) => return self.failed(&e),
             }
         }
+        let written = match &mut self.file {
+            Some(f) => std::io::Write::write_all(f, text.as_bytes()),
+            None => Ok(()),
+        };
+        match written {
+            Ok(()) => true,
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// A save failed: logged; the next save rewrites the file whole, on a
+    /// handle opened anew.
+    fn failed(&mut self, e: &std::io::Error) -> bool {
+        tracing::error!(path = %self.path.display(), error = %e, "cannot save the lift schedule; bans may outlast their fleet end");
+        self.records = usize::MAX / 2;
+        self.file = None;
+        false
     }
 
     /// Replaces the file with one record per entry.
@@ -302,9 +337,12 @@ impl Lifts {
         // Durable: a rewrite renames a new file over the old one, and a power
         // loss before its data reached the disk would leave it empty: every
         // lift lost, their bans held for the jail's (ladder top) bantime.
+        // The handle held is the old file's: the next append opens the new one.
+        self.file = None;
         match super::state_file::replace(&self.path, text.as_bytes(), true) {
             Ok(()) => {
                 self.records = self.items.len();
+                self.dir_unsynced = true;
                 true
             }
             Err(e) => {
