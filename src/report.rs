@@ -4,6 +4,12 @@
 //! answers, once it is durable in the node's spool ([`crate::node::spool`],
 //! taken into the outbox when the node runs again). It never talks to the
 //! hub: fail2ban's action waits only for a local fsync.
+//!
+//! Two clients of the same `Node/Report` call: [`report`] (tonic, for the
+//! benchmark's in-process callers and `status`) and [`report_blocking`]
+//! ([`wire`]: HTTP/2 by hand on std I/O, no runtime), which the `report`
+//! command and the small `banmesh-report` binary use, because fail2ban's
+//! action waits for their whole run on every ban.
 use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
@@ -42,6 +48,9 @@ pub enum ReportError {
     Refused(String),
 }
 
+mod hpack;
+pub mod wire;
+
 /// A channel to the node's local socket.
 pub async fn connect(socket: &Path) -> Result<Channel, ReportError> {
     let path = socket.to_path_buf();
@@ -73,6 +82,25 @@ pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
     Ok(response.into_inner().seq)
 }
 
+/// [`report`] without an async runtime: one connection, one write, one
+/// answer ([`wire`]). Same errors: `NodeDown` only when no connection
+/// could be made.
+pub fn report_blocking(socket: &Path, ban: &Ban) -> Result<u64, ReportError> {
+    let fields = wire::BanFields {
+        jail: &ban.jail,
+        protocol: &ban.protocol,
+        port: &ban.port,
+        ip: &ban.ip,
+    };
+    wire::report(socket, fields).map_err(|e| match e {
+        wire::WireError::Connect(e) => ReportError::NodeDown {
+            path: socket.to_path_buf(),
+            reason: e.to_string(),
+        },
+        e => ReportError::Refused(e.to_string()),
+    })
+}
+
 /// What happened to a report.
 #[derive(Debug)]
 pub enum Accepted {
@@ -89,9 +117,28 @@ pub async fn report_or_spool(
     data_dir: &Path,
     ban: Ban,
 ) -> Result<Accepted, ReportError> {
-    match report(socket, ban.clone()).await {
+    let result = report(socket, ban.clone()).await;
+    spool_if_down(result, data_dir, &ban)
+}
+
+/// [`report_or_spool`] without an async runtime (what `banmesh report` runs).
+pub fn report_or_spool_blocking(
+    socket: &Path,
+    data_dir: &Path,
+    ban: Ban,
+) -> Result<Accepted, ReportError> {
+    spool_if_down(report_blocking(socket, &ban), data_dir, &ban)
+}
+
+/// Spools `ban` when `result` says no node could be reached.
+fn spool_if_down(
+    result: Result<u64, ReportError>,
+    data_dir: &Path,
+    ban: &Ban,
+) -> Result<Accepted, ReportError> {
+    match result {
         Ok(seq) => Ok(Accepted::Queued(seq)),
-        Err(ReportError::NodeDown { path, reason }) => spool::write(data_dir, &ban)
+        Err(ReportError::NodeDown { path, reason }) => spool::write(data_dir, ban)
             .map(Accepted::Spooled)
             .map_err(|e| ReportError::NodeDown {
                 path,
