@@ -5,11 +5,11 @@
 //! taken into the outbox when the node runs again). It never talks to the
 //! hub: fail2ban's action waits only for a local fsync.
 //!
-//! Two clients of the same `Node/Report` call: [`report`] (tonic, for the
-//! benchmark's in-process callers and `status`) and [`report_blocking`]
-//! ([`wire`]: HTTP/2 by hand on std I/O, no runtime), which the `report`
-//! command and the small `banmesh-report` binary use, because fail2ban's
-//! action waits for their whole run on every ban.
+//! The `Node/Report` call is [`wire`]: HTTP/2 by hand on std I/O, no
+//! runtime, the request in one write; the `report` command, the small
+//! `banmesh-report` binary and (on a blocking thread, [`report`]) the
+//! benchmark use it, because fail2ban's action waits for the whole run on
+//! every ban. `status` still goes through tonic ([`connect`]).
 use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
@@ -70,20 +70,22 @@ pub async fn connect(socket: &Path) -> Result<Channel, ReportError> {
 
 /// Checks and hands one ban to the node; returns the node's sequence number.
 ///
+/// The same call as `banmesh report` makes ([`report_blocking`]: one
+/// connection, one write), run on a blocking thread, so the benchmark's
+/// and the demo's in-process reports cost the node what fail2ban's do.
+///
 /// `NodeDown` only when no connection could be made: once the request is
 /// sent, the node may have stored the ban before failing to answer, so a
 /// failure then is `Refused` (and never spooled, which could store it twice).
 pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
-    let mut client = NodeClient::new(connect(socket).await?);
-    let response = client
-        .report(ban.to_proto())
+    let socket = socket.to_path_buf();
+    tokio::task::spawn_blocking(move || report_blocking(&socket, &ban))
         .await
-        .map_err(|s| ReportError::Refused(s.message().to_string()))?;
-    Ok(response.into_inner().seq)
+        .map_err(|e| ReportError::Refused(e.to_string()))?
 }
 
-/// [`report`] without an async runtime: one connection, one write, one
-/// answer ([`wire`]). Same errors: `NodeDown` only when no connection
+/// Hands one ban to the node without an async runtime: one connection,
+/// one write, one answer ([`wire`]). `NodeDown` only when no connection
 /// could be made.
 pub fn report_blocking(socket: &Path, ban: &Ban) -> Result<u64, ReportError> {
     let fields = wire::BanFields {
