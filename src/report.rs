@@ -7,7 +7,7 @@
 //!
 //! The `Node/Report` call is [`wire`]: HTTP/2 by hand on std I/O, no
 //! runtime, the request in one write; the `report` command, the small
-//! `banmesh-report` binary and (on a blocking thread, [`report`]) the
+//! `banmesh-report` binary and (async, [`report`]) the
 //! benchmark use it, because fail2ban's action waits for the whole run on
 //! every ban. `status` still goes through tonic ([`connect`]).
 use std::path::{Path, PathBuf};
@@ -71,30 +71,59 @@ pub async fn connect(socket: &Path) -> Result<Channel, ReportError> {
 /// Checks and hands one ban to the node; returns the node's sequence number.
 ///
 /// The same call as `banmesh report` makes ([`report_blocking`]: one
-/// connection, one write), run on a blocking thread, so the benchmark's
-/// and the demo's in-process reports cost the node what fail2ban's do.
+/// connection, the request in one write, [`wire`]'s frames), on tokio's
+/// socket, so the benchmark's and the demo's in-process reports cost the
+/// node what fail2ban's do, without a thread each.
 ///
 /// `NodeDown` only when no connection could be made: once the request is
 /// sent, the node may have stored the ban before failing to answer, so a
 /// failure then is `Refused` (and never spooled, which could store it twice).
 pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
-    let socket = socket.to_path_buf();
-    tokio::task::spawn_blocking(move || report_blocking(&socket, &ban))
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = wire::request(fields(&ban)).map_err(|e| ReportError::Refused(e.to_string()))?;
+    let mut stream = UnixStream::connect(socket)
         .await
-        .map_err(|e| ReportError::Refused(e.to_string()))?
+        .map_err(|e| ReportError::NodeDown {
+            path: socket.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let refused = |e: wire::WireError| ReportError::Refused(e.to_string());
+    let io = |e: std::io::Error| refused(wire::WireError::Io(e));
+    stream.write_all(&request).await.map_err(io)?;
+    let (read, mut write) = stream.split();
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut call = wire::Call::default();
+    loop {
+        let mut head = [0u8; 9];
+        reader
+            .read_exact(&mut head)
+            .await
+            .map_err(|e| refused(wire::eof(e)))?;
+        let (kind, flags, id, len) = wire::frame_head(&head).map_err(refused)?;
+        let mut payload = vec![0u8; len];
+        reader.read_exact(&mut payload).await.map_err(io)?;
+        match call.frame(kind, flags, id, &payload).map_err(refused)? {
+            wire::Step::More(Some(reply)) => write.write_all(&reply).await.map_err(io)?,
+            wire::Step::More(None) => {}
+            wire::Step::Done(result) => return result.map_err(refused),
+        }
+    }
+}
+
+fn fields(ban: &Ban) -> wire::BanFields<'_> {
+    wire::BanFields {
+        jail: &ban.jail,
+        protocol: &ban.protocol,
+        port: &ban.port,
+        ip: &ban.ip,
+    }
 }
 
 /// Hands one ban to the node without an async runtime: one connection,
 /// one write, one answer ([`wire`]). `NodeDown` only when no connection
 /// could be made.
 pub fn report_blocking(socket: &Path, ban: &Ban) -> Result<u64, ReportError> {
-    let fields = wire::BanFields {
-        jail: &ban.jail,
-        protocol: &ban.protocol,
-        port: &ban.port,
-        ip: &ban.ip,
-    };
-    wire::report(socket, fields).map_err(|e| match e {
+    wire::report(socket, fields(ban)).map_err(|e| match e {
         wire::WireError::Connect(e) => ReportError::NodeDown {
             path: socket.to_path_buf(),
             reason: e.to_string(),

@@ -17,7 +17,7 @@
 //! Success is a `grpc-status: 0` in the trailers with the answer's message
 //! before them; anything else is an error naming what the node said.
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufReader, Read, Write},
     os::unix::net::UnixStream,
     path::Path,
 };
@@ -103,12 +103,11 @@ pub fn report(socket: &Path, ban: BanFields<'_>) -> Result<u64, WireError> {
     let request = request(ban)?;
     let stream = UnixStream::connect(socket).map_err(WireError::Connect)?;
     (&stream).write_all(&request).map_err(WireError::Io)?;
-    let answer = read_answer(&stream)?;
-    decode_seq(&answer)
+    read_answer(&stream)
 }
 
 /// The whole request: preface, empty SETTINGS, HEADERS, DATA (END_STREAM).
-fn request(ban: BanFields<'_>) -> Result<Vec<u8>, WireError> {
+pub fn request(ban: BanFields<'_>) -> Result<Vec<u8>, WireError> {
     let mut message = Vec::with_capacity(64);
     for (field, value) in [(1, ban.jail), (2, ban.protocol), (3, ban.port), (4, ban.ip)] {
         if !value.is_empty() {
@@ -176,25 +175,43 @@ struct Answer {
     body: Vec<u8>,
 }
 
-/// Reads frames until stream 1 ends, answering the connection's SETTINGS
-/// and PINGs on the way.
-fn read_answer(stream: &UnixStream) -> Result<Answer, WireError> {
-    let mut reader = BufReader::with_capacity(MAX_FRAME + 9, stream);
-    let mut hpack = Decoder::default();
-    let mut answer = Answer::default();
-    let mut block = Vec::new();
-    loop {
-        let (kind, flags, id, payload) = read_frame(&mut reader)?;
+/// One call's reading side, fed frame by frame by a blocking
+/// ([`report`]) or an async (`report::report`) reader.
+#[derive(Default)]
+pub struct Call {
+    hpack: Decoder,
+    answer: Answer,
+    block: Vec<u8>,
+}
+
+/// What the reader does after a frame.
+pub enum Step {
+    /// Read on; first write these bytes (a SETTINGS or PING ack) if any.
+    More(Option<Vec<u8>>),
+    /// Stream 1 ended: the node's answer, as its sequence number or error.
+    Done(Result<u64, WireError>),
+}
+
+impl Call {
+    /// Takes one frame (its type, flags, stream and payload).
+    pub fn frame(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        id: u32,
+        payload: &[u8],
+    ) -> Result<Step, WireError> {
+        let mut reply = None;
         match (kind, id) {
             (SETTINGS, 0) if flags & ACK == 0 => {
                 let mut ack = Vec::with_capacity(9);
                 frame(&mut ack, SETTINGS, ACK, 0, &[]);
-                (&*stream).write_all(&ack).map_err(WireError::Io)?;
+                reply = Some(ack);
             }
             (PING, 0) if flags & ACK == 0 => {
                 let mut pong = Vec::with_capacity(17);
-                frame(&mut pong, PING, ACK, 0, &payload);
-                (&*stream).write_all(&pong).map_err(WireError::Io)?;
+                frame(&mut pong, PING, ACK, 0, payload);
+                reply = Some(pong);
             }
             (GOAWAY, 0) => {
                 let last = payload.get(..4).map_or(0, |b| {
@@ -218,14 +235,15 @@ fn read_answer(stream: &UnixStream) -> Result<Answer, WireError> {
             }
             (HEADERS, 1) | (CONTINUATION, 1) => {
                 let fragment = if kind == HEADERS {
-                    block.clear();
-                    unpad(flags, &payload, true)?
+                    self.block.clear();
+                    unpad(flags, payload, true)?
                 } else {
-                    &payload[..]
+                    payload
                 };
-                block.extend_from_slice(fragment);
+                self.block.extend_from_slice(fragment);
                 if flags & END_HEADERS != 0 {
-                    for (name, value) in hpack.decode(&block)? {
+                    for (name, value) in self.hpack.decode(&self.block)? {
+                        let answer = &mut self.answer;
                         match name.as_str() {
                             ":status" => answer.status = Some(value),
                             "grpc-status" => answer.grpc_status = Some(value),
@@ -235,49 +253,67 @@ fn read_answer(stream: &UnixStream) -> Result<Answer, WireError> {
                     }
                 }
             }
-            (DATA, 1) => answer
+            (DATA, 1) => self
+                .answer
                 .body
-                .extend_from_slice(unpad(flags, &payload, false)?),
+                .extend_from_slice(unpad(flags, payload, false)?),
             _ => {} // WINDOW_UPDATE, acks, other streams: nothing to do.
         }
-        // END_STREAM on HEADERS counts once the block is complete; on
-        // CONTINUATION frames it is carried by the HEADERS frame before.
+        // END_STREAM on HEADERS counts once the block is complete; a block
+        // with `grpc-status` is the trailers, the stream's last (which
+        // covers a CONTINUATION whose HEADERS frame carried END_STREAM).
         let ended = match kind {
             DATA => flags & END_STREAM != 0,
             HEADERS | CONTINUATION => {
-                flags & END_HEADERS != 0 && (flags & END_STREAM != 0 || block_ended(&answer))
+                flags & END_HEADERS != 0
+                    && (flags & END_STREAM != 0 || self.answer.grpc_status.is_some())
             }
             _ => false,
         };
-        if id == 1 && ended {
-            return Ok(answer);
+        Ok(if id == 1 && ended {
+            Step::Done(decode_seq(&self.answer))
+        } else {
+            Step::More(reply)
+        })
+    }
+}
+
+/// Reads frames until stream 1 ends, answering the connection's SETTINGS
+/// and PINGs on the way.
+fn read_answer(stream: &UnixStream) -> Result<u64, WireError> {
+    let mut reader = BufReader::with_capacity(MAX_FRAME + 9, stream);
+    let mut call = Call::default();
+    loop {
+        let mut head = [0u8; 9];
+        reader.read_exact(&mut head).map_err(eof)?;
+        let (kind, flags, id, len) = frame_head(&head)?;
+        let mut payload = vec![0u8; len];
+        reader.read_exact(&mut payload).map_err(WireError::Io)?;
+        match call.frame(kind, flags, id, &payload)? {
+            Step::More(Some(reply)) => (&*stream).write_all(&reply).map_err(WireError::Io)?,
+            Step::More(None) => {}
+            Step::Done(result) => return result,
         }
     }
 }
 
-/// A block with `grpc-status` is the trailers, the stream's last frame
-/// (covers a CONTINUATION whose HEADERS carried END_STREAM).
-fn block_ended(answer: &Answer) -> bool {
-    answer.grpc_status.is_some()
+/// A read error; the node closing before its answer is named as such.
+pub fn eof(e: std::io::Error) -> WireError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        WireError::Protocol("the node closed the connection before answering".into())
+    } else {
+        WireError::Io(e)
+    }
 }
 
-fn read_frame(reader: &mut impl BufRead) -> Result<(u8, u8, u32, Vec<u8>), WireError> {
-    let mut head = [0u8; 9];
-    reader.read_exact(&mut head).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::Protocol("the node closed the connection before answering".into())
-        } else {
-            WireError::Io(e)
-        }
-    })?;
+/// A frame header: (type, flags, stream, payload length).
+pub fn frame_head(head: &[u8; 9]) -> Result<(u8, u8, u32, usize), WireError> {
     let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
     if len > MAX_FRAME {
         return Err(WireError::Protocol(format!("frame of {len} bytes")));
     }
     let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-    let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload).map_err(WireError::Io)?;
-    Ok((head[3], head[4], id, payload))
+    Ok((head[3], head[4], id, len))
 }
 
 /// A HEADERS or DATA payload without its padding (and priority fields).
