@@ -1275,16 +1275,9 @@ fn report(args: ReportArgs) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    // One thread: this runs once per ban inside fail2ban's action.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("start the tokio runtime");
-    match rt.block_on(crate::report::report_or_spool(
-        &args.socket,
-        &args.data_dir,
-        ban,
-    )) {
+    // No async runtime: one blocking call (`report::wire`), since this
+    // runs once per ban inside fail2ban's action.
+    match crate::report::report_or_spool_blocking(&args.socket, &args.data_dir, ban) {
         Ok(crate::report::Accepted::Queued(_)) => std::process::ExitCode::SUCCESS,
         Ok(crate::report::Accepted::Spooled(path)) => {
             eprintln!(

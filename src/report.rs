@@ -4,6 +4,12 @@
 //! answers, once it is durable in the node's spool ([`crate::node::spool`],
 //! taken into the outbox when the node runs again). It never talks to the
 //! hub: fail2ban's action waits only for a local fsync.
+//!
+//! The `Node/Report` call is [`wire`]: HTTP/2 by hand on std I/O, no
+//! runtime, the request in one write; the `report` command, the small
+//! `banmesh-report` binary and (async, [`report`]) the
+//! benchmark use it, because fail2ban's action waits for the whole run on
+//! every ban. `status` still goes through tonic ([`connect`]).
 use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
@@ -42,6 +48,9 @@ pub enum ReportError {
     Refused(String),
 }
 
+mod hpack;
+pub mod wire;
+
 /// A channel to the node's local socket.
 pub async fn connect(socket: &Path) -> Result<Channel, ReportError> {
     let path = socket.to_path_buf();
@@ -61,16 +70,66 @@ pub async fn connect(socket: &Path) -> Result<Channel, ReportError> {
 
 /// Checks and hands one ban to the node; returns the node's sequence number.
 ///
+/// The same call as `banmesh report` makes ([`report_blocking`]: one
+/// connection, the request in one write, [`wire`]'s frames), on tokio's
+/// socket, so the benchmark's and the demo's in-process reports cost the
+/// node what fail2ban's do, without a thread each.
+///
 /// `NodeDown` only when no connection could be made: once the request is
 /// sent, the node may have stored the ban before failing to answer, so a
 /// failure then is `Refused` (and never spooled, which could store it twice).
 pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
-    let mut client = NodeClient::new(connect(socket).await?);
-    let response = client
-        .report(ban.to_proto())
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = wire::request(fields(&ban)).map_err(|e| ReportError::Refused(e.to_string()))?;
+    let mut stream = UnixStream::connect(socket)
         .await
-        .map_err(|s| ReportError::Refused(s.message().to_string()))?;
-    Ok(response.into_inner().seq)
+        .map_err(|e| ReportError::NodeDown {
+            path: socket.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let refused = |e: wire::WireError| ReportError::Refused(e.to_string());
+    let io = |e: std::io::Error| refused(wire::WireError::Io(e));
+    stream.write_all(&request).await.map_err(io)?;
+    let (read, mut write) = stream.split();
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut call = wire::Call::default();
+    loop {
+        let mut head = [0u8; 9];
+        reader
+            .read_exact(&mut head)
+            .await
+            .map_err(|e| refused(wire::eof(e)))?;
+        let (kind, flags, id, len) = wire::frame_head(&head).map_err(refused)?;
+        let mut payload = vec![0u8; len];
+        reader.read_exact(&mut payload).await.map_err(io)?;
+        match call.frame(kind, flags, id, &payload).map_err(refused)? {
+            wire::Step::More(Some(reply)) => write.write_all(&reply).await.map_err(io)?,
+            wire::Step::More(None) => {}
+            wire::Step::Done(result) => return result.map_err(refused),
+        }
+    }
+}
+
+fn fields(ban: &Ban) -> wire::BanFields<'_> {
+    wire::BanFields {
+        jail: &ban.jail,
+        protocol: &ban.protocol,
+        port: &ban.port,
+        ip: &ban.ip,
+    }
+}
+
+/// Hands one ban to the node without an async runtime: one connection,
+/// one write, one answer ([`wire`]). `NodeDown` only when no connection
+/// could be made.
+pub fn report_blocking(socket: &Path, ban: &Ban) -> Result<u64, ReportError> {
+    wire::report(socket, fields(ban)).map_err(|e| match e {
+        wire::WireError::Connect(e) => ReportError::NodeDown {
+            path: socket.to_path_buf(),
+            reason: e.to_string(),
+        },
+        e => ReportError::Refused(e.to_string()),
+    })
 }
 
 /// What happened to a report.
@@ -89,9 +148,28 @@ pub async fn report_or_spool(
     data_dir: &Path,
     ban: Ban,
 ) -> Result<Accepted, ReportError> {
-    match report(socket, ban.clone()).await {
+    let result = report(socket, ban.clone()).await;
+    spool_if_down(result, data_dir, &ban)
+}
+
+/// [`report_or_spool`] without an async runtime (what `banmesh report` runs).
+pub fn report_or_spool_blocking(
+    socket: &Path,
+    data_dir: &Path,
+    ban: Ban,
+) -> Result<Accepted, ReportError> {
+    spool_if_down(report_blocking(socket, &ban), data_dir, &ban)
+}
+
+/// Spools `ban` when `result` says no node could be reached.
+fn spool_if_down(
+    result: Result<u64, ReportError>,
+    data_dir: &Path,
+    ban: &Ban,
+) -> Result<Accepted, ReportError> {
+    match result {
         Ok(seq) => Ok(Accepted::Queued(seq)),
-        Err(ReportError::NodeDown { path, reason }) => spool::write(data_dir, &ban)
+        Err(ReportError::NodeDown { path, reason }) => spool::write(data_dir, ban)
             .map(Accepted::Spooled)
             .map_err(|e| ReportError::NodeDown {
                 path,
