@@ -56,6 +56,8 @@ fn bench_quick_runs_every_scenario() {
     assert!(json["node_rss"]["rss_anon_mib"].as_f64().unwrap() > 0.0);
     assert!(json["fanout"]["hub_rss_per_added_subscriber_kib"].is_u64());
     assert_eq!(json["report"]["n"], 200);
+    // The small client fail2ban's action runs, built beside banmesh.
+    assert_eq!(json["report"]["banmesh_report_binary"]["n"], 200);
     // The scanning wave: five hosts report the same 40 addresses; one fleet
     // ban each, delivered once to every host.
     assert_eq!(json["wave"]["fleet_bans"], 40);
