@@ -392,7 +392,7 @@ impl Published {
             return false;
         }
         let mut allow_changed = false;
-        match store.events_after(self.last, "", PEER_POLL_LIMIT).await {
+        match store.committed_after(self.last, PEER_POLL_LIMIT).await {
             Ok(events) => {
                 for e in events {
                     if e.id > self.last {
@@ -446,7 +446,7 @@ impl Published {
         // Something committed that was never published (an unknown
         // outcome, or ids skipped): read the range back, in order.
         let span = (highest - self.last) as usize;
-        match store.events_after(self.last, "", span).await {
+        match store.committed_after(self.last, span).await {
             Ok(events) => {
                 let late = events.len().saturating_sub(fresh.len());
                 if late > 0 {

@@ -145,6 +145,13 @@ pub trait Backend: Send + Sync + 'static {
     /// A connection (MySQL: from the pool; SQLite: the one connection,
     /// held until the session is dropped).
     async fn session(&self) -> Result<Box<dyn Executor + '_>, StoreError>;
+    /// The session of the committer's reads before a commit (the ladder's):
+    /// MySQL lends the connection its commits run on, kept between them
+    /// with its prepared statements (`mysql::dedicated`); elsewhere any
+    /// session.
+    async fn commit_session(&self) -> Result<Box<dyn Executor + '_>, StoreError> {
+        self.session().await
+    }
     /// The group commit, tuned per backend (see `Store::commit`).
     async fn commit_batch(
         &self,

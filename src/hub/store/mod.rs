@@ -490,6 +490,12 @@ pub trait Store: Send + Sync + 'static {
         subscriber: &str,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError>;
+    /// The committer's reads of what is stored (its read-back of events
+    /// committed unpublished, its poll of other hubs' commits): every
+    /// event after `after` any subscriber may get, as `events_after` for
+    /// one that excludes nothing, on the connection the committer's
+    /// commits run on (MySQL: kept out of the pool, `mysql::dedicated`).
+    async fn committed_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
     /// Lifts every active ban of `ip`; `None` when none was active. With
     /// `forget`, also clears the address's ladder history (every ban up to
     /// now), in the same transaction, active ban or not.

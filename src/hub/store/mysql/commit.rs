@@ -132,7 +132,10 @@ impl MysqlStore {
         for r in batch {
             ids.push(sql::host_id(self, &r.host).await?);
         }
-        let mut c = self.conn().await?;
+        // The committer's own connection (`dedicated`): no pool reset, the
+        // counter bump stays prepared. Any early return drops the
+        // transaction, then the lease: the pool rolls back and resets it.
+        let mut lease = self.lease().await?;
         let keys: Vec<(u64, u64)> = ids
             .iter()
             .copied()
@@ -141,12 +144,17 @@ impl MysqlStore {
         let (second, first): (Vec<usize>, Vec<usize>) =
             (0..batch.len()).partition(|&i| matches!(batch[i].plan, Plan::CoalesceWith(_)));
         let mut out: Vec<Option<Committed>> = vec![None; batch.len()];
-        let mut tx = c.start_transaction(TxOpts::default()).await.map_err(q)?;
+        let mut tx = lease
+            .conn()
+            .start_transaction(TxOpts::default())
+            .await
+            .map_err(q)?;
         for phase in [first, second] {
             self.insert_phase(&mut tx, batch, &keys, &phase, &mut out, now)
                 .await?;
         }
         tx.commit().await.map_err(q)?;
+        lease.keep();
         out.into_iter()
             .map(|c| c.ok_or_else(|| StoreError::query("a report of the batch got no outcome")))
             .collect()
@@ -376,6 +384,8 @@ mod tests {
                 ]);
             }
             store.current.write().unwrap().pool = Pool::new(opts);
+            // The commit's kept connection is of the old pool's mode.
+            store.dedicated.clear();
             let mut c = store.conn().await.unwrap();
             let sql_mode: String = c
                 .query_first("SELECT @@SESSION.sql_mode")

@@ -18,6 +18,7 @@ use super::{
 use crate::ban::Status;
 
 mod commit;
+mod dedicated;
 pub mod health;
 mod literal;
 
@@ -37,6 +38,8 @@ pub struct MysqlStore {
     /// The pool in use and which target it reaches.
     current: std::sync::RwLock<Current>,
     host_ids: HostIds,
+    /// The committer's connection, kept out of the pool (`dedicated`).
+    dedicated: dedicated::Slot,
 }
 
 /// One `--db` address.
@@ -53,6 +56,9 @@ struct Target {
 struct Current {
     pool: Pool,
     index: usize,
+    /// Bumped by every [`MysqlStore::move_to`]: a connection taken from
+    /// an older pool is not kept (`dedicated`).
+    generation: u64,
 }
 
 /// How long opening one `--db` address may take before the next is tried
@@ -170,9 +176,11 @@ impl MysqlStore {
             current: std::sync::RwLock::new(Current {
                 pool: Pool::new(opts.clone()),
                 index,
+                generation: 0,
             }),
             targets: targets.to_vec(),
             host_ids: HostIds::default(),
+            dedicated: dedicated::Slot::default(),
         };
         let mut ex = store.session().await?;
         schema::migrate(&mut *ex, Dialect::MySql).await?;
@@ -184,6 +192,11 @@ impl MysqlStore {
     /// The pool in use (a handle: cheap to clone).
     fn pool(&self) -> Pool {
         self.current.read().unwrap().pool.clone()
+    }
+
+    /// How many times the pool was replaced (`Current::generation`).
+    fn generation(&self) -> u64 {
+        self.current.read().unwrap().generation
     }
 
     /// `host:port` of the address in use.
@@ -206,11 +219,16 @@ impl MysqlStore {
     /// connections may be dead). The old pool's connections close in the
     /// background; sessions holding one finish on it or fail.
     pub fn move_to(&self, index: usize) {
-        let fresh = Current {
-            pool: Pool::new(self.targets[index].opts.clone()),
-            index,
+        let old = {
+            let mut current = self.current.write().unwrap();
+            let fresh = Current {
+                pool: Pool::new(self.targets[index].opts.clone()),
+                index,
+                generation: current.generation + 1,
+            };
+            std::mem::replace(&mut *current, fresh)
         };
-        let old = std::mem::replace(&mut *self.current.write().unwrap(), fresh);
+        self.dedicated.clear();
         tokio::spawn(async move {
             // A dead server never answers the goodbye: bounded.
             let _ = tokio::time::timeout(OPEN_TIMEOUT, old.pool.disconnect()).await;
@@ -260,15 +278,37 @@ struct MysqlSession<'a> {
     /// Dropped without `commit`, it rolls back when its connection returns
     /// to the pool.
     tx: Option<Transaction<'static>>,
+    /// The committer's connection instead of a pooled one
+    /// ([`Backend::commit_session`]); kept for the next commit when no
+    /// statement failed.
+    lease: Option<dedicated::Lease<'a>>,
+    failed: bool,
 }
 
 impl MysqlSession<'_> {
     /// The idle connection, taken from the pool on first use.
     async fn conn(&mut self) -> Result<&mut Conn, StoreError> {
+        if let Some(lease) = self.lease.as_mut() {
+            return Ok(lease.conn());
+        }
         if self.conn.is_none() {
             self.conn = Some(self.store.conn().await?);
         }
         Ok(self.conn.as_mut().unwrap())
+    }
+
+    /// Notes a failed statement: the leased connection is not kept.
+    fn note<T>(&mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.failed |= r.is_err();
+        r
+    }
+}
+
+impl Drop for MysqlSession<'_> {
+    fn drop(&mut self) {
+        if let (Some(lease), false) = (self.lease.take(), self.failed) {
+            lease.keep();
+        }
     }
 }
 
@@ -308,6 +348,13 @@ impl Executor for MysqlSession<'_> {
             exec_on(tx, sql, params).await?;
             return Ok(done(tx.affected_rows(), tx.last_insert_id()));
         }
+        if self.lease.is_some() {
+            let c = self.conn().await?;
+            let r = exec_on(c, sql, params)
+                .await
+                .map(|()| done(c.affected_rows(), c.last_insert_id()));
+            return self.note(r);
+        }
         // An autocommit statement that lost a conflict (Galera: another
         // hub's write-set certified first) was rolled back whole: again.
         let mut attempt = 0;
@@ -330,15 +377,20 @@ impl Executor for MysqlSession<'_> {
         params: Vec<executor::Value>,
     ) -> Result<Vec<Row>, StoreError> {
         let params: Vec<Value> = params.into_iter().map(Into::into).collect();
-        match self.tx.as_mut() {
+        let r = match self.tx.as_mut() {
             Some(tx) => query_on(tx, sql, params).await,
             None => query_on(self.conn().await?, sql, params).await,
-        }
+        };
+        self.note(r)
     }
 
     async fn begin(&mut self) -> Result<(), StoreError> {
         // The pool's transaction owns its connection; the idle one goes back.
         self.conn = None;
+        // A lease serves reads only (the ladder's): given back as it is.
+        if let Some(lease) = self.lease.take() {
+            lease.keep();
+        }
         let tx = self
             .store
             .pool()
@@ -372,6 +424,18 @@ impl Backend for MysqlStore {
             store: self,
             conn: None,
             tx: None,
+            lease: None,
+            failed: false,
+        }))
+    }
+
+    async fn commit_session(&self) -> Result<Box<dyn Executor + '_>, StoreError> {
+        Ok(Box::new(MysqlSession {
+            store: self,
+            conn: None,
+            tx: None,
+            lease: Some(self.lease().await?),
+            failed: false,
         }))
     }
 
@@ -429,12 +493,14 @@ mod tests {
             current: std::sync::RwLock::new(Current {
                 pool: Pool::new(opts.clone()),
                 index: 0,
+                generation: 0,
             }),
             targets: vec![Target {
                 opts,
                 at: "127.0.0.1:1".into(),
             }],
             host_ids: HostIds::default(),
+            dedicated: dedicated::Slot::default(),
         };
         let Err(e) = store.conn().await else {
             panic!("nothing listens on port 1");

@@ -5,7 +5,7 @@ use super::{
     super::{
         BanFilter, BanRow, COALESCED_KIND, LadderFacts, NewReport, ReporterRow, StoreError,
         assemble_bans,
-        executor::{Backend, Row, params},
+        executor::{Backend, Executor, Row, params},
         now_ms,
     },
     hosts_by_id,
@@ -62,6 +62,28 @@ pub async fn events_after<B: Backend + ?Sized>(
     // Reporter 0 is the hub's own (`fleet` bans): an admin excludes none.
     let me = b.host_ids().get(subscriber).unwrap_or(i64::MAX as u64);
     let mut ex = b.session().await?;
+    read_after(&mut *ex, after, me, limit).await
+}
+
+/// `Store::committed_after` for any backend: what every subscriber may
+/// get (reporter `i64::MAX`: no host is excluded), on the committer's
+/// session (`Backend::commit_session`).
+pub async fn committed_after<B: Backend + ?Sized>(
+    b: &B,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
+    let mut ex = b.commit_session().await?;
+    read_after(&mut *ex, after, i64::MAX as u64, limit).await
+}
+
+/// The replay query: events after `after` as reporter `me` gets them.
+async fn read_after(
+    ex: &mut dyn Executor,
+    after: u64,
+    me: u64,
+    limit: usize,
+) -> Result<Vec<Event>, StoreError> {
     ex.query(
         &format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE id > ? \
@@ -171,7 +193,8 @@ pub async fn ladder_facts<B: Backend + ?Sized>(
     if batch.is_empty() {
         return Ok(facts);
     }
-    let mut ex = b.session().await?;
+    // The committer's own connection: see `Backend::commit_session`.
+    let mut ex = b.commit_session().await?;
     let mut per_ip: HashMap<&str, usize> = HashMap::new();
     for r in batch {
         *per_ip.entry(r.ban.ip.as_str()).or_default() += 1;

@@ -164,6 +164,10 @@ impl<B: Backend> Store for B {
         events::events_after(self, after, subscriber, limit).await
     }
 
+    async fn committed_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        events::committed_after(self, after, limit).await
+    }
+
     async fn unban(
         &self,
         ip: &str,
