@@ -359,7 +359,10 @@ pub async fn run(tcp: TcpListener, config: HubConfig, shutdown: Shutdown) -> Res
     info!(rate = %config.report_limit.rate, burst = config.report_limit.burst, "per-host report limit");
     let service = service::HubService {
         limits: Arc::new(rate_limit::ReportLimits::new(config.report_limit)),
-        statuses: statuses::StatusWriter::spawn(Arc::clone(&store)),
+        statuses: statuses::StatusWriter::spawn(Arc::clone(&store), {
+            let fanout = fanout.clone();
+            Arc::new(move || fanout.head())
+        }),
         store: Arc::clone(&store),
         committer,
         signals,
