@@ -1,8 +1,9 @@
 //! Fan-out of committed events to live subscribers, and who is subscribed.
 //!
 //! One bounded broadcast ring holds the latest events, each an `Arc` shared
-//! by every subscriber; the hub's memory does not grow with subscribers or
-//! with a slow one. A subscriber that falls more than [`RING`] events behind
+//! by every subscriber, with its wire encoding made once when it is
+//! published (every subscriber sends the same bytes); the hub's memory does
+//! not grow with subscribers or with a slow one. A subscriber that falls more than [`RING`] events behind
 //! loses its place in the ring and goes back to replay from the store (see
 //! `subscription`), so nothing is dropped, only re-read.
 //!
@@ -23,7 +24,7 @@ use std::{
 
 use tokio::sync::{Notify, broadcast};
 
-use crate::ban::Event;
+use crate::{ban::Event, proto::wire::EncodedEvent};
 
 /// Events kept for live subscribers.
 pub const RING: usize = 8192;
@@ -45,10 +46,20 @@ struct Subscribed {
 
 type Registry = Arc<Mutex<HashMap<String, Subscribed>>>;
 
+/// One published event, as the ring holds it: the event (a subscriber
+/// filters on it) and its encoding (what a subscriber sends).
+#[derive(Debug)]
+pub struct Live {
+    /// The committed event.
+    pub event: Arc<Event>,
+    /// Its `proto::Event` encoding, encoded once for every subscriber.
+    pub wire: EncodedEvent,
+}
+
 /// The live ring and the registry of subscribed hosts; clones share both.
 #[derive(Clone)]
 pub struct Fanout {
-    tx: broadcast::Sender<Arc<Event>>,
+    tx: broadcast::Sender<Arc<Live>>,
     subscribed: Registry,
     /// Numbers streams, so that a guard finds its own entry.
     next_stream: Arc<AtomicU64>,
@@ -73,7 +84,8 @@ impl Fanout {
     pub fn publish(&self, event: Arc<Event>) {
         tracing::debug!(target: crate::hops::TARGET, hop = "commit", hop_id = event.id, hop_ip = %event.ban.ip, hop_us = crate::hops::now_us());
         self.head.fetch_max(event.id, Ordering::Relaxed);
-        let _ = self.tx.send(event);
+        let wire = EncodedEvent::of(&event);
+        let _ = self.tx.send(Arc::new(Live { event, wire }));
     }
 
     /// The last event id published live.
@@ -90,7 +102,7 @@ impl Fanout {
     }
 
     /// A receiver that sees every event published from now on.
-    pub fn receiver(&self) -> broadcast::Receiver<Arc<Event>> {
+    pub fn receiver(&self) -> broadcast::Receiver<Arc<Live>> {
         self.tx.subscribe()
     }
 

@@ -71,7 +71,7 @@ use tracing::{info, warn};
 
 use crate::{
     ca::{CaError, CaSigner},
-    proto::{enrollment_server::EnrollmentServer, hub_server::HubServer},
+    proto::{enrollment_server::EnrollmentServer, served::hub_server::HubServer},
     shutdown::Shutdown,
     tls::TlsFiles,
 };

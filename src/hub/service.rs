@@ -24,7 +24,7 @@ use super::{
 use crate::{
     ban::Status as BanStatus,
     ca::CaSigner,
-    proto::{self, LAST_SEQ_HEADER, hub_server},
+    proto::{self, LAST_SEQ_HEADER, served::hub_server},
     shutdown::Shutdown,
 };
 
@@ -120,7 +120,7 @@ fn until_lost(mut acks: publish::Acks, db: DbGate) -> BoxStream<proto::Ack> {
 #[tonic::async_trait]
 impl hub_server::Hub for HubService {
     type PublishStream = BoxStream<proto::Ack>;
-    type SubscribeStream = BoxStream<proto::Event>;
+    type SubscribeStream = subscription::Events;
 
     async fn publish(
         &self,
@@ -181,7 +181,7 @@ impl hub_server::Hub for HubService {
             request.get_ref().after_event_id,
             self.shutdown.clone(),
         );
-        Ok(Response::new(Box::pin(events)))
+        Ok(Response::new(events))
     }
 
     async fn report_status(

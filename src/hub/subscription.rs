@@ -29,7 +29,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::{
+    broadcast::error::{RecvError, TryRecvError},
+    mpsc,
+};
 use tokio_stream::Stream;
 use tonic::Status;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -42,7 +45,7 @@ use super::{
 };
 use crate::{
     ban::{Event, EventKind},
-    proto,
+    proto::wire::EncodedEvent,
     shutdown::Shutdown,
 };
 
@@ -59,10 +62,13 @@ pub const SMALL_PAGE: usize = SUBSCRIBER_QUEUE / 2;
 /// keeps up takes 5,000 events in ~20 ms.
 pub const REPLAY_STALL: Duration = Duration::from_secs(1);
 /// Events buffered per subscriber between the replay/live task and gRPC:
-/// all that a stalled subscriber holds in the hub (~80 kB).
+/// all that a stalled subscriber holds in the hub (~35 kB: 256 encoded
+/// events, live ones shared with every other subscriber).
 pub const SUBSCRIBER_QUEUE: usize = 256;
 
-type Item = Result<proto::Event, Status>;
+/// An event as encoded for the wire: a queue slot is 40 bytes (a decoded
+/// `proto::Event` took 200), and a live event's bytes are shared.
+type Item = Result<EncodedEvent, Status>;
 
 /// The receiving end of a subscription's queue, and the waker of whoever
 /// last polled it (so that [`close`] can swap the queue and wake them).
@@ -229,6 +235,14 @@ async fn send(tx: &mpsc::Sender<Item>, item: Item, shutdown: &mut Shutdown) -> b
     if shutdown.is_shutdown() {
         return false;
     }
+    // Room in the queue, the usual case: sent without building the wait
+    // below (each of its futures registers a waiter; per delivery, that
+    // was a third of the hub's CPU in the fan-out).
+    let item = match tx.try_send(item) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        Err(mpsc::error::TrySendError::Full(item)) => item,
+    };
     tokio::select! {
         sent = tx.send(item) => sent.is_ok(),
         _ = shutdown.recv() => false,
@@ -275,13 +289,13 @@ async fn stream(
             let mut events = page.iter();
             // `room` first: zip must not take an event it has no slot for.
             for (slot, event) in room.zip(events.by_ref()) {
-                slot.send(Ok(event.to_proto()));
+                slot.send(Ok(EncodedEvent::of(event)));
                 last = event.id;
             }
             let deadline = tokio::time::Instant::now() + REPLAY_STALL;
             let mut stalled = false;
             for event in events {
-                let item = Ok(event.to_proto());
+                let item = Ok(EncodedEvent::of(event));
                 let sent = tokio::time::timeout_at(deadline, send(&tx, item, &mut shutdown));
                 match sent.await {
                     Ok(true) => last = event.id,
@@ -301,16 +315,25 @@ async fn stream(
             }
         }
         loop {
-            let received = tokio::select! {
-                r = live.recv() => r,
-                _ = tx.closed() => return,
-                _ = shutdown.recv() => return,
+            // An event already in the ring is taken without a wait (see
+            // `send`); a subscriber gone or a shutdown is then seen by
+            // `send`, at the next event it sends.
+            let received = match live.try_recv() {
+                Ok(event) => Ok(event),
+                Err(TryRecvError::Lagged(missed)) => Err(RecvError::Lagged(missed)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                Err(TryRecvError::Empty) => tokio::select! {
+                    r = live.recv() => r,
+                    _ = tx.closed() => return,
+                    _ = shutdown.recv() => return,
+                },
             };
             match received {
-                Ok(event) if event.id <= last => {}
-                Ok(event) => {
-                    if visible(&event, &host) {
-                        if !send(&tx, Ok(event.to_proto()), &mut shutdown).await {
+                Ok(live) if live.event.id <= last => {}
+                Ok(live) => {
+                    let event = &live.event;
+                    if visible(event, &host) {
+                        if !send(&tx, Ok(live.wire.clone()), &mut shutdown).await {
                             return;
                         }
                         tracing::debug!(target: crate::hops::TARGET, hop = "sent", hop_id = event.id, hop_host = %host, hop_us = crate::hops::now_us());
