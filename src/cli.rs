@@ -850,6 +850,8 @@ pub fn main() -> std::process::ExitCode {
                 runtime().block_on(hub_action(action))
             }
             HubCommand { run, .. } => {
+                // SAFETY: no thread has been started yet.
+                unsafe { crate::hub::store::mysql::bound_buffer_pool() };
                 let service = Service::start(&run.service, argv, effective);
                 runtime().block_on(run_hub(run, service))
             }

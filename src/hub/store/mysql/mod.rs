@@ -22,6 +22,39 @@ mod dedicated;
 pub mod health;
 mod literal;
 
+/// mysql_async keeps up to this many freed packet buffers for reuse (its
+/// default: 128)...
+const BUFFER_POOL_CAP: &str = "1";
+/// ...each shrunk to at most this many bytes (its default: 4 MiB).
+const BUFFER_SIZE_CAP: &str = "262144";
+
+/// Bounds the packet buffers mysql_async keeps for reuse, where the
+/// operator has not set them: by default it keeps up to 128 of up to 4 MiB
+/// each, and a hub that wrote many hosts' first rows at once held them for
+/// good (29 KiB per subscriber, docs/perf/hub-subscriber-memory.txt).
+/// Measured (`bench --quick --only fanout,ingest`, same binary, the
+/// environment set): RSS per subscriber added 96 KiB with mysql_async's
+/// defaults, 87 with 16 buffers kept, 73 with 1; hub CPU per ingested
+/// report 5.85, 5.7 and 5.55 µs: reuse saved nothing measurable, so one
+/// is kept. mysql_async reads these once, when its first pool is made,
+/// from the environment only.
+///
+/// # Safety
+///
+/// Writes the process environment: call it before any other thread
+/// exists (before the tokio runtime starts).
+pub unsafe fn bound_buffer_pool() {
+    for (name, value) in [
+        ("MYSQL_ASYNC_BUFFER_POOL_CAP", BUFFER_POOL_CAP),
+        ("MYSQL_ASYNC_BUFFER_SIZE_CAP", BUFFER_SIZE_CAP),
+    ] {
+        if std::env::var_os(name).is_none() {
+            // SAFETY: the caller guarantees no other thread runs yet.
+            unsafe { std::env::set_var(name, value) };
+        }
+    }
+}
+
 /// The MySQL store: a connection pool and what it learnt at open.
 ///
 /// `--db` may list several addresses of one Galera cluster (or of one
