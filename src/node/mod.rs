@@ -49,6 +49,7 @@
 //! - [`inspect`]: the optional mTLS port for grpcurl (status, health, reflection).
 //! - [`state_file`]: how every file above is opened: never through a
 //!   symbolic link, readable by its owner only.
+pub mod acked_mark;
 pub mod allow_list;
 pub mod apply;
 pub mod deferred;

@@ -19,7 +19,7 @@
 //! nothing, so the mark read can only be an earlier one (more re-sent),
 //! never a later one. The file is rewritten whole only when it holds
 //! [`acked_mark::REWRITE_AT`] records, or the journal is truncated.
-mod acked_mark;
+use super::acked_mark;
 
 use std::{
     fmt::Write as _,

@@ -5,9 +5,14 @@
 //! - `outbox.log`: records in the format of [`record`] (`magic | len |
 //!   crc32 | protobuf Report`). Appended and fsynced per report (one fsync
 //!   shared by the reports that arrive during another's).
-//! - `outbox.acked`: the highest acknowledged sequence number. Written
-//!   lazily: if it lags after a crash, the node re-sends a few reports and
-//!   the hub, which knows (host, seq), acknowledges them as duplicates.
+//! - `outbox.acked`: the highest acknowledged sequence number, an
+//!   append-only [`AckedMark`] (one 16-byte write per save, no create or
+//!   rename: the rename per ack batch was 7.4% of a node's CPU, issue 19).
+//!   Written lazily and not fsynced: if it lags after a crash (the last
+//!   saves lost, or a torn record passed over for the one before), the
+//!   node re-sends a few reports and the hub, which knows (host, seq),
+//!   acknowledges them as duplicates. It is never read as higher than
+//!   written. It is made durable (fsync) before the log is truncated.
 //!
 //! On open, every intact record is kept; a torn or corrupted stretch is
 //! skipped (the reader resynchronises on the next magic) and named in the
@@ -37,7 +42,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 pub use self::record::{decode_records, encode};
-use super::state_file;
+use super::{acked_mark::AckedMark, state_file};
 use crate::{ban::Ban, proto};
 
 pub mod record;
@@ -89,6 +94,8 @@ struct Inner {
     next_seq: u64,
     acked: u64,
     acked_saved: u64,
+    /// `outbox.acked`, open for appends.
+    mark: AckedMark,
 }
 
 /// The outbox; cheap to share behind an `Arc`.
@@ -129,10 +136,8 @@ impl Outbox {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let log = dir.join("outbox.log");
         let acked_file = dir.join("outbox.acked");
-        let acked: u64 = state_file::read(&acked_file)
-            .map_err(io(&acked_file))?
-            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
-            .unwrap_or(0);
+        // Reads a mark written by an earlier version (decimal text) too.
+        let (mark, acked) = AckedMark::open(acked_file.clone()).map_err(io(&acked_file))?;
         let bytes = state_file::read(&log)
             .map_err(io(&log))?
             .unwrap_or_default();
@@ -175,6 +180,7 @@ impl Outbox {
                 next_seq,
                 acked,
                 acked_saved: acked,
+                mark,
             }),
             appended: Notify::new(),
         };
@@ -332,26 +338,26 @@ impl Outbox {
         Ok(())
     }
 
-    /// Persists the acked mark (lazily, without fsync, unless `durable`).
+    /// Persists the acked mark (lazily: one append, no fsync).
     pub fn flush_acked(&self) -> Result<(), OutboxError> {
         let mut inner = self.inner.lock().unwrap();
         self.save_acked(&mut inner, false)
     }
 
+    /// Appends the mark if it moved; `durable` then fsyncs it (before the
+    /// log is truncated: the records it drops must never come back as
+    /// unacknowledged, nor their sequence numbers be handed out again).
     fn save_acked(&self, inner: &mut Inner, durable: bool) -> Result<(), OutboxError> {
-        if inner.acked == inner.acked_saved && !durable {
-            return Ok(());
-        }
         let path = self.acked_path();
-        let tmp = self.dir.join("outbox.acked.tmp");
-        let mut f = state_file::create_tmp(&tmp).map_err(io(&tmp))?;
-        f.write_all(inner.acked.to_string().as_bytes())
-            .map_err(io(&tmp))?;
-        if durable {
-            f.sync_all().map_err(io(&tmp))?;
+        if inner.acked != inner.acked_saved {
+            // The acked sequence only grows: never a rewrite for going back.
+            let acked = inner.acked;
+            inner.mark.set(acked, false).map_err(io(&path))?;
+            inner.acked_saved = acked;
         }
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        inner.acked_saved = inner.acked;
+        if durable {
+            inner.mark.sync().map_err(io(&path))?;
+        }
         Ok(())
     }
 }
@@ -478,6 +484,35 @@ mod tests {
                 .recv_timeout(std::time::Duration::from_secs(30))
                 .expect("an outbox call deadlocked");
         }
+    }
+
+    #[test]
+    fn the_acked_mark_is_appended_and_reads_an_earlier_versions_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let acked = dir.path().join("outbox.acked");
+        std::fs::write(&acked, "2").unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 100).unwrap();
+        assert_eq!(
+            ob.append(&ban("192.0.2.3")).unwrap(),
+            3,
+            "numbering goes on after 2"
+        );
+        ob.append(&ban("192.0.2.4")).unwrap();
+        let len = || std::fs::metadata(&acked).unwrap().len();
+        let before = len();
+        ob.ack(3).unwrap();
+        ob.flush_acked().unwrap();
+        ob.ack(4).unwrap();
+        ob.flush_acked().unwrap();
+        assert_eq!(len(), before + 32, "one record appended per save");
+        drop(ob);
+        // A torn record (a crash mid-write) is passed over: an earlier mark, more re-sent.
+        let mut f = OpenOptions::new().append(true).open(&acked).unwrap();
+        f.write_all(&[9; 5]).unwrap();
+        drop(f);
+        let (ob, rec) = Outbox::open(dir.path(), 100).unwrap();
+        assert_eq!(rec.pending, 0);
+        assert_eq!(ob.append(&ban("192.0.2.5")).unwrap(), 5);
     }
 
     #[test]
