@@ -65,7 +65,10 @@ impl Lease<'_> {
             generation,
             conn,
         } = self;
-        if store.generation() != generation {
+        // mysql_async marks a connection whose exchange was cut off
+        // (a cancelled statement, a broken socket) disconnected; its pool
+        // would never hand it out again, and neither does the slot.
+        if store.generation() != generation || conn.is_disconnected() {
             return;
         }
         let mut slot = store.dedicated.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -89,6 +92,7 @@ impl MysqlStore {
         if let Some((g, used, conn)) = kept
             && g == generation
             && used.elapsed() < MAX_IDLE
+            && !conn.is_disconnected()
         {
             return Ok(Lease {
                 store: self,
@@ -162,6 +166,21 @@ mod tests {
         drop(ex);
         assert_eq!(kept(&store), None);
         store.commit_at(&[report(4)], 4).await.unwrap();
+        assert!(kept(&store).is_some(), "kept again after a clean commit");
+
+        // A statement cut off mid-way (the database watch's bound cancels
+        // calls): its answer is unread, so the connection is not kept.
+        let mut ex = store.commit_session().await.unwrap();
+        let cut = tokio::time::timeout(
+            Duration::from_millis(100),
+            ex.query("SELECT SLEEP(2)", vec![]),
+        )
+        .await;
+        assert!(cut.is_err(), "the statement was cut off");
+        drop(ex);
+        assert_eq!(kept(&store), None, "a connection with an unread answer");
+        store.commit_at(&[report(6)], 6).await.unwrap();
+        store.committed_after(0, 10).await.unwrap();
         let second = kept(&store).expect("kept again after a clean commit");
 
         // A lease taken before a move is not kept after it.

@@ -330,9 +330,17 @@ impl MysqlSession<'_> {
         Ok(self.conn.as_mut().unwrap())
     }
 
-    /// Notes a failed statement: the leased connection is not kept.
-    fn note<T>(&mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
-        self.failed |= r.is_err();
+    /// Marks a statement under way: a session dropped before it finishes
+    /// (a call cancelled by the database watch's bound) leaves its answer
+    /// unread on the connection, which must then not be kept.
+    fn start(&mut self) -> bool {
+        std::mem::replace(&mut self.failed, true)
+    }
+
+    /// Notes how a statement begun with [`Self::start`] ended: a failed one
+    /// leaves the leased connection to the pool.
+    fn note<T>(&mut self, failed_before: bool, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        self.failed = failed_before || r.is_err();
         r
     }
 }
@@ -382,11 +390,12 @@ impl Executor for MysqlSession<'_> {
             return Ok(done(tx.affected_rows(), tx.last_insert_id()));
         }
         if self.lease.is_some() {
+            let before = self.start();
             let c = self.conn().await?;
             let r = exec_on(c, sql, params)
                 .await
                 .map(|()| done(c.affected_rows(), c.last_insert_id()));
-            return self.note(r);
+            return self.note(before, r);
         }
         // An autocommit statement that lost a conflict (Galera: another
         // hub's write-set certified first) was rolled back whole: again.
@@ -410,11 +419,12 @@ impl Executor for MysqlSession<'_> {
         params: Vec<executor::Value>,
     ) -> Result<Vec<Row>, StoreError> {
         let params: Vec<Value> = params.into_iter().map(Into::into).collect();
+        let before = self.start();
         let r = match self.tx.as_mut() {
             Some(tx) => query_on(tx, sql, params).await,
             None => query_on(self.conn().await?, sql, params).await,
         };
-        self.note(r)
+        self.note(before, r)
     }
 
     async fn begin(&mut self) -> Result<(), StoreError> {
