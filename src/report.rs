@@ -75,9 +75,10 @@ pub async fn connect(socket: &Path) -> Result<Channel, ReportError> {
 /// socket, so the benchmark's and the demo's in-process reports cost the
 /// node what fail2ban's do, without a thread each.
 ///
-/// `NodeDown` only when no connection could be made: once the request is
-/// sent, the node may have stored the ban before failing to answer, so a
-/// failure then is `Refused` (and never spooled, which could store it twice).
+/// `NodeDown` only when no connection could be made or the node said it
+/// did not take the request: once the request is sent, the node may have
+/// stored the ban before failing to answer, so any other failure then is
+/// `Refused` (and never spooled, which could store it twice).
 pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = wire::request(fields(&ban)).map_err(|e| ReportError::Refused(e.to_string()))?;
@@ -87,7 +88,14 @@ pub async fn report(socket: &Path, ban: Ban) -> Result<u64, ReportError> {
             path: socket.to_path_buf(),
             reason: e.to_string(),
         })?;
-    let refused = |e: wire::WireError| ReportError::Refused(e.to_string());
+    // A node that did not take the request is as good as down (spooled).
+    let refused = |e: wire::WireError| match e {
+        wire::WireError::NotTaken(_) => ReportError::NodeDown {
+            path: socket.to_path_buf(),
+            reason: e.to_string(),
+        },
+        e => ReportError::Refused(e.to_string()),
+    };
     let io = |e: std::io::Error| refused(wire::WireError::Io(e));
     stream.write_all(&request).await.map_err(io)?;
     let (read, mut write) = stream.split();
@@ -125,6 +133,10 @@ fn fields(ban: &Ban) -> wire::BanFields<'_> {
 pub fn report_blocking(socket: &Path, ban: &Ban) -> Result<u64, ReportError> {
     wire::report(socket, fields(ban)).map_err(|e| match e {
         wire::WireError::Connect(e) => ReportError::NodeDown {
+            path: socket.to_path_buf(),
+            reason: e.to_string(),
+        },
+        e @ wire::WireError::NotTaken(_) => ReportError::NodeDown {
             path: socket.to_path_buf(),
             reason: e.to_string(),
         },

@@ -112,14 +112,23 @@ impl AckedMark {
     /// file when `rewrite` is asked (the mark went back) or it is full.
     pub fn set(&mut self, offset: u64, rewrite: bool) -> std::io::Result<()> {
         if rewrite || self.records >= REWRITE_AT {
-            crate::node::state_file::replace(&self.path, &record(offset), false)?;
+            // The new file's record is synced before the rename (once per
+            // REWRITE_AT saves): a power loss then leaves the old file or
+            // this one, never an empty one read as 0 (a full resend).
+            crate::node::state_file::replace(&self.path, &record(offset), true)?;
             // The rename put a new file at the path: append to that one.
             self.file = Self::append_handle(&self.path)?;
             self.records = 1;
             self.renamed = true;
             return Ok(());
         }
-        self.file.write_all(&record(offset))?;
+        if let Err(e) = self.file.write_all(&record(offset)) {
+            // Part of a record may be in the file, and every record after
+            // it would be read off its 16-byte grid: the next save
+            // rewrites the file whole.
+            self.records = REWRITE_AT;
+            return Err(e);
+        }
         self.records += 1;
         Ok(())
     }

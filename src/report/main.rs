@@ -118,7 +118,7 @@ fn main() -> ExitCode {
     };
     match wire::report(&socket, ban) {
         Ok(_) => ExitCode::SUCCESS,
-        Err(wire::WireError::Connect(_)) => spool(argv),
+        Err(wire::WireError::Connect(_) | wire::WireError::NotTaken(_)) => spool(argv),
         Err(
             e @ (wire::WireError::TooLarge(_)
             | wire::WireError::Status {

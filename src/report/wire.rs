@@ -48,6 +48,15 @@ const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 
+/// HTTP/2's REFUSED_STREAM: the stream was not processed at all (RFC 9113 8.7).
+const REFUSED_STREAM: u32 = 0x7;
+
+/// Longest wait for the node to take the request or answer: its answer
+/// follows one fsync, so a node this slow is hung (stopped, or its disk
+/// is); fail2ban's action thread waits for this call and would otherwise
+/// wait until fail2ban's own action timeout (60 s).
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// gRPC's `INVALID_ARGUMENT`: the node refused the ban's fields.
 pub const INVALID_ARGUMENT: u32 = 3;
 
@@ -71,6 +80,12 @@ pub enum WireError {
     /// does not have the ban (the caller may spool it).
     #[error("{0}")]
     Connect(std::io::Error),
+    /// The node closed the connection or refused the stream before taking
+    /// the request (HTTP/2 GOAWAY naming no stream, or REFUSED_STREAM: it
+    /// was stopping): it surely does not have the ban, so the caller may
+    /// spool it, as when no connection could be made.
+    #[error("the node did not take the request: {0}")]
+    NotTaken(String),
     /// The ban's fields do not fit one HTTP/2 frame; nothing was sent.
     #[error("the ban's fields are too long ({0} bytes)")]
     TooLarge(usize),
@@ -102,6 +117,10 @@ impl From<HpackError> for WireError {
 pub fn report(socket: &Path, ban: BanFields<'_>) -> Result<u64, WireError> {
     let request = request(ban)?;
     let stream = UnixStream::connect(socket).map_err(WireError::Connect)?;
+    stream
+        .set_write_timeout(Some(TIMEOUT))
+        .and_then(|()| stream.set_read_timeout(Some(TIMEOUT)))
+        .map_err(WireError::Connect)?;
     (&stream).write_all(&request).map_err(WireError::Io)?;
     read_answer(&stream)
 }
@@ -185,6 +204,7 @@ pub struct Call {
 }
 
 /// What the reader does after a frame.
+#[derive(Debug)]
 pub enum Step {
     /// Read on; first write these bytes (a SETTINGS or PING ack) if any.
     More(Option<Vec<u8>>),
@@ -218,8 +238,8 @@ impl Call {
                     u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff
                 });
                 if last < 1 {
-                    return Err(WireError::Protocol(format!(
-                        "the node closed the connection before the request ({})",
+                    return Err(WireError::NotTaken(format!(
+                        "it closed the connection ({})",
                         String::from_utf8_lossy(payload.get(8..).unwrap_or_default())
                     )));
                 }
@@ -229,6 +249,9 @@ impl Call {
                 let code = payload
                     .get(..4)
                     .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                if code == REFUSED_STREAM {
+                    return Err(WireError::NotTaken("it refused the stream".into()));
+                }
                 return Err(WireError::Protocol(format!(
                     "the node reset the call (HTTP/2 error {code})"
                 )));
@@ -437,6 +460,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A node stopping says it never took the request (GOAWAY naming no
+    /// stream, or REFUSED_STREAM): the ban may then be spooled. Any other
+    /// reset may come after the node stored it.
+    #[test]
+    fn goaway_before_the_stream_and_refused_stream_mean_not_taken() {
+        let goaway = [0, 0, 0, 0, 0, 0, 0, 0, b'b', b'y', b'e'];
+        let r = Call::default().frame(GOAWAY, 0, 0, &goaway);
+        assert!(matches!(r, Err(WireError::NotTaken(_))), "{r:?}");
+        let after = [0, 0, 0, 1, 0, 0, 0, 0];
+        assert!(matches!(
+            Call::default().frame(GOAWAY, 0, 0, &after),
+            Ok(Step::More(None))
+        ));
+        let refused = REFUSED_STREAM.to_be_bytes();
+        let r = Call::default().frame(RST_STREAM, 0, 1, &refused);
+        assert!(matches!(r, Err(WireError::NotTaken(_))), "{r:?}");
+        let internal = 2u32.to_be_bytes();
+        let r = Call::default().frame(RST_STREAM, 0, 1, &internal);
+        assert!(matches!(r, Err(WireError::Protocol(_))), "{r:?}");
     }
 
     #[test]
