@@ -1,11 +1,14 @@
 //! fail2ban's control socket, spoken natively (no `fail2ban-client`
 //! process): a pickled list of strings ended by `<F2B_END_COMMAND>`; the
 //! answer is a pickled `(code, result)` ended the same way. One connection
-//! serves many requests; a broken one is reopened once per request.
+//! serves many requests; a broken one is reopened once per request. A
+//! socket that cannot be connected to (no file, nobody listening) is tried
+//! again only after [`RETRY_AFTER`]: requests before that fail at once with
+//! the same reason, without a syscall.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use thiserror::Error;
@@ -25,6 +28,15 @@ pub const DEFAULT_SOCKET: &str = "/var/run/fail2ban/fail2ban.sock";
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes accepted in one answer (a jail with 100,000 bans is ~6 MB).
 const MAX_ANSWER: usize = 64 << 20;
+/// How long after a failed connect (no socket file, nobody listening) the
+/// socket is left untried: a node applying bans one at a time without
+/// fail2ban paid three `socket`/`connect`/`close` rounds and an error
+/// message per ban (~45 us of its ~300 us, measured:
+/// docs/perf/apply-steady.txt). Short, so fail2ban coming back is seen
+/// within a fraction of a second: a request in the window fails as if
+/// fail2ban were still down, which every caller already handles (a ban
+/// goes through the log alone, an unban is status 3 and its lift retried).
+pub const RETRY_AFTER: Duration = Duration::from_millis(250);
 
 /// Why a request to fail2ban's control socket failed.
 #[derive(Debug, Error)]
@@ -124,6 +136,10 @@ fn ignore_entries(v: &Value) -> Result<Vec<String>, Fail2banError> {
 pub struct Fail2ban {
     path: PathBuf,
     conn: Option<UnixStream>,
+    /// Why the last connect failed, and until when it is not tried again.
+    down: Option<(Instant, String)>,
+    /// How long a failed connect is trusted ([`RETRY_AFTER`]; tests set it).
+    retry_after: Duration,
 }
 
 impl Fail2ban {
@@ -132,6 +148,8 @@ impl Fail2ban {
         Fail2ban {
             path: path.to_path_buf(),
             conn: None,
+            down: None,
+            retry_after: RETRY_AFTER,
         }
     }
 
@@ -150,6 +168,12 @@ impl Fail2ban {
     /// Sends one command and returns fail2ban's result (code 0), or why it
     /// refused (code 1).
     pub async fn request(&mut self, command: &[&str]) -> Result<Value, Fail2banError> {
+        if let Some((until, reason)) = &self.down {
+            if Instant::now() < *until {
+                return Err(self.unreachable(reason));
+            }
+            self.down = None;
+        }
         let _timer = crate::metrics::node::RoundTrip::start();
         let frame = [pickle::encode_str_list(command), END.to_vec()].concat();
         let mut answer = None;
@@ -167,7 +191,9 @@ impl Fail2ban {
                     if e.kind() == std::io::ErrorKind::NotFound
                         || e.kind() == std::io::ErrorKind::ConnectionRefused
                     {
-                        return Err(self.unreachable(e));
+                        let reason = e.to_string();
+                        self.down = Some((Instant::now() + self.retry_after, reason.clone()));
+                        return Err(self.unreachable(reason));
                     }
                     tracing::debug!(error = %e, "fail2ban connection lost; reconnecting");
                 }
@@ -341,6 +367,56 @@ impl Fail2ban {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_connect_is_not_retried_before_its_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f2b.sock");
+        let mut f2b = Fail2ban::new(&path);
+        // No timing in the test: the window is an hour, then none.
+        f2b.retry_after = Duration::from_secs(3600);
+        let first = f2b.ping().await.unwrap_err();
+        assert!(
+            matches!(first, Fail2banError::Unreachable { .. }),
+            "{first}"
+        );
+        // fail2ban comes up within the window: not tried (nothing connects).
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let again = f2b.ping().await.unwrap_err();
+        assert_eq!(again.to_string(), first.to_string(), "the same reason");
+        assert_eq!(
+            listener.accept().unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "no connect inside the window"
+        );
+        // Past the window the socket is tried again.
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+        f2b.down = f2b.down.map(|(_, why)| (Instant::now(), why));
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut c, _) = listener.accept().unwrap();
+            tx.send(()).unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(END) {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "closed before a whole request");
+                got.extend_from_slice(&buf[..n]);
+            }
+            // `(0, "pong")` pickled, then the end marker.
+            let answer =
+                b"\x80\x05\x95\x0c\x00\x00\x00\x00\x00\x00\x00K\x00\x8c\x04pong\x94\x86\x94.";
+            c.write_all(&[answer.as_slice(), END].concat()).unwrap();
+        });
+        f2b.ping().await.unwrap();
+        rx.recv().unwrap();
+        server.join().unwrap();
+        assert!(f2b.down.is_none(), "a success clears the failure");
+    }
 
     #[test]
     fn parses_ban_times() {

@@ -115,6 +115,8 @@ pub struct Applier {
     log: SharedLog,
     /// Whether the last ban through the socket worked (the node's status).
     pub fast_path_up: Arc<std::sync::atomic::AtomicBool>,
+    /// The fast path's state last logged (`None` before its first try).
+    fast_path_said: Option<bool>,
     bantime: Option<(i64, Instant)>,
     journal: Arc<StatusJournal>,
     fail2ban: Option<Fail2ban>,
@@ -181,6 +183,7 @@ impl Applier {
         Applier {
             log: SharedLog::new(config.shared_log.clone()),
             fast_path_up: Arc::default(),
+            fast_path_said: None,
             bantime: None,
             journal,
             fail2ban: config.fail2ban_socket.as_deref().map(Fail2ban::new),

@@ -131,12 +131,11 @@ impl Applier {
             }
         }
         let up = result.is_ok();
-        if self
-            .fast_path_up
-            .swap(up, std::sync::atomic::Ordering::Relaxed)
-            != up
-            || !up
-        {
+        // Once per change of state (the first try counts as one): while
+        // fail2ban is down every batch would otherwise write this line.
+        self.fast_path_up
+            .store(up, std::sync::atomic::Ordering::Relaxed);
+        if self.fast_path_said.replace(up) != Some(up) {
             match &result {
                 Ok(()) => {
                     info!("fast path up: bans go to fail2ban's socket at once, and to shared.log")
