@@ -454,9 +454,7 @@ impl Applier {
     /// Whether this node wrote `ip`'s line less than [`RECENT`] before `now`.
     fn just_added(&self, ip: AddrKey, now: Instant) -> bool {
         let now = self.recent_ms(now);
-        self.recent
-            .get(&ip)
-            .is_some_and(|t| now.saturating_sub(*t) < RECENT.as_millis() as u64)
+        self.recent.get(&ip).is_some_and(|&t| within_recent(t, now))
     }
 
     /// Forgets that this node wrote `ip`'s line; whether it did less than
@@ -465,7 +463,7 @@ impl Applier {
         let now = self.recent_ms(Instant::now());
         self.recent
             .remove(&ip)
-            .is_some_and(|t| now.saturating_sub(t) < RECENT.as_millis() as u64)
+            .is_some_and(|t| within_recent(t, now))
     }
 
     /// Drops the addresses written [`RECENT`] or longer ago, at most once
@@ -477,8 +475,7 @@ impl Applier {
         }
         self.swept = now;
         let now = self.recent_ms(now);
-        let recent = RECENT.as_millis() as u64;
-        self.recent.retain(|_, t| now.saturating_sub(*t) < recent);
+        self.recent.retain(|_, &mut t| within_recent(t, now));
         if self.recent.capacity() > 4 * self.recent.len().max(1024) {
             self.recent.shrink_to_fit();
         }
@@ -489,6 +486,12 @@ impl Applier {
             tracing::error!(error = %e, "cannot journal statuses; the hub will show them as 0");
         }
     }
+}
+
+/// Whether a line written at `written` (ms in `recent`'s count) is less
+/// than [`RECENT`] before `now`.
+fn within_recent(written: u64, now: u64) -> bool {
+    now.saturating_sub(written) < RECENT.as_millis() as u64
 }
 
 /// Told the IPs of every batch of bans applied, and when it passed each
