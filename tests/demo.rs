@@ -66,3 +66,24 @@ fn the_demo_shows_every_ban_crossing_the_fleet_and_exits_cleanly() {
         .expect("first line names the demo dir");
     assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
 }
+
+/// The README's command is `cargo run --release -- demo`: with
+/// `banmesh-report` beside it the package has two binaries, and cargo
+/// runs neither unless the manifest names one.
+#[test]
+fn cargo_run_picks_the_banmesh_binary() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "{out:?}");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(meta["packages"][0]["default_run"], "banmesh", "{meta}");
+}
