@@ -150,6 +150,9 @@ pub async fn run(
         &["VmRSS:", "RssAnon:", "RssFile:", "VmHWM:", "Threads:"],
     );
     let steady = steady_cpu(&dir, pki, &hub.url, pid, &node_dir.join("shared.log")).await?;
+    // Again once the steady bans ran: what the node holds having run its
+    // whole ban path, not only the catch-up (code it faults in then counts).
+    let after = status_kib(pid, &["VmRSS:", "RssAnon:", "RssFile:"]);
     Ok(json!({
         "node_cpu_us_per_ban_catching_up": cpu::per_event(Some(0), cpu_caught_up, bans as u64),
         "node_cpu_us_per_ban_steady": steady.0,
@@ -160,6 +163,9 @@ pub async fn run(
         "rss_mib": round(f[0] as f64 / 1024.0),
         "rss_anon_mib": round(f[1] as f64 / 1024.0),
         "rss_file_mib": round(f[2] as f64 / 1024.0),
+        "rss_mib_after_steady": round(after[0] as f64 / 1024.0),
+        "rss_anon_mib_after_steady": round(after[1] as f64 / 1024.0),
+        "rss_file_mib_after_steady": round(after[2] as f64 / 1024.0),
         "peak_rss_mib": round(f[3] as f64 / 1024.0),
         "threads": f[4],
         "malloc_arena_max": std::env::var("MALLOC_ARENA_MAX").ok(),

@@ -37,17 +37,20 @@
 //!   `shared.log` late (up to ~1 s) and a line read after the lift would
 //!   ban the address again for the ladder's top. Only the `shared` jail is
 //!   lifted: the host's own jails keep their own bans.
-//! - Held in memory by [`AddrKey`] (16 bytes, no heap per address): with
-//!   100,000 active bans the schedule is ~4 MiB, not ~9. Asking when the
+//! - Held in memory in an [`AddrMap`] (an IPv4 address in 4 bytes, no heap
+//!   per address) of [`Lift`]s packed to 4-byte alignment: with 100,000
+//!   active IPv4 bans a slot is 21 bytes and the schedule ~2.7 MB (a
+//!   `HashMap<AddrKey, Lift>` took 33 and ~4.3 MB; keyed by `String`, ~9). Asking when the
 //!   next end comes ([`Lifts::next_end`], every turn of the apply task's
 //!   loop) and which ends came ([`Lifts::due`], every tick) does not scan
 //!   every entry each time: a lower bound of the ends kept up on every
 //!   change says when a scan can find something.
 pub mod addr_key;
+pub mod addr_map;
 
-use std::{cell::Cell, collections::HashMap, path::PathBuf, time::Duration};
+use std::{cell::Cell, path::PathBuf, time::Duration};
 
-pub use self::addr_key::AddrKey;
+pub use self::{addr_key::AddrKey, addr_map::AddrMap};
 
 /// How long after a ban's end the node keeps checking that the `shared`
 /// jail does not hold it again (from a line fail2ban read late). fail2ban
@@ -64,6 +67,28 @@ pub struct Lift {
     pub event: u64,
 }
 
+/// A [`Lift`] as it is held: four `u32`s, so that beside a 4-byte IPv4 key
+/// a slot is 20 bytes, not the 24 an 8-byte alignment rounds it up to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Packed([u32; 4]);
+
+impl From<Lift> for Packed {
+    fn from(l: Lift) -> Self {
+        let (e, v) = (l.ends_ms as u64, l.event);
+        Packed([e as u32, (e >> 32) as u32, v as u32, (v >> 32) as u32])
+    }
+}
+
+impl From<Packed> for Lift {
+    fn from(Packed(p): Packed) -> Self {
+        let wide = |lo: u32, hi: u32| u64::from(lo) | u64::from(hi) << 32;
+        Lift {
+            ends_ms: wide(p[0], p[1]) as i64,
+            event: wide(p[2], p[3]),
+        }
+    }
+}
+
 /// The schedule, mirrored to `DIR/lifts`: an append-only log of changes
 /// (`IP\tENDS_MS\tEVENT` sets an entry, `IP\t-` removes it; the last
 /// record of an address wins), rewritten whole when it holds many more
@@ -71,7 +96,7 @@ pub struct Lift {
 /// however many bans are active (tens of thousands at the ladder's top).
 pub struct Lifts {
     path: PathBuf,
-    items: HashMap<AddrKey, Lift>,
+    items: AddrMap<Packed>,
     /// Records in the file (sets and removals), for compaction.
     records: usize,
     /// The file, open to append since its last rewrite (`None`: reopened
@@ -80,6 +105,9 @@ pub struct Lifts {
     /// Whether the directory may not yet durably name the file (it was
     /// opened anew, perhaps created, or renamed over since the last sync).
     dir_unsynced: bool,
+    /// Whether records were appended since the last sync: a batch that
+    /// changed nothing (every lift already held as late) costs no fsync.
+    unsynced: bool,
     /// At most the earliest end of all entries (`i64::MAX`: none): no
     /// entry is due before it. Lowered on every set, made exact by a scan.
     earliest: Cell<i64>,
@@ -126,13 +154,13 @@ impl Lifts {
             None
         });
         let bytes = bytes.unwrap_or_default();
-        let mut items = HashMap::new();
+        let mut items = AddrMap::new();
         let mut records = 0;
         let mut damaged = !bytes.is_empty() && !bytes.ends_with(b"\n");
         for line in String::from_utf8_lossy(&bytes).lines() {
             match parse(line) {
                 Some((ip, Some(lift))) => {
-                    items.insert(ip, lift);
+                    items.insert(ip, lift.into());
                 }
                 Some((ip, None)) => {
                     items.remove(&ip);
@@ -152,6 +180,7 @@ impl Lifts {
             records,
             file: None,
             dir_unsynced: true,
+            unsynced: false,
             earliest: Cell::new(i64::MIN),
             next: Cell::new(i64::MIN),
         };
@@ -173,12 +202,12 @@ impl Lifts {
 
     /// The scheduled lift of `ip`, if any.
     pub fn get(&self, ip: AddrKey) -> Option<Lift> {
-        self.items.get(&ip).copied()
+        self.items.get(&ip).map(|p| Lift::from(*p))
     }
 
     /// Sets `ip`'s entry in memory, keeping the bounds below every end.
     fn set(&mut self, ip: AddrKey, lift: Lift) {
-        self.items.insert(ip, lift);
+        self.items.insert(ip, lift.into());
         self.earliest.set(self.earliest.get().min(lift.ends_ms));
         self.next.set(self.next.get().min(lift.ends_ms));
     }
@@ -190,7 +219,7 @@ impl Lifts {
         let mut text = String::new();
         for &(ip, ends_ms, event) in lifts {
             let new = Lift { ends_ms, event };
-            match self.items.get(&ip) {
+            match self.get(ip) {
                 Some(old) if old.ends_ms >= ends_ms => continue,
                 _ => {
                     self.set(ip, new);
@@ -203,14 +232,18 @@ impl Lifts {
 
     /// Makes the saved schedule durable: fsyncs the file, and its directory
     /// if the file is new to it since the last sync (created, or a rewrite
-    /// renamed it).
+    /// renamed it). Nothing to do if neither was written since.
     pub fn sync(&mut self) {
+        if !self.unsynced && !self.dir_unsynced {
+            return;
+        }
         let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
         let file = match &self.file {
             Some(f) => f.sync_all(),
             None => std::fs::File::open(&self.path).and_then(|f| f.sync_all()),
         };
         let synced = file.and_then(|()| {
+            self.unsynced = false;
             if self.dir_unsynced {
                 std::fs::File::open(dir)?.sync_all()?;
                 self.dir_unsynced = false;
@@ -240,10 +273,11 @@ impl Lifts {
         }
         let mut earliest = i64::MAX;
         let mut due: Vec<(AddrKey, Lift)> = Vec::new();
-        for (ip, l) in &self.items {
+        for (ip, l) in self.items.iter() {
+            let l = Lift::from(*l);
             earliest = earliest.min(l.ends_ms);
             if l.ends_ms <= now_ms {
-                due.push((*ip, *l));
+                due.push((ip, l));
             }
         }
         self.earliest.set(earliest);
@@ -260,7 +294,7 @@ impl Lifts {
             next = self
                 .items
                 .values()
-                .map(|l| l.ends_ms)
+                .map(|l| Lift::from(*l).ends_ms)
                 .filter(|e| *e > now_ms)
                 .min()
                 .unwrap_or(i64::MAX);
@@ -276,15 +310,12 @@ impl Lifts {
         let linger = LINGER.as_millis() as i64;
         let mut text = String::new();
         for (ip, lift) in free {
-            if lift.ends_ms + linger <= now_ms && self.items.get(ip) == Some(lift) {
+            if lift.ends_ms + linger <= now_ms && self.get(*ip) == Some(*lift) {
                 self.items.remove(ip);
                 record(&mut text, *ip, None);
             }
         }
-        if self.items.capacity() > 4 * self.items.len().max(1024) {
-            // A wave of bans ended: give back its slots.
-            self.items.shrink_to_fit();
-        }
+        self.items.shrink_if_sparse();
         if !text.is_empty() {
             self.append(&text);
         }
@@ -314,7 +345,10 @@ impl Lifts {
             None => Ok(()),
         };
         match written {
-            Ok(()) => true,
+            Ok(()) => {
+                self.unsynced = true;
+                true
+            }
             Err(e) => self.failed(&e),
         }
     }
@@ -331,8 +365,8 @@ impl Lifts {
     /// Replaces the file with one record per entry.
     fn rewrite(&mut self) -> bool {
         let mut text = String::with_capacity(self.items.len() * 40);
-        for (ip, l) in &self.items {
-            record(&mut text, *ip, Some(l));
+        for (ip, l) in self.items.iter() {
+            record(&mut text, ip, Some(&Lift::from(*l)));
         }
         // Durable: a rewrite renames a new file over the old one, and a power
         // loss before its data reached the disk would leave it empty: every
@@ -342,6 +376,8 @@ impl Lifts {
         match super::state_file::replace(&self.path, text.as_bytes(), true) {
             Ok(()) => {
                 self.records = self.items.len();
+                // The new file is fsynced: only its name is not yet.
+                self.unsynced = false;
                 self.dir_unsynced = true;
                 true
             }
@@ -359,6 +395,15 @@ mod tests {
 
     fn k(ip: &str) -> AddrKey {
         AddrKey::parse(ip).unwrap()
+    }
+
+    #[test]
+    fn a_lift_is_held_packed_and_whole() {
+        for (ends_ms, event) in [(0, 0), (-1, u64::MAX), (1_790_000_000_123, 1 << 40)] {
+            let l = Lift { ends_ms, event };
+            assert_eq!(Lift::from(Packed::from(l)), l);
+        }
+        assert_eq!(std::mem::size_of::<(u32, Packed)>(), 20);
     }
 
     #[test]

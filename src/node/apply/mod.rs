@@ -36,7 +36,9 @@
 //! - [`decide`]: the seed's rules as a pure function.
 //! - `socket`: what the applier asks and tells fail2ban (bans held, the
 //!   shared jail's bantime, the fast path, unbans, lifts at fleet ends).
+//! - `recent`: the addresses whose line this node wrote lately, held small.
 pub mod decide;
+mod recent;
 mod socket;
 
 use std::{
@@ -65,12 +67,6 @@ use crate::{
     shutdown::Shutdown,
 };
 
-/// How long an IP we wrote counts as "just added" for a repeat.
-const RECENT: Duration = Duration::from_secs(120);
-/// How often addresses written longer than [`RECENT`] ago are dropped
-/// from memory (a lookup checks the time itself, so this is only memory:
-/// not a scan of every recent address per batch).
-const RECENT_SWEEP: Duration = Duration::from_secs(30);
 /// How often deferred bans are checked.
 const DEFERRED_TICK: Duration = Duration::from_secs(1);
 /// How long after an unban the node lifts the address again if fail2ban
@@ -121,13 +117,8 @@ pub struct Applier {
     journal: Arc<StatusJournal>,
     fail2ban: Option<Fail2ban>,
     fail2ban_up: Option<bool>,
-    /// Addresses whose line the node wrote lately, and when (ms after
-    /// `epoch`: 24 bytes a slot with 100,000 of them after a catch-up).
-    recent: HashMap<AddrKey, u64>,
-    /// When `recent` was last swept of old addresses.
-    swept: Instant,
-    /// What `recent`'s times count from.
-    epoch: Instant,
+    /// Addresses whose line the node wrote lately, and when.
+    recent: recent::Recent,
     deferred: Deferred,
     ignore: IgnoreWatch,
     allow: LocalAllowList,
@@ -188,9 +179,7 @@ impl Applier {
             journal,
             fail2ban: config.fail2ban_socket.as_deref().map(Fail2ban::new),
             fail2ban_up: None,
-            recent: HashMap::new(),
-            swept: Instant::now(),
-            epoch: Instant::now(),
+            recent: recent::Recent::new(),
             deferred: Deferred::load(config.data_dir.join("deferred")),
             ignore,
             allow: LocalAllowList::load(&config.data_dir).unwrap_or_else(|e| {
@@ -253,7 +242,7 @@ impl Applier {
     /// the socket, journals, and writes the lines.
     async fn bans(&mut self, events: &[Event]) -> Vec<(u64, Status)> {
         let now = Instant::now();
-        self.sweep_recent(now);
+        self.recent.sweep(now);
         let held = self.held(events).await;
         let bantime = self.shared_bantime().await;
         let wall = SystemTime::now();
@@ -300,7 +289,7 @@ impl Applier {
             let facts = Facts {
                 ignore: verdict,
                 held: held.get(ip).map_or(&[], Vec::as_slice),
-                just_added: self.just_added(key, now) || written_now.contains(ip),
+                just_added: self.recent.holds(key, now) || written_now.contains(ip),
                 bantime,
                 scheduled,
                 reporter,
@@ -414,8 +403,7 @@ impl Applier {
             self.stamps.journaled = Instant::now();
             match self.log.append(&write) {
                 Ok(()) => {
-                    let at = self.recent_ms(now);
-                    self.recent.extend(write_keys.iter().map(|k| (*k, at)));
+                    self.recent.wrote(write_keys.iter().copied(), now);
                     statuses.extend(added);
                 }
                 Err(err) => {
@@ -446,52 +434,11 @@ impl Applier {
         statuses
     }
 
-    /// `at` as a time in `recent`.
-    fn recent_ms(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_millis() as u64
-    }
-
-    /// Whether this node wrote `ip`'s line less than [`RECENT`] before `now`.
-    fn just_added(&self, ip: AddrKey, now: Instant) -> bool {
-        let now = self.recent_ms(now);
-        self.recent.get(&ip).is_some_and(|&t| within_recent(t, now))
-    }
-
-    /// Forgets that this node wrote `ip`'s line; whether it did less than
-    /// [`RECENT`] ago.
-    fn forget_recent(&mut self, ip: AddrKey) -> bool {
-        let now = self.recent_ms(Instant::now());
-        self.recent
-            .remove(&ip)
-            .is_some_and(|t| within_recent(t, now))
-    }
-
-    /// Drops the addresses written [`RECENT`] or longer ago, at most once
-    /// per [`RECENT_SWEEP`], and gives back the slots of a catch-up's
-    /// thousands once they are gone.
-    fn sweep_recent(&mut self, now: Instant) {
-        if now.duration_since(self.swept) < RECENT_SWEEP {
-            return;
-        }
-        self.swept = now;
-        let now = self.recent_ms(now);
-        self.recent.retain(|_, &mut t| within_recent(t, now));
-        if self.recent.capacity() > 4 * self.recent.len().max(1024) {
-            self.recent.shrink_to_fit();
-        }
-    }
-
     fn journal(&self, statuses: &[(u64, Status)]) {
         if let Err(e) = self.journal.append(statuses) {
             tracing::error!(error = %e, "cannot journal statuses; the hub will show them as 0");
         }
     }
-}
-
-/// Whether a line written at `written` (ms in `recent`'s count) is less
-/// than [`RECENT`] before `now`.
-fn within_recent(written: u64, now: u64) -> bool {
-    now.saturating_sub(written) < RECENT.as_millis() as u64
 }
 
 /// Told the IPs of every batch of bans applied, and when it passed each
@@ -553,7 +500,7 @@ pub async fn run(
             // A quiet spell must not leave the position file behind.
             _ = save.tick() => {
                 crate::systemd::beat();
-                applier.sweep_recent(Instant::now());
+                applier.recent.sweep(Instant::now());
                 if let Err(e) = position.flush() {
                     warn!(error = %e, "cannot save the applied position");
                 }

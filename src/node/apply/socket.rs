@@ -84,7 +84,7 @@ impl Applier {
             for (((key, lift), ip), jails) in chunk.iter().zip(&ips).zip(jails) {
                 let ip = *ip;
                 // Its line is no longer "just added": the ban it wrote is over.
-                self.recent.remove(key);
+                self.recent.forget(*key, Instant::now());
                 if !jails.iter().any(|j| j == SHARED_JAIL) {
                     free.push((*key, *lift));
                     continue;
@@ -239,7 +239,7 @@ impl Applier {
         // fail2ban may not have read our line yet (it polls shared.log);
         // read after this unban, it would ban the address again.
         if let Some(key) = key
-            && self.forget_recent(key)
+            && self.recent.forget(key, Instant::now())
         {
             self.relift.insert(key, Instant::now() + super::RELIFT_FOR);
         }

@@ -33,6 +33,18 @@ impl AddrKey {
         Some(Self::of(crate::ban::parse_ip(ip)?))
     }
 
+    /// The IPv4 address it keys (in its mapped form), as a `u32`.
+    pub fn v4(self) -> Option<u32> {
+        let (prefix, v4) = self.0.split_at(12);
+        (prefix == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
+            .then(|| u32::from_be_bytes([v4[0], v4[1], v4[2], v4[3]]))
+    }
+
+    /// The key of an IPv4 address given as a `u32` ([`AddrKey::v4`]).
+    pub fn from_v4(v4: u32) -> Self {
+        Self::of(IpAddr::V4(v4.into()))
+    }
+
     /// The canonical address (IPv4 for the mapped range).
     pub fn ip(self) -> IpAddr {
         crate::ban::canonical_ip(IpAddr::V6(Ipv6Addr::from(self.0)))
@@ -61,6 +73,11 @@ mod tests {
             "the same canonical address"
         );
         assert_eq!(AddrKey::parse("nope"), None);
+        let v4 = AddrKey::parse("192.0.2.1").unwrap();
+        assert_eq!(v4.v4(), Some(0xc000_0201));
+        assert_eq!(AddrKey::from_v4(0xc000_0201), v4);
+        assert_eq!(AddrKey::parse("2001:db8::1").unwrap().v4(), None);
+        assert_eq!(AddrKey::parse("::").unwrap().v4(), None);
         assert_eq!(std::mem::size_of::<(AddrKey, u64)>(), 24);
     }
 }
