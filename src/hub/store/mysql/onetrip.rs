@@ -552,7 +552,10 @@ mod tests {
         );
 
         let again = report("web-3", 1, "192.0.2.1", ban(1, ""));
-        let fresh = store.fresh_commit(&[again.clone()], 3).await.unwrap();
+        let fresh = store
+            .fresh_commit(std::slice::from_ref(&again), 3)
+            .await
+            .unwrap();
         let Fresh::History(facts) = fresh else {
             panic!("192.0.2.1 has a ban: {fresh:?}");
         };
