@@ -106,8 +106,9 @@ pub struct Outbox {
     /// Group fsync: one thread syncing a handle on the log; one fsync
     /// covers every report written before it (see [`sync`]).
     syncer: sync::Syncer,
-    /// Woken on every append, for the publisher.
-    pub appended: Notify,
+    /// Woken once new reports are durable (by the sync thread), for the
+    /// publisher.
+    pub appended: std::sync::Arc<Notify>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> OutboxError + '_ {
@@ -166,7 +167,9 @@ impl Outbox {
             skipped_bytes: skipped,
         };
         let sync_handle = file.try_clone().map_err(io(&log))?;
-        let syncer = sync::Syncer::start(sync_handle, (0, written)).map_err(io(&log))?;
+        let appended = std::sync::Arc::new(Notify::new());
+        let syncer =
+            sync::Syncer::start(sync_handle, (0, written), appended.clone()).map_err(io(&log))?;
         let outbox = Outbox {
             dir: dir.to_path_buf(),
             limit,
@@ -182,7 +185,7 @@ impl Outbox {
                 acked_saved: acked,
                 mark,
             }),
-            appended: Notify::new(),
+            appended,
         };
         Ok((outbox, recovery))
     }
@@ -255,14 +258,13 @@ impl Outbox {
         Ok((seq, (inner.truncations, inner.written)))
     }
 
-    /// The answer to a report once its fsync is done: the publisher hears
-    /// of it only now (and takes every report written so far).
+    /// The answer to a report once its fsync is done (the sync thread has
+    /// woken the publisher by then).
     fn synced(&self, seq: u64, synced: Result<(), String>) -> Result<u64, OutboxError> {
         synced.map_err(|e| OutboxError::Io {
             path: self.log_path(),
             source: std::io::Error::other(e),
         })?;
-        self.appended.notify_waiters();
         Ok(seq)
     }
 

@@ -54,6 +54,9 @@ struct Shared {
     done: Condvar,
     /// Wakes async waiters after each fsync.
     synced: Notify,
+    /// The outbox's `appended`: the publisher hears of new reports once
+    /// they are durable, from here, even if their callers went away.
+    appended: Arc<Notify>,
 }
 
 /// The sync thread's handle; stops the thread when dropped.
@@ -63,8 +66,9 @@ pub struct Syncer {
 
 impl Syncer {
     /// Starts the thread syncing `file` (a handle on the log), which is
-    /// known durable up to `durable`.
-    pub fn start(file: File, durable: Mark) -> std::io::Result<Syncer> {
+    /// known durable up to `durable`; `appended` is woken after each
+    /// successful fsync.
+    pub fn start(file: File, durable: Mark, appended: Arc<Notify>) -> std::io::Result<Syncer> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 requested: durable,
@@ -74,6 +78,7 @@ impl Syncer {
             work: Condvar::new(),
             done: Condvar::new(),
             synced: Notify::new(),
+            appended,
         });
         let thread = shared.clone();
         // Its lines name the node (the caller's span), like the node's tasks.
@@ -155,7 +160,10 @@ fn run(shared: &Shared, file: &File) {
         let result = file.sync_data();
         s = shared.state.lock().unwrap();
         match result {
-            Ok(()) => s.durable = s.durable.max(target),
+            Ok(()) => {
+                s.durable = s.durable.max(target);
+                shared.appended.notify_waiters();
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "outbox fsync failed; the reports it covered are refused");
                 s.failed = Some((target, e.to_string()));
@@ -196,7 +204,7 @@ mod tests {
     fn one_thread_answers_async_and_blocking_waiters() {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::File::create(dir.path().join("log")).unwrap();
-        let syncer = Arc::new(Syncer::start(file, (0, 0)).unwrap());
+        let syncer = Arc::new(Syncer::start(file, (0, 0), Arc::default()).unwrap());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
