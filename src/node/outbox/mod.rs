@@ -20,16 +20,15 @@
 //! pending records. Once everything is acknowledged and the file has grown,
 //! it is truncated, after the acked mark is durable.
 //!
-//! # Locks
-//! Two mutexes, always taken in this order: `sync` (the group fsync), then
-//! `inner` (the queue and the file's end). A thread holding `inner` never
-//! waits for `sync`: an append writes its record under `inner`, releases
-//! it, and only then queues on `sync`, where the fsync runs while other
-//! appends go on writing under `inner`; the syncing thread takes `inner`
-//! briefly to learn how far its fsync will reach. Taking them the other
-//! way round could deadlock two reporters. Neither lock is held across an
-//! `.await`: no method here is async (appends, which fsync, run in
-//! `spawn_blocking`; the publisher's short calls run inline).
+//! # Locks and the group fsync
+//! An append writes its record under `inner` (the queue and the file's
+//! end), releases it, and only then asks the [`sync`] thread for an fsync
+//! up to its record and waits for it; the thread takes only its own lock,
+//! never `inner`, so no order of locks can deadlock. No lock is held
+//! across an `.await`: the write is one short `write` to the page cache,
+//! made inline (from the local socket's handler too); only the wait for
+//! the fsync is async ([`Outbox::append_async`]) or blocking
+//! ([`Outbox::append`], for the spool and tests).
 use std::{
     collections::VecDeque,
     fs::{File, OpenOptions},
@@ -46,6 +45,7 @@ use super::{acked_mark::AckedMark, state_file};
 use crate::{ban::Ban, proto};
 
 pub mod record;
+pub mod sync;
 
 /// Truncate the log once it is all acknowledged and at least this big.
 const COMPACT_AT: u64 = 1 << 20;
@@ -103,12 +103,12 @@ pub struct Outbox {
     dir: PathBuf,
     limit: usize,
     inner: Mutex<Inner>,
-    /// Group fsync: a handle on the log for syncing outside `inner`, and
-    /// how far it is known durable as (truncations, bytes). Concurrent
-    /// reports queue here; one fsync covers everything written before it.
-    sync: Mutex<(File, (u64, u64))>,
-    /// Woken on every append, for the publisher.
-    pub appended: Notify,
+    /// Group fsync: one thread syncing a handle on the log; one fsync
+    /// covers every report written before it (see [`sync`]).
+    syncer: sync::Syncer,
+    /// Woken once new reports are durable (by the sync thread), for the
+    /// publisher.
+    pub appended: std::sync::Arc<Notify>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> OutboxError + '_ {
@@ -167,10 +167,13 @@ impl Outbox {
             skipped_bytes: skipped,
         };
         let sync_handle = file.try_clone().map_err(io(&log))?;
+        let appended = std::sync::Arc::new(Notify::new());
+        let syncer =
+            sync::Syncer::start(sync_handle, (0, written), appended.clone()).map_err(io(&log))?;
         let outbox = Outbox {
             dir: dir.to_path_buf(),
             limit,
-            sync: Mutex::new((sync_handle, (0, written))),
+            syncer,
             inner: Mutex::new(Inner {
                 truncations: 0,
                 spooled,
@@ -182,15 +185,26 @@ impl Outbox {
                 acked_saved: acked,
                 mark,
             }),
-            appended: Notify::new(),
+            appended,
         };
         Ok((outbox, recovery))
     }
 
     /// Appends a report and fsyncs it; returns its sequence number.
-    /// Blocking: call from `spawn_blocking`.
+    /// Blocking: the local socket uses [`Outbox::append_async`].
     pub fn append(&self, ban: &Ban) -> Result<u64, OutboxError> {
         self.append_from(ban, String::new())
+    }
+
+    /// Appends a report and waits for the group fsync that covers it;
+    /// returns its sequence number. The write is made inline (one short
+    /// `write` to the page cache, no thread hand-off); only the fsync is
+    /// waited for.
+    pub async fn append_async(&self, ban: &Ban) -> Result<u64, OutboxError> {
+        let (seq, mark) = self.write(ban, String::new())?;
+        self.syncer.request(mark);
+        let synced = self.syncer.wait(mark).await;
+        self.synced(seq, synced)
     }
 
     /// Appends a report `banmesh report` left in spool file `name` (see
@@ -206,6 +220,16 @@ impl Outbox {
     }
 
     fn append_from(&self, ban: &Ban, spool: String) -> Result<u64, OutboxError> {
+        let (seq, mark) = self.write(ban, spool)?;
+        self.syncer.request(mark);
+        let synced = self.syncer.wait_blocking(mark);
+        self.synced(seq, synced)
+    }
+
+    /// Writes a report's record (not yet synced) and queues it for the
+    /// publisher; returns its sequence number and how far the log then
+    /// reaches, for the fsync.
+    fn write(&self, ban: &Ban, spool: String) -> Result<(u64, sync::Mark), OutboxError> {
         let mut inner = self.inner.lock().unwrap();
         if inner.pending.len() >= self.limit {
             return Err(OutboxError::Full {
@@ -229,29 +253,19 @@ impl Outbox {
         }
         // Queued in order now; the caller hears back only once it is
         // durable (a report sent before its fsync is simply stored early).
-        inner.pending.push_back(report.clone());
-        let mark = (inner.truncations, inner.written);
-        drop(inner);
-        self.sync_to(mark)?;
-        self.appended.notify_waiters();
-        Ok(report.seq)
+        let seq = report.seq;
+        inner.pending.push_back(report);
+        Ok((seq, (inner.truncations, inner.written)))
     }
 
-    /// Returns once everything up to `mark` is on disk, sharing one fsync
-    /// among the reports that arrived while another was running.
-    fn sync_to(&self, mark: (u64, u64)) -> Result<(), OutboxError> {
-        let mut sync = self.sync.lock().unwrap();
-        if sync.1.0 == mark.0 && sync.1.1 >= mark.1 {
-            return Ok(());
-        }
-        let target = {
-            let inner = self.inner.lock().unwrap();
-            (inner.truncations, inner.written)
-        };
-        let path = self.log_path();
-        sync.0.sync_data().map_err(io(&path))?;
-        sync.1 = target;
-        Ok(())
+    /// The answer to a report once its fsync is done (the sync thread has
+    /// woken the publisher by then).
+    fn synced(&self, seq: u64, synced: Result<(), String>) -> Result<u64, OutboxError> {
+        synced.map_err(|e| OutboxError::Io {
+            path: self.log_path(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(seq)
     }
 
     /// Appends many reports with one fsync (loading a benchmark's outboxes;
@@ -453,6 +467,41 @@ mod tests {
                 skipped_bytes: 0
             }
         );
+    }
+
+    #[test]
+    fn concurrent_async_reports_share_fsyncs_and_are_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _) = Outbox::open(dir.path(), 10_000).unwrap();
+        let ob = std::sync::Arc::new(ob);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let mut seqs: Vec<u64> = rt.block_on(async {
+            let calls: Vec<_> = (0..200)
+                .map(|i| {
+                    let ob = ob.clone();
+                    tokio::spawn(async move {
+                        ob.append_async(&ban(&format!("10.1.{}.{}", i / 100, i % 100)))
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            let mut seqs = Vec::new();
+            for c in calls {
+                seqs.push(c.await.unwrap());
+            }
+            seqs
+        });
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+        drop(ob);
+        let (ob, rec) = Outbox::open(dir.path(), 10_000).unwrap();
+        assert_eq!(rec.pending, 200);
+        let logged: Vec<u64> = ob.pending_after(0, 1000).iter().map(|r| r.seq).collect();
+        assert_eq!(logged, (1..=200).collect::<Vec<_>>(), "in sequence order");
     }
 
     #[test]
