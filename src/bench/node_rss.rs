@@ -109,14 +109,19 @@ pub async fn run(
     let socket = node_dir.join("node.sock");
     let log = std::fs::File::create(node_dir.join("node.log"))?;
     let t0 = Instant::now();
+    let mut node = Command::new(node_exe()?);
+    node.args(["node", "--hub", &hub.url]);
+    // A fail2ban socket path that does not answer: the node keeps every
+    // ban's lift as with a real fail2ban (it schedules lifts only with a
+    // socket configured) and writes the lines. BANMESH_BENCH_NODE_NO_FAIL2BAN
+    // leaves it out, as the in-process nodes of `propagation` do: no lift
+    // schedule, no fsync per batch (to compare the two figures).
+    if std::env::var_os("BANMESH_BENCH_NODE_NO_FAIL2BAN").is_none() {
+        node.arg("--fail2ban-socket")
+            .arg(node_dir.join("no-fail2ban.sock"));
+    }
     let child = NodeProc(
-        Command::new(node_exe()?)
-            // A fail2ban socket path that does not answer: the node keeps
-            // every ban's lift as with a real fail2ban (it schedules lifts
-            // only with a socket configured) and writes the lines.
-            .args(["node", "--hub", &hub.url, "--fail2ban-socket"])
-            .arg(node_dir.join("no-fail2ban.sock"))
-            .args(["--no-failure-signals", "--log-level", "warn"])
+        node.args(["--no-failure-signals", "--log-level", "warn"])
             .args(super::fleet::tls_flags(&tls))
             .arg("--shared-log")
             .arg(node_dir.join("shared.log"))
@@ -192,6 +197,7 @@ async fn steady_cpu(
     tokio::time::sleep(idle_for).await;
     let (c1, t1) = (threads_cpu_ns(pid), Instant::now());
     let idle_per_s = spent_ns(&c0, &c1) as f64 / 1000.0 / (t1 - t0).as_secs_f64();
+    let tracer = Tracer::start(pid).await?;
     for j in 0..STEADY {
         let ban = Ban::new("sshd", "tcp", "22", &ip(62, j))?;
         let o = outbox.clone();
@@ -211,9 +217,11 @@ async fn steady_cpu(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Its statuses reported too (they linger 25 ms before one call).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Its statuses reported too (they linger 25 ms before one call, and
+    // calls start at most every 250 ms while statuses keep coming).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (c2, t2) = (threads_cpu_ns(pid), Instant::now());
+    drop(tracer);
     trigger.trigger();
     if c0.is_empty() || c2.is_empty() {
         return Ok((None, None));
@@ -223,6 +231,41 @@ async fn steady_cpu(
         Some(round(busy.max(0.0) / f64::from(STEADY))),
         Some(round(idle_per_s)),
     ))
+}
+
+/// A profiler attached to the node for the steady phase alone:
+/// `BANMESH_BENCH_NODE_TRACE` is a shell command with `{pid}` in it (say
+/// `strace -c -f -o /tmp/s.txt -p {pid}` or `perf stat -e ... -p {pid}`),
+/// started before the first steady ban and stopped with SIGINT once they
+/// are applied, so its counts divide by [`STEADY`] bans. It slows the node:
+/// the CPU figure of a traced run is not the one to quote.
+struct Tracer(Option<Child>);
+
+impl Tracer {
+    async fn start(pid: u32) -> std::io::Result<Tracer> {
+        let Some(cmd) = std::env::var("BANMESH_BENCH_NODE_TRACE").ok() else {
+            return Ok(Tracer(None));
+        };
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                &format!("exec {}", cmd.replace("{pid}", &pid.to_string())),
+            ])
+            .spawn()?;
+        // Attached before the first ban (strace and perf need a moment).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(Tracer(Some(child)))
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            // SAFETY: kill only sends a signal to the tracer this started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Each thread's time on a CPU so far (ns, `/proc/PID/task/TID/schedstat`).
