@@ -53,6 +53,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// about their sum.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 receive window of each stream to the hub (hyper's default is 2
+/// MiB). h2 closes its own connection (GOAWAY ENHANCE_YOUR_CALM) when the
+/// small DATA frames it holds unread cost more than half the connection
+/// window (5 MiB: a budget of 2.5 MiB, charged `256 - size` per frame under
+/// 256 bytes). A subscriber that stops reading while live events arrive one
+/// per frame (~55 bytes) fills a 2 MiB window with ~38,000 of them, over
+/// that budget; 512 KiB holds at most ~9,500, under it whatever the hub
+/// sends (docs/perf/fanout-frames.txt). Catch-up is not window-bound at
+/// this size on a LAN (512 KiB per round trip).
+const STREAM_WINDOW: u32 = 512 * 1024;
 
 /// Why a channel to the hub could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +94,7 @@ fn channels(hubs: &[String], tls: &TlsFiles) -> Result<Vec<Channel>, LinkError> 
                 .map(|e| {
                     e.connect_timeout(CONNECT_TIMEOUT)
                         .tcp_nodelay(true)
+                        .initial_stream_window_size(STREAM_WINDOW)
                         .http2_keep_alive_interval(KEEP_ALIVE)
                         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
                         .keep_alive_while_idle(true)
