@@ -46,12 +46,23 @@ impl Drop for NodeProc {
 }
 
 /// The binary run as the node: this one, or `BANMESH_BENCH_NODE_EXE` (an
-/// earlier build, to compare two builds' nodes under the same scenario).
+/// earlier build, or `banmesh-node`, to compare two nodes under the same
+/// scenario).
 fn node_exe() -> std::io::Result<std::path::PathBuf> {
     match std::env::var_os("BANMESH_BENCH_NODE_EXE") {
         Some(exe) => Ok(exe.into()),
         None => std::env::current_exe(),
     }
+}
+
+/// The node's command: `EXE node`, or `banmesh-node` alone (the node-only
+/// binary takes the node's flags without the word).
+fn node_command(exe: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    if exe.file_name() != Some(crate::cli::NODE_BINARY.as_ref()) {
+        cmd.arg("node");
+    }
+    cmd
 }
 
 /// Fields of `/proc/PID/status`, in KiB (threads: a count).
@@ -110,11 +121,11 @@ pub async fn run(
     let log = std::fs::File::create(node_dir.join("node.log"))?;
     let t0 = Instant::now();
     let child = NodeProc(
-        Command::new(node_exe()?)
+        node_command(&node_exe()?)
             // A fail2ban socket path that does not answer: the node keeps
             // every ban's lift as with a real fail2ban (it schedules lifts
             // only with a socket configured) and writes the lines.
-            .args(["node", "--hub", &hub.url, "--fail2ban-socket"])
+            .args(["--hub", &hub.url, "--fail2ban-socket"])
             .arg(node_dir.join("no-fail2ban.sock"))
             .args(["--no-failure-signals", "--log-level", "warn"])
             .args(super::fleet::tls_flags(&tls))
