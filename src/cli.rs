@@ -541,7 +541,8 @@ pub struct SetupArgs {
     /// Also block banned IPs forwarded from this interface (the seed's NAT FORWARD rule), e.g. ppp+.
     #[arg(long, value_name = "IFACE")]
     pub nat_forward: Option<String>,
-    /// banmesh binary the action runs (default: this one).
+    /// banmesh binary the action runs (default: this one; from
+    /// `banmesh-node`, the `banmesh` beside it).
     #[arg(long)]
     pub banmesh: Option<PathBuf>,
     /// Print the files instead of writing them.
@@ -815,10 +816,7 @@ struct ReportOnly {
 
 /// Entry point for the binary: returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let argv: Vec<std::ffi::OsString> = seed_args(std::env::args())
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let argv = process_argv();
     // The lean path (issue 19): `report` as the first word.
     if argv.get(1).is_some_and(|a| a == "report") {
         return match ReportOnly::try_parse_from(&argv[1..]) {
@@ -826,13 +824,9 @@ pub fn main() -> std::process::ExitCode {
             Err(e) => e.exit(),
         };
     }
-    let loaded = match crate::config::load(argv.clone()) {
-        Ok(Ok(loaded)) => loaded,
-        Ok(Err(e)) => {
-            eprintln!("banmesh: {e}");
-            return std::process::ExitCode::from(2);
-        }
-        Err(e) => e.exit(),
+    let loaded = match load(argv.clone()) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     let effective = loaded.effective;
     let result = match loaded.cli.command {
@@ -856,22 +850,7 @@ pub fn main() -> std::process::ExitCode {
                 runtime().block_on(run_hub(run, service))
             }
         },
-        Command::Node(node) => match *node {
-            NodeCommand {
-                action: Some(NodeAction::SetupFail2ban(args)),
-                ..
-            } => setup_fail2ban(args),
-            NodeCommand {
-                action: Some(NodeAction::SetupProbes(args)),
-                ..
-            } => setup_probes(args),
-            NodeCommand { run, .. } => {
-                let service = Service::start(&run.service, argv, effective);
-                node::memory::runtime()
-                    .expect("start the tokio runtime")
-                    .block_on(run_node(run, service))
-            }
-        },
+        Command::Node(node) => node_command(*node, argv, effective),
         Command::Unban(args) => {
             init_logging("warn");
             runtime().block_on(async {
@@ -935,12 +914,102 @@ pub fn main() -> std::process::ExitCode {
             Ok(())
         }
     };
+    exit_code(result)
+}
+
+/// This process's arguments, with the seed's `-pr` rewritten ([`seed_args`]).
+fn process_argv() -> Vec<std::ffi::OsString> {
+    seed_args(std::env::args())
+        .into_iter()
+        .map(Into::into)
+        .collect()
+}
+
+/// [`crate::config::load`], a refusal printed: a clap error (`--help`
+/// too) exits as clap does, a refused config file with 2.
+fn load(argv: Vec<std::ffi::OsString>) -> Result<crate::config::Loaded, std::process::ExitCode> {
+    match crate::config::load(argv) {
+        Ok(Ok(loaded)) => Ok(loaded),
+        Ok(Err(e)) => {
+            eprintln!("banmesh: {e}");
+            Err(std::process::ExitCode::from(2))
+        }
+        Err(e) => e.exit(),
+    }
+}
+
+/// A command's result as the process's exit code (the error printed).
+fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("banmesh: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `banmesh node [ACTION]`: the daemon, or one of its setup actions.
+/// `argv` is the process's (re-read with the config file on `SIGHUP`).
+fn node_command(
+    node: NodeCommand,
+    argv: Vec<std::ffi::OsString>,
+    effective: Option<crate::config::Effective>,
+) -> anyhow::Result<()> {
+    match node {
+        NodeCommand {
+            action: Some(NodeAction::SetupFail2ban(args)),
+            ..
+        } => setup_fail2ban(args),
+        NodeCommand {
+            action: Some(NodeAction::SetupProbes(args)),
+            ..
+        } => setup_probes(args),
+        NodeCommand { run, .. } => {
+            let service = Service::start(&run.service, argv, effective);
+            node::memory::runtime()
+                .expect("start the tokio runtime")
+                .block_on(run_node(run, service))
+        }
+    }
+}
+
+/// The name of the node-only binary.
+pub const NODE_BINARY: &str = "banmesh-node";
+
+/// `banmesh-node`'s command line: `banmesh node`'s own definition (its
+/// flags, their `BANMESH_*` variables, its actions), under its own name.
+pub fn node_only_command() -> clap::Command {
+    crate::config::definition()
+        .find_subcommand(crate::config::Daemon::Node.name())
+        .expect("node is a subcommand")
+        .clone()
+        .name(NODE_BINARY)
+        .bin_name(NODE_BINARY)
+        .version(env!("CARGO_PKG_VERSION"))
+}
+
+/// Entry point of `banmesh-node`: exactly `banmesh node ARGS` (the same
+/// definition, config file, environment, `SIGHUP` reload and code path),
+/// in a binary that links the node only (issue 19: the code a node maps
+/// and keeps resident; see docs/perf/node-memory.txt).
+///
+/// Its own argv is checked first against [`node_only_command`], so that
+/// `--help`, `--version` and a bad flag speak as `banmesh-node`; then
+/// `node` is put after argv\[0\] and it runs as `banmesh node` does.
+pub fn node_main() -> std::process::ExitCode {
+    let mut argv = process_argv();
+    if let Err(e) = node_only_command().try_get_matches_from(&argv) {
+        e.exit();
+    }
+    argv.insert(1, crate::config::Daemon::Node.name().into());
+    let loaded = match load(argv.clone()) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    match loaded.cli.command {
+        Command::Node(node) => exit_code(node_command(*node, argv, loaded.effective)),
+        _ => unreachable!("argv's first word is `node`"),
     }
 }
 
@@ -1083,7 +1152,13 @@ fn setup_fail2ban(args: SetupArgs) -> anyhow::Result<()> {
     use crate::fail2ban::setup::{Outcome, Setup, next_steps};
     let banmesh = match args.banmesh {
         Some(p) => p,
+        // From `banmesh-node`: the `banmesh` beside it (the action runs
+        // `banmesh report` where `banmesh-report` is missing).
         None => std::env::current_exe()
+            .map(|exe| match exe.file_name() {
+                Some(name) if name == NODE_BINARY => exe.with_file_name("banmesh"),
+                _ => exe,
+            })
             .context("cannot find the banmesh binary's path; pass --banmesh")?,
     };
     let setup = Setup {

@@ -45,13 +45,27 @@ impl Drop for NodeProc {
     }
 }
 
-/// The binary run as the node: this one, or `BANMESH_BENCH_NODE_EXE` (an
-/// earlier build, to compare two builds' nodes under the same scenario).
+/// The binary run as the node: `banmesh-node` beside this one when it is
+/// there (what the package's unit runs), else this one; or
+/// `BANMESH_BENCH_NODE_EXE` (an earlier build, or `banmesh`, to compare
+/// two nodes under the same scenario).
 fn node_exe() -> std::io::Result<std::path::PathBuf> {
-    match std::env::var_os("BANMESH_BENCH_NODE_EXE") {
-        Some(exe) => Ok(exe.into()),
-        None => std::env::current_exe(),
+    if let Some(exe) = std::env::var_os("BANMESH_BENCH_NODE_EXE") {
+        return Ok(exe.into());
     }
+    let this = std::env::current_exe()?;
+    let beside = this.with_file_name(crate::cli::NODE_BINARY);
+    Ok(if beside.is_file() { beside } else { this })
+}
+
+/// The node's command: `EXE node`, or `banmesh-node` alone (the node-only
+/// binary takes the node's flags without the word).
+fn node_command(exe: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    if exe.file_name() != Some(crate::cli::NODE_BINARY.as_ref()) {
+        cmd.arg("node");
+    }
+    cmd
 }
 
 /// Fields of `/proc/PID/status`, in KiB (threads: a count).
@@ -109,8 +123,9 @@ pub async fn run(
     let socket = node_dir.join("node.sock");
     let log = std::fs::File::create(node_dir.join("node.log"))?;
     let t0 = Instant::now();
-    let mut node = Command::new(node_exe()?);
-    node.args(["node", "--hub", &hub.url]);
+    let exe = node_exe()?;
+    let mut node = node_command(&exe);
+    node.args(["--hub", &hub.url]);
     // A fail2ban socket path that does not answer: the node keeps every
     // ban's lift as with a real fail2ban (it schedules lifts only with a
     // socket configured) and writes the lines. BANMESH_BENCH_NODE_NO_FAIL2BAN
@@ -159,6 +174,7 @@ pub async fn run(
     // whole ban path, not only the catch-up (code it faults in then counts).
     let after = status_kib(pid, &["VmRSS:", "RssAnon:", "RssFile:"]);
     Ok(json!({
+        "node_binary": exe.file_name().map(|n| n.to_string_lossy().into_owned()),
         "node_cpu_us_per_ban_catching_up": cpu::per_event(Some(0), cpu_caught_up, bans as u64),
         "node_cpu_us_per_ban_steady": steady.0,
         "node_idle_cpu_us_per_s": steady.1,
