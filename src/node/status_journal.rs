@@ -167,6 +167,12 @@ impl StatusJournal {
         inner.mark.set(inner.acked, false)
     }
 
+    /// Whether statuses were written past `offset` (the end of a batch
+    /// just read: more than one call holds are waiting).
+    pub fn written_past(&self, offset: u64) -> bool {
+        self.inner.lock().unwrap().len > offset
+    }
+
     /// Statuses waiting for the hub, in bytes of journal.
     pub fn backlog(&self) -> u64 {
         let inner = self.inner.lock().unwrap();
@@ -209,8 +215,12 @@ mod tests {
         j.append(&many).unwrap();
         let (items, end) = j.unsent().unwrap();
         assert_eq!(items.len(), MAX_BATCH);
+        // The reporter sends the rest at once rather than after its interval.
+        assert!(j.written_past(end));
         j.ack(end).unwrap();
-        assert_eq!(j.unsent().unwrap().0.len(), 10);
+        let (rest, end) = j.unsent().unwrap();
+        assert_eq!(rest.len(), 10);
+        assert!(!j.written_past(end));
         drop(j);
 
         // A chunk of lines that do not parse is passed over, not resent forever.
