@@ -30,12 +30,7 @@
 //! new ban on its rung, the reports after it are coalesced into that ban
 //! ([`Committed::Coalesced`]: recorded, acked with the ban's id, nothing
 //! fanned out). Twenty hosts reporting one scanner in one batch make one
-//! event. A small batch of distinct addresses is first tried planned as
-//! if none had a ban in its history (what the ladder decides for such an
-//! address): the store commits it so only if that holds, and otherwise
-//! commits nothing and hands back the facts it read in the same round
-//! trip (`Store::commit_fresh`; on MySQL a quiet hub's report is then one
-//! round trip instead of two).
+//! event.
 //!
 //! A commit whose outcome is unknown (the database went away during it)
 //! may still have landed. Its events are then published late, in order:
@@ -63,10 +58,7 @@ use super::{
     fanout::Fanout,
     fleet::FleetAddrs,
     ladder::{Decision, Ladder, PastBan},
-    store::{
-        AllowAdded, AllowRow, Committed, Fresh, LadderFacts, NewReport, Plan, Store, StoreError,
-        now_ms,
-    },
+    store::{AllowAdded, AllowRow, Committed, NewReport, Plan, Store, StoreError, now_ms},
 };
 use crate::{
     allow::{AllowList, Network},
@@ -506,25 +498,17 @@ async fn commit_reports(
                 }
                 // With the ladder off, every report keeps its default plan:
                 // a ban with no fleet term, as before the ladder.
-                let Some(ladder) = ladder else {
-                    return store.commit_at(batch, now_ms()).await.map(Some);
+                let facts = match ladder {
+                    Some(l) => Some((l, store.ladder_facts(batch).await?)),
+                    None => None,
                 };
                 // One clock reading for the terms and the events' creation:
                 // a fleet end is exactly its rung's duration after the
                 // ban's `created_ms`.
                 let now = now_ms();
-                // First as if no address had a past ban (`fresh`): the
-                // common quiet-hub report commits in one round trip.
-                let facts = match fresh(store, ladder, batch, now).await? {
-                    Fresh::Committed(results) => return Ok(Some(results)),
-                    Fresh::History(facts) => Some((facts, now)),
-                    Fresh::NotTried => None,
-                };
-                let (facts, now) = match facts {
-                    Some(read) => read,
-                    None => (store.ladder_facts(batch).await?, now_ms()),
-                };
-                plan(ladder, &facts, batch, now);
+                if let Some((ladder, facts)) = facts {
+                    plan(ladder, &facts, batch, now);
+                }
                 store.commit_at(batch, now).await.map(Some)
             })
             .await
@@ -576,30 +560,6 @@ async fn commit_reports(
     batch.clear();
 }
 
-/// Commits `batch` planned as if none of its addresses had a ban in its
-/// history, if the store finds none has (`Store::commit_fresh`: one round
-/// trip on MySQL, the ladder's read included). That plan is the one
-/// [`plan`] makes from the facts the store would read then: no latest ban
-/// for any address of the batch, and no report key stored (a re-send
-/// fails that commit, which then stores nothing). Whenever nothing was
-/// committed, the reports get their plans back as they came.
-async fn fresh(
-    store: &dyn Store,
-    ladder: &Ladder,
-    batch: &mut [NewReport],
-    now: i64,
-) -> Result<Fresh, StoreError> {
-    let before: Vec<Plan> = batch.iter().map(|r| r.plan.clone()).collect();
-    plan(ladder, &LadderFacts::default(), batch, now);
-    let fresh = store.commit_fresh(batch, now).await;
-    if !matches!(fresh, Ok(Fresh::Committed(_))) {
-        for (r, p) in batch.iter_mut().zip(before) {
-            r.plan = p;
-        }
-    }
-    fresh
-}
-
 /// Where an address's latest ban is, as a batch is planned: stored, or
 /// the report at this index of the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -613,7 +573,12 @@ enum Latest {
 /// already, or earlier in the batch) changes nothing: the store answers it
 /// with its first outcome whatever its plan. A ban the hub's own policy
 /// decided keeps its reason.
-fn plan(ladder: &Ladder, facts: &LadderFacts, batch: &mut [NewReport], now: i64) {
+fn plan(
+    ladder: &Ladder,
+    facts: &crate::hub::store::LadderFacts,
+    batch: &mut [NewReport],
+    now: i64,
+) {
     let mut latest: std::collections::HashMap<String, (Latest, PastBan)> = facts
         .latest
         .iter()
@@ -703,7 +668,7 @@ async fn load_allow_list(store: &dyn Store, shutdown: &mut Shutdown) -> Option<A
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ban::Ban;
+    use crate::{ban::Ban, hub::store::LadderFacts};
 
     const NOW: i64 = 1_000_000_000_000;
     const MIN: i64 = 60_000;

@@ -158,14 +158,6 @@ pub trait Backend: Send + Sync + 'static {
         batch: &[NewReport],
         now: i64,
     ) -> Result<Vec<Committed>, StoreError>;
-    /// `Store::commit_fresh`: only MySQL does it (`mysql::onetrip`).
-    async fn commit_fresh_batch(
-        &self,
-        _batch: &[NewReport],
-        _now: i64,
-    ) -> Result<super::Fresh, StoreError> {
-        Ok(super::Fresh::NotTried)
-    }
     /// The grouped status writes, tuned per backend (see `Store::set_statuses`).
     async fn write_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError>;
 }

@@ -168,19 +168,6 @@ pub struct LadderFacts {
     pub latest: std::collections::HashMap<String, (u64, crate::hub::ladder::PastBan)>,
 }
 
-/// What [`Store::commit_fresh`] did.
-#[derive(Debug)]
-pub enum Fresh {
-    /// Committed as planned: the outcomes, in batch order.
-    Committed(Vec<Committed>),
-    /// Nothing committed: an address has a ban in its history. The
-    /// ladder's facts for the batch, as [`Store::ladder_facts`] gives them.
-    History(LadderFacts),
-    /// Nothing committed, nothing read: the store does not do this
-    /// (SQLite), or declined this batch (a re-send, a lost conflict).
-    NotTried,
-}
-
 /// A host that reported a ban: its event's reporter, or one whose reports
 /// were coalesced into it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -496,12 +483,6 @@ pub trait Store: Send + Sync + 'static {
         batch: &[NewReport],
         now_ms: i64,
     ) -> Result<Vec<Committed>, StoreError>;
-    /// The committer's one round trip for a small batch whose addresses
-    /// are each in it once, planned as if none had a ban in its history
-    /// (what the ladder decides for such an address): committed so unless
-    /// one has; then nothing is committed and what the ladder needs comes
-    /// back instead, read in the same round trip ([`Fresh`]).
-    async fn commit_fresh(&self, batch: &[NewReport], now_ms: i64) -> Result<Fresh, StoreError>;
     /// Replay: up to `limit` events after `after`, as seen by `subscriber`.
     async fn events_after(
         &self,

@@ -4,14 +4,11 @@
 //! `INSERT IGNORE` (re-sends skipped by the `report` key) and its ids are
 //! the explicit ids reserved from the event-id counter (`sql::sequence`).
 //! The multi-row statements go over the text protocol (`literal` says why).
-//! A batch without re-sends goes in one round trip (`onetrip`); this
-//! stepwise transaction is the path for the rest, and the reference for
-//! what a batch becomes.
 use std::collections::HashMap;
 
 use mysql_async::{TxOpts, Value, prelude::*};
 
-use super::{MysqlStore, literal, onetrip, q};
+use super::{MysqlStore, literal, q};
 use crate::{
     ban::Status,
     hub::store::{COALESCED_KIND, Committed, NewReport, Plan, StoreError, Stored, sql},
@@ -50,20 +47,14 @@ fn report_keys(keys: &[(u64, u64)]) -> String {
 }
 
 /// The columns every `events` row a report writes gets, in order.
-pub(super) const REPORT_COLUMNS: &str = "kind, reporter_id, node_seq, added_by, created_ms, jailname, \
+const REPORT_COLUMNS: &str = "kind, reporter_id, node_seq, added_by, created_ms, jailname, \
                               protocol, port, ip, ends_ms, rung, extends, reason, id";
 
 /// How many [`REPORT_COLUMNS`] there are.
 const REPORT_WIDTH: usize = 14;
 
-/// Where `extends` is in [`REPORT_COLUMNS`].
-pub(super) const EXTENDS_COLUMN: usize = 11;
-
-/// Where `id` is in [`REPORT_COLUMNS`]: last.
-pub(super) const ID_COLUMN: usize = REPORT_WIDTH - 1;
-
 /// `r` as the values of [`REPORT_COLUMNS`], stored as `row`.
-pub(super) fn values(
+fn values(
     row: &Stored,
     reporter: u64,
     seq: Option<u64>,
@@ -150,12 +141,6 @@ impl MysqlStore {
             .copied()
             .zip(batch.iter().map(|r| r.seq))
             .collect();
-        // The common batch (no re-send) in one round trip (`onetrip`);
-        // anything else, stepwise below, on the same clean connection.
-        if let Some(out) = onetrip::commit(lease.conn(), batch, &keys, now).await? {
-            lease.keep();
-            return Ok(out);
-        }
         let (second, first): (Vec<usize>, Vec<usize>) =
             (0..batch.len()).partition(|&i| matches!(batch[i].plan, Plan::CoalesceWith(_)));
         let mut out: Vec<Option<Committed>> = vec![None; batch.len()];

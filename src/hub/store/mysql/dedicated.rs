@@ -33,7 +33,7 @@ pub(super) const MAX_IDLE: Duration = Duration::from_secs(10);
 
 /// The slot: the kept connection, its pool's generation, when last used.
 #[derive(Default)]
-pub(super) struct Slot(pub(super) Mutex<Option<(u64, Instant, Conn)>>);
+pub(super) struct Slot(Mutex<Option<(u64, Instant, Conn)>>);
 
 impl Slot {
     /// Empties the slot (the pool moved: its connection is of the old one).

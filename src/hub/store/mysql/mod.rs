@@ -21,7 +21,6 @@ mod commit;
 mod dedicated;
 pub mod health;
 mod literal;
-mod onetrip;
 
 /// mysql_async keeps up to this many freed packet buffers for reuse (its
 /// default: 128)...
@@ -489,14 +488,6 @@ impl Backend for MysqlStore {
         now: i64,
     ) -> Result<Vec<Committed>, StoreError> {
         self.group_commit(batch, now).await
-    }
-
-    async fn commit_fresh_batch(
-        &self,
-        batch: &[NewReport],
-        now: i64,
-    ) -> Result<super::Fresh, StoreError> {
-        self.fresh_commit(batch, now).await
     }
 
     async fn write_statuses(&self, updates: &[(String, u64, Status)]) -> Result<usize, StoreError> {

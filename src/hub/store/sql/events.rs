@@ -243,45 +243,32 @@ pub async fn ladder_facts<B: Backend + ?Sized>(
     ips.sort_unstable();
     ips.dedup();
     for chunk in ips.chunks(1000) {
-        let sql = latest_bans_sql(&vec!["?"; chunk.len()].join(","));
+        let marks = vec!["?"; chunk.len()].join(",");
+        let sql = format!(
+            "SELECT e.ip, e.id, e.created_ms, e.ends_ms, e.rung, e.lifted_by IS NOT NULL, \
+             COALESCE(f.up_to, 0) FROM (SELECT MAX(id) AS id FROM events \
+             WHERE kind = 1 AND ip IN ({marks}) GROUP BY ip) m \
+             JOIN events e ON e.id = m.id LEFT JOIN forgotten f ON f.ip = e.ip"
+        );
         let args = chunk.iter().map(|ip| (*ip).into()).collect();
         for r in ex.query(&sql, args).await? {
-            let (ip, latest) = latest_ban(&r)?;
-            facts.latest.insert(ip, latest);
+            let id = r.u64(1)?;
+            facts.latest.insert(
+                r.text(0)?,
+                (
+                    id,
+                    PastBan {
+                        created_ms: r.i64(2)?,
+                        ends_ms: r.opt_i64(3)?.unwrap_or(0),
+                        rung: r.opt_i64(4)?.unwrap_or(0).clamp(0, 255) as u32,
+                        lifted: r.i64(5)? != 0,
+                        forgotten: r.u64(6)? >= id,
+                    },
+                ),
+            );
         }
     }
     Ok(facts)
-}
-
-/// The ladder's read of each address's latest ban, for the addresses
-/// `list` holds (placeholders or literals, comma-separated); its rows
-/// are read by [`latest_ban`].
-pub fn latest_bans_sql(list: &str) -> String {
-    format!(
-        "SELECT e.ip, e.id, e.created_ms, e.ends_ms, e.rung, e.lifted_by IS NOT NULL, \
-         COALESCE(f.up_to, 0) FROM (SELECT MAX(id) AS id FROM events \
-         WHERE kind = 1 AND ip IN ({list}) GROUP BY ip) m \
-         JOIN events e ON e.id = m.id LEFT JOIN forgotten f ON f.ip = e.ip"
-    )
-}
-
-/// One row of [`latest_bans_sql`]: the address, its latest ban's id and
-/// the ban as the ladder reads it.
-pub fn latest_ban(r: &Row) -> Result<(String, (u64, PastBan)), StoreError> {
-    let id = r.u64(1)?;
-    Ok((
-        r.text(0)?,
-        (
-            id,
-            PastBan {
-                created_ms: r.i64(2)?,
-                ends_ms: r.opt_i64(3)?.unwrap_or(0),
-                rung: r.opt_i64(4)?.unwrap_or(0).clamp(0, 255) as u32,
-                lifted: r.i64(5)? != 0,
-                forgotten: r.u64(6)? >= id,
-            },
-        ),
-    ))
 }
 
 /// `Store::list_bans` for any backend.

@@ -22,7 +22,7 @@ use super::{
 use crate::ban::{Event, Status};
 
 mod allow;
-pub(crate) mod events;
+mod events;
 mod hosts;
 mod names;
 mod raw;
@@ -153,14 +153,6 @@ impl<B: Backend> Store for B {
 
     async fn commit_at(&self, batch: &[NewReport], now: i64) -> Result<Vec<Committed>, StoreError> {
         self.commit_batch(batch, now).await
-    }
-
-    async fn commit_fresh(
-        &self,
-        batch: &[NewReport],
-        now: i64,
-    ) -> Result<super::Fresh, StoreError> {
-        self.commit_fresh_batch(batch, now).await
     }
 
     async fn events_after(

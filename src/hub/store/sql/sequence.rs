@@ -39,15 +39,9 @@
 //! earlier build, a restored backup, a test) are stepped over: the counter
 //! is raised to `MAX(id) + 1` first (an index-end lookup).
 //!
-//! Cost on one hub: one more statement per batch; the row lock
-//! serialises writers, which one committer per hub already does. On
-//! MySQL the group commit sends it in the same round trip as the rest of
-//! the transaction (`mysql::onetrip`): there the counter is written by
-//! [`mysql_reserve_upsert`], which takes the same row lock and writes the
-//! same key (steps 1-3 unchanged), and the rows take their ids from the
-//! value it leaves in `LAST_INSERT_ID()` on the server, in the same
-//! transaction; that statement sets the value whether the row existed or
-//! not, so no row can go in with an id the counter did not hand out.
+//! Cost on one hub: one more statement (one round trip on MySQL) per
+//! batch; the row lock serialises writers, which one committer per hub
+//! already does.
 use super::{Executor, StoreError};
 use crate::hub::store::schema::Dialect;
 
@@ -90,21 +84,6 @@ pub const NEXT_EVENT_ID: &str = "next_event_id";
 /// returns its new value as the statement's `LAST_INSERT_ID`.
 pub const MYSQL_RESERVE: &str = "UPDATE banmesh_meta SET v = LAST_INSERT_ID(GREATEST(v, \
      (SELECT COALESCE(MAX(id), 0) + 1 FROM events)) + ?) WHERE k = 'next_event_id'";
-
-/// MySQL, for a statement whose later statements use the value before
-/// the client sees it (`mysql::onetrip`): raises the counter by `n` like
-/// [`MYSQL_RESERVE`], creating the row when missing, and always sets
-/// `LAST_INSERT_ID()` to its new value. The `VALUES` expression is
-/// evaluated first; when the row exists, the `UPDATE` clause's runs after
-/// it and its value is the one left. The OK packet carries it too.
-pub fn mysql_reserve_upsert(n: u64) -> String {
-    format!(
-        "INSERT INTO banmesh_meta (k, v) VALUES ('next_event_id', \
-         LAST_INSERT_ID((SELECT COALESCE(MAX(id), 0) + 1 FROM events) + {n})) \
-         ON DUPLICATE KEY UPDATE v = LAST_INSERT_ID(GREATEST(v, \
-         (SELECT COALESCE(MAX(id), 0) + 1 FROM events)) + {n})"
-    )
-}
 
 /// SQLite: raises the counter by `?1`, returning its new value.
 pub const SQLITE_RESERVE: &str = "UPDATE banmesh_meta SET v = MAX(v, \
